@@ -1,0 +1,62 @@
+"""Shared helpers: run infer_mp.py as a user would, in a subprocess, and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "infer_mp.py"
+FAKE = f"{ROOT / 'tests' / 'fake_pipeline.py'}:FakePipeline"
+OFFLINE_OCR = f"{ROOT / 'examples' / 'offline_ocr.py'}:OfflineOCR"
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120) -> Run:
+    full_env = {**os.environ, "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK": "True", **(env or {})}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def write(path: Path, content: str | bytes = "content") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    return path
+
+
+def outputs(folder: Path) -> dict[str, dict]:
+    """Every JSON under folder, by path relative to it."""
+    return {
+        str(p.relative_to(folder)): json.loads(p.read_text(encoding="utf-8"))
+        for p in sorted(folder.rglob("*.json"))
+    }
+
+
+def all_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """(input folder, output folder) for one run."""
+    return tmp_path / "in", tmp_path / "out"

@@ -1,0 +1,64 @@
+"""A model-free pipeline with PaddleOCR's predict()/result interface, for orchestration tests.
+
+An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
+the worker process, ``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
+A ``.pdf``/``.tif``/``.tiff`` yields one page per line that starts with ``page``, at least
+one; any other input one result without a page index. Each result records which process made
+it, so the tests can see the work spread over workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+PAGED = {".pdf", ".tif", ".tiff"}
+INIT_LOG = os.environ.get("FAKE_PIPELINE_INIT_LOG")
+
+
+class FakeResult(dict):
+    def save_to_json(self, save_path: str) -> None:
+        if not save_path.endswith(".json"):
+            raise ValueError("FakeResult needs a .json path")
+        with open(save_path, "w", encoding="utf-8") as handle:
+            json.dump(dict(self), handle, indent=2)
+
+
+class FakePipeline:
+    def __init__(self, device: str | None = None, cpu_threads: int | None = None):
+        if os.environ.get("FAKE_PIPELINE_FAIL_INIT"):
+            raise RuntimeError("fake pipeline refuses to start (FAKE_PIPELINE_FAIL_INIT)")
+        self.device = device
+        self.cpu_threads = cpu_threads
+        if INIT_LOG:
+            with open(INIT_LOG, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"pid": os.getpid(), "device": device, "cpu_threads": cpu_threads}) + "\n")
+
+    def predict(self, inputs):
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        results = []
+        for path in inputs:
+            data = Path(path).read_bytes()
+            if b"CRASH" in data:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if b"RAISE" in data:
+                raise ValueError(f"cannot decode input {os.path.basename(path)}")
+            if b"EMPTY" in data:
+                continue
+            delay = float(os.environ.get("FAKE_PIPELINE_DELAY", "0"))
+            if delay:
+                time.sleep(delay)
+            common = {"input_path": path, "device": self.device, "pid": os.getpid(),
+                      "cpu_threads": self.cpu_threads, "batch": len(inputs),
+                      "text": data.decode("utf-8", "replace")}
+            if Path(path).suffix.lower() in PAGED:
+                lines = [line for line in data.splitlines() if line.startswith(b"page")]
+                for index in range(max(1, len(lines))):
+                    results.append(FakeResult(common, page_index=index))
+            else:
+                results.append(FakeResult(common, page_index=None))
+        return results

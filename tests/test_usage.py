@@ -1,0 +1,196 @@
+"""Usage errors: one line naming the problem, exit code 2, before any worker starts."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+
+import infer_mp
+from conftest import FAKE, ROOT, run_cli, write
+
+
+def assert_usage_error(run, *fragments: str) -> None:
+    assert run.code == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr  # one line, no traceback
+    assert lines[0].startswith("infer_mp.py: error:")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def one_input(tmp_path: Path) -> Path:
+    write(tmp_path / "in" / "a.png")
+    return tmp_path / "in"
+
+
+@pytest.mark.parametrize(
+    "device, fragment",
+    [
+        ("gpu:x", "malformed --device 'gpu:x'"),
+        ("tpu:0", "unsupported device type 'tpu'"),
+        ("gpu:0,,1", "empty device id"),
+        ("gpu:", "empty device id"),
+        ("cpu:0", "No Device ID should be specified for CPUs"),
+        ("gpu:0:1", "malformed --device"),
+    ],
+)
+def test_malformed_device_is_one_line_and_exit_2(one_input, tmp_path, device, fragment):
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", device,
+                  "--output_dir", str(tmp_path / "out"))
+    assert_usage_error(run, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_absent_gpu_stops_before_any_page(one_input, tmp_path):
+    """This Paddle is a CPU build: asking for a GPU must not silently fall back to the CPU."""
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "gpu:0",
+                  "--output_dir", str(tmp_path / "out"))
+    assert_usage_error(run, "GPU", "cannot use it", "--device cpu")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "pipeline, fragments",
+    [
+        ("PPStructureV", ["'PPStructureV'", "did you mean 'PPStructureV3'"]),
+        ("Nonsense", ["no pipeline class 'Nonsense' in paddleocr"]),
+        (f"{ROOT / 'tests' / 'fake_pipeline.py'}:FakePipelin", ["did you mean 'FakePipeline'"]),
+        ("tests/missing.py:Thing", ["no such file"]),
+        ("no_such_module_xyz:Thing", ["no module named 'no_such_module_xyz'"]),
+        ("json:NoSuchClass", ["no pipeline class 'NoSuchClass' in json"]),
+    ],
+)
+def test_unknown_pipeline_fails_fast_with_close_matches(one_input, tmp_path, pipeline, fragments):
+    run = run_cli("--pipeline", pipeline, "--input_dir", str(one_input), "--device", "cpu",
+                  "--output_dir", str(tmp_path / "out"))
+    assert_usage_error(run, *fragments)
+
+
+def test_missing_input_dir(tmp_path):
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(tmp_path / "nope"), "--device", "cpu")
+    assert_usage_error(run, "input directory does not exist")
+
+
+def test_input_dir_is_a_file(tmp_path):
+    path = write(tmp_path / "file.png")
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(path), "--device", "cpu")
+    assert_usage_error(run, "is not a directory")
+
+
+def test_output_dir_is_a_file(one_input, tmp_path):
+    path = write(tmp_path / "out")
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "cpu",
+                  "--output_dir", str(path))
+    assert_usage_error(run, "--output_dir exists and is not a directory")
+
+
+@pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--instances_per_device", "-1"),
+                                         ("--batch_size", "two"), ("--cpu_threads", "0")])
+def test_bad_numbers(one_input, flag, value):
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "cpu", flag, value)
+    assert_usage_error(run, flag)
+
+
+def test_missing_required_flag():
+    run = run_cli("--input_dir", ".", "--device", "cpu")
+    assert_usage_error(run, "--pipeline")
+
+
+def test_pattern_outside_input_dir(one_input, tmp_path):
+    write(tmp_path / "outside.png")
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "cpu",
+                  "--input_glob_pattern", "../*.png")
+    assert_usage_error(run, "reaches outside --input_dir")
+
+
+def test_help_lists_every_seed_flag_and_exit_codes():
+    run = run_cli("--help")
+    assert run.code == 0
+    for flag in ("--pipeline", "--input_dir", "--device", "--output_dir", "--instances_per_device",
+                 "--batch_size", "--input_glob_pattern"):
+        assert flag in run.stdout
+    assert "exit codes" in run.stdout
+
+
+# -- the seed page's two example commands parse and reach the device check -------------------
+
+SEED_COMMANDS = [
+    ["--pipeline", "PPStructureV3", "--input_dir", "input_images/", "--device", "gpu:0,1,2,3",
+     "--output_dir", "output"],
+    ["--pipeline", "PPStructureV3", "--input_dir", "input_images/", "--device", "gpu:0,2",
+     "--output_dir", "output", "--instances_per_device", "2", "--batch_size", "4",
+     "--input_glob_pattern", "*.jpg"],
+]
+
+
+@pytest.mark.parametrize("argv", SEED_COMMANDS)
+def test_seed_commands_are_valid(tmp_path, argv):
+    """Every flag is accepted; on this CPU-only box they stop only at the absent GPUs."""
+    write(tmp_path / "input_images" / "x.jpg")
+    run = run_cli(*argv, cwd=tmp_path)
+    assert_usage_error(run, "GPU", "cannot use it")
+
+
+def test_seed_defaults():
+    args = infer_mp.build_parser().parse_args(["--pipeline", "P", "--input_dir", "d", "--device", "cpu"])
+    assert (args.output_dir, args.instances_per_device, args.batch_size, args.input_glob_pattern) == (
+        "output", 1, 1, "*")
+
+
+# -- device planning, in process --------------------------------------------------------------
+
+
+def config(**overrides) -> infer_mp.Config:
+    values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="cpu",
+                  instances_per_device=1, batch_size=1, input_glob_pattern="*", cpu_threads=None)
+    values.update(overrides)
+    return infer_mp.Config(**values)
+
+
+@pytest.mark.parametrize("cores, instances, threads", [(2, 1, 2), (2, 2, 1), (8, 3, 2), (2, 4, 1)])
+def test_cpu_threads_split_cores_among_instances(monkeypatch, cores, instances, threads):
+    monkeypatch.setattr(infer_mp, "available_cores", lambda: cores)
+    plan = infer_mp.plan_workers(config(instances_per_device=instances))
+    assert [s.device for s in plan] == ["cpu"] * instances
+    assert {s.cpu_threads for s in plan} == {threads}
+
+
+def test_cpu_threads_given_by_user_win(monkeypatch):
+    monkeypatch.setattr(infer_mp, "available_cores", lambda: 2)
+    plan = infer_mp.plan_workers(config(instances_per_device=2, cpu_threads=4))
+    assert {s.cpu_threads for s in plan} == {4}
+
+
+def fake_paddle(cuda: bool, gpus: int):
+    cuda_module = types.SimpleNamespace(device_count=lambda: gpus)
+    device = types.SimpleNamespace(is_compiled_with_cuda=lambda: cuda,
+                                   is_compiled_with_rocm=lambda: False, cuda=cuda_module)
+    return types.SimpleNamespace(device=device, __version__="fake")
+
+
+def test_gpu_plan_one_worker_per_device_instance(monkeypatch):
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(True, 4))
+    plan = infer_mp.plan_workers(config(device="gpu:0,2", instances_per_device=2))
+    assert [s.device for s in plan] == ["gpu:0", "gpu:0", "gpu:2", "gpu:2"]
+    assert [s.slot for s in plan] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("device", ["gpu", "gpu:0"])
+def test_single_gpu_works(monkeypatch, device):
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(True, 1))
+    assert [s.device for s in infer_mp.plan_workers(config(device=device))] == ["gpu:0"]
+
+
+def test_gpu_id_beyond_visible_devices_is_refused(monkeypatch):
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(True, 2))
+    with pytest.raises(infer_mp.UsageError, match=r"gpu:3.*only 2 gpu device"):
+        infer_mp.plan_workers(config(device="gpu:0,3"))
+
+
+def test_gpu_on_cpu_build_is_refused(monkeypatch):
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(False, 0))
+    with pytest.raises(infer_mp.UsageError, match="cannot use it"):
+        infer_mp.plan_workers(config(device="gpu:0"))
