@@ -8,20 +8,30 @@ included), collision-free outputs, failure isolation and clear exit codes.
     python infer_mp.py --pipeline PPStructureV3 --input_dir scans/ \
         --device gpu:0,1,2,3 --instances_per_device 2 --batch_size 4 --output_dir out/
 
+Runs are made to be left alone: a JSON Lines run log, resume, crash recovery, timeouts, worker
+recycling, progress, clean stops on Ctrl-C/SIGTERM and one run per output folder at a time.
+
 The file reads top to bottom in the order data flows:
-CLI -> devices -> pipeline -> inputs -> dispatch -> worker -> output -> report.
+CLI -> devices -> pipeline -> inputs -> resume -> dispatch -> worker -> output -> report.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import ctypes
+import datetime
 import difflib
 import enum
+import fcntl
+import glob
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -46,10 +56,13 @@ PAGED_SUFFIXES = frozenset({".pdf", ".tif", ".tiff"})
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | PAGED_SUFFIXES
 DEFAULT_GLOB_PATTERN = "*"
 NOT_PIPELINES = ("Client", "Error", "Options", "Model")  # paddleocr exports that are not pipelines
-MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before it counts as failed
+DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before it is failed
+DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
+RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
+LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
-PROGRESS_SECONDS = 30.0  # interval between progress lines
-STOP_GRACE_SECONDS = 10.0  # time a worker gets to exit after "stop" before it is killed
+STOP_GRACE_SECONDS = 10.0  # time workers get to finish or exit before they are killed
+PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
 PADDLEX_LOG_LEVEL = "WARNING"  # in workers: PaddleX's per-model INFO lines, times N workers, are noise
 
 
@@ -60,11 +73,25 @@ class ExitCode(enum.IntEnum):
     INPUTS_FAILED = 1  # the run finished, but some inputs failed (named on stderr)
     USAGE = 2  # bad command line or environment; nothing was processed
     NO_WORKERS = 3  # no worker could create its pipeline; nothing more could be processed
-    INTERRUPTED = 130  # Ctrl-C
+    LOCKED = 75  # another run is using --output_dir (sysexits EX_TEMPFAIL: try again later)
+    INTERRUPTED = 130  # Ctrl-C (SIGINT)
+    TERMINATED = 143  # SIGTERM
 
 
-class UsageError(Exception):
-    """A mistake the user can fix (flag, path, device, pipeline): one line, exit code 2."""
+class UserError(Exception):
+    """A problem the user can fix: printed as one line, no traceback, with its exit code."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UsageError(UserError):
+    """A mistake in the command line or environment (flag, path, device, pipeline): exit 2."""
+
+
+class RunLocked(UserError):
+    """Another run holds the output folder."""
+
+    exit_code = ExitCode.LOCKED
 
 
 def say(message: str) -> None:
@@ -82,7 +109,12 @@ exit codes:
   1    the run finished, but some inputs failed (each is named on stderr)
   2    usage error (flag, path, device, pipeline); nothing was processed
   3    no worker could create its pipeline
-  130  interrupted (Ctrl-C)
+  75   another run is using --output_dir (try again later)
+  130  interrupted (Ctrl-C); 143: stopped by SIGTERM
+
+resume: every run appends one JSON line per input to the run log (default
+OUTPUT_DIR/infer_mp.runlog.jsonl). Rerunning the same command skips inputs whose last record
+is done and whose outputs exist, and redoes the rest.
 
 outputs: one JSON per page under --output_dir, mirroring each input's folder relative to
 --input_dir: `{stem}.json` for an image, `{stem}_{page}.json` for a PDF or TIFF page. Inputs whose
@@ -106,6 +138,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
     return value
 
 
@@ -156,6 +198,56 @@ def build_parser() -> ArgumentParser:
         help="CPU threads per instance. Default on CPU: the available cores divided among the "
         "instances, so that they do not oversubscribe the machine.",
     )
+    runs = parser.add_argument_group("unattended runs")
+    runs.add_argument(
+        "--run_log",
+        default=None,
+        help=f"JSON Lines run log, appended to by every run (default: OUTPUT_DIR/{RUN_LOG_NAME}).",
+    )
+    redo = runs.add_mutually_exclusive_group()
+    redo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Redo every input, even those the run log says are done.",
+    )
+    redo.add_argument(
+        "--retry_failed",
+        action="store_true",
+        help="Only retry the inputs whose last record in the run log is 'failed'.",
+    )
+    runs.add_argument(
+        "--max_attempts",
+        type=positive_int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="An input held by a worker that dies or times out this many times is failed "
+        f"(default: {DEFAULT_MAX_ATTEMPTS}).",
+    )
+    runs.add_argument(
+        "--task_timeout",
+        type=positive_float,
+        default=None,
+        help="Seconds an input may take; a worker silent for longer than this times its batch "
+        "size is killed and replaced, and the input counts an attempt (default: no limit).",
+    )
+    runs.add_argument(
+        "--max_items_per_worker",
+        type=positive_int,
+        default=0,
+        help="Restart a worker, between batches, after it has processed this many inputs.",
+    )
+    runs.add_argument(
+        "--max_worker_memory_mb",
+        type=positive_int,
+        default=0,
+        help="Restart a worker, between batches, once its resident memory passes this many MB.",
+    )
+    runs.add_argument(
+        "--progress_interval",
+        type=positive_float,
+        default=DEFAULT_PROGRESS_SECONDS,
+        help="Seconds between progress lines when stderr is not a terminal (default: "
+        f"{DEFAULT_PROGRESS_SECONDS:.0f}); on a terminal a progress bar is shown instead.",
+    )
     return parser
 
 
@@ -171,6 +263,14 @@ class Config:
     batch_size: int
     input_glob_pattern: str
     cpu_threads: int | None
+    run_log: Path
+    overwrite: bool = False
+    retry_failed: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    task_timeout: float | None = None
+    max_items_per_worker: int = 0
+    max_worker_memory_mb: int = 0
+    progress_interval: float = DEFAULT_PROGRESS_SECONDS
 
 
 def parse_config(argv: list[str] | None) -> Config:
@@ -183,6 +283,9 @@ def parse_config(argv: list[str] | None) -> Config:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir exists and is not a directory: {str(output_dir)!r}")
+    run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME
+    if args.max_worker_memory_mb and resident_memory_mb() is None:
+        raise UsageError("--max_worker_memory_mb needs /proc (Linux) or psutil: pip install psutil")
     return Config(
         pipeline=args.pipeline.strip(),
         input_dir=input_dir.absolute(),
@@ -192,6 +295,14 @@ def parse_config(argv: list[str] | None) -> Config:
         batch_size=args.batch_size,
         input_glob_pattern=args.input_glob_pattern,
         cpu_threads=args.cpu_threads,
+        run_log=run_log.absolute(),
+        overwrite=args.overwrite,
+        retry_failed=args.retry_failed,
+        max_attempts=args.max_attempts,
+        task_timeout=args.task_timeout,
+        max_items_per_worker=args.max_items_per_worker,
+        max_worker_memory_mb=args.max_worker_memory_mb,
+        progress_interval=args.progress_interval,
     )
 
 
@@ -454,7 +565,7 @@ class Task:
 @dataclass
 class InputSelection:
     paths: list[Path]
-    skipped: int  # matches that were directories or (with the default pattern) unreadable types
+    ignored: int  # matches that were directories or (with the default pattern) other types
 
 
 def find_inputs(input_dir: Path, pattern: str) -> InputSelection:
@@ -464,7 +575,7 @@ def find_inputs(input_dir: Path, pattern: str) -> InputSelection:
         matches = list(input_dir.glob(pattern))
     except (ValueError, NotImplementedError) as error:
         raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} (use a pattern relative to --input_dir)") from None
-    paths, skipped = set(), 0
+    paths, ignored = set(), 0
     for path in matches:
         if ".." in path.relative_to(input_dir).parts:
             raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
@@ -472,8 +583,8 @@ def find_inputs(input_dir: Path, pattern: str) -> InputSelection:
         if path.is_file() and readable:
             paths.add(path)
         else:
-            skipped += 1
-    return InputSelection(sorted(paths), skipped)
+            ignored += 1
+    return InputSelection(sorted(paths), ignored)
 
 
 PAGE_NAME = re.compile(r"(.+)_(0|[1-9][0-9]*)")
@@ -526,6 +637,167 @@ def plan_tasks(input_dir: Path, output_dir: Path, paths: list[Path]) -> list[Tas
 
 
 # ---------------------------------------------------------------------------------------------
+# Resume: the run log says what is complete; a rerun does only the rest
+# ---------------------------------------------------------------------------------------------
+
+DONE, FAILED, SKIPPED = "done", "failed", "skipped"
+TEMPORARY_NAME = re.compile(r"\..+\.[0-9]+\.tmp\.json")
+
+
+def read_run_log(path: Path) -> dict[str, dict]:
+    """The last record of each input. A line that does not parse (cut short by a kill -9)
+    is passed over: its input then counts as not done."""
+    latest: dict[str, dict] = {}
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return latest
+    except OSError as error:
+        raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
+    with handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("input"), str):
+                latest[record["input"]] = record
+    return latest
+
+
+def belongs_to(task: Task, path: str) -> bool:
+    """Is `path` one of the files `task` writes ({base}.json or {base}_{page}.json)?"""
+    folder, name = os.path.split(os.path.normpath(path))
+    if folder != os.path.normpath(task.out_dir) or not name.endswith(".json"):
+        return False
+    stem = name[: -len(".json")]
+    head, _, page = stem.rpartition("_")
+    return stem == task.out_base or (head == task.out_base and page.isdigit())
+
+
+def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
+    """Done means: the log says so AND every output it lists is there, under today's names.
+    A crash between writing outputs and logging them resolves to "redo", never to "skip"."""
+    if not record or record.get("status") not in (DONE, SKIPPED):
+        return False
+    outputs = [os.path.join(output_dir, rel) for rel in record.get("outputs") or []]
+    return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
+
+
+@dataclass
+class WorkSelection:
+    todo: list[Task]
+    complete: list[tuple[Task, dict]]  # skipped this run, with their last record
+    not_selected: int = 0  # --retry_failed: inputs that had not failed
+
+
+def select_work(tasks: list[Task], previous: dict[str, dict], config: Config) -> WorkSelection:
+    if config.overwrite:
+        return WorkSelection(list(tasks), [])
+    selection = WorkSelection([], [])
+    for task in tasks:
+        record = previous.get(task.path)
+        if is_complete(task, record, config.output_dir):
+            selection.complete.append((task, record))
+        elif not config.retry_failed or (record and record.get("status") == FAILED):
+            selection.todo.append(task)
+        else:
+            selection.not_selected += 1
+    return selection
+
+
+def remove_stale_temporaries(output_dir: Path) -> int:
+    """Hidden temporaries that a killed run left behind; safe because we hold the run lock."""
+    removed = 0
+    for folder, _, names in os.walk(output_dir):
+        for name in names:
+            if TEMPORARY_NAME.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
+
+
+def discard_partial_outputs(task: Task) -> None:
+    """Remove what a killed worker wrote for an input it did not finish (pages, temporaries),
+    so that the output folder holds only complete inputs."""
+    folder, base = glob.escape(task.out_dir), glob.escape(task.out_base)
+    candidates = glob.glob(os.path.join(folder, f"{base}*.json"))
+    temporaries = glob.glob(os.path.join(folder, f".{base}*.tmp.json"))
+    for path in [c for c in candidates if belongs_to(task, c)] + temporaries:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+class RunLock:
+    """One run per output folder at a time (the cron case): an exclusive, non-blocking flock
+    that the kernel releases when the process ends, however it ends."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / LOCK_NAME
+        try:
+            self.handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write in --output_dir {str(output_dir)!r}: {error.strerror}") from None
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "?"
+            self.handle.close()
+            raise RunLocked(
+                f"another infer_mp.py run (pid {holder}) is using --output_dir {str(output_dir)!r}; "
+                "wait for it to finish, or use another --output_dir"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        self.handle.close()
+
+
+class RunLog:
+    """Append-only JSON Lines, one record per input and run; written by the coordinator alone
+    and flushed per line, so a kill loses at most the line being written."""
+
+    def __init__(self, path: Path, output_dir: Path):
+        self.path, self.output_dir = path, output_dir
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(path, "ab")
+        except OSError as error:
+            raise UsageError(f"cannot write the run log {str(path)!r}: {error.strerror}") from None
+        if self.handle.tell() > 0:  # start on a line of our own after a torn last line
+            with open(path, "rb") as reader:
+                reader.seek(-1, os.SEEK_END)
+                if reader.read(1) != b"\n":
+                    self.handle.write(b"\n")
+
+    def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), device: str | None = None,
+              attempts: int = 0, seconds: float = 0.0, error: str | None = None) -> None:
+        outputs = [os.path.relpath(o, self.output_dir) for o in outputs]
+        record = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "input": task.path,
+            "status": status,
+            "pages": len(outputs),
+            "outputs": outputs,
+            "device": device,
+            "attempts": attempts,
+            "seconds": round(seconds, 3),
+            "error": error,
+        }
+        # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
+        self.handle.write(json.dumps(record).encode("ascii") + b"\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Dispatch: the seam between the coordinator and whatever runs the workers
 # ---------------------------------------------------------------------------------------------
 
@@ -550,11 +822,18 @@ class WorkerLost:
 
 
 @dataclass(frozen=True)
+class WorkerRecycled:
+    spec: WorkerSpec
+    reason: str
+
+
+@dataclass(frozen=True)
 class TaskDone:
     task: Task
     spec: WorkerSpec
     outputs: list[str]
     seconds: float
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -562,14 +841,61 @@ class TaskFailed:
     task: Task
     spec: WorkerSpec
     error: str
+    attempts: int
 
 
-Event = WorkerStarted | WorkerFailedToStart | WorkerLost | TaskDone | TaskFailed
+Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed
+
+
+class StopRequested(Exception):
+    """A second Ctrl-C / SIGTERM: stop now."""
+
+
+class Stopper:
+    """First SIGINT or SIGTERM: start nothing new and give the inputs in progress a grace
+    period. Second: stop at once. Either way workers are killed, not left behind."""
+
+    def __init__(self, grace: float = STOP_GRACE_SECONDS):
+        self.grace = grace
+        self.signum: int | None = None
+        self.deadline = math.inf
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise StopRequested()
+        self.signum, self.deadline = signum, time.monotonic() + self.grace
+        say(f"{signal.Signals(signum).name}: starting no new inputs; finishing those in progress "
+            f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """When a worker retires between batches (0 = no limit)."""
+
+    max_items: int = 0
+    max_memory_mb: int = 0
+
+    def reached(self, processed: int) -> str | None:
+        if self.max_items and processed >= self.max_items:
+            return f"processed {processed} inputs (--max_items_per_worker {self.max_items})"
+        if self.max_memory_mb:
+            resident = resident_memory_mb()
+            if resident is not None and resident > self.max_memory_mb:
+                return f"resident memory {resident} MB (--max_worker_memory_mb {self.max_memory_mb})"
+        return None
 
 
 @dataclass
 class WorkerHandle:
-    """The coordinator's view of one worker process and the tasks it holds."""
+    """The coordinator's view of one worker process and the inputs it holds."""
 
     spec: WorkerSpec
     process: multiprocessing.process.BaseProcess
@@ -577,71 +903,107 @@ class WorkerHandle:
     started_at: float
     ready: bool = False
     held: dict[int, Task] = field(default_factory=dict)
+    busy_since: float = 0.0
+    retiring: str | None = None  # why it said it will exit (recycling), if it did
+    timed_out: float | None = None  # the limit it passed, if it was killed for it
 
 
 class LocalBackend:
     """Worker processes on this machine, one per WorkerSpec, each with its own pipe.
 
-    The coordinator hands out batches and remembers what each worker holds until the worker
-    reports it, so a worker that dies gives its inputs back instead of losing them.
+    The coordinator hands a batch to each idle worker and remembers what every worker holds
+    until it reports each input, so a worker that dies gives its inputs back instead of
+    losing them, and a replacement starts in its slot.
     """
 
-    def __init__(self, pipeline: PipelineRef, batch_size: int, max_attempts: int = MAX_ATTEMPTS):
+    def __init__(self, pipeline: PipelineRef, config: Config):
         self.pipeline = pipeline
-        self.batch_size = batch_size
-        self.max_attempts = max_attempts
+        self.batch_size = config.batch_size
+        self.max_attempts = config.max_attempts
+        self.task_timeout = config.task_timeout
+        self.limits = WorkerLimits(config.max_items_per_worker, config.max_worker_memory_mb)
         self.context = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
+        self.pending: deque[Task] = deque()
+        self.handed: dict[int, int] = defaultdict(int)  # times each input went to a worker
+        self.workers: dict[int, WorkerHandle] = {}
 
-    def run(self, tasks: list[Task], plan: list[WorkerSpec]) -> Iterator[Event]:
-        pending: deque[Task] = deque(tasks)
-        attempts: dict[int, int] = defaultdict(int)
-        workers = {spec.slot: self._start(spec) for spec in plan}
+    def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
+        self.pending = deque(tasks)
+        self.workers = {spec.slot: self._start(spec) for spec in plan}
         try:
-            while workers and (pending or any(w.held for w in workers.values())):
-                for worker in workers.values():
-                    self._feed(worker, pending, attempts)
-                handles = {w.conn: w for w in workers.values()}
-                sentinels = {w.process.sentinel: w for w in workers.values()}
+            while self.workers and (self.pending or self._busy()):
+                if stop.requested:
+                    if not self._busy() or time.monotonic() > stop.deadline:
+                        break
+                else:
+                    for worker in list(self.workers.values()):
+                        self._feed(worker)
+                self._kill_hung_workers()
+                handles = {w.conn: w for w in self.workers.values()}
+                sentinels = {w.process.sentinel: w for w in self.workers.values()}
                 for ready in wait([*handles, *sentinels], timeout=POLL_SECONDS):
+                    worker = handles.get(ready) or sentinels[ready]
+                    if self.workers.get(worker.spec.slot) is not worker:
+                        continue  # already replaced in this round
                     if ready in handles:
-                        message = self._read(handles[ready])
+                        message = self._read(worker)
                         if message is not None:
-                            yield from self._handle(handles[ready], message, workers)
-                    elif workers.get(sentinels[ready].spec.slot) is sentinels[ready]:
-                        yield from self._lost(sentinels[ready], workers, pending, attempts)
+                            yield from self._handle(worker, message)
+                    else:
+                        yield from self._lost(worker, restart=not stop.requested)
         finally:
-            self._shutdown(workers.values())
+            self._shutdown(list(self.workers.values()), grace=0 if stop.requested else STOP_GRACE_SECONDS)
+
+    def _busy(self) -> bool:
+        return any(w.held for w in self.workers.values())
 
     def _start(self, spec: WorkerSpec) -> WorkerHandle:
         parent, child = self.context.Pipe()
         process = self.context.Process(
             target=worker_main,
-            args=(spec, self.pipeline, child),
+            args=(spec, self.pipeline, self.limits, child),
             name=f"infer_mp-worker-{spec.slot}",
             daemon=True,
         )
-        # Workers inherit SIG_IGN for Ctrl-C: the coordinator alone decides how to stop.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Workers inherit SIG_IGN for Ctrl-C and SIGTERM: the coordinator alone decides how to
+        # stop, and kills them itself.
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             process.start()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         child.close()
         return WorkerHandle(spec, process, parent, time.monotonic())
 
-    def _feed(self, worker: WorkerHandle, pending: deque[Task], attempts: dict[int, int]) -> None:
-        """Keep each ready worker one batch ahead, so it never waits for the next one.
-        An input that was in a worker that died goes alone, so it cannot take others down."""
-        while worker.ready and pending and len(worker.held) <= self.batch_size:
-            batch = [pending.popleft()]
-            if not attempts[batch[0].index]:
-                while pending and len(batch) < self.batch_size and not attempts[pending[0].index]:
-                    batch.append(pending.popleft())
-            worker.held.update((task.index, task) for task in batch)
-            try:
-                worker.conn.send(("batch", batch))
-            except OSError:
-                return  # it died; its sentinel fires next and its held inputs are requeued
+    def _feed(self, worker: WorkerHandle) -> None:
+        """Give an idle worker its next batch. An input that was in a worker that died goes
+        alone, so that it cannot take others down with it again."""
+        if not worker.ready or worker.held or worker.retiring or not self.pending:
+            return
+        batch = [self.pending.popleft()]
+        if not self.handed[batch[0].index]:
+            while self.pending and len(batch) < self.batch_size and not self.handed[self.pending[0].index]:
+                batch.append(self.pending.popleft())
+        for task in batch:
+            self.handed[task.index] += 1
+            worker.held[task.index] = task
+        worker.busy_since = time.monotonic()
+        try:
+            worker.conn.send(("batch", batch))
+        except OSError:
+            pass  # it died; its sentinel fires next and what it held is requeued
+
+    def _kill_hung_workers(self) -> None:
+        """--task_timeout: a worker gets that many seconds per input of its batch."""
+        if not self.task_timeout:
+            return
+        now = time.monotonic()
+        for worker in self.workers.values():
+            limit = self.task_timeout * len(worker.held)
+            if worker.held and worker.timed_out is None and now - worker.busy_since > limit:
+                worker.timed_out = limit
+                worker.process.kill()
 
     @staticmethod
     def _read(worker: WorkerHandle) -> tuple | None:
@@ -651,66 +1013,81 @@ class LocalBackend:
         except (EOFError, OSError):
             return None
 
-    def _handle(self, worker: WorkerHandle, message: tuple, workers: dict[int, WorkerHandle]) -> Iterator[Event]:
+    def _handle(self, worker: WorkerHandle, message: tuple) -> Iterator[Event]:
         kind = message[0]
         if kind == "ready":
             worker.ready = True
             yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at)
         elif kind == "init_failed":
-            del workers[worker.spec.slot]
-            self._shutdown([worker])
+            del self.workers[worker.spec.slot]
+            self._shutdown([worker], grace=STOP_GRACE_SECONDS)
             yield WorkerFailedToStart(worker.spec, message[1])
+        elif kind == "retiring":
+            worker.retiring = message[1]
         elif kind == "done":
             _, index, outputs, seconds = message
-            yield TaskDone(worker.held.pop(index), worker.spec, outputs, seconds)
+            task = worker.held.pop(index)
+            yield TaskDone(task, worker.spec, outputs, seconds, self.handed[index])
         elif kind == "failed":
             _, index, error = message
-            yield TaskFailed(worker.held.pop(index), worker.spec, error)
+            task = worker.held.pop(index)
+            yield TaskFailed(task, worker.spec, error, self.handed[index])
 
-    def _lost(
-        self,
-        worker: WorkerHandle,
-        workers: dict[int, WorkerHandle],
-        pending: deque[Task],
-        attempts: dict[int, int],
-    ) -> Iterator[Event]:
-        """A worker died: read what it managed to report, requeue the rest, replace it."""
+    def _lost(self, worker: WorkerHandle, restart: bool) -> Iterator[Event]:
+        """A worker exited: read what it reported before, requeue what it still held, and
+        start a replacement in its slot (unless it never started, or we are stopping)."""
         while worker.conn.poll() and (message := self._read(worker)) is not None:
-            yield from self._handle(worker, message, workers)
-            if workers.get(worker.spec.slot) is not worker:  # it had reported an init failure
+            yield from self._handle(worker, message)
+            if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
                 return
         worker.process.join()
-        reason = exit_reason(worker.process.exitcode)
-        del workers[worker.spec.slot]
-        if not worker.ready:
-            yield WorkerFailedToStart(worker.spec, f"worker process {reason} while starting")
+        del self.workers[worker.spec.slot]
+        worker.conn.close()
+        for task in worker.held.values():
+            discard_partial_outputs(task)
+        if worker.retiring:  # it never started what it was sent after deciding to retire
+            for task in worker.held.values():
+                self.handed[task.index] -= 1
+            self.pending.extendleft(reversed(worker.held.values()))
+            yield WorkerRecycled(worker.spec, worker.retiring)
+        elif not worker.ready:
+            reason = exit_reason(worker.process.exitcode)
+            yield WorkerFailedToStart(worker.spec, f"the worker process {reason} while starting")
             return
+        else:
+            yield from self._requeue_or_fail(worker)
+        if restart:
+            self.workers[worker.spec.slot] = self._start(worker.spec)
+
+    def _requeue_or_fail(self, worker: WorkerHandle) -> Iterator[Event]:
+        if worker.timed_out is not None:
+            reason = f"timed out (no result within {worker.timed_out:.0f} s, --task_timeout)"
+        else:
+            reason = exit_reason(worker.process.exitcode)
         requeue = []
         for task in worker.held.values():
-            attempts[task.index] += 1
-            if attempts[task.index] >= self.max_attempts:
-                yield TaskFailed(
-                    task, worker.spec, f"worker {reason} {attempts[task.index]} times on this input"
-                )
+            attempts = self.handed[task.index]
+            if attempts >= self.max_attempts:
+                yield TaskFailed(task, worker.spec, f"worker {reason}, {attempts} times on this input", attempts)
             else:
                 requeue.append(task)
-        pending.extendleft(reversed(requeue))
+        self.pending.extendleft(reversed(requeue))
         yield WorkerLost(worker.spec, reason, len(requeue))
-        workers[worker.spec.slot] = self._start(worker.spec)
 
-    def _shutdown(self, workers: Iterable[WorkerHandle]) -> None:
-        workers = list(workers)
+    def _shutdown(self, workers: list[WorkerHandle], grace: float) -> None:
+        """Ask idle workers to exit; kill any that do not within the grace period, and remove
+        what they left of the inputs they held."""
         for worker in workers:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send(("stop",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        deadline = time.monotonic() + grace
         for worker in workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()))
+            worker.process.join(max(0.0, deadline - time.monotonic()) if not worker.held else 0)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+            for task in worker.held.values():
+                discard_partial_outputs(task)
             worker.conn.close()
 
 
@@ -728,26 +1105,54 @@ def exit_reason(exitcode: int | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def worker_main(spec: WorkerSpec, pipeline_ref: PipelineRef, conn: Connection) -> None:
-    """Entry point of a worker process (spawned, so nothing is inherited but the arguments)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the coordinator dies (even by kill -9), so
+    that no orphan keeps writing into the output folder of a later run."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pipeline = create_pipeline(pipeline_ref, spec)
-    except BaseException as error:  # report any failure, then exit: the coordinator decides
-        conn.send(("init_failed", one_line(error)))
-        return
-    conn.send(("ready",))
-    while True:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def resident_memory_mb() -> int | None:
+    """This process's resident memory, from /proc (Linux) or psutil if installed."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") // 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss // 2**20
+
+
+def worker_main(spec: WorkerSpec, pipeline_ref: PipelineRef, limits: WorkerLimits, conn: Connection) -> None:
+    """Entry point of a worker process (spawned: nothing is inherited but the arguments)."""
+    die_with_parent()
+    try:
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the coordinator is gone
-        if message[0] == "stop":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pipeline = create_pipeline(pipeline_ref, spec)
+        except BaseException as error:  # report any failure, then exit: the coordinator decides
+            conn.send(("init_failed", one_line(error)))
             return
-        for report in process_batch(pipeline, message[1]):
-            conn.send(report)
+        conn.send(("ready",))
+        processed = 0
+        while (message := conn.recv())[0] == "batch":
+            for report in process_batch(pipeline, message[1]):
+                conn.send(report)
+            processed += len(message[1])
+            reason = limits.reached(processed)
+            if reason:
+                conn.send(("retiring", reason))
+                return
+    except (EOFError, OSError):
+        return  # the coordinator is gone
 
 
 def one_line(error: BaseException) -> str:
@@ -792,6 +1197,7 @@ def process_batch(pipeline: Any, tasks: list[Task]) -> Iterator[tuple]:
         try:
             outputs = [save_page(task, result) for result in results]
         except Exception as error:
+            discard_partial_outputs(task)
             yield ("failed", task.index, f"cannot save output: {one_line(error)}")
         else:
             yield ("done", task.index, outputs, seconds)
@@ -819,69 +1225,118 @@ def save_page(task: Task, result: Any) -> str:
         result.save_to_json(temporary)
         os.replace(temporary, final)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
     return final
 
 
 # ---------------------------------------------------------------------------------------------
-# Report: progress, failures, summary and the exit code, all from the same events
+# Report: run log, progress, failures, summary and exit code, all from the same events
 # ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A bar on a terminal (tqdm, if installed); otherwise a line every `interval` seconds,
+    which is what a cron log wants."""
+
+    def __init__(self, total: int, interval: float):
+        self.total, self.interval = total, interval
+        self.last_line = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="input", file=sys.stderr, dynamic_ncols=True)
+
+    def say(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(f"{PROG}: {message}", file=sys.stderr)
+        else:
+            say(message)
+
+    def update(self, finished: int, failed: int, pages: int, elapsed: float) -> None:
+        if self.bar is not None:
+            self.bar.n = finished
+            self.bar.set_postfix(failed=failed, pages=pages, refresh=False)
+            self.bar.refresh()
+        elif self.interval and time.monotonic() - self.last_line >= self.interval:
+            self.last_line = time.monotonic()
+            rate = pages / elapsed if elapsed > 0 else 0.0
+            say(f"progress: {finished}/{self.total} inputs, {failed} failed, {pages} pages, {rate:.2f} pages/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass
 class Report:
-    total: int
-    skipped: int
+    """Counts events, logs each finished input, and decides the exit code."""
+
+    total: int  # inputs this run had to do
+    skipped: int  # already complete
+    ignored: int  # matched the pattern but not inputs (directories, other types)
+    run_log: RunLog
+    progress: Progress
+    not_selected: int = 0
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
     pages: int = 0
     pages_by_device: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    last_progress: float = field(default_factory=time.monotonic)
 
     def handle(self, event: Event) -> None:
         if isinstance(event, WorkerFailedToStart):
-            say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}")
+            self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}")
         elif isinstance(event, WorkerLost):
-            say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
-                f"{event.requeued} input(s) go back to the queue; starting a replacement")
+            self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
+                              f"{event.requeued} input(s) go back to the queue; starting a replacement")
         elif isinstance(event, TaskDone):
             self.done += 1
             self.pages += len(event.outputs)
             self.pages_by_device[event.spec.device] += len(event.outputs)
+            self.run_log.write(event.task, DONE, outputs=event.outputs, device=event.spec.device,
+                               attempts=event.attempts, seconds=event.seconds)
         elif isinstance(event, TaskFailed):
             self.failed += 1
-            say(f"FAILED {event.task.path}: {event.error}")
-        self.maybe_progress()
+            self.progress.say(f"FAILED {event.task.path}: {event.error}")
+            self.run_log.write(event.task, FAILED, device=event.spec.device, attempts=event.attempts,
+                               error=event.error)
+        self.progress.update(self.done + self.failed, self.failed, self.pages, self.elapsed)
 
-    def maybe_progress(self) -> None:
-        now = time.monotonic()
-        if now - self.last_progress >= PROGRESS_SECONDS:
-            self.last_progress = now
-            finished = self.done + self.failed
-            say(f"progress: {finished}/{self.total} inputs, {self.failed} failed, "
-                f"{self.pages} pages, {self.pages / (now - self.started):.2f} pages/s")
-
-    def summary(self) -> str:
-        elapsed = time.monotonic() - self.started
-        rate = self.pages / elapsed if elapsed > 0 else 0.0
-        per_device = ", ".join(
-            f"{device} {pages / elapsed:.2f}" for device, pages in sorted(self.pages_by_device.items())
-        )
-        unprocessed = f", {self.unprocessed} not processed (no worker could run)" if self.unprocessed else ""
-        text = (f"{self.done} input(s) done, {self.failed} failed{unprocessed}, {self.skipped} skipped; "
-                f"{self.pages} page(s) in {elapsed:.1f} s ({rate:.2f} pages/s")
-        return text + (f"; per device: {per_device})" if per_device else ")")
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
     @property
     def unprocessed(self) -> int:
         return self.total - self.done - self.failed
 
-    def exit_code(self) -> ExitCode:
+    def summary(self, stop: Stopper) -> list[str]:
+        elapsed = self.elapsed
+        rate = self.pages / elapsed if elapsed > 0 else 0.0
+        counts = [f"{self.done} done", f"{self.failed} failed", f"{self.skipped} skipped (already done)"]
+        if self.unprocessed:
+            why = "interrupted" if stop.requested else "no worker could run"
+            counts.append(f"{self.unprocessed} not processed ({why})")
+        if self.not_selected:
+            counts.append(f"{self.not_selected} not selected (--retry_failed)")
+        counts.append(f"{self.ignored} ignored (not an input)")
+        per_device = ", ".join(f"{d} {p / elapsed:.2f}" for d, p in sorted(self.pages_by_device.items()))
+        lines = [f"inputs: {', '.join(counts)}; {self.pages} page(s) in {elapsed:.1f} s, {rate:.2f} pages/s"
+                 + (f" (per device: {per_device})" if per_device else "")]
+        if self.failed:
+            lines.append(f"failed inputs are in the run log {str(self.run_log.path)!r} "
+                         '(lines with "status": "failed"); --retry_failed retries only them')
+        return lines
+
+    def exit_code(self, stop: Stopper) -> ExitCode:
+        if stop.signum is not None:
+            return ExitCode.TERMINATED if stop.signum == signal.SIGTERM else ExitCode.INTERRUPTED
         if self.unprocessed:
             return ExitCode.NO_WORKERS
         return ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK
@@ -892,34 +1347,68 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 
 
+def prepare_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --output_dir {str(output_dir)!r}: {error.strerror}") from None
+
+
 def run(config: Config) -> ExitCode:
     pipeline = resolve_pipeline(config.pipeline)
     plan = plan_workers(config)
     selection = find_inputs(config.input_dir, config.input_glob_pattern)
     tasks = plan_tasks(config.input_dir, config.output_dir, selection.paths)
-    try:
-        config.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"cannot create --output_dir {str(config.output_dir)!r}: {error.strerror}") from None
-    report = Report(total=len(tasks), skipped=selection.skipped)
     if not tasks:
         say(f"no input files match {config.input_glob_pattern!r} in {str(config.input_dir)!r}; nothing to do")
         return ExitCode.OK
-    say(f"{len(tasks)} input(s), {describe_plan(plan)}, batch size {config.batch_size} -> {config.output_dir}")
-    backend = LocalBackend(pipeline, config.batch_size)
-    for event in backend.run(tasks, plan):
-        report.handle(event)
-    say(report.summary())
-    return report.exit_code()
+    prepare_output_dir(config.output_dir)
+    lock = RunLock(config.output_dir)
+    try:
+        remove_stale_temporaries(config.output_dir)
+        work = select_work(tasks, read_run_log(config.run_log), config)
+        run_log = RunLog(config.run_log, config.output_dir)
+        try:
+            return dispatch(config, pipeline, plan, work, run_log, ignored=selection.ignored)
+        finally:
+            run_log.close()
+    finally:
+        lock.release()
+
+
+def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
+             run_log: RunLog, ignored: int) -> ExitCode:
+    for task, record in work.complete:
+        run_log.write(task, SKIPPED, outputs=[os.path.join(config.output_dir, o) for o in record["outputs"]],
+                      device=record.get("device"))
+    say(f"{len(work.todo)} input(s) to do, {len(work.complete)} already done; {describe_plan(plan)}, "
+        f"batch size {config.batch_size} -> {config.output_dir}")
+    stop = Stopper()
+    stop.install()
+    progress = Progress(len(work.todo), config.progress_interval)
+    report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected)
+    try:
+        if work.todo:
+            events = LocalBackend(pipeline, config).run(work.todo, plan, stop)
+            with contextlib.closing(events):
+                for event in events:
+                    report.handle(event)
+    except StopRequested:
+        pass
+    finally:
+        progress.close()
+    for line in report.summary(stop):
+        say(line)
+    return report.exit_code(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(parse_config(argv)))
-    except UsageError as error:
+    except UserError as error:
         say(f"error: {error}")
-        return int(ExitCode.USAGE)
-    except KeyboardInterrupt:
+        return int(error.exit_code)
+    except (KeyboardInterrupt, StopRequested):
         say("interrupted")
         return int(ExitCode.INTERRUPTED)
 

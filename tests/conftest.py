@@ -52,8 +52,18 @@ def outputs(folder: Path) -> dict[str, dict]:
     }
 
 
-def all_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+def page_files(folder: Path) -> list[str]:
+    """The output JSON files (not the run log, the lock, or hidden temporaries)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json") if not p.name.startswith("."))
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp.json"))
+
+
+def run_log(folder: Path) -> list[dict]:
+    path = folder / "infer_mp.runlog.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture

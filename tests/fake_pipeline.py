@@ -1,7 +1,9 @@
 """A model-free pipeline with PaddleOCR's predict()/result interface, for orchestration tests.
 
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
-the worker process, ``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
+the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB more resident memory, and
+``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
+``FAKE_PIPELINE_DELAY`` (seconds) makes every input take that long.
 A ``.pdf``/``.tif``/``.tiff`` yields one page per line that starts with ``page``, at least
 one; any other input one result without a page index. Each result records which process made
 it, so the tests can see the work spread over workers.
@@ -17,6 +19,7 @@ from pathlib import Path
 
 PAGED = {".pdf", ".tif", ".tiff"}
 INIT_LOG = os.environ.get("FAKE_PIPELINE_INIT_LOG")
+_held_memory: list[bytearray] = []
 
 
 class FakeResult(dict):
@@ -47,6 +50,10 @@ class FakePipeline:
                 os.kill(os.getpid(), signal.SIGKILL)
             if b"RAISE" in data:
                 raise ValueError(f"cannot decode input {os.path.basename(path)}")
+            if b"HANG" in data:
+                time.sleep(3600)
+            if b"GROW" in data:
+                _held_memory.append(bytearray(os.urandom(1)) * (100 * 2**20))
             if b"EMPTY" in data:
                 continue
             delay = float(os.environ.get("FAKE_PIPELINE_DELAY", "0"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_OCR, ROOT, all_files, outputs, run_cli, write
+from conftest import OFFLINE_OCR, ROOT, page_files, temporaries, outputs, run_cli, write
 from samples import expected_outputs, write_document, write_samples
 
 MIN_SIMILARITY = 0.95
@@ -58,7 +58,7 @@ def test_two_cpu_instances_batches_pdf_pages_and_a_corrupt_file(dirs):
     failed = [line for line in run.stderr.splitlines() if "FAILED" in line]
     assert sorted(Path(line.split()[2].rstrip(":")).name for line in failed) == ["broken.jpg", "broken.pdf"]
     assert "Traceback" not in run.stderr
-    assert not [name for name in all_files(out) if Path(name).name.startswith(".")]
+    assert not temporaries(out)
 
 
 @pytest.mark.slow

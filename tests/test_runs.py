@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import FAKE, all_files, outputs, run_cli, write
+from conftest import FAKE, page_files, temporaries, outputs, run_cli, write
 
 
 def run_fake(input_dir: Path, output_dir: Path, *extra: str, env: dict | None = None, **kwargs):
@@ -23,11 +23,11 @@ def test_one_json_per_page_with_seed_names(dirs):
     (src / "folder.png").mkdir()
     run = run_fake(src, out)
     assert run.code == 0, run.stderr
-    assert all_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "scan1.json", "scan2.json"]
+    assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "scan1.json", "scan2.json"]
     results = outputs(out)
     assert [results[f"doc_{i}.json"]["page_index"] for i in range(3)] == [0, 1, 2]
     assert results["scan1.json"]["input_path"] == str(src / "scan1.jpg")
-    assert "2 skipped" in run.stderr  # notes.txt and the directory
+    assert "2 ignored" in run.stderr  # notes.txt and the directory
 
 
 def test_colliding_names_get_distinct_files(dirs):
@@ -50,16 +50,16 @@ def test_glob_pattern_selects_and_recurses(dirs):
     write(src / "b.png")
     write(src / "sub" / "c.jpg")
     run = run_fake(src, out, "--input_glob_pattern", "*.jpg")
-    assert run.code == 0 and all_files(out) == ["a.json"]
+    assert run.code == 0 and page_files(out) == ["a.json"]
     run = run_fake(src, out, "--input_glob_pattern", "**/*.jpg")
-    assert run.code == 0 and all_files(out) == ["a.json", "sub/c.json"]
+    assert run.code == 0 and page_files(out) == ["a.json", "sub/c.json"]
 
 
 def test_default_output_dir_is_output(tmp_path):
     write(tmp_path / "in" / "a.jpg")
     run = run_cli("--pipeline", FAKE, "--input_dir", "in", "--device", "cpu", cwd=tmp_path)
     assert run.code == 0, run.stderr
-    assert all_files(tmp_path / "output") == ["a.json"]
+    assert page_files(tmp_path / "output") == ["a.json"]
 
 
 def test_two_cpu_instances_share_the_work_with_split_threads(dirs):
@@ -93,7 +93,7 @@ def test_a_bad_input_costs_only_itself(dirs):
     write(src / "unreadable.png", "EMPTY")
     run = run_fake(src, out, "--batch_size", "4")
     assert run.code == 1
-    assert all_files(out) == [f"good{i}.json" for i in range(5)]
+    assert page_files(out) == [f"good{i}.json" for i in range(5)]
     failed = [line for line in run.stderr.splitlines() if "FAILED" in line]
     assert len(failed) == 2
     assert any(str(src / "corrupt.png") in line and "cannot decode" in line for line in failed)
@@ -108,7 +108,7 @@ def test_a_worker_that_dies_is_replaced_and_nothing_is_lost(dirs):
     write(src / "poison.png", "CRASH")
     run = run_fake(src, out, "--batch_size", "3", "--instances_per_device", "2")
     assert run.code == 1, run.stderr
-    assert all_files(out) == [f"good{i}.json" for i in range(6)]
+    assert page_files(out) == [f"good{i}.json" for i in range(6)]
     assert "was killed by SIGKILL" in run.stderr
     failed = [line for line in run.stderr.splitlines() if "FAILED" in line]
     assert len(failed) == 1 and "poison.png" in failed[0] and "3 times" in failed[0]
@@ -131,7 +131,7 @@ def test_no_temporary_files_are_left(dirs):
         write(src / f"p{i}.png")
     write(src / "doc.pdf", "page\npage\n")
     assert run_fake(src, out, "--instances_per_device", "2", "--batch_size", "2").code == 0
-    assert not [name for name in all_files(out) if Path(name).name.startswith(".")]
+    assert not temporaries(out)
     for result in outputs(out).values():
         assert json.dumps(result)
 

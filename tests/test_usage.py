@@ -145,7 +145,8 @@ def test_seed_defaults():
 
 def config(**overrides) -> infer_mp.Config:
     values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="cpu",
-                  instances_per_device=1, batch_size=1, input_glob_pattern="*", cpu_threads=None)
+                  instances_per_device=1, batch_size=1, input_glob_pattern="*", cpu_threads=None,
+                  run_log=Path("out/log.jsonl"))
     values.update(overrides)
     return infer_mp.Config(**values)
 

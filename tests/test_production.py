@@ -1,0 +1,343 @@
+"""Unattended runs: run log, resume, crash recovery, timeouts, recycling, signals, the lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE, SCRIPT, outputs, page_files, run_cli, run_log, temporaries, write
+
+
+def fake_args(src: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out), *extra]
+
+
+def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None):
+    return run_cli(*fake_args(src, out, *extra), env=env)
+
+
+def start_fake(src: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen([sys.executable, str(SCRIPT), *fake_args(src, out, *extra)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def make_inputs(src: Path, count: int, pdf_pages: int = 0) -> None:
+    for i in range(count):
+        write(src / f"p{i:02d}.png", f"image {i}")
+    if pdf_pages:
+        write(src / "doc.pdf", "page\n" * pdf_pages)
+
+
+def last_status(out: Path) -> dict[str, str]:
+    return {record["input"]: record["status"] for record in run_log(out)}
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def comparable(out: Path) -> dict[str, tuple]:
+    """Outputs without what differs between runs of the fake pipeline (pid, batch)."""
+    return {name: (r["input_path"], r["page_index"], r["text"]) for name, r in outputs(out).items()}
+
+
+def assert_only_complete_outputs(out: Path) -> None:
+    """Every JSON in the output folder belongs to an input the run log calls done."""
+    done_outputs = {o for r in run_log(out) if r["status"] in ("done", "skipped") for o in r["outputs"]}
+    assert set(page_files(out)) <= done_outputs
+    assert not temporaries(out)
+
+
+# -- run log and resume ------------------------------------------------------------------------
+
+
+def test_run_log_records_every_input(dirs):
+    src, out = dirs
+    make_inputs(src, 2, pdf_pages=3)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    records = {Path(r["input"]).name: r for r in run_log(out)}
+    assert set(records) == {"p00.png", "p01.png", "doc.pdf", "bad.png"}
+    doc = records["doc.pdf"]
+    assert doc["status"] == "done" and doc["pages"] == 3
+    assert doc["outputs"] == ["doc_0.json", "doc_1.json", "doc_2.json"]
+    assert doc["device"] == "cpu" and doc["attempts"] == 1 and doc["error"] is None
+    assert isinstance(doc["seconds"], float) and doc["time"]
+    bad = records["bad.png"]
+    assert bad["status"] == "failed" and bad["pages"] == 0 and "cannot decode" in bad["error"]
+
+
+def test_rerun_skips_what_is_done_and_redoes_the_rest(dirs):
+    src, out = dirs
+    make_inputs(src, 4, pdf_pages=2)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    first = comparable(out)
+    (out / "p01.json").unlink()  # deleted by hand: must be redone
+    write(src / "bad.png", "fixed now")  # the failed input is redone too
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    new = [r for r in run_log(out)[6:]]
+    assert Counter(r["status"] for r in new) == {"skipped": 4, "done": 2}
+    assert {Path(r["input"]).name for r in new if r["status"] == "done"} == {"p01.png", "bad.png"}
+    assert "4 skipped" in run.stderr
+    assert comparable(out) == {**first, "bad.json": (str(src / "bad.png"), None, "fixed now")}
+
+
+def test_retry_failed_retries_only_failures(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    (out / "p00.json").unlink()
+    write(src / "bad.png", "fixed")
+    run = run_fake(src, out, "--retry_failed")
+    assert run.code == 0, run.stderr
+    assert sorted(page_files(out)) == ["bad.json", "p01.json", "p02.json"]  # p00 not retried
+    assert "1 not selected" in run.stderr
+
+
+def test_overwrite_redoes_everything(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    assert run_fake(src, out).code == 0
+    run = run_fake(src, out, "--overwrite")
+    assert run.code == 0
+    assert Counter(r["status"] for r in run_log(out)) == {"done": 6}
+
+
+def test_overwrite_and_retry_failed_exclude_each_other(dirs):
+    src, out = dirs
+    make_inputs(src, 1)
+    run = run_fake(src, out, "--overwrite", "--retry_failed")
+    assert run.code == 2 and "not allowed with" in run.stderr
+
+
+def test_run_log_path_can_be_moved(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 2)
+    log = tmp_path / "logs" / "run.jsonl"
+    assert run_fake(src, out, "--run_log", str(log)).code == 0
+    assert not (out / "infer_mp.runlog.jsonl").exists()
+    assert len(log.read_text().splitlines()) == 2
+    run = run_fake(src, out, "--run_log", str(log))
+    assert "2 skipped" in run.stderr
+
+
+def test_a_torn_last_line_is_passed_over(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    assert run_fake(src, out).code == 0
+    log = out / "infer_mp.runlog.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:2]) + lines[2][:25])  # as a kill -9 mid-write would leave it
+    run = run_fake(src, out)
+    assert run.code == 0 and "2 skipped" in run.stderr
+    text = log.read_text()
+    assert text.splitlines()[2] == lines[2][:25].rstrip("\n")
+    for line in text.splitlines()[3:]:
+        json.loads(line)
+
+
+def test_killed_run_then_rerun_equals_a_clean_run(tmp_path):
+    src, out, clean = tmp_path / "in", tmp_path / "out", tmp_path / "clean"
+    make_inputs(src, 12, pdf_pages=4)
+    assert run_fake(src, clean, "--batch_size", "2").code == 0
+    process = start_fake(src, out, "--instances_per_device", "2", "--batch_size", "2",
+                         env={"FAKE_PIPELINE_DELAY": "0.2"})
+    wait_for(lambda: len(page_files(out)) >= 5)
+    process.kill()  # kill -9 of the coordinator; the kernel takes its workers down with it
+    process.communicate()
+    run = run_fake(src, out, "--batch_size", "2")
+    assert run.code == 0, run.stderr
+    assert comparable(out) == comparable(clean)
+    assert not temporaries(out)
+    assert set(last_status(out).values()) <= {"done", "skipped"}
+
+
+# -- crash recovery, timeouts, start-up failures ----------------------------------------------------
+
+
+def test_crash_requeues_without_losing_or_repeating(dirs):
+    src, out = dirs
+    make_inputs(src, 6)
+    write(src / "poison.png", "CRASH")
+    run = run_fake(src, out, "--batch_size", "3", "--instances_per_device", "2", "--max_attempts", "2")
+    assert run.code == 1, run.stderr
+    records = run_log(out)
+    done = Counter(Path(r["input"]).name for r in records if r["status"] == "done")
+    assert done == {f"p{i:02d}.png": 1 for i in range(6)}
+    [poison] = [r for r in records if r["status"] == "failed"]
+    assert poison["input"].endswith("poison.png") and poison["attempts"] == 2
+    assert "killed by SIGKILL, 2 times" in poison["error"]
+    assert not temporaries(out)
+
+
+def test_hung_input_times_out_and_the_run_goes_on(dirs):
+    src, out = dirs
+    make_inputs(src, 4)
+    write(src / "hang.png", "HANG")
+    run = run_fake(src, out, "--task_timeout", "1", "--max_attempts", "2", "--batch_size", "2")
+    assert run.code == 1, run.stderr
+    status = {Path(k).name: v for k, v in last_status(out).items()}
+    assert status == {**{f"p{i:02d}.png": "done" for i in range(4)}, "hang.png": "failed"}
+    assert "timed out" in run.stderr and "--task_timeout" in run.stderr
+
+
+def test_startup_failure_ends_promptly_with_the_cause(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    started = time.monotonic()
+    run = run_fake(src, out, "--instances_per_device", "2", env={"FAKE_PIPELINE_FAIL_INIT": "1"})
+    assert run.code == 3
+    assert time.monotonic() - started < 30
+    assert "could not start its pipeline: RuntimeError: fake pipeline refuses" in run.stderr
+    assert "3 not processed (no worker could run)" in run.stderr
+
+
+# -- recycling ---------------------------------------------------------------------------------
+
+
+def test_recycling_after_n_items(dirs):
+    src, out = dirs
+    make_inputs(src, 7)
+    run = run_fake(src, out, "--max_items_per_worker", "2")
+    assert run.code == 0, run.stderr
+    results = outputs(out)
+    assert len(results) == 7
+    assert len({r["pid"] for r in results.values()}) == 4  # 2 + 2 + 2 + 1
+    assert Counter(r["status"] for r in run_log(out)) == {"done": 7}
+    assert {r["attempts"] for r in run_log(out)} == {1}  # a recycle is not a crash
+    assert "go back to the queue" not in run.stderr
+
+
+def test_recycling_on_memory(dirs):
+    src, out = dirs
+    for i in range(4):
+        write(src / f"big{i}.png", "GROW")
+    run = run_fake(src, out, "--max_worker_memory_mb", "100")
+    assert run.code == 0, run.stderr
+    assert len({r["pid"] for r in outputs(out).values()}) == 4
+    assert {r["attempts"] for r in run_log(out)} == {1}
+
+
+# -- progress and summary ---------------------------------------------------------------------
+
+
+def test_progress_lines_and_summary_when_not_a_terminal(dirs):
+    src, out = dirs
+    make_inputs(src, 6)
+    run = run_fake(src, out, "--progress_interval", "0.2", env={"FAKE_PIPELINE_DELAY": "0.3"})
+    assert run.code == 0
+    assert "progress: " in run.stderr and "/6 inputs" in run.stderr
+    summary = run.stderr.strip().splitlines()[-1]
+    assert "6 done, 0 failed, 0 skipped" in summary and "pages/s" in summary and "per device: cpu" in summary
+
+
+def test_progress_bar_on_a_terminal(dirs):
+    pytest.importorskip("tqdm")
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    src, out = dirs
+    make_inputs(src, 3)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *fake_args(src, out)], stderr=follower,
+                               stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(60) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "3/3" in text and "input/s" in text
+
+
+# -- signals and the lock -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_and_a_rerun_finishes(dirs, signum, code):
+    src, out = dirs
+    make_inputs(src, 10, pdf_pages=3)
+    process = start_fake(src, out, "--instances_per_device", "2", env={"FAKE_PIPELINE_DELAY": "0.5"})
+    wait_for(lambda: len(page_files(out)) >= 2)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert "starting no new inputs" in stderr and "inputs: " in stderr and "not processed (interrupted)" in stderr
+    assert "Traceback" not in stderr
+    assert_only_complete_outputs(out)
+    run = run_fake(src, out)
+    assert run.code == 0 and len(page_files(out)) == 13
+
+
+def test_second_ctrl_c_stops_at_once(dirs):
+    src, out = dirs
+    make_inputs(src, 2)
+    write(src / "hang.png", "HANG")
+    process = start_fake(src, out, "--instances_per_device", "2")
+    wait_for(lambda: len(page_files(out)) >= 2)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 5  # not the 10 s grace period
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert_only_complete_outputs(out)
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(dirs):
+    src, out = dirs
+    make_inputs(src, 6)
+    first = start_fake(src, out, env={"FAKE_PIPELINE_DELAY": "0.5"})
+    wait_for(lambda: len(page_files(out)) >= 1)
+    second = run_fake(src, out)
+    assert second.code == 75
+    assert "another infer_mp.py run" in second.stderr and str(first.pid) in second.stderr
+    first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert len(page_files(out)) == 6
+
+
+def test_worker_killed_from_outside_mid_batch(dirs, tmp_path):
+    """kill -9 of a worker (as the OOM killer would): its batch is redone elsewhere, once."""
+    src, out = dirs
+    make_inputs(src, 10)
+    init_log = tmp_path / "init.jsonl"
+    process = start_fake(src, out, "--instances_per_device", "2", "--batch_size", "3",
+                         env={"FAKE_PIPELINE_DELAY": "0.3", "FAKE_PIPELINE_INIT_LOG": str(init_log)})
+    wait_for(lambda: init_log.exists() and len(init_log.read_text().splitlines()) == 2)
+    wait_for(lambda: len(page_files(out)) >= 1)
+    victim = json.loads(init_log.read_text().splitlines()[0])["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "was killed by SIGKILL" in stderr and "starting a replacement" in stderr
+    done = Counter(Path(r["input"]).name for r in run_log(out) if r["status"] == "done")
+    assert done == {f"p{i:02d}.png": 1 for i in range(10)}
+    assert len(init_log.read_text().splitlines()) == 3  # the replacement
+    assert len(page_files(out)) == 10 and not temporaries(out)
