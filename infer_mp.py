@@ -39,6 +39,7 @@ import signal
 import sys
 import time
 import warnings
+import zlib
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -60,6 +61,7 @@ DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before i
 DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time
+OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 STOP_GRACE_SECONDS = 10.0  # time workers get to finish or exit before they are killed
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
@@ -151,6 +153,72 @@ def positive_float(text: str) -> float:
     return value
 
 
+def parse_value(text: str) -> Any:
+    """A typed value from the command line: true/false, null/none, numbers, JSON lists and
+    objects; anything else stays a string ('0123' and 'PP-OCRv4_mobile_det' included)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if not isinstance(value, float) or math.isfinite(value) else text
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key.strip(), parse_value(value)
+
+
+def boolean(text: str) -> bool:
+    value = parse_value(text)
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
+def shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(index), int(count)
+
+
+SAVE_FORMATS = ("markdown", "img")
+# PaddleOCR's inference options, passed to the pipeline's constructor when given.
+ENGINE_OPTIONS = {
+    "engine": (str, "Inference engine: paddle, paddle_static, paddle_dynamic, onnxruntime, transformers."),
+    "engine_config": (json_object, "Engine settings as a JSON object, e.g. '{\"run_mode\": \"mkldnn\"}'."),
+    "enable_mkldnn": (boolean, "Use oneDNN on CPU (true/false)."),
+    "precision": (str, "fp32 or fp16 (with TensorRT)."),
+    "enable_hpi": (boolean, "PaddleX high-performance inference (needs the ultra-infer plugin)."),
+    "use_tensorrt": (boolean, "Use TensorRT on GPU (true/false)."),
+}
+
+
+def save_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in SAVE_FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(SAVE_FORMATS)}, got {text!r}")
+    return formats
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG,
@@ -165,7 +233,10 @@ def build_parser() -> ArgumentParser:
         help="PaddleOCR pipeline class, e.g. 'PaddleOCR', 'PPStructureV3', 'DocPreprocessor'; "
         "or your own class as 'package.module:Class' or 'path/to/file.py:Class'.",
     )
-    parser.add_argument("--input_dir", required=True, help="Input directory.")
+    parser.add_argument(
+        "--input_dir",
+        help="Input directory (required unless --input_list is given).",
+    )
     parser.add_argument(
         "--device",
         required=True,
@@ -186,9 +257,10 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--input_glob_pattern",
-        default=DEFAULT_GLOB_PATTERN,
-        help="Pattern, relative to --input_dir, of the files to process (default: '*': "
-        "the images and PDFs at the top of --input_dir). '**/*.jpg' recurses.",
+        action="append",
+        default=None,
+        help="Pattern, relative to --input_dir, of the files to process; may be given several "
+        "times. Default '*': the images and PDFs at the top of --input_dir. '**/*' recurses.",
     )
     # Our additions.
     parser.add_argument(
@@ -197,6 +269,57 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="CPU threads per instance. Default on CPU: the available cores divided among the "
         "instances, so that they do not oversubscribe the machine.",
+    )
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
+        "--input_list",
+        help="File with one input path per line ('-' for standard input; NUL-separated if it "
+        "contains a NUL, as from find -print0). Replaces --input_glob_pattern.",
+    )
+    inputs.add_argument(
+        "--shard",
+        type=shard,
+        default=None,
+        metavar="I/N",
+        help="Process only shard I of N (0 <= I < N): a stable, disjoint share of the inputs, "
+        "chosen by a hash of each input's relative path, for N machines or an array job.",
+    )
+    inputs.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Print the plan (workers, threads, inputs to do and to skip) and exit; loads no model.",
+    )
+    options = parser.add_argument_group("pipeline options")
+    options.add_argument(
+        "--paddlex_config",
+        help="PaddleX pipeline configuration file (YAML), passed to the pipeline as paddlex_config.",
+    )
+    options.add_argument(
+        "--pipeline_arg",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Argument for the pipeline's constructor, e.g. use_doc_unwarping=false, "
+        "text_det_limit_side_len=1216. Values are typed: true/false, null, numbers, JSON.",
+    )
+    options.add_argument(
+        "--predict_arg",
+        type=key_value,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="Argument for every predict() call, e.g. text_rec_score_thresh=0.5.",
+    )
+    for name, (kind, text) in ENGINE_OPTIONS.items():
+        options.add_argument(f"--{name}", type=kind, default=None, help=text)
+    options.add_argument(
+        "--save",
+        type=save_formats,
+        default=(),
+        metavar="FORMATS",
+        help="Also save, where the results support it: 'markdown', 'img' (visualizations), or "
+        "'markdown,img'. JSON is always saved.",
     )
     runs = parser.add_argument_group("unattended runs")
     runs.add_argument(
@@ -256,14 +379,21 @@ class Config:
     """The validated command line."""
 
     pipeline: str
-    input_dir: Path
+    input_dir: Path | None
     output_dir: Path
     device: str
     instances_per_device: int
     batch_size: int
-    input_glob_pattern: str
+    input_glob_patterns: tuple[str, ...]
     cpu_threads: int | None
     run_log: Path
+    lock_file: Path
+    input_list: str | None = None
+    shard: tuple[int, int] | None = None
+    dry_run: bool = False
+    pipeline_kwargs: dict = field(default_factory=dict)
+    predict_kwargs: dict = field(default_factory=dict)
+    save: tuple[str, ...] = ()
     overwrite: bool = False
     retry_failed: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
@@ -273,29 +403,59 @@ class Config:
     progress_interval: float = DEFAULT_PROGRESS_SECONDS
 
 
+def pipeline_kwargs(args: argparse.Namespace) -> dict:
+    """Constructor arguments: --paddlex_config, the engine flags, then --pipeline_arg."""
+    kwargs: dict[str, Any] = {}
+    if args.paddlex_config:
+        if not os.path.isfile(args.paddlex_config):
+            raise UsageError(f"--paddlex_config: no such file {args.paddlex_config!r}")
+        kwargs["paddlex_config"] = os.path.abspath(args.paddlex_config)
+    for name in ENGINE_OPTIONS:
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    kwargs.update(args.pipeline_arg)
+    if "device" in kwargs:
+        raise UsageError("set the device with --device, not --pipeline_arg device=...")
+    return kwargs
+
+
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
-    input_dir = Path(args.input_dir)
-    if not input_dir.exists():
+    if args.input_dir is None and args.input_list is None:
+        raise UsageError("give --input_dir (a folder of inputs) or --input_list (a file of paths)")
+    if args.input_list is not None and args.input_glob_pattern:
+        raise UsageError("--input_glob_pattern selects files in --input_dir; with --input_list, leave it out")
+    input_dir = Path(args.input_dir) if args.input_dir is not None else None
+    if input_dir is not None and not input_dir.exists():
         raise UsageError(f"the input directory does not exist: {str(input_dir)!r}")
-    if not input_dir.is_dir():
+    if input_dir is not None and not input_dir.is_dir():
         raise UsageError(f"--input_dir is not a directory: {str(input_dir)!r}")
+    if args.input_list not in (None, "-") and not os.path.isfile(args.input_list):
+        raise UsageError(f"--input_list: no such file {args.input_list!r} (use '-' for standard input)")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir exists and is not a directory: {str(output_dir)!r}")
-    run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME
+    shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
+    run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
     if args.max_worker_memory_mb and resident_memory_mb() is None:
         raise UsageError("--max_worker_memory_mb needs /proc (Linux) or psutil: pip install psutil")
     return Config(
         pipeline=args.pipeline.strip(),
-        input_dir=input_dir.absolute(),
+        input_dir=input_dir.absolute() if input_dir is not None else None,
         output_dir=output_dir.absolute(),
         device=args.device,
         instances_per_device=args.instances_per_device,
         batch_size=args.batch_size,
-        input_glob_pattern=args.input_glob_pattern,
+        input_glob_patterns=tuple(args.input_glob_pattern or [DEFAULT_GLOB_PATTERN]),
         cpu_threads=args.cpu_threads,
         run_log=run_log.absolute(),
+        lock_file=output_dir.absolute() / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
+        input_list=args.input_list,
+        shard=args.shard,
+        dry_run=args.dry_run,
+        pipeline_kwargs=pipeline_kwargs(args),
+        predict_kwargs=dict(args.predict_arg),
+        save=tuple(dict.fromkeys(args.save)),
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
         max_attempts=args.max_attempts,
@@ -525,20 +685,77 @@ def load_pipeline_class(ref: PipelineRef) -> type:
     return getattr(module, ref.name)
 
 
-def accepts_keyword(cls: type, keyword: str) -> bool:
+def keyword_parameters(function: Any) -> tuple[set[str], bool]:
+    """(names it takes by keyword, whether it also takes **kwargs)."""
     try:
-        parameters = inspect.signature(cls).parameters.values()
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return False
-    return any(p.name == keyword or p.kind is p.VAR_KEYWORD for p in parameters)
+        return set(), True
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind is p.VAR_KEYWORD for p in parameters)
 
 
-def create_pipeline(ref: PipelineRef, spec: WorkerSpec) -> Any:
+def accepts_keyword(cls: type, keyword: str) -> bool:
+    names, any_keyword = keyword_parameters(cls)
+    return keyword in names or any_keyword
+
+
+def paddleocr_common_args_check() -> tuple[type, Any] | None:
+    """PaddleOCR's own check of the options its pipelines take through **kwargs (engine,
+    precision, ...): (the wrapper base class, the check), if this paddleocr has them."""
+    try:
+        from paddleocr._common_args import parse_common_args
+        from paddleocr._pipelines.base import PaddleXPipelineWrapper
+    except ImportError:
+        return None
+    return PaddleXPipelineWrapper, parse_common_args
+
+
+def check_pipeline_options(ref: PipelineRef, init_kwargs: dict, predict_kwargs: dict) -> None:
+    """Refuse a misspelled option before any worker starts, where the class tells us: its
+    signatures, and for PaddleOCR pipelines PaddleOCR's own check. Imports the class here,
+    so it costs a second or two, and only when options are given."""
+    if not init_kwargs and not predict_kwargs:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls = load_pipeline_class(ref)
+    except Exception as error:
+        raise UsageError(f"cannot import --pipeline {ref.name!r}: {one_line(error)}") from None
+    known: set[str] = set()
+    for klass in cls.__mro__[:-1]:
+        if "__init__" in vars(klass):
+            known |= keyword_parameters(klass.__init__)[0] - {"self"}
+    unknown = {name: value for name, value in init_kwargs.items() if name not in known}
+    paddleocr_check = paddleocr_common_args_check()
+    if unknown and paddleocr_check and issubclass(cls, paddleocr_check[0]):
+        try:
+            paddleocr_check[1](dict(unknown), default_enable_hpi=False)
+        except ValueError as error:
+            raise option_error("pipeline option", str(error), known | set(ENGINE_OPTIONS)) from None
+    elif unknown and not keyword_parameters(cls)[1]:
+        raise option_error("pipeline option", f"Unknown argument: {sorted(unknown)[0]}", known)
+    names, any_keyword = keyword_parameters(getattr(cls, "predict", None))
+    unknown_predict = sorted(set(predict_kwargs) - names)
+    if unknown_predict and not any_keyword:
+        raise option_error("--predict_arg", f"Unknown argument: {unknown_predict[0]}", names - {"self", "input"})
+
+
+def option_error(what: str, message: str, known: Iterable[str]) -> UsageError:
+    name = message.rsplit(":", 1)[-1].strip()
+    close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return UsageError(f"{what}: {message}{hint}")
+
+
+def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
     cls = load_pipeline_class(ref)
     logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
     kwargs: dict[str, Any] = {"device": spec.device}
     if spec.cpu_threads is not None and accepts_keyword(cls, "cpu_threads"):
         kwargs["cpu_threads"] = spec.cpu_threads
+    kwargs.update(init_kwargs)
     return cls(**kwargs)
 
 
@@ -557,34 +774,78 @@ class Task:
     out_dir: str  # folder of its JSON files
     out_base: str  # outputs are {out_base}.json, or {out_base}_{page}.json for pages
 
-    def output_path(self, page_index: int | None) -> str:
+    def output_path(self, page_index: int | str | None) -> str:
         name = self.out_base if page_index is None else f"{self.out_base}_{page_index}"
         return os.path.join(self.out_dir, name + ".json")
 
 
 @dataclass
 class InputSelection:
-    paths: list[Path]
-    ignored: int  # matches that were directories or (with the default pattern) other types
+    paths: list[Path]  # absolute, sorted, unique; listed paths may not exist (they fail, named)
+    root: Path  # what the output folders mirror
+    ignored: int = 0  # matches that were directories or (with the default pattern) other types
 
 
-def find_inputs(input_dir: Path, pattern: str) -> InputSelection:
-    """Files matching the pattern, sorted. Directories are never inputs, and with the default
-    pattern only the types the pipeline reads are taken; everything passed over is counted."""
-    try:
-        matches = list(input_dir.glob(pattern))
-    except (ValueError, NotImplementedError) as error:
-        raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} (use a pattern relative to --input_dir)") from None
+def glob_inputs(input_dir: Path, patterns: tuple[str, ...]) -> InputSelection:
+    """Files matching any pattern. Directories are never inputs, and with the default pattern
+    only the types the pipeline reads are taken; everything passed over is counted."""
     paths, ignored = set(), 0
-    for path in matches:
-        if ".." in path.relative_to(input_dir).parts:
-            raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
-        readable = pattern != DEFAULT_GLOB_PATTERN or path.suffix.lower() in SUPPORTED_SUFFIXES
-        if path.is_file() and readable:
-            paths.add(path)
-        else:
-            ignored += 1
-    return InputSelection(sorted(paths), ignored)
+    only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
+    for pattern in patterns:
+        try:
+            matches = list(input_dir.glob(pattern))
+        except (ValueError, NotImplementedError) as error:
+            raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} (use a pattern relative to --input_dir)") from None
+        for path in matches:
+            if ".." in path.relative_to(input_dir).parts:
+                raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
+            if path.is_file() and (not only_readable or path.suffix.lower() in SUPPORTED_SUFFIXES):
+                paths.add(path)
+            else:
+                ignored += 1
+    return InputSelection(sorted(paths), input_dir, ignored)
+
+
+def read_input_list(source: str, input_dir: Path | None) -> InputSelection:
+    """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
+    folder. Outputs mirror --input_dir if given, else the listed paths' common folder."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as error:
+        raise UsageError(f"cannot read --input_list {source!r}: {error.strerror}") from None
+    entries = data.split(b"\0") if b"\0" in data else data.splitlines()
+    paths = sorted({Path(os.path.abspath(os.fsdecode(entry))) for entry in entries if entry.strip()})
+    if input_dir is not None:
+        root = input_dir
+    elif paths:
+        root = Path(os.path.commonpath([p.parent for p in paths]))
+    else:
+        root = Path.cwd()
+    return InputSelection(paths, root)
+
+
+def find_inputs(config: Config) -> InputSelection:
+    if config.input_list is not None:
+        return read_input_list(config.input_list, config.input_dir)
+    return glob_inputs(config.input_dir, config.input_glob_patterns)
+
+
+def relative_to_root(path: Path, root: Path) -> Path:
+    """Where an input's outputs go below --output_dir; a listed path outside the root goes
+    under `_outside/` followed by its absolute path."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return Path(OUTSIDE_DIR, *path.parts[1:])
+
+
+def in_shard(task: Task, shard: tuple[int, int] | None) -> bool:
+    """Stable and disjoint: a hash of the relative path, so every machine agrees whatever
+    order it lists the inputs in, and adding inputs never moves the others."""
+    if shard is None:
+        return True
+    index, count = shard
+    return zlib.crc32(os.fsencode(task.rel)) % count == index
 
 
 PAGE_NAME = re.compile(r"(.+)_(0|[1-9][0-9]*)")
@@ -620,10 +881,11 @@ def output_bases(names: list[str]) -> list[str]:
     return [claims[i][0] for i in range(len(names))]
 
 
-def plan_tasks(input_dir: Path, output_dir: Path, paths: list[Path]) -> list[Task]:
-    """Give every input its output folder (mirroring --input_dir) and a unique base name."""
+def plan_tasks(root: Path, output_dir: Path, paths: list[Path]) -> list[Task]:
+    """Give every input its output folder (mirroring `root`) and a unique base name, decided
+    from the whole input set (all shards), so that two inputs never write one file."""
     folders: dict[Path, list[int]] = defaultdict(list)
-    rels = [path.relative_to(input_dir) for path in paths]
+    rels = [relative_to_root(path, root) for path in paths]
     for i, rel in enumerate(rels):
         folders[rel.parent].append(i)
     bases: dict[int, str] = {}
@@ -641,7 +903,7 @@ def plan_tasks(input_dir: Path, output_dir: Path, paths: list[Path]) -> list[Tas
 # ---------------------------------------------------------------------------------------------
 
 DONE, FAILED, SKIPPED = "done", "failed", "skipped"
-TEMPORARY_NAME = re.compile(r"\..+\.[0-9]+\.tmp\.json")
+TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.[0-9]+\.tmp(\.[^.]*)?")  # see temporary_path()
 
 
 def read_run_log(path: Path) -> dict[str, dict]:
@@ -706,16 +968,26 @@ def select_work(tasks: list[Task], previous: dict[str, dict], config: Config) ->
     return selection
 
 
-def remove_stale_temporaries(output_dir: Path) -> int:
-    """Hidden temporaries that a killed run left behind; safe because we hold the run lock."""
-    removed = 0
-    for folder, _, names in os.walk(output_dir):
+def remove_stale_temporaries(tasks: list[Task]) -> None:
+    """Hidden temporaries that a killed run left for these inputs' JSON and markdown. Only
+    ours: other shards may be writing into the same folders right now."""
+    bases: dict[str, set[str]] = defaultdict(set)
+    for task in tasks:
+        bases[task.out_dir].add(task.out_base)
+    for folder, ours in bases.items():
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
         for name in names:
-            if TEMPORARY_NAME.fullmatch(name):
+            match = TEMPORARY_NAME.fullmatch(name)
+            if not match:
+                continue
+            stem = os.path.splitext(match.group("final"))[0]
+            head, _, page = stem.rpartition("_")
+            if stem in ours or (page.isdigit() and head in ours):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
-                    removed += 1
-    return removed
 
 
 def discard_partial_outputs(task: Task) -> None:
@@ -733,8 +1005,8 @@ class RunLock:
     """One run per output folder at a time (the cron case): an exclusive, non-blocking flock
     that the kernel releases when the process ends, however it ends."""
 
-    def __init__(self, output_dir: Path):
-        self.path = output_dir / LOCK_NAME
+    def __init__(self, path: Path, output_dir: Path):
+        self.path = path
         try:
             self.handle = open(self.path, "a+", encoding="utf-8")
         except OSError as error:
@@ -775,8 +1047,9 @@ class RunLog:
                 if reader.read(1) != b"\n":
                     self.handle.write(b"\n")
 
-    def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), device: str | None = None,
-              attempts: int = 0, seconds: float = 0.0, error: str | None = None) -> None:
+    def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), extras: Iterable[str] = (),
+              device: str | None = None, attempts: int = 0, seconds: float = 0.0,
+              error: str | None = None) -> None:
         outputs = [os.path.relpath(o, self.output_dir) for o in outputs]
         record = {
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -784,6 +1057,7 @@ class RunLog:
             "status": status,
             "pages": len(outputs),
             "outputs": outputs,
+            "extra_outputs": [os.path.relpath(o, self.output_dir) for o in extras],
             "device": device,
             "attempts": attempts,
             "seconds": round(seconds, 3),
@@ -831,7 +1105,8 @@ class WorkerRecycled:
 class TaskDone:
     task: Task
     spec: WorkerSpec
-    outputs: list[str]
+    outputs: list[str]  # the page JSONs
+    extras: list[str]  # --save files
     seconds: float
     attempts: int
 
@@ -839,12 +1114,19 @@ class TaskDone:
 @dataclass(frozen=True)
 class TaskFailed:
     task: Task
-    spec: WorkerSpec
+    spec: WorkerSpec | None  # None: failed before reaching a worker (e.g. no such file)
     error: str
-    attempts: int
+    attempts: int = 0
 
 
-Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed
+@dataclass(frozen=True)
+class Note:
+    """Something the user should hear once, e.g. an output format the results lack."""
+
+    text: str
+
+
+Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed | Note
 
 
 class StopRequested(Exception):
@@ -877,13 +1159,18 @@ class Stopper:
 
 
 @dataclass(frozen=True)
-class WorkerLimits:
-    """When a worker retires between batches (0 = no limit)."""
+class WorkerOptions:
+    """What every worker is told besides its device: the pipeline, its options, what to save,
+    and when to retire between batches (0 = no limit)."""
 
+    pipeline: PipelineRef
+    init_kwargs: dict = field(default_factory=dict)
+    predict_kwargs: dict = field(default_factory=dict)
+    save: tuple[str, ...] = ()
     max_items: int = 0
     max_memory_mb: int = 0
 
-    def reached(self, processed: int) -> str | None:
+    def retire_reason(self, processed: int) -> str | None:
         if self.max_items and processed >= self.max_items:
             return f"processed {processed} inputs (--max_items_per_worker {self.max_items})"
         if self.max_memory_mb:
@@ -917,15 +1204,18 @@ class LocalBackend:
     """
 
     def __init__(self, pipeline: PipelineRef, config: Config):
-        self.pipeline = pipeline
+        self.options = WorkerOptions(
+            pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
+            config.max_items_per_worker, config.max_worker_memory_mb,
+        )
         self.batch_size = config.batch_size
         self.max_attempts = config.max_attempts
         self.task_timeout = config.task_timeout
-        self.limits = WorkerLimits(config.max_items_per_worker, config.max_worker_memory_mb)
         self.context = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
         self.pending: deque[Task] = deque()
         self.handed: dict[int, int] = defaultdict(int)  # times each input went to a worker
         self.workers: dict[int, WorkerHandle] = {}
+        self.notes: set[str] = set()  # said once per run, however many workers say them
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
         self.pending = deque(tasks)
@@ -961,7 +1251,7 @@ class LocalBackend:
         parent, child = self.context.Pipe()
         process = self.context.Process(
             target=worker_main,
-            args=(spec, self.pipeline, self.limits, child),
+            args=(spec, self.options, child),
             name=f"infer_mp-worker-{spec.slot}",
             daemon=True,
         )
@@ -1024,10 +1314,13 @@ class LocalBackend:
             yield WorkerFailedToStart(worker.spec, message[1])
         elif kind == "retiring":
             worker.retiring = message[1]
+        elif kind == "note" and message[1] not in self.notes:
+            self.notes.add(message[1])
+            yield Note(message[1])
         elif kind == "done":
-            _, index, outputs, seconds = message
+            _, index, outputs, extras, seconds = message
             task = worker.held.pop(index)
-            yield TaskDone(task, worker.spec, outputs, seconds, self.handed[index])
+            yield TaskDone(task, worker.spec, outputs, extras, seconds, self.handed[index])
         elif kind == "failed":
             _, index, error = message
             task = worker.held.pop(index)
@@ -1130,24 +1423,24 @@ def resident_memory_mb() -> int | None:
     return psutil.Process().memory_info().rss // 2**20
 
 
-def worker_main(spec: WorkerSpec, pipeline_ref: PipelineRef, limits: WorkerLimits, conn: Connection) -> None:
+def worker_main(spec: WorkerSpec, options: WorkerOptions, conn: Connection) -> None:
     """Entry point of a worker process (spawned: nothing is inherited but the arguments)."""
     die_with_parent()
     try:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                pipeline = create_pipeline(pipeline_ref, spec)
+                pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # report any failure, then exit: the coordinator decides
             conn.send(("init_failed", one_line(error)))
             return
         conn.send(("ready",))
         processed = 0
         while (message := conn.recv())[0] == "batch":
-            for report in process_batch(pipeline, message[1]):
+            for report in process_batch(pipeline, message[1], options):
                 conn.send(report)
             processed += len(message[1])
-            reason = limits.reached(processed)
+            reason = options.retire_reason(processed)
             if reason:
                 conn.send(("retiring", reason))
                 return
@@ -1160,11 +1453,11 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def predict_pages(pipeline: Any, tasks: list[Task]) -> dict[int, list[Any]]:
+def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict) -> dict[int, list[Any]]:
     """Run one predict() call for the batch and group the page results by task."""
     by_path = {task.path: task.index for task in tasks}
     pages: dict[int, list[Any]] = defaultdict(list)
-    for result in pipeline.predict([task.path for task in tasks]):
+    for result in pipeline.predict([task.path for task in tasks], **predict_kwargs):
         source = str(result["input_path"])
         index = by_path.get(source)
         if index is None:
@@ -1175,16 +1468,16 @@ def predict_pages(pipeline: Any, tasks: list[Task]) -> dict[int, list[Any]]:
     return pages
 
 
-def process_batch(pipeline: Any, tasks: list[Task]) -> Iterator[tuple]:
+def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions) -> Iterator[tuple]:
     """Predict a batch and save its pages. If the batch raises, predict each input alone,
     so that a corrupt file costs only itself. Yields one report per task."""
     started = time.monotonic()
     try:
-        pages = predict_pages(pipeline, tasks)
+        pages = predict_pages(pipeline, tasks, options.predict_kwargs)
     except Exception as error:
         if len(tasks) > 1:
             for task in tasks:
-                yield from process_batch(pipeline, [task])
+                yield from process_batch(pipeline, [task], options)
         else:
             yield ("failed", tasks[0].index, one_line(error))
         return
@@ -1194,13 +1487,19 @@ def process_batch(pipeline: Any, tasks: list[Task]) -> Iterator[tuple]:
         if not results:
             yield ("failed", task.index, "no result: not a readable image or PDF for this pipeline")
             continue
+        for save_format in options.save:
+            if not can_save(results[0], save_format):
+                yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
         try:
-            outputs = [save_page(task, result) for result in results]
+            outputs, extras = [], []
+            for result in results:
+                outputs.append(save_page(task, result))
+                extras.extend(save_extras(task, result, options.save))
         except Exception as error:
             discard_partial_outputs(task)
             yield ("failed", task.index, f"cannot save output: {one_line(error)}")
         else:
-            yield ("done", task.index, outputs, seconds)
+            yield ("done", task.index, outputs, extras, seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1209,26 +1508,52 @@ def process_batch(pipeline: Any, tasks: list[Task]) -> Iterator[tuple]:
 
 
 def temporary_path(final: str) -> str:
-    """A hidden name beside the final one; ends in .json because save_to_json requires it."""
+    """A hidden name beside the final one, keeping its suffix (save_to_json needs `.json`)."""
     folder, name = os.path.split(final)
-    return os.path.join(folder, f".{name}.{os.getpid()}.tmp.json")
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}")
 
 
-def save_page(task: Task, result: Any) -> str:
-    """Write with the result's own save_to_json to a temporary file, then rename: a killed
-    run never leaves a truncated JSON under a final name."""
-    page_index = result.get("page_index") if hasattr(result, "get") else None
-    final = task.output_path(page_index)
-    os.makedirs(task.out_dir, exist_ok=True)
+def write_atomically(final: str, write: Any) -> str:
+    """`write(temporary_path)`, then rename: a killed run never leaves a truncated file under
+    a final name, only a hidden temporary that the next run removes."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     temporary = temporary_path(final)
     try:
-        result.save_to_json(temporary)
+        write(temporary)
         os.replace(temporary, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
     return final
+
+
+def page_index_of(result: Any) -> int | None:
+    return result.get("page_index") if hasattr(result, "get") else None
+
+
+def save_page(task: Task, result: Any) -> str:
+    """The page's JSON, written by the result's own save_to_json."""
+    return write_atomically(task.output_path(page_index_of(result)), result.save_to_json)
+
+
+def can_save(result: Any, save_format: str) -> bool:
+    if save_format == "markdown":
+        return callable(getattr(result, "save_to_markdown", None))
+    return isinstance(getattr(result, "img", None), dict)
+
+
+def save_extras(task: Task, result: Any, formats: tuple[str, ...]) -> list[str]:
+    """--save: markdown ({name}.md, by the result's save_to_markdown) and visualizations
+    ({name}_{key}.png, from the result's `img` images), beside the JSON."""
+    name = task.output_path(page_index_of(result))[: -len(".json")]
+    saved = []
+    if "markdown" in formats and can_save(result, "markdown"):
+        saved.append(write_atomically(f"{name}.md", result.save_to_markdown))
+    if "img" in formats and can_save(result, "img"):
+        for key, image in result.img.items():
+            saved.append(write_atomically(f"{name}_{key}.png", lambda path, image=image: image.save(path, format="PNG")))
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1290,7 +1615,9 @@ class Report:
     pages_by_device: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def handle(self, event: Event) -> None:
-        if isinstance(event, WorkerFailedToStart):
+        if isinstance(event, Note):
+            self.progress.say(event.text)
+        elif isinstance(event, WorkerFailedToStart):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}")
         elif isinstance(event, WorkerLost):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
@@ -1299,12 +1626,12 @@ class Report:
             self.done += 1
             self.pages += len(event.outputs)
             self.pages_by_device[event.spec.device] += len(event.outputs)
-            self.run_log.write(event.task, DONE, outputs=event.outputs, device=event.spec.device,
+            self.run_log.write(event.task, DONE, outputs=event.outputs, extras=event.extras, device=event.spec.device,
                                attempts=event.attempts, seconds=event.seconds)
         elif isinstance(event, TaskFailed):
             self.failed += 1
             self.progress.say(f"FAILED {event.task.path}: {event.error}")
-            self.run_log.write(event.task, FAILED, device=event.spec.device, attempts=event.attempts,
+            self.run_log.write(event.task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
                                error=event.error)
         self.progress.update(self.done + self.failed, self.failed, self.pages, self.elapsed)
 
@@ -1355,18 +1682,28 @@ def prepare_output_dir(output_dir: Path) -> None:
 
 
 def run(config: Config) -> ExitCode:
+    """Check everything, plan every input, then (under the run lock) resume and dispatch."""
     pipeline = resolve_pipeline(config.pipeline)
     plan = plan_workers(config)
-    selection = find_inputs(config.input_dir, config.input_glob_pattern)
-    tasks = plan_tasks(config.input_dir, config.output_dir, selection.paths)
+    check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
+    selection = find_inputs(config)
+    planned = plan_tasks(selection.root, config.output_dir, selection.paths)
+    tasks = [task for task in planned if in_shard(task, config.shard)]
+    if config.dry_run:
+        work = select_work(tasks, read_run_log(config.run_log), config)
+        print_plan(config, pipeline, plan, len(planned), work, selection.ignored)
+        return ExitCode.OK
     if not tasks:
-        say(f"no input files match {config.input_glob_pattern!r} in {str(config.input_dir)!r}; nothing to do")
+        say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
+                             f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}")
+            + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and planned else "")
+            + "; nothing to do")
         return ExitCode.OK
     prepare_output_dir(config.output_dir)
-    lock = RunLock(config.output_dir)
+    lock = RunLock(config.lock_file, config.output_dir)
     try:
-        remove_stale_temporaries(config.output_dir)
         work = select_work(tasks, read_run_log(config.run_log), config)
+        remove_stale_temporaries(work.todo)
         run_log = RunLog(config.run_log, config.output_dir)
         try:
             return dispatch(config, pipeline, plan, work, run_log, ignored=selection.ignored)
@@ -1376,20 +1713,57 @@ def run(config: Config) -> ExitCode:
         lock.release()
 
 
+def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], planned: int,
+               work: WorkSelection, ignored: int) -> None:
+    """--dry_run: what a run would do, on stdout; nothing is written and no model is loaded."""
+    shard = f" (shard {config.shard[0]}/{config.shard[1]} of {planned})" if config.shard else ""
+    selected = len(work.todo) + len(work.complete) + work.not_selected
+    lines = [
+        f"pipeline: {pipeline.name} from {pipeline.module}",
+        f"workers: {describe_plan(plan)}; batch size {config.batch_size}",
+        f"inputs: {selected} selected{shard}, {len(work.todo)} to do, {len(work.complete)} already done (skipped), "
+        f"{work.not_selected} not selected (--retry_failed), {ignored} ignored (not an input)",
+        f"output: {config.output_dir}; run log {config.run_log}",
+    ]
+    if config.pipeline_kwargs or config.predict_kwargs:
+        lines.append(f"options: pipeline {config.pipeline_kwargs}, predict {config.predict_kwargs}")
+    lines.append("to do:")
+    for task in work.todo:
+        name = task.output_path(None) if Path(task.path).suffix.lower() not in PAGED_SUFFIXES else task.output_path("{page}")
+        lines.append(f"  {task.path} -> {os.path.relpath(name, config.output_dir)}")
+    print("\n".join(lines))
+
+
+def not_a_file(path: str) -> str | None:
+    """Why a path cannot be an input now, or None. Listed paths are not checked earlier."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    return "no such file" if not os.path.lexists(path) else "not a regular file"
+
+
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
              run_log: RunLog, ignored: int) -> ExitCode:
     for task, record in work.complete:
         run_log.write(task, SKIPPED, outputs=[os.path.join(config.output_dir, o) for o in record["outputs"]],
+                      extras=[os.path.join(config.output_dir, o) for o in record.get("extra_outputs") or []],
                       device=record.get("device"))
-    say(f"{len(work.todo)} input(s) to do, {len(work.complete)} already done; {describe_plan(plan)}, "
+    shard = f" (shard {config.shard[0]}/{config.shard[1]})" if config.shard else ""
+    say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done; {describe_plan(plan)}, "
         f"batch size {config.batch_size} -> {config.output_dir}")
     stop = Stopper()
     stop.install()
     progress = Progress(len(work.todo), config.progress_interval)
     report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected)
     try:
-        if work.todo:
-            events = LocalBackend(pipeline, config).run(work.todo, plan, stop)
+        unreadable = {task.index: reason for task in work.todo if (reason := not_a_file(task.path))}
+        for task in work.todo:
+            if task.index in unreadable:
+                report.handle(TaskFailed(task, None, unreadable[task.index]))
+        todo = [task for task in work.todo if task.index not in unreadable]
+        if todo:
+            events = LocalBackend(pipeline, config).run(todo, plan, stop)
             with contextlib.closing(events):
                 for event in events:
                     report.handle(event)

@@ -29,18 +29,39 @@ class FakeResult(dict):
         with open(save_path, "w", encoding="utf-8") as handle:
             json.dump(dict(self), handle, indent=2)
 
+    def save_to_markdown(self, save_path: str) -> None:
+        if not save_path.endswith(".md"):
+            raise ValueError("FakeResult needs a .md path")
+        Path(save_path).write_text(f"# {self['text']}\n", encoding="utf-8")
+
+    @property
+    def img(self) -> dict:
+        from PIL import Image
+
+        return {"vis": Image.new("RGB", (8, 8), "white")}
+
+
+class PlainResult(FakeResult):
+    """A result with JSON only, like pipelines whose results have no markdown or image form."""
+
+    save_to_markdown = None  # type: ignore[assignment]
+    img = None  # type: ignore[assignment]
+
 
 class FakePipeline:
-    def __init__(self, device: str | None = None, cpu_threads: int | None = None):
+    result_type = FakeResult
+
+    def __init__(self, device: str | None = None, cpu_threads: int | None = None, **options):
         if os.environ.get("FAKE_PIPELINE_FAIL_INIT"):
             raise RuntimeError("fake pipeline refuses to start (FAKE_PIPELINE_FAIL_INIT)")
         self.device = device
         self.cpu_threads = cpu_threads
+        self.options = options
         if INIT_LOG:
             with open(INIT_LOG, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"pid": os.getpid(), "device": device, "cpu_threads": cpu_threads}) + "\n")
 
-    def predict(self, inputs):
+    def predict(self, inputs, **predict_options):
         if isinstance(inputs, str):
             inputs = [inputs]
         results = []
@@ -60,12 +81,24 @@ class FakePipeline:
             if delay:
                 time.sleep(delay)
             common = {"input_path": path, "device": self.device, "pid": os.getpid(),
-                      "cpu_threads": self.cpu_threads, "batch": len(inputs),
-                      "text": data.decode("utf-8", "replace")}
+                      "cpu_threads": self.cpu_threads, "batch": len(inputs), "options": self.options,
+                      "predict_options": predict_options, "text": data.decode("utf-8", "replace")}
             if Path(path).suffix.lower() in PAGED:
                 lines = [line for line in data.splitlines() if line.startswith(b"page")]
                 for index in range(max(1, len(lines))):
-                    results.append(FakeResult(common, page_index=index))
+                    results.append(self.result_type(common, page_index=index))
             else:
-                results.append(FakeResult(common, page_index=None))
+                results.append(self.result_type(common, page_index=None))
         return results
+
+
+class StrictPipeline(FakePipeline):
+    """Explicit options only, so that a misspelled one can be caught before workers start."""
+
+    result_type = PlainResult
+
+    def __init__(self, device: str | None = None, cpu_threads: int | None = None, language: str = "en"):
+        super().__init__(device, cpu_threads, language=language)
+
+    def predict(self, inputs, *, flavor: str | None = None):
+        return super().predict(inputs, flavor=flavor)

@@ -134,10 +134,10 @@ def test_seed_commands_are_valid(tmp_path, argv):
     assert_usage_error(run, "GPU", "cannot use it")
 
 
-def test_seed_defaults():
-    args = infer_mp.build_parser().parse_args(["--pipeline", "P", "--input_dir", "d", "--device", "cpu"])
-    assert (args.output_dir, args.instances_per_device, args.batch_size, args.input_glob_pattern) == (
-        "output", 1, 1, "*")
+def test_seed_defaults(tmp_path):
+    config = infer_mp.parse_config(["--pipeline", "P", "--input_dir", str(tmp_path), "--device", "cpu"])
+    assert (config.output_dir.name, config.instances_per_device, config.batch_size, config.input_glob_patterns) == (
+        "output", 1, 1, ("*",))
 
 
 # -- device planning, in process --------------------------------------------------------------
@@ -145,8 +145,8 @@ def test_seed_defaults():
 
 def config(**overrides) -> infer_mp.Config:
     values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="cpu",
-                  instances_per_device=1, batch_size=1, input_glob_pattern="*", cpu_threads=None,
-                  run_log=Path("out/log.jsonl"))
+                  instances_per_device=1, batch_size=1, input_glob_patterns=("*",), cpu_threads=None,
+                  run_log=Path("out/log.jsonl"), lock_file=Path("out/.lock"))
     values.update(overrides)
     return infer_mp.Config(**values)
 

@@ -1,0 +1,234 @@
+"""Feeding and tuning a batch: patterns, lists, shards, dry runs, pipeline options, --save."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import infer_mp
+from conftest import FAKE, ROOT, SCRIPT, outputs, page_files, run_cli, run_log, write
+
+STRICT = f"{ROOT / 'tests' / 'fake_pipeline.py'}:StrictPipeline"
+
+
+def run_fake(*args: str, pipeline: str = FAKE, **kwargs):
+    return run_cli("--pipeline", pipeline, "--device", "cpu", *args, **kwargs)
+
+
+# -- selection ------------------------------------------------------------------------------------
+
+
+def test_default_selection_takes_readable_types_in_any_case_and_counts_the_rest(dirs):
+    src, out = dirs
+    for name in ("a.JPG", "b.Png", "c.pdf", "d.TIFF", "e.webp", "notes.txt", "data.json"):
+        write(src / name)
+    (src / "folder.jpg").mkdir()
+    write(src / "sub" / "deep.png")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out))
+    assert run.code == 0, run.stderr
+    assert page_files(out) == ["a.json", "b.json", "c_0.json", "d_0.json", "e.json"]
+    assert "4 ignored" in run.stderr  # notes.txt, data.json, folder.jpg/ and sub/
+
+
+def test_several_patterns_and_recursion(dirs):
+    src, out = dirs
+    for rel in ("a.jpg", "b.png", "x/c.jpg", "x/y/d.jpg", "x/y/e.pdf"):
+        write(src / rel)
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out),
+                   "--input_glob_pattern", "*.png", "--input_glob_pattern", "**/*.jpg")
+    assert run.code == 0, run.stderr
+    assert page_files(out) == ["a.json", "b.json", "x/c.json", "x/y/d.json"]
+
+
+# -- lists ----------------------------------------------------------------------------------------
+
+
+def test_input_list_from_stdin_with_a_missing_file(tmp_path):
+    src, out = tmp_path / "scans", tmp_path / "out"
+    listed = [write(src / "a" / "one.png"), write(src / "b" / "two.png")]
+    text = "\n".join([*map(str, listed), str(src / "gone.png"), ""])
+    done = subprocess.run([sys.executable, str(SCRIPT), "--pipeline", FAKE, "--device", "cpu",
+                           "--input_list", "-", "--output_dir", str(out)],
+                          input=text, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert page_files(out) == ["a/one.json", "b/two.json"]  # mirrored below the common folder
+    assert f"FAILED {src / 'gone.png'}: no such file" in done.stderr
+    assert "Traceback" not in done.stderr
+    failed = [r for r in run_log(out) if r["status"] == "failed"]
+    assert [Path(r["input"]).name for r in failed] == ["gone.png"]
+
+
+def test_input_list_file_nul_separated_and_relative_paths(tmp_path):
+    write(tmp_path / "in" / "a b.png")
+    write(tmp_path / "in" / "c.png")
+    (tmp_path / "list").write_bytes(b"in/a b.png\0in/c.png\0")
+    run = run_fake("--input_list", "list", "--output_dir", "out", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert page_files(tmp_path / "out") == ["a b.json", "c.json"]
+
+
+def test_input_list_with_input_dir_mirrors_it_and_places_outsiders(tmp_path):
+    inside = write(tmp_path / "in" / "x" / "a.png")
+    outside = write(tmp_path / "elsewhere" / "b.png")
+    (tmp_path / "list").write_text(f"{inside}\n{outside}\n")
+    run = run_fake("--input_list", str(tmp_path / "list"), "--input_dir", str(tmp_path / "in"),
+                   "--output_dir", str(tmp_path / "out"))
+    assert run.code == 0, run.stderr
+    outside_rel = os.path.join("_outside", *outside.parent.parts[1:], "b.json")
+    assert page_files(tmp_path / "out") == sorted(["x/a.json", outside_rel])
+
+
+def test_input_list_and_pattern_together_is_a_usage_error(tmp_path):
+    (tmp_path / "list").write_text("a.png\n")
+    run = run_fake("--input_list", str(tmp_path / "list"), "--input_glob_pattern", "*.png")
+    assert run.code == 2 and "leave it out" in run.stderr
+
+
+def test_neither_dir_nor_list_is_a_usage_error():
+    run = run_fake()
+    assert run.code == 2 and "--input_dir" in run.stderr and "--input_list" in run.stderr
+
+
+# -- shards ---------------------------------------------------------------------------------------
+
+
+def test_shards_cover_the_inputs_exactly_once(dirs):
+    src, out = dirs
+    for i in range(30):
+        write(src / f"s{i:02d}.png", str(i))
+    seen: list[str] = []
+    for index in range(3):
+        run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--shard", f"{index}/3")
+        assert run.code == 0, run.stderr
+        log = out / f"infer_mp.shard-{index}-of-3.runlog.jsonl"
+        seen += [json.loads(line)["input"] for line in log.read_text().splitlines()]
+    assert sorted(seen) == sorted(str(p) for p in src.iterdir())
+    assert len(page_files(out)) == 30
+
+
+def test_a_new_input_does_not_move_the_others_between_shards(dirs):
+    src, _ = dirs
+    paths = [write(src / f"s{i:02d}.png") for i in range(20)]
+    before = {t.path: infer_mp.in_shard(t, (1, 4)) for t in infer_mp.plan_tasks(src, Path("/o"), paths)}
+    paths.append(write(src / "new.png"))
+    after = {t.path: infer_mp.in_shard(t, (1, 4)) for t in infer_mp.plan_tasks(src, Path("/o"), paths)}
+    assert all(after[p] == v for p, v in before.items())
+
+
+@pytest.mark.parametrize("value", ["3/3", "1/0", "a/b", "1", "-1/2"])
+def test_bad_shard(dirs, value):
+    src, out = dirs
+    write(src / "a.png")
+    run = run_fake("--input_dir", str(src), "--shard", value)
+    assert run.code == 2 and "--shard" in run.stderr
+
+
+# -- dry run --------------------------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(dirs):
+    src, out = dirs
+    write(src / "a.png")
+    write(src / "doc.pdf", "page\npage\n")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--instances_per_device", "2",
+                   "--dry_run", env={"FAKE_PIPELINE_FAIL_INIT": "1"})  # no model is loaded
+    assert run.code == 0, run.stderr
+    assert "2 worker(s) on cpu x2" in run.stdout and "2 to do, 0 already done" in run.stdout
+    assert f"{src / 'doc.pdf'} -> doc_{{page}}.json" in run.stdout
+    assert not out.exists()
+    assert run_fake("--input_dir", str(src), "--output_dir", str(out)).code == 0
+    write(src / "b.png")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
+    assert "1 to do, 2 already done" in run.stdout
+
+
+# -- pipeline options -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [
+    ("true", True), ("False", False), ("null", None), ("None", None), ("12", 12), ("0.5", 0.5),
+    ("0123", "0123"), ("PP-OCRv4_mobile_det", "PP-OCRv4_mobile_det"), ('{"a": [1, 2]}', {"a": [1, 2]}),
+    ('"quoted"', "quoted"), ("", ""), ("nan", "nan"),
+])
+def test_typed_values(text, value):
+    assert infer_mp.parse_value(text) == value
+
+
+def test_options_reach_the_constructor_and_predict(dirs, tmp_path):
+    src, out = dirs
+    write(src / "a.png")
+    config = write(tmp_path / "pipeline.yaml", "pipeline_name: OCR\n")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--paddlex_config", str(config),
+                   "--pipeline_arg", "use_doc_unwarping=false", "--pipeline_arg", "limit=960",
+                   "--engine", "paddle_static", "--engine_config", '{"run_mode": "mkldnn"}',
+                   "--enable_mkldnn", "true", "--predict_arg", "text_rec_score_thresh=0.5")
+    assert run.code == 0, run.stderr
+    result = outputs(out)["a.json"]
+    assert result["options"] == {"paddlex_config": str(config), "use_doc_unwarping": False, "limit": 960,
+                                 "engine": "paddle_static", "engine_config": {"run_mode": "mkldnn"},
+                                 "enable_mkldnn": True}
+    assert result["predict_options"] == {"text_rec_score_thresh": 0.5}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--pipeline_arg", "langauge=fr"], "did you mean 'language'"),
+    (["--predict_arg", "flavour=x"], "did you mean 'flavor'"),
+    (["--pipeline_arg", "device=gpu:0"], "--device"),
+    (["--pipeline_arg", "novalue"], "NAME=VALUE"),
+    (["--enable_mkldnn", "maybe"], "true or false"),
+    (["--engine_config", "[1]"], "JSON object"),
+    (["--paddlex_config", "missing.yaml"], "no such file"),
+    (["--save", "pdf"], "markdown, img"),
+])
+def test_misspelled_or_bad_options_fail_before_workers_start(dirs, args, fragment):
+    src, out = dirs
+    write(src / "a.png")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), *args, pipeline=STRICT)
+    assert run.code == 2, run.stderr
+    assert fragment in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_paddleocr_checks_its_own_options(dirs):
+    """PaddleOCR's pipelines take engine options through **kwargs; PaddleOCR's check runs first."""
+    src, out = dirs
+    write(src / "a.png")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--pipeline_arg", "use_doc_unwrping=false",
+                   pipeline="PaddleOCR")
+    assert run.code == 2 and "did you mean 'use_doc_unwarping'" in run.stderr
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--engine", "tensorflow",
+                   pipeline="PaddleOCR")
+    assert run.code == 2 and "Invalid engine: tensorflow" in run.stderr
+
+
+# -- other outputs --------------------------------------------------------------------------------
+
+
+def test_save_markdown_and_images_beside_the_json(dirs):
+    src, out = dirs
+    write(src / "a.png", "alpha")
+    write(src / "doc.pdf", "page\npage\n")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--save", "markdown,img")
+    assert run.code == 0, run.stderr
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix != ".jsonl")
+    assert names == ["a.json", "a.md", "a_vis.png", "doc_0.json", "doc_0.md", "doc_0_vis.png",
+                     "doc_1.json", "doc_1.md", "doc_1_vis.png"]
+    assert (out / "a.md").read_text() == "# alpha\n"
+    record = next(r for r in run_log(out) if r["input"].endswith("a.png"))
+    assert record["extra_outputs"] == ["a.md", "a_vis.png"]
+
+
+def test_save_a_form_the_results_lack_is_said_once(dirs):
+    src, out = dirs
+    for i in range(3):
+        write(src / f"p{i}.png")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--save", "markdown",
+                   "--instances_per_device", "2", pipeline=STRICT)
+    assert run.code == 0, run.stderr
+    assert run.stderr.count("no markdown form") == 1
+    assert page_files(out) == ["p0.json", "p1.json", "p2.json"]
