@@ -24,6 +24,7 @@ import ctypes
 import datetime
 import difflib
 import enum
+import errno
 import fcntl
 import glob
 import importlib
@@ -36,7 +37,9 @@ import multiprocessing
 import os
 import re
 import signal
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 import zlib
@@ -75,6 +78,7 @@ class ExitCode(enum.IntEnum):
     INPUTS_FAILED = 1  # the run finished, but some inputs failed (named on stderr)
     USAGE = 2  # bad command line or environment; nothing was processed
     NO_WORKERS = 3  # no worker could create its pipeline; nothing more could be processed
+    OUTPUT_FAILED = 74  # writing outputs failed (disk full, read-only): stopped (sysexits EX_IOERR)
     LOCKED = 75  # another run is using --output_dir (sysexits EX_TEMPFAIL: try again later)
     INTERRUPTED = 130  # Ctrl-C (SIGINT)
     TERMINATED = 143  # SIGTERM
@@ -96,6 +100,25 @@ class RunLocked(UserError):
     exit_code = ExitCode.LOCKED
 
 
+class OutputFailed(UserError):
+    """The output filesystem failed under us (full, read-only, gone): no input is to blame."""
+
+    exit_code = ExitCode.OUTPUT_FAILED
+
+
+# Errors writing an output that are the environment's, not the input's: stop, do not fail inputs.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+def cannot_write(what: str, error: OSError) -> UserError:
+    """A full disk is OutputFailed (74: free space, rerun); anything else that stops a write
+    before the run starts (read-only, no permission, a file in the way) is a usage error."""
+    message = f"cannot write {what}: {error.strerror}"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputFailed(message)
+    return UsageError(message)
+
+
 def say(message: str) -> None:
     """One line for the user, on stderr, so that stdout stays clean for pipes."""
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
@@ -111,6 +134,7 @@ exit codes:
   1    the run finished, but some inputs failed (each is named on stderr)
   2    usage error (flag, path, device, pipeline); nothing was processed
   3    no worker could create its pipeline
+  74   writing outputs failed (disk full, read-only filesystem): stopped; fix it and rerun
   75   another run is using --output_dir (try again later)
   130  interrupted (Ctrl-C); 143: stopped by SIGTERM
 
@@ -783,7 +807,21 @@ class Task:
 class InputSelection:
     paths: list[Path]  # absolute, sorted, unique; listed paths may not exist (they fail, named)
     root: Path  # what the output folders mirror
-    ignored: int = 0  # matches that were directories or (with the default pattern) other types
+    ignored: int = 0  # matches that were directories, other types, or a file already taken
+
+
+def one_path_per_file(paths: Iterable[Path]) -> tuple[list[Path], int]:
+    """Sorted, with each file once: a symlink beside its target, or a file reached through a
+    linked folder, is the same input. The first path in sorted order is kept."""
+    kept, seen, dropped = [], set(), 0
+    for path in sorted(set(paths)):
+        real = os.path.realpath(path)
+        if real in seen:
+            dropped += 1
+        else:
+            seen.add(real)
+            kept.append(path)
+    return kept, dropped
 
 
 def glob_inputs(input_dir: Path, patterns: tuple[str, ...]) -> InputSelection:
@@ -803,7 +841,8 @@ def glob_inputs(input_dir: Path, patterns: tuple[str, ...]) -> InputSelection:
                 paths.add(path)
             else:
                 ignored += 1
-    return InputSelection(sorted(paths), input_dir, ignored)
+    unique, duplicates = one_path_per_file(paths)
+    return InputSelection(unique, input_dir, ignored + duplicates)
 
 
 def read_input_list(source: str, input_dir: Path | None) -> InputSelection:
@@ -814,14 +853,14 @@ def read_input_list(source: str, input_dir: Path | None) -> InputSelection:
     except OSError as error:
         raise UsageError(f"cannot read --input_list {source!r}: {error.strerror}") from None
     entries = data.split(b"\0") if b"\0" in data else data.splitlines()
-    paths = sorted({Path(os.path.abspath(os.fsdecode(entry))) for entry in entries if entry.strip()})
+    paths, duplicates = one_path_per_file(Path(os.path.abspath(os.fsdecode(e))) for e in entries if e.strip())
     if input_dir is not None:
         root = input_dir
     elif paths:
         root = Path(os.path.commonpath([p.parent for p in paths]))
     else:
         root = Path.cwd()
-    return InputSelection(paths, root)
+    return InputSelection(paths, root, duplicates)
 
 
 def find_inputs(config: Config) -> InputSelection:
@@ -1010,7 +1049,7 @@ class RunLock:
         try:
             self.handle = open(self.path, "a+", encoding="utf-8")
         except OSError as error:
-            raise UsageError(f"cannot write in --output_dir {str(output_dir)!r}: {error.strerror}") from None
+            raise cannot_write(f"in --output_dir {str(output_dir)!r}", error) from None
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1021,13 +1060,18 @@ class RunLock:
                 f"another infer_mp.py run (pid {holder}) is using --output_dir {str(output_dir)!r}; "
                 "wait for it to finish, or use another --output_dir"
             ) from None
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"{os.getpid()}\n")
-        self.handle.flush()
+        try:
+            self.handle.seek(0)
+            self.handle.truncate()
+            self.handle.write(f"{os.getpid()}\n")
+            self.handle.flush()
+        except OSError as error:
+            self.release()
+            raise cannot_write(f"in --output_dir {str(output_dir)!r}", error) from None
 
     def release(self) -> None:
-        self.handle.close()
+        with contextlib.suppress(OSError):  # closing flushes; a full disk must not hide the cause
+            self.handle.close()
 
 
 class RunLog:
@@ -1039,13 +1083,14 @@ class RunLog:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(path, "ab")
+            if self.handle.tell() > 0:  # start on a line of our own after a torn last line
+                with open(path, "rb") as reader:
+                    reader.seek(-1, os.SEEK_END)
+                    if reader.read(1) != b"\n":
+                        self.handle.write(b"\n")
+                        self.handle.flush()
         except OSError as error:
-            raise UsageError(f"cannot write the run log {str(path)!r}: {error.strerror}") from None
-        if self.handle.tell() > 0:  # start on a line of our own after a torn last line
-            with open(path, "rb") as reader:
-                reader.seek(-1, os.SEEK_END)
-                if reader.read(1) != b"\n":
-                    self.handle.write(b"\n")
+            raise cannot_write(f"the run log {str(path)!r}", error) from None
 
     def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), extras: Iterable[str] = (),
               device: str | None = None, attempts: int = 0, seconds: float = 0.0,
@@ -1064,11 +1109,15 @@ class RunLog:
             "error": error,
         }
         # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
-        self.handle.write(json.dumps(record).encode("ascii") + b"\n")
-        self.handle.flush()
+        try:
+            self.handle.write(json.dumps(record).encode("ascii") + b"\n")
+            self.handle.flush()
+        except OSError as error:
+            raise cannot_write(f"the run log {str(self.path)!r}", error) from None
 
     def close(self) -> None:
-        self.handle.close()
+        with contextlib.suppress(OSError):
+            self.handle.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1120,13 +1169,20 @@ class TaskFailed:
 
 
 @dataclass(frozen=True)
+class OutputError:
+    """A worker could not write an output for a reason that is not the input's (disk full)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class Note:
     """Something the user should hear once, e.g. an output format the results lack."""
 
     text: str
 
 
-Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed | Note
+Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed | OutputError | Note
 
 
 class StopRequested(Exception):
@@ -1216,13 +1272,14 @@ class LocalBackend:
         self.handed: dict[int, int] = defaultdict(int)  # times each input went to a worker
         self.workers: dict[int, WorkerHandle] = {}
         self.notes: set[str] = set()  # said once per run, however many workers say them
+        self.output_failed = False  # a worker could not write: finish what is running, start nothing
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
         self.pending = deque(tasks)
         self.workers = {spec.slot: self._start(spec) for spec in plan}
         try:
             while self.workers and (self.pending or self._busy()):
-                if stop.requested:
+                if stop.requested or self.output_failed:
                     if not self._busy() or time.monotonic() > stop.deadline:
                         break
                 else:
@@ -1314,6 +1371,12 @@ class LocalBackend:
             yield WorkerFailedToStart(worker.spec, message[1])
         elif kind == "retiring":
             worker.retiring = message[1]
+        elif kind == "output_failed":
+            _, index, error = message
+            worker.held.pop(index)
+            self.handed[index] -= 1  # not the input's fault: it stays to do
+            self.output_failed = True
+            yield OutputError(error)
         elif kind == "note" and message[1] not in self.notes:
             self.notes.add(message[1])
             yield Note(message[1])
@@ -1423,9 +1486,37 @@ def resident_memory_mb() -> int | None:
     return psutil.Process().memory_info().rss // 2**20
 
 
+class PathAliases:
+    """What the pipeline is given for each input: its path, or, for a name that is not valid
+    UTF-8 (which OpenCV and PaddleX's JSON writer cannot take), a symlink with a plain name in
+    a private folder."""
+
+    def __init__(self) -> None:
+        self.folder: str | None = None
+
+    def __call__(self, task: Task) -> str:
+        try:
+            task.path.encode("utf-8")
+            return task.path
+        except UnicodeEncodeError:
+            pass
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="infer_mp-links-")
+        suffix = Path(task.path).suffix.encode("utf-8", "replace").decode("utf-8")
+        alias = os.path.join(self.folder, f"{task.index}{suffix}")
+        if not os.path.lexists(alias):
+            os.symlink(task.path, alias)
+        return alias
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def worker_main(spec: WorkerSpec, options: WorkerOptions, conn: Connection) -> None:
     """Entry point of a worker process (spawned: nothing is inherited but the arguments)."""
     die_with_parent()
+    aliases = PathAliases()
     try:
         try:
             with warnings.catch_warnings():
@@ -1437,7 +1528,7 @@ def worker_main(spec: WorkerSpec, options: WorkerOptions, conn: Connection) -> N
         conn.send(("ready",))
         processed = 0
         while (message := conn.recv())[0] == "batch":
-            for report in process_batch(pipeline, message[1], options):
+            for report in process_batch(pipeline, message[1], options, aliases):
                 conn.send(report)
             processed += len(message[1])
             reason = options.retire_reason(processed)
@@ -1446,6 +1537,8 @@ def worker_main(spec: WorkerSpec, options: WorkerOptions, conn: Connection) -> N
                 return
     except (EOFError, OSError):
         return  # the coordinator is gone
+    finally:
+        aliases.close()
 
 
 def one_line(error: BaseException) -> str:
@@ -1453,11 +1546,11 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict) -> dict[int, list[Any]]:
+def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict, aliases: PathAliases) -> dict[int, list[Any]]:
     """Run one predict() call for the batch and group the page results by task."""
-    by_path = {task.path: task.index for task in tasks}
+    by_path = {aliases(task): task.index for task in tasks}
     pages: dict[int, list[Any]] = defaultdict(list)
-    for result in pipeline.predict([task.path for task in tasks], **predict_kwargs):
+    for result in pipeline.predict(list(by_path), **predict_kwargs):
         source = str(result["input_path"])
         index = by_path.get(source)
         if index is None:
@@ -1468,16 +1561,16 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict) -> dic
     return pages
 
 
-def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions) -> Iterator[tuple]:
+def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, aliases: PathAliases) -> Iterator[tuple]:
     """Predict a batch and save its pages. If the batch raises, predict each input alone,
     so that a corrupt file costs only itself. Yields one report per task."""
     started = time.monotonic()
     try:
-        pages = predict_pages(pipeline, tasks, options.predict_kwargs)
+        pages = predict_pages(pipeline, tasks, options.predict_kwargs, aliases)
     except Exception as error:
         if len(tasks) > 1:
             for task in tasks:
-                yield from process_batch(pipeline, [task], options)
+                yield from process_batch(pipeline, [task], options, aliases)
         else:
             yield ("failed", tasks[0].index, one_line(error))
         return
@@ -1495,6 +1588,12 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions) -> I
             for result in results:
                 outputs.append(save_page(task, result))
                 extras.extend(save_extras(task, result, options.save))
+        except OSError as error:
+            discard_partial_outputs(task)
+            if error.errno in OUTPUT_ERRNOS:
+                yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
+            else:
+                yield ("failed", task.index, f"cannot save output: {one_line(error)}")
         except Exception as error:
             discard_partial_outputs(task)
             yield ("failed", task.index, f"cannot save output: {one_line(error)}")
@@ -1613,10 +1712,15 @@ class Report:
     failed: int = 0
     pages: int = 0
     pages_by_device: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    output_error: str | None = None  # why writing outputs failed, if it did
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Note):
             self.progress.say(event.text)
+        elif isinstance(event, OutputError):
+            if self.output_error is None:
+                self.output_error = event.text
+                self.progress.say(f"error: {event.text}; starting no new inputs")
         elif isinstance(event, WorkerFailedToStart):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}")
         elif isinstance(event, WorkerLost):
@@ -1648,7 +1752,8 @@ class Report:
         rate = self.pages / elapsed if elapsed > 0 else 0.0
         counts = [f"{self.done} done", f"{self.failed} failed", f"{self.skipped} skipped (already done)"]
         if self.unprocessed:
-            why = "interrupted" if stop.requested else "no worker could run"
+            why = ("interrupted" if stop.requested else "writing outputs failed" if self.output_error
+                   else "no worker could run")
             counts.append(f"{self.unprocessed} not processed ({why})")
         if self.not_selected:
             counts.append(f"{self.not_selected} not selected (--retry_failed)")
@@ -1656,6 +1761,9 @@ class Report:
         per_device = ", ".join(f"{d} {p / elapsed:.2f}" for d, p in sorted(self.pages_by_device.items()))
         lines = [f"inputs: {', '.join(counts)}; {self.pages} page(s) in {elapsed:.1f} s, {rate:.2f} pages/s"
                  + (f" (per device: {per_device})" if per_device else "")]
+        if self.output_error:
+            lines.append(f"stopped: {self.output_error}; fix that (free space, make it writable) "
+                         "and rerun the same command to do the rest")
         if self.failed:
             lines.append(f"failed inputs are in the run log {str(self.run_log.path)!r} "
                          '(lines with "status": "failed"); --retry_failed retries only them')
@@ -1664,6 +1772,8 @@ class Report:
     def exit_code(self, stop: Stopper) -> ExitCode:
         if stop.signum is not None:
             return ExitCode.TERMINATED if stop.signum == signal.SIGTERM else ExitCode.INTERRUPTED
+        if self.output_error:
+            return ExitCode.OUTPUT_FAILED
         if self.unprocessed:
             return ExitCode.NO_WORKERS
         return ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK
@@ -1678,7 +1788,7 @@ def prepare_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"cannot create --output_dir {str(output_dir)!r}: {error.strerror}") from None
+        raise cannot_write(f"--output_dir {str(output_dir)!r}", error) from None
 
 
 def run(config: Config) -> ExitCode:
@@ -1731,6 +1841,7 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
     for task in work.todo:
         name = task.output_path(None) if Path(task.path).suffix.lower() not in PAGED_SUFFIXES else task.output_path("{page}")
         lines.append(f"  {task.path} -> {os.path.relpath(name, config.output_dir)}")
+    sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8, as they are
     print("\n".join(lines))
 
 
@@ -1769,6 +1880,8 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work
                     report.handle(event)
     except StopRequested:
         pass
+    except OutputFailed as error:
+        report.output_error = str(error)
     finally:
         progress.close()
     for line in report.summary(stop):

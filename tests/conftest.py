@@ -31,7 +31,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK": "True", **(env or {})}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *args],
-        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
     )
     return Run(done.returncode, done.stdout, done.stderr)
 

@@ -3,7 +3,8 @@
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
-``FAKE_PIPELINE_DELAY`` (seconds) makes every input take that long.
+``FAKE_PIPELINE_DELAY`` (seconds) makes every input take that long;
+``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
 A ``.pdf``/``.tif``/``.tiff`` yields one page per line that starts with ``page``, at least
 one; any other input one result without a page index. Each result records which process made
 it, so the tests can see the work spread over workers.
@@ -11,6 +12,7 @@ it, so the tests can see the work spread over workers.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,10 +24,18 @@ INIT_LOG = os.environ.get("FAKE_PIPELINE_INIT_LOG")
 _held_memory: list[bytearray] = []
 
 
+_saved = 0
+
+
 class FakeResult(dict):
     def save_to_json(self, save_path: str) -> None:
+        global _saved
         if not save_path.endswith(".json"):
             raise ValueError("FakeResult needs a .json path")
+        limit = os.environ.get("FAKE_PIPELINE_ENOSPC_AFTER")
+        if limit is not None and _saved >= int(limit):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), save_path)
+        _saved += 1
         with open(save_path, "w", encoding="utf-8") as handle:
             json.dump(dict(self), handle, indent=2)
 

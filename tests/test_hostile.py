@@ -1,0 +1,260 @@
+"""Hostile environments: full disks, read-only outputs, vanishing files, odd names, symlinks,
+SIGTERM. Each keeps the promises: nothing truncated, lost or done twice, one clear line, a
+documented exit code, and a rerun that finishes the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE, OFFLINE_OCR, ROOT, outputs, page_files, run_cli, run_log, temporaries, write
+from test_production import make_inputs, start_fake, wait_for
+
+
+def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None):
+    return run_cli("--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out),
+                   *extra, env=env)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (a real ENOSPC), or a skip where this machine refuses the mount."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; test_disk_full_injected covers the same path")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def remount(mount_point: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
+
+
+def assert_valid_log_and_outputs(out: Path) -> None:
+    lines = (out / "infer_mp.runlog.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line whole
+    done = {o for r in records if r["status"] in ("done", "skipped") for o in r["outputs"]}
+    assert set(page_files(out)) <= done
+    for name in page_files(out):
+        json.loads((out / name).read_text())  # no truncated JSON
+    assert not temporaries(out)
+
+
+# -- 1. disk full -----------------------------------------------------------------------------------
+
+
+def test_disk_full_stops_promptly_and_a_rerun_finishes(small_disk, tmp_path):
+    src, out = tmp_path / "in", small_disk / "out"
+    for i in range(60):
+        write(src / f"p{i:02d}.png", "x" * 20000)  # ~20 KB of JSON each: the disk fills after ~15
+    run = run_fake(src, out, "--instances_per_device", "2", "--batch_size", "2")
+    assert run.code == 74, run.stderr
+    assert "No space left on device" in run.stderr and str(out) in run.stderr
+    assert "Traceback" not in run.stderr and "FAILED" not in run.stderr
+    assert "not processed (writing outputs failed)" in run.stderr
+    done_first = len(page_files(out))
+    assert 0 < done_first < 60
+    assert_valid_log_and_outputs(out)
+    remount(small_disk, "size=32m")
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    assert f"{60 - done_first} done" in run.stderr and f"{done_first} skipped" in run.stderr
+    assert len(page_files(out)) == 60
+    assert Counter(r["status"] for r in run_log(out) if r["status"] != "skipped") == {"done": 60}
+
+
+def test_disk_full_injected(dirs):
+    src, out = dirs
+    make_inputs(src, 10)
+    run = run_fake(src, out, env={"FAKE_PIPELINE_ENOSPC_AFTER": "3"})
+    assert run.code == 74 and "No space left on device" in run.stderr and "FAILED" not in run.stderr
+    assert len(page_files(out)) == 3
+    run = run_fake(src, out, env={"FAKE_PIPELINE_ENOSPC_AFTER": "100"})
+    assert run.code == 0 and "7 done" in run.stderr
+
+
+def test_full_before_the_run_starts(small_disk, tmp_path):
+    src = tmp_path / "in"
+    make_inputs(src, 2)
+    with open(small_disk / "filler", "wb") as handle:
+        with pytest.raises(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+    run = run_fake(src, small_disk / "out")
+    assert run.code == 74, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "No space left on device" in run.stderr
+
+
+# -- 2. output not writable -------------------------------------------------------------------------
+
+
+def test_read_only_output_is_refused_before_any_worker(small_disk, tmp_path):
+    src = tmp_path / "in"
+    make_inputs(src, 2)
+    (small_disk / "out").mkdir()
+    remount(small_disk, "ro")
+    init_log = tmp_path / "init.jsonl"
+    for out in (small_disk / "out", small_disk / "new"):
+        run = run_fake(src, out, env={"FAKE_PIPELINE_INIT_LOG": str(init_log)})
+        assert run.code == 2, run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and "Read-only file system" in run.stderr
+    assert not init_log.exists()  # no worker started
+
+
+def test_output_under_a_file_is_refused(dirs, tmp_path):
+    src, _ = dirs
+    make_inputs(src, 1)
+    blocker = write(tmp_path / "blocker")
+    run = run_fake(src, blocker / "out")
+    assert run.code == 2 and "Not a directory" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod")
+def test_no_permission_is_refused(dirs, tmp_path):  # pragma: no cover - CI runs as root
+    src, _ = dirs
+    make_inputs(src, 1)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    run = run_fake(src, locked / "out")
+    assert run.code == 2 and "Permission denied" in run.stderr
+
+
+# -- 3. inputs that vanish ----------------------------------------------------------------------------
+
+
+def test_inputs_that_vanish_mid_run_fail_alone(dirs):
+    src, out = dirs
+    make_inputs(src, 12)
+    process = start_fake(src, out, env={"FAKE_PIPELINE_DELAY": "0.3"})
+    wait_for(lambda: len(page_files(out)) >= 2)
+    for i in (9, 10, 11):
+        (src / f"p{i:02d}.png").unlink()
+    (src / "p08.png").unlink()
+    (src / "p08.png").mkdir()  # replaced by a folder
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr
+    failed = sorted(Path(line.split()[2].rstrip(":")).name for line in stderr.splitlines() if "FAILED" in line)
+    assert failed == ["p08.png", "p09.png", "p10.png", "p11.png"]
+    assert len(page_files(out)) == 8 and "Traceback" not in stderr
+
+
+# -- 4. any file name -------------------------------------------------------------------------------
+
+ODD_NAMES = [b"with space.png", b"quote'\"s.png", b"-leading.png", b"glob[1]*?{x}.png", b"new\nline.png",
+             "emoji\U0001F600.png".encode(), b"latin\xff\xfe.png", b"back\\slash.png"]
+
+
+def make_odd_inputs(src: Path, content: bytes | None = None) -> None:
+    src.mkdir(parents=True)
+    for name in ODD_NAMES:
+        Path(os.fsdecode(os.path.join(os.fsencode(src), name))).write_bytes(content or name)
+
+
+def test_any_file_name(dirs):
+    src, out = dirs
+    make_odd_inputs(src)
+    run = run_fake(src, out, "--batch_size", "3")
+    assert run.code == 0, run.stderr
+    produced = sorted(os.listdir(os.fsencode(out)))
+    expected = sorted(name[: -len(b".png")] + b".json" for name in ODD_NAMES)
+    assert [n for n in produced if n.endswith(b".json")] == expected
+    raw_lines = (out / "infer_mp.runlog.jsonl").read_bytes().split(b"\n")[:-1]
+    assert len(raw_lines) == len(ODD_NAMES)
+    inputs = {os.fsencode(json.loads(line)["input"]) for line in raw_lines}  # round-trips to the bytes
+    assert inputs == {os.path.join(os.fsencode(src), name) for name in ODD_NAMES}
+    rerun = run_fake(src, out)
+    assert f"{len(ODD_NAMES)} skipped" in rerun.stderr
+    dry = run_fake(src, out, "--overwrite", "--dry_run")
+    assert dry.code == 0 and "emoji" in dry.stdout
+
+
+def test_any_file_name_real_ocr(dirs):
+    """PaddleX reads files through OpenCV, which cannot open a name that is not UTF-8."""
+    src, out = dirs
+    make_odd_inputs(src, (ROOT / "examples" / "inputs" / "invoice.png").read_bytes())
+    run = run_cli("--pipeline", OFFLINE_OCR, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out),
+                  "--batch_size", "4")
+    assert run.code == 0, run.stderr
+    texts = {name: "".join(result["rec_texts"]) for name, result in outputs(out).items()}
+    assert len(texts) == len(ODD_NAMES)
+    assert all("INVOICE" in text for text in texts.values()), texts
+
+
+# -- 5. symlinks ------------------------------------------------------------------------------------
+
+
+def test_symlinks_followed_and_each_file_done_once(dirs):
+    src, out = dirs
+    write(src / "real" / "a.png", "A")
+    write(src / "real" / "sub" / "b.png", "B")
+    os.symlink("a.png", src / "real" / "alias.png")  # a link beside its target
+    os.symlink("real", src / "linked")  # a linked folder
+    os.symlink("..", src / "real" / "sub" / "loop")  # a loop
+    write(src / "target.png", "T")
+    os.symlink(src / "target.png", src / "real" / "link_to_target.png")  # a linked file alone
+    run = run_fake(src, out, "--input_glob_pattern", "**/*", "--input_glob_pattern", "linked/*")
+    assert run.code == 0, run.stderr
+    texts = sorted(r["text"] for r in outputs(out).values())
+    assert texts == ["A", "B", "T"]
+
+
+def test_symlink_loop_under_recursion_terminates(dirs):
+    src, out = dirs
+    write(src / "a" / "x.png")
+    os.symlink("..", src / "a" / "up")
+    os.symlink("../a", src / "a" / "self")
+    run = run_fake(src, out, "--input_glob_pattern", "**/*.png")
+    assert run.code == 0 and page_files(out) == ["a/x.json"]
+
+
+# -- 7. SIGTERM to the coordinator alone ------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:  # a zombie is not running
+        return handle.read().split()[2] != "Z"
+
+
+def worker_pids(init_log: Path) -> list[int]:
+    return [json.loads(line)["pid"] for line in init_log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_sigterm_leaves_no_process_behind(dirs, tmp_path, twice):
+    src, out = dirs
+    make_inputs(src, 4)
+    write(src / "hang.png", "HANG")
+    init_log = tmp_path / "init.jsonl"
+    process = start_fake(src, out, "--instances_per_device", "2",
+                         env={"FAKE_PIPELINE_DELAY": "0.2", "FAKE_PIPELINE_INIT_LOG": str(init_log)})
+    wait_for(lambda: init_log.exists() and len(worker_pids(init_log)) == 2)
+    wait_for(lambda: len(page_files(out)) >= 1)
+    process.send_signal(signal.SIGTERM)
+    if twice:
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert time.monotonic() - started < (5 if twice else 20)
+    assert "Traceback" not in stderr
+    if not twice:
+        assert "inputs: " in stderr  # the summary
+    wait_for(lambda: not any(alive(pid) for pid in worker_pids(init_log)), timeout=5)
+    assert_valid_log_and_outputs(out)
