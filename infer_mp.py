@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import re
 import signal
+import stat
 import shutil
 import sys
 import tempfile
@@ -66,7 +67,7 @@ RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says 
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
-STOP_GRACE_SECONDS = 10.0  # time workers get to finish or exit before they are killed
+STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
 PADDLEX_LOG_LEVEL = "WARNING"  # in workers: PaddleX's per-model INFO lines, times N workers, are noise
 
@@ -698,10 +699,16 @@ def load_pipeline_class(ref: PipelineRef) -> type:
         if folder not in sys.path:
             sys.path.insert(0, folder)
         module_name = f"_infer_mp_user_{Path(ref.module).stem}"
-        spec = importlib.util.spec_from_file_location(module_name, ref.module)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, ref.module)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[module_name]
+                raise
     else:
         module = importlib.import_module(ref.module)
     if not hasattr(module, ref.name):
@@ -805,47 +812,62 @@ class Task:
 
 @dataclass
 class InputSelection:
-    paths: list[Path]  # absolute, sorted, unique; listed paths may not exist (they fail, named)
-    root: Path  # what the output folders mirror
+    paths: list[str]  # absolute, sorted, unique; listed paths may not exist (they fail, named)
+    root: str  # the folder the output folders mirror
     ignored: int = 0  # matches that were directories, other types, or a file already taken
 
 
-def one_path_per_file(paths: Iterable[Path]) -> tuple[list[Path], int]:
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a regular file, symlinks followed; None if it is not one."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else None
+
+
+def one_path_per_file(identities: dict[str, tuple[int, int] | None]) -> tuple[list[str], int]:
     """Sorted, with each file once: a symlink beside its target, or a file reached through a
-    linked folder, is the same input. The first path in sorted order is kept."""
+    linked folder, is the same input. The first path in sorted order is kept. Paths that are
+    not files (listed but missing) are kept: they fail later, named."""
     kept, seen, dropped = [], set(), 0
-    for path in sorted(set(paths)):
-        real = os.path.realpath(path)
-        if real in seen:
+    for path in sorted(identities):
+        identity = identities[path]
+        if identity is not None and identity in seen:
             dropped += 1
-        else:
-            seen.add(real)
-            kept.append(path)
+            continue
+        seen.add(identity)
+        kept.append(path)
     return kept, dropped
 
 
-def glob_inputs(input_dir: Path, patterns: tuple[str, ...]) -> InputSelection:
+def glob_inputs(input_dir: str, patterns: tuple[str, ...]) -> InputSelection:
     """Files matching any pattern. Directories are never inputs, and with the default pattern
-    only the types the pipeline reads are taken; everything passed over is counted."""
-    paths, ignored = set(), 0
+    only the types the pipeline reads are taken; everything passed over is counted.
+    pathlib's `**` does not descend into linked folders, so a link loop cannot trap it."""
+    identities: dict[str, tuple[int, int] | None] = {}
+    ignored = 0
     only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
     for pattern in patterns:
         try:
-            matches = list(input_dir.glob(pattern))
+            matches = [str(path) for path in Path(input_dir).glob(pattern)]
         except (ValueError, NotImplementedError) as error:
             raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} (use a pattern relative to --input_dir)") from None
+        if ".." in pattern and any(".." in m[len(input_dir):].split(os.sep) for m in matches):
+            raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
         for path in matches:
-            if ".." in path.relative_to(input_dir).parts:
-                raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
-            if path.is_file() and (not only_readable or path.suffix.lower() in SUPPORTED_SUFFIXES):
-                paths.add(path)
-            else:
+            if path in identities:
+                continue
+            identity = file_identity(path)
+            if identity is None or (only_readable and os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES):
                 ignored += 1
-    unique, duplicates = one_path_per_file(paths)
+            else:
+                identities[path] = identity
+    unique, duplicates = one_path_per_file(identities)
     return InputSelection(unique, input_dir, ignored + duplicates)
 
 
-def read_input_list(source: str, input_dir: Path | None) -> InputSelection:
+def read_input_list(source: str, input_dir: str | None) -> InputSelection:
     """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
     folder. Outputs mirror --input_dir if given, else the listed paths' common folder."""
     try:
@@ -853,29 +875,31 @@ def read_input_list(source: str, input_dir: Path | None) -> InputSelection:
     except OSError as error:
         raise UsageError(f"cannot read --input_list {source!r}: {error.strerror}") from None
     entries = data.split(b"\0") if b"\0" in data else data.splitlines()
-    paths, duplicates = one_path_per_file(Path(os.path.abspath(os.fsdecode(e))) for e in entries if e.strip())
+    listed = {os.path.abspath(os.fsdecode(entry)) for entry in entries if entry.strip()}
+    paths, duplicates = one_path_per_file({path: file_identity(path) for path in listed})
     if input_dir is not None:
         root = input_dir
     elif paths:
-        root = Path(os.path.commonpath([p.parent for p in paths]))
+        root = os.path.commonpath([os.path.dirname(path) for path in paths])
     else:
-        root = Path.cwd()
+        root = os.getcwd()
     return InputSelection(paths, root, duplicates)
 
 
 def find_inputs(config: Config) -> InputSelection:
+    input_dir = str(config.input_dir) if config.input_dir is not None else None
     if config.input_list is not None:
-        return read_input_list(config.input_list, config.input_dir)
-    return glob_inputs(config.input_dir, config.input_glob_patterns)
+        return read_input_list(config.input_list, input_dir)
+    return glob_inputs(input_dir, config.input_glob_patterns)
 
 
-def relative_to_root(path: Path, root: Path) -> Path:
+def relative_to_root(path: str, root: str) -> str:
     """Where an input's outputs go below --output_dir; a listed path outside the root goes
     under `_outside/` followed by its absolute path."""
-    try:
-        return path.relative_to(root)
-    except ValueError:
-        return Path(OUTSIDE_DIR, *path.parts[1:])
+    prefix = root.rstrip(os.sep) + os.sep
+    if path.startswith(prefix):
+        return path[len(prefix):]
+    return os.path.join(OUTSIDE_DIR, path.lstrip(os.sep))
 
 
 def in_shard(task: Task, shard: tuple[int, int] | None) -> bool:
@@ -908,8 +932,9 @@ def colliding(claims: dict[int, tuple[str, bool]]) -> set[int]:
 def output_bases(names: list[str]) -> list[str]:
     """Seed names (the stem) where unique in a folder; otherwise the full file name; in the
     rare case that still collides, the full name plus `~N`. Deterministic for a given set."""
-    paged = [Path(n).suffix.lower() in PAGED_SUFFIXES for n in names]
-    claims = {i: (Path(n).stem, paged[i]) for i, n in enumerate(names)}
+    split = [os.path.splitext(n) for n in names]
+    paged = [suffix.lower() in PAGED_SUFFIXES for _, suffix in split]
+    claims = {i: (stem, paged[i]) for i, (stem, _) in enumerate(split)}
     for i in colliding(claims):
         claims[i] = (names[i], paged[i])
     extra = 1
@@ -920,21 +945,20 @@ def output_bases(names: list[str]) -> list[str]:
     return [claims[i][0] for i in range(len(names))]
 
 
-def plan_tasks(root: Path, output_dir: Path, paths: list[Path]) -> list[Task]:
+def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str]) -> list[Task]:
     """Give every input its output folder (mirroring `root`) and a unique base name, decided
     from the whole input set (all shards), so that two inputs never write one file."""
-    folders: dict[Path, list[int]] = defaultdict(list)
-    rels = [relative_to_root(path, root) for path in paths]
+    root, output_dir = str(root), str(output_dir)
+    rels = [relative_to_root(str(path), root) for path in paths]
+    folders: dict[str, list[int]] = defaultdict(list)
     for i, rel in enumerate(rels):
-        folders[rel.parent].append(i)
-    bases: dict[int, str] = {}
-    for members in folders.values():
-        for i, base in zip(members, output_bases([rels[i].name for i in members])):
-            bases[i] = base
-    return [
-        Task(i, str(path), str(rels[i]), str(output_dir / rels[i].parent), bases[i])
-        for i, path in enumerate(paths)
-    ]
+        folders[os.path.dirname(rel)].append(i)
+    tasks: list[Task | None] = [None] * len(paths)
+    for folder, members in folders.items():
+        out_dir = os.path.join(output_dir, folder) if folder else output_dir
+        for i, base in zip(members, output_bases([os.path.basename(rels[i]) for i in members])):
+            tasks[i] = Task(i, str(paths[i]), rels[i], out_dir, base)
+    return tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1251,6 +1275,52 @@ class WorkerHandle:
     timed_out: float | None = None  # the limit it passed, if it was killed for it
 
 
+SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
+
+
+def spawn_worker(pipeline: PipelineRef) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """Start a worker process; it imports the pipeline's libraries, then waits for its device."""
+    parent, child = SPAWN.Pipe()
+    process = SPAWN.Process(target=worker_main, args=(pipeline, child), name="infer_mp-worker", daemon=True)
+    # Workers inherit SIG_IGN for Ctrl-C and SIGTERM: the coordinator alone decides how to
+    # stop, and kills them itself.
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        process.start()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    child.close()
+    return process, parent
+
+
+class WarmPool:
+    """Worker processes started before the coordinator's checks, so that their slow imports
+    (paddle, paddleocr: seconds) overlap the coordinator's own (PaddleX's device helpers: a
+    second). A warm process only imports: it gets its device, and builds its pipeline, when
+    the run is dispatched, after every check has passed; if a check fails, the pool is killed."""
+
+    def __init__(self, pipeline: PipelineRef, count: int):
+        self.processes = [spawn_worker(pipeline) for _ in range(count)]
+
+    def take(self) -> tuple[multiprocessing.process.BaseProcess, Connection] | None:
+        return self.processes.pop(0) if self.processes else None
+
+    def close(self) -> None:
+        for process, conn in self.processes:
+            process.kill()
+            process.join()
+            conn.close()
+        self.processes = []
+
+
+def expected_workers(config: Config) -> int:
+    """How many workers the plan will have, guessed without PaddleX (the device string's ids
+    times the instances); a wrong guess costs only an idle process or a later start."""
+    ids = config.device.split(":", 1)[1].split(",") if ":" in config.device else [""]
+    return min(len(ids) * config.instances_per_device, 64)
+
+
 class LocalBackend:
     """Worker processes on this machine, one per WorkerSpec, each with its own pipe.
 
@@ -1259,7 +1329,7 @@ class LocalBackend:
     losing them, and a replacement starts in its slot.
     """
 
-    def __init__(self, pipeline: PipelineRef, config: Config):
+    def __init__(self, pipeline: PipelineRef, config: Config, warm: WarmPool):
         self.options = WorkerOptions(
             pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
             config.max_items_per_worker, config.max_worker_memory_mb,
@@ -1267,7 +1337,7 @@ class LocalBackend:
         self.batch_size = config.batch_size
         self.max_attempts = config.max_attempts
         self.task_timeout = config.task_timeout
-        self.context = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
+        self.warm = warm
         self.pending: deque[Task] = deque()
         self.handed: dict[int, int] = defaultdict(int)  # times each input went to a worker
         self.workers: dict[int, WorkerHandle] = {}
@@ -1299,29 +1369,17 @@ class LocalBackend:
                     else:
                         yield from self._lost(worker, restart=not stop.requested)
         finally:
-            self._shutdown(list(self.workers.values()), grace=0 if stop.requested else STOP_GRACE_SECONDS)
+            self._shutdown(list(self.workers.values()))
 
     def _busy(self) -> bool:
         return any(w.held for w in self.workers.values())
 
     def _start(self, spec: WorkerSpec) -> WorkerHandle:
-        parent, child = self.context.Pipe()
-        process = self.context.Process(
-            target=worker_main,
-            args=(spec, self.options, child),
-            name=f"infer_mp-worker-{spec.slot}",
-            daemon=True,
-        )
-        # Workers inherit SIG_IGN for Ctrl-C and SIGTERM: the coordinator alone decides how to
-        # stop, and kills them itself.
-        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            process.start()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        child.close()
-        return WorkerHandle(spec, process, parent, time.monotonic())
+        """A warm process if one is left (see WarmPool), else a new one, told its device."""
+        process, conn = self.warm.take() or spawn_worker(self.options.pipeline)
+        with contextlib.suppress(OSError):  # if it died, its sentinel tells
+            conn.send(("start", spec, self.options))
+        return WorkerHandle(spec, process, conn, time.monotonic())
 
     def _feed(self, worker: WorkerHandle) -> None:
         """Give an idle worker its next batch. An input that was in a worker that died goes
@@ -1367,7 +1425,7 @@ class LocalBackend:
             yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at)
         elif kind == "init_failed":
             del self.workers[worker.spec.slot]
-            self._shutdown([worker], grace=STOP_GRACE_SECONDS)
+            self._shutdown([worker])
             yield WorkerFailedToStart(worker.spec, message[1])
         elif kind == "retiring":
             worker.retiring = message[1]
@@ -1430,18 +1488,15 @@ class LocalBackend:
         self.pending.extendleft(reversed(requeue))
         yield WorkerLost(worker.spec, reason, len(requeue))
 
-    def _shutdown(self, workers: list[WorkerHandle], grace: float) -> None:
-        """Ask idle workers to exit; kill any that do not within the grace period, and remove
-        what they left of the inputs they held."""
+    @staticmethod
+    def _shutdown(workers: list[WorkerHandle]) -> None:
+        """Kill the workers. An idle one has reported everything it did, after renaming its
+        files into place, so there is nothing to wait for (a Paddle teardown costs half a
+        second); a busy one is only here after a stop's grace period: remove what it left."""
         for worker in workers:
-            with contextlib.suppress(OSError):
-                worker.conn.send(("stop",))
-        deadline = time.monotonic() + grace
+            worker.process.kill()
         for worker in workers:
-            worker.process.join(max(0.0, deadline - time.monotonic()) if not worker.held else 0)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
+            worker.process.join()
             for task in worker.held.values():
                 discard_partial_outputs(task)
             worker.conn.close()
@@ -1513,11 +1568,17 @@ class PathAliases:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def worker_main(spec: WorkerSpec, options: WorkerOptions, conn: Connection) -> None:
-    """Entry point of a worker process (spawned: nothing is inherited but the arguments)."""
+def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
+    """Entry point of a worker process (spawned: nothing is inherited but the arguments).
+    It imports the pipeline's libraries at once, then waits to be told its device."""
     die_with_parent()
     aliases = PathAliases()
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.suppress(BaseException):  # a failure here is reported below
+                load_pipeline_class(pipeline_ref)
+        kind, spec, options = conn.recv()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -1792,8 +1853,17 @@ def prepare_output_dir(output_dir: Path) -> None:
 
 
 def run(config: Config) -> ExitCode:
-    """Check everything, plan every input, then (under the run lock) resume and dispatch."""
+    """Check everything, plan every input, then (under the run lock) resume and dispatch.
+    Worker processes start warming up (importing) while the checks run; see WarmPool."""
     pipeline = resolve_pipeline(config.pipeline)
+    warm = WarmPool(pipeline, 0 if config.dry_run else expected_workers(config))
+    try:
+        return check_and_dispatch(config, pipeline, warm)
+    finally:
+        warm.close()
+
+
+def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool) -> ExitCode:
     plan = plan_workers(config)
     check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
     selection = find_inputs(config)
@@ -1816,7 +1886,7 @@ def run(config: Config) -> ExitCode:
         remove_stale_temporaries(work.todo)
         run_log = RunLog(config.run_log, config.output_dir)
         try:
-            return dispatch(config, pipeline, plan, work, run_log, ignored=selection.ignored)
+            return dispatch(config, pipeline, plan, work, run_log, selection.ignored, warm)
         finally:
             run_log.close()
     finally:
@@ -1855,7 +1925,7 @@ def not_a_file(path: str) -> str | None:
 
 
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
-             run_log: RunLog, ignored: int) -> ExitCode:
+             run_log: RunLog, ignored: int, warm: WarmPool) -> ExitCode:
     for task, record in work.complete:
         run_log.write(task, SKIPPED, outputs=[os.path.join(config.output_dir, o) for o in record["outputs"]],
                       extras=[os.path.join(config.output_dir, o) for o in record.get("extra_outputs") or []],
@@ -1874,7 +1944,7 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work
                 report.handle(TaskFailed(task, None, unreadable[task.index]))
         todo = [task for task in work.todo if task.index not in unreadable]
         if todo:
-            events = LocalBackend(pipeline, config).run(todo, plan, stop)
+            events = LocalBackend(pipeline, config, warm).run(todo, plan, stop)
             with contextlib.closing(events):
                 for event in events:
                     report.handle(event)

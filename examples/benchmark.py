@@ -1,0 +1,328 @@
+"""Throughput of infer_mp.py beside the ways it replaces, on the same pages, in one run.
+
+    python examples/benchmark.py                      # real OCR, CPU: the README's table
+    python examples/benchmark.py --orchestration 100000   # dispatch cost, model-free
+
+Every figure is a whole process (start-up and model load included), the median of --rounds
+interleaved rounds (A B C A B C ...), on pages rendered with known text and the offline
+PP-OCRv4 models of examples/offline_ocr.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from samples import render_page  # noqa: E402
+
+PIPELINE = f"{HERE / 'offline_ocr.py'}:OfflineOCR"
+FAKE = f"{ROOT / 'tests' / 'fake_pipeline.py'}:FakePipeline"
+WORDS = ("invoice harbor supply total amount due order shipment delivery warehouse customer "
+         "account balance payment reference quarter revenue costs march monday").split()
+PADDLEOCR_DEFAULT_THREADS = 8
+
+
+@dataclass
+class Config:
+    name: str
+    commands: list[list[str]]  # run together; the row's time is until all have finished
+    pages: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def write_pages(folder: Path, count: int, mixed: bool) -> list[Path]:
+    """Dense pages of 20 lines; with `mixed`, every other page has a single line, and the order
+    is shuffled (seeded), so that fixed halves get unequal work as in a real backlog."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(7)
+    paths = []
+    for i in range(count):
+        lines = 1 if mixed and i % 2 else 20
+        text = [" ".join(rng.choice(WORDS) for _ in range(5)) + f" {rng.randint(10, 9999)}" for _ in range(lines)]
+        paths.append(folder / f"page{i:03d}.png")
+        render_page(text).save(paths[-1])
+    if mixed:
+        names = [p.name for p in paths]
+        rng.shuffle(names)
+        renamed = []
+        for index, name in enumerate(names):
+            target = folder / f"m{index:03d}.png"
+            (folder / name).rename(target)
+            renamed.append(target)
+        paths = renamed
+    return sorted(paths)
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def ocr_configs(pages: list[Path], input_dir: Path, out: Path, device: str, grid: list[tuple[int, int]],
+                label: str = "") -> list[Config]:
+    n = len(pages)
+    worker = str(HERE / "bench_worker.py")
+    files = [str(p) for p in pages]
+    halves = [files[i * n // cores():(i + 1) * n // cores()] for i in range(cores())]
+    first_device = device.split(",")[0] if device != "cpu" else "cpu"
+    configs = [
+        Config(f"{label}bare loop (1 process, 1 thread)",
+               [python(worker, "bare", str(out), *files, "--threads", "1", "--device", first_device)], n),
+        Config(f"{label}PaddleOCR predict(dir), {PADDLEOCR_DEFAULT_THREADS} threads (its default)",
+               [python(worker, "builtin", str(out), str(input_dir), "--threads", str(PADDLEOCR_DEFAULT_THREADS),
+                       "--device", device)], n),
+        Config(f"{label}PaddleOCR predict(dir), {cores()} threads (= cores)",
+               [python(worker, "builtin", str(out), str(input_dir), "--threads", str(cores()), "--device", device)], n),
+        Config(f"{label}partition limit ({cores()} bare 1-thread processes, fixed shares)",
+               [python(worker, "bare", str(out), *half, "--threads", "1", "--device", first_device) for half in halves], n),
+    ]
+    for instances, threads in grid:
+        configs.append(Config(
+            f"{label}infer_mp.py {instances} instance(s) x {threads} thread(s)",
+            [python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(input_dir), "--device",
+                    device, "--instances_per_device", str(instances), "--cpu_threads", str(threads),
+                    "--output_dir", str(out), "--progress_interval", "3600")], n))
+    return configs
+
+
+def run_once(config: Config, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    os.sync()
+    started = time.perf_counter()
+    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in config.commands]
+    errors = [p.communicate()[1] for p in processes]
+    seconds = time.perf_counter() - started
+    for process, error in zip(processes, errors):
+        if process.returncode != 0:
+            raise SystemExit(f"{config.name} failed ({process.returncode}):\n{error.decode(errors='replace')[-2000:]}")
+    produced = sum(1 for p in out.rglob("*.json"))
+    if produced != config.pages:
+        raise SystemExit(f"{config.name}: {produced} JSON files for {config.pages} pages")
+    return seconds
+
+
+def measure(configs: list[Config], rounds: int, out: Path) -> None:
+    for round_index in range(rounds):
+        for config in configs:  # interleaved: A B C A B C ...
+            config.seconds.append(run_once(config, out))
+            print(f"  round {round_index + 1}: {config.name}: {config.seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+
+
+def table(configs: list[Config], reference: Config) -> str:
+    rows = ["| configuration | seconds | pages/s | vs built-in default |", "| --- | --- | --- | --- |"]
+    for config in configs:
+        rows.append(f"| {config.name} | {config.median:.1f} | {config.pages / config.median:.2f} | "
+                    f"{reference.median / config.median:.2f}x |")
+    return "\n".join(rows)
+
+
+def versions() -> str:
+    names = ("paddlepaddle", "paddlex", "paddleocr")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def header(what: str, rounds: int) -> str:
+    return (f"{what}; {time.strftime('%Y-%m-%d')}; {platform.machine()}, {cores()} cores, Python "
+            f"{platform.python_version()}, {versions()}; median of {rounds} interleaved rounds, whole processes")
+
+
+def ocr_benchmark(args: argparse.Namespace, work: Path) -> None:
+    dense = write_pages(work / "dense", args.pages, mixed=False)
+    mixed = write_pages(work / "mixed", args.pages, mixed=True)
+    out = work / "out"
+    grid = [(1, cores()), (1, 1), (cores(), 1)] + ([(2, cores())] if cores() > 1 else [])
+    configs = ocr_configs(dense, work / "dense", out, args.device, grid)
+    print(f"measuring {len(configs)} configurations x {args.rounds} rounds on {len(dense)} pages ...", file=sys.stderr)
+    measure(configs, args.rounds, out)
+    by_name = {c.name: c for c in configs}
+    bare, builtin_default, builtin_cores, partition = configs[:4]
+    infer_runs = configs[4:]
+    best = min(infer_runs, key=lambda c: c.median)
+    one_instance = next(c for c in infer_runs if c.name.endswith("1 instance(s) x 1 thread(s)"))
+    default_multi = next(c for c in infer_runs if c.name.endswith(f"{cores()} instance(s) x 1 thread(s)"))
+    print("\n" + header(f"{len(dense)} dense pages (20 lines, {args.device})", args.rounds) + "\n")
+    print(table(configs, builtin_default))
+
+    mixed_grid = list(dict.fromkeys([(cores(), 1), (best_instances(best), best_threads(best))]))
+    mixed_configs = [c for c in ocr_configs(mixed, work / "mixed", out, args.device, mixed_grid, "mixed: ")
+                     if "partition" in c.name or "infer_mp" in c.name or "(its default)" in c.name]
+    print("\nmeasuring the mixed set ...", file=sys.stderr)
+    measure(mixed_configs, args.rounds, out)
+    print("\n" + header(f"{len(mixed)} mixed pages (dense and one-line, shuffled)", args.rounds) + "\n")
+    print(table(mixed_configs, mixed_configs[0]))
+    mixed_partition = next(c for c in mixed_configs if "partition" in c.name)
+    mixed_infer = min((c for c in mixed_configs if "infer_mp" in c.name), key=lambda c: c.median)
+    checks = [
+        ("infer_mp.py, 1 instance x 1 thread, vs the bare loop (1 thread)", bare.median / one_instance.median, 0.95),
+        (f"infer_mp.py, best ({best.name.split('py ')[1]}), vs the partition limit", partition.median / best.median, 0.95),
+        ("infer_mp.py, best, vs built-in at its default threads", builtin_default.median / best.median, 1.0),
+        ("infer_mp.py, best, vs built-in at threads = cores", builtin_cores.median / best.median, 1.0),
+        ("infer_mp.py, mixed set, vs the partition limit", mixed_partition.median / mixed_infer.median, 1.0),
+        ("infer_mp.py, default multi-instance plan, vs the partition limit", partition.median / default_multi.median, 0.95),
+    ]
+    print("\n| target | ratio | goal |\n| --- | --- | --- |")
+    for name, ratio, goal in checks:
+        print(f"| {name} | {ratio:.2f}x | >= {goal:.2f}x {'(met)' if ratio >= goal else '(NOT met)'} |")
+    del by_name
+
+
+def best_instances(config: Config) -> int:
+    return int(config.name.split("py ")[1].split(" instance")[0])
+
+
+def best_threads(config: Config) -> int:
+    return int(config.name.split(" x ")[1].split(" thread")[0])
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+BARE_WRITER = """
+import json, os, sys
+paths = sys.argv[2:]
+out = sys.argv[1]
+for path in paths:
+    rel = os.path.relpath(path, os.environ["BENCH_INPUT_DIR"])
+    final = os.path.join(out, os.path.splitext(rel)[0] + ".json")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    temporary = os.path.join(os.path.dirname(final), "." + os.path.basename(final) + ".tmp.json")
+    with open(temporary, "w") as handle:
+        json.dump({"input_path": path, "page_index": None, "text": "x"}, handle, indent=2)
+    os.replace(temporary, final)
+"""
+
+
+def write_tiny_inputs(folder: Path, count: int, per_folder: int = 1000) -> list[str]:
+    marker = folder / f".complete-{count}"
+    paths = [str(folder / f"d{i // per_folder:04d}" / f"s{i // 100 % 10}" / f"f{i:07d}.png") for i in range(count)]
+    if not marker.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        for path in paths:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                handle.write("x")
+        marker.touch()
+    return paths
+
+
+def peak_memory_mb(process: subprocess.Popen, result: dict) -> None:
+    """The coordinator's peak resident memory (VmHWM), read until it exits."""
+    peak = 0
+    while process.poll() is None:
+        try:
+            with open(f"/proc/{process.pid}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) // 1024)
+        except OSError:
+            break
+        time.sleep(0.2)
+    result["peak_mb"] = peak
+
+
+def orchestration_benchmark(args: argparse.Namespace, work: Path) -> None:
+    count = args.orchestration
+    inputs = work / "tiny"
+    paths = write_tiny_inputs(inputs, count)
+    out = work / "tiny-out"
+    writer = work / "bare_writer.py"
+    writer.write_text(BARE_WRITER)
+    half = count // 2
+    list_files = []
+    for i, share in enumerate((paths[:half], paths[half:])):
+        list_file = work / f"share{i}.txt"
+        list_file.write_text("\n".join(share))
+        list_files.append(list_file)
+    floor_cmd = [["sh", "-c", f'xargs -a {lf} {sys.executable} {writer} {out}'] for lf in list_files]
+    infer_cmd = python(str(ROOT / "infer_mp.py"), "--pipeline", FAKE, "--input_dir", str(inputs),
+                       "--input_glob_pattern", "**/*.png", "--device", "cpu", "--instances_per_device", "2",
+                       "--batch_size", "64", "--output_dir", str(out), "--progress_interval", "3600")
+    floor, infer = [], []
+    memory = []
+    env = {**os.environ, "BENCH_INPUT_DIR": str(inputs)}
+    for round_index in range(args.rounds):
+        for name in ("floor", "infer"):
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            started = time.perf_counter()
+            if name == "floor":
+                processes = [subprocess.Popen(c, env=env) for c in floor_cmd]
+                for p in processes:
+                    p.wait()
+                floor.append(time.perf_counter() - started)
+            else:
+                process = subprocess.Popen(infer_cmd, stderr=subprocess.DEVNULL)
+                result: dict = {}
+                watcher = threading.Thread(target=peak_memory_mb, args=(process, result))
+                watcher.start()
+                process.wait()
+                infer.append(time.perf_counter() - started)
+                watcher.join()
+                memory.append(result.get("peak_mb", 0))
+                if process.returncode != 0:
+                    raise SystemExit(f"infer_mp.py failed with {process.returncode}")
+            produced = sum(1 for _ in out.rglob("*.json"))
+            if produced != count:
+                raise SystemExit(f"{name}: {produced} JSON files for {count} inputs")
+            print(f"  round {round_index + 1}: {name}: {(floor if name == 'floor' else infer)[-1]:.1f} s",
+                  file=sys.stderr, flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    floor_rate, infer_rate = count / statistics.median(floor), count / statistics.median(infer)
+    print("\n" + header(f"{count} tiny inputs in nested folders, model-free test pipeline", args.rounds) + "\n")
+    print("| configuration | seconds | inputs/s | vs floor |\n| --- | --- | --- | --- |")
+    print(f"| bare-write floor (2 processes, atomic JSON writes, no dispatch) | {statistics.median(floor):.1f} | "
+          f"{floor_rate:.0f} | 1.00x |")
+    print(f"| infer_mp.py, 2 instances, batch 64 (dispatch, JSON, run log) | {statistics.median(infer):.1f} | "
+          f"{infer_rate:.0f} | {infer_rate / floor_rate:.2f}x |")
+    print(f"\ncoordinator peak resident memory: {max(memory)} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=8, help="pages per set (default 8)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, or e.g. gpu:0,1 on a GPU box")
+    parser.add_argument("--orchestration", type=int, default=0, metavar="N",
+                        help="instead: dispatch cost over N tiny inputs with the model-free pipeline")
+    parser.add_argument("--work_dir", help="where inputs and outputs go (default: a temporary folder)")
+    args = parser.parse_args()
+    os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.orchestration:
+        orchestration_benchmark(args, work)
+    else:
+        ocr_benchmark(args, work)
+
+
+if __name__ == "__main__":
+    main()
