@@ -1104,6 +1104,8 @@ class RunLog:
 
     def __init__(self, path: Path, output_dir: Path):
         self.path, self.output_dir = path, output_dir
+        self.prefix = os.path.join(str(output_dir), "")
+        self.second, self.stamp = -1, ""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(path, "ab")
@@ -1119,14 +1121,14 @@ class RunLog:
     def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), extras: Iterable[str] = (),
               device: str | None = None, attempts: int = 0, seconds: float = 0.0,
               error: str | None = None) -> None:
-        outputs = [os.path.relpath(o, self.output_dir) for o in outputs]
+        outputs = [self.relative(o) for o in outputs]
         record = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "time": self.now(),
             "input": task.path,
             "status": status,
             "pages": len(outputs),
             "outputs": outputs,
-            "extra_outputs": [os.path.relpath(o, self.output_dir) for o in extras],
+            "extra_outputs": [self.relative(o) for o in extras],
             "device": device,
             "attempts": attempts,
             "seconds": round(seconds, 3),
@@ -1138,6 +1140,17 @@ class RunLog:
             self.handle.flush()
         except OSError as error:
             raise cannot_write(f"the run log {str(self.path)!r}", error) from None
+
+    def relative(self, path: str) -> str:
+        return path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.output_dir)
+
+    def now(self) -> str:
+        """UTC time to the second, formatted once per second (100,000 records add up)."""
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
+        return self.stamp
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -1427,6 +1440,9 @@ class LocalBackend:
             del self.workers[worker.spec.slot]
             self._shutdown([worker])
             yield WorkerFailedToStart(worker.spec, message[1])
+        elif kind == "reports":  # one message per batch: one report per input, in order
+            for report in message[1]:
+                yield from self._handle(worker, report)
         elif kind == "retiring":
             worker.retiring = message[1]
         elif kind == "output_failed":
@@ -1589,8 +1605,7 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
         conn.send(("ready",))
         processed = 0
         while (message := conn.recv())[0] == "batch":
-            for report in process_batch(pipeline, message[1], options, aliases):
-                conn.send(report)
+            conn.send(("reports", list(process_batch(pipeline, message[1], options, aliases))))
             processed += len(message[1])
             reason = options.retire_reason(processed)
             if reason:
@@ -1673,10 +1688,16 @@ def temporary_path(final: str) -> str:
     return os.path.join(folder, f".{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}")
 
 
+_made_folders: set[str] = set()  # per worker process: one makedirs per output folder, not per file
+
+
 def write_atomically(final: str, write: Any) -> str:
     """`write(temporary_path)`, then rename: a killed run never leaves a truncated file under
     a final name, only a hidden temporary that the next run removes."""
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    folder = os.path.dirname(final)
+    if folder not in _made_folders:
+        os.makedirs(folder, exist_ok=True)
+        _made_folders.add(folder)
     temporary = temporary_path(final)
     try:
         write(temporary)

@@ -37,7 +37,7 @@ class FakeResult(dict):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), save_path)
         _saved += 1
         with open(save_path, "w", encoding="utf-8") as handle:
-            json.dump(dict(self), handle, indent=2)
+            handle.write(json.dumps(dict(self)))
 
     def save_to_markdown(self, save_path: str) -> None:
         if not save_path.endswith(".md"):

@@ -341,3 +341,11 @@ def test_worker_killed_from_outside_mid_batch(dirs, tmp_path):
     assert done == {f"p{i:02d}.png": 1 for i in range(10)}
     assert len(init_log.read_text().splitlines()) == 3  # the replacement
     assert len(page_files(out)) == 10 and not temporaries(out)
+
+
+def test_orchestration_benchmark_runs(tmp_path):
+    """The benchmark script itself (no timing asserted): a tiny dispatch-cost run."""
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "examples" / "benchmark.py"), "--orchestration", "300",
+                           "--rounds", "1", "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "bare-write floor" in done.stdout and "infer_mp.py, 2 instances" in done.stdout
