@@ -26,8 +26,10 @@ import difflib
 import enum
 import errno
 import fcntl
+import gc
 import glob
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -780,6 +782,62 @@ def option_error(what: str, message: str, known: Iterable[str]) -> UsageError:
     return UsageError(f"{what}: {message}{hint}")
 
 
+# Distributions that all install the module `onnxruntime`: the one installed last wins, silently.
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime-directml")
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_engine(config: Config, device_type: str) -> None:
+    """--engine onnxruntime: exactly one ONNX Runtime build, with the providers asked for
+    (PaddleX would only find out inside each worker)."""
+    if config.pipeline_kwargs.get("engine") != "onnxruntime":
+        return
+    installed = [f"{d} {v}" for d in ONNXRUNTIME_DISTRIBUTIONS if (v := installed_version(d))]
+    if not installed:
+        raise UsageError("--engine onnxruntime needs ONNX Runtime: pip install -r requirements-onnx.txt")
+    if len(installed) > 1:
+        raise UsageError(
+            f"{' and '.join(installed)} are all installed and share the module onnxruntime (the last "
+            "installed wins, silently): uninstall all of them, then install only the one you want"
+        )
+    wanted = list((config.pipeline_kwargs.get("engine_config") or {}).get("providers") or [])
+    if device_type == "gpu" and not wanted:
+        wanted = ["CUDAExecutionProvider"]
+    if not wanted:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import onnxruntime
+    available = onnxruntime.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise UsageError(
+            f"ONNX Runtime provider(s) {', '.join(missing)} not available in {installed[0]} (it has "
+            f"{', '.join(available)}); for OpenVINO: pip install -r requirements-onnx.txt"
+        )
+
+
+def planned_engine_config(cls: type, spec: WorkerSpec, init_kwargs: dict) -> dict | None:
+    """For ONNX Runtime on CPU, the thread plan is `intra_op_num_threads` (and the OpenVINO
+    provider's `num_of_threads`), unless the user set them; PaddleOCR's `cpu_threads` only
+    reaches the Paddle engine."""
+    if init_kwargs.get("engine") != "onnxruntime" or spec.cpu_threads is None or not spec.device.startswith("cpu"):
+        return None
+    if not accepts_keyword(cls, "engine_config"):
+        return None
+    engine_config = dict(init_kwargs.get("engine_config") or {})
+    engine_config.setdefault("intra_op_num_threads", spec.cpu_threads)
+    if engine_config.get("providers") == ["OpenVINOExecutionProvider"]:
+        engine_config.setdefault("provider_options", {"num_of_threads": spec.cpu_threads})
+    return engine_config
+
+
 def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
     cls = load_pipeline_class(ref)
     logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
@@ -787,7 +845,22 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> An
     if spec.cpu_threads is not None and accepts_keyword(cls, "cpu_threads"):
         kwargs["cpu_threads"] = spec.cpu_threads
     kwargs.update(init_kwargs)
+    engine_config = planned_engine_config(cls, spec, init_kwargs)
+    if engine_config is not None:
+        kwargs["engine_config"] = engine_config
     return cls(**kwargs)
+
+
+def describe_engine(init_kwargs: dict) -> str:
+    """What a worker's pipeline really runs on: ONNX Runtime sessions and their providers, as
+    the sessions report them, or else the engine asked for (the pipeline's default if none)."""
+    onnxruntime = sys.modules.get("onnxruntime")
+    if onnxruntime is not None:
+        sessions = [o for o in gc.get_objects() if isinstance(o, onnxruntime.InferenceSession)]
+        providers = list(dict.fromkeys(p for session in sessions for p in session.get_providers()))
+        if providers:
+            return f"onnxruntime ({', '.join(providers)})"
+    return init_kwargs.get("engine") or "the pipeline's default (paddle)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1166,6 +1239,7 @@ class RunLog:
 class WorkerStarted:
     spec: WorkerSpec
     seconds: float
+    engine: str  # what its pipeline really runs on
 
 
 @dataclass(frozen=True)
@@ -1435,7 +1509,7 @@ class LocalBackend:
         kind = message[0]
         if kind == "ready":
             worker.ready = True
-            yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at)
+            yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message[1])
         elif kind == "init_failed":
             del self.workers[worker.spec.slot]
             self._shutdown([worker])
@@ -1602,7 +1676,7 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
         except BaseException as error:  # report any failure, then exit: the coordinator decides
             conn.send(("init_failed", one_line(error)))
             return
-        conn.send(("ready",))
+        conn.send(("ready", describe_engine(options.init_kwargs)))
         processed = 0
         while (message := conn.recv())[0] == "batch":
             conn.send(("reports", list(process_batch(pipeline, message[1], options, aliases))))
@@ -1795,10 +1869,16 @@ class Report:
     pages: int = 0
     pages_by_device: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     output_error: str | None = None  # why writing outputs failed, if it did
+    engines: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # workers per engine
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Note):
             self.progress.say(event.text)
+        elif isinstance(event, WorkerStarted):
+            if event.engine not in self.engines:
+                self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) ready in {event.seconds:.1f} s; "
+                                  f"engine: {event.engine}")
+            self.engines[event.engine] += 1
         elif isinstance(event, OutputError):
             if self.output_error is None:
                 self.output_error = event.text
@@ -1843,6 +1923,8 @@ class Report:
         per_device = ", ".join(f"{d} {p / elapsed:.2f}" for d, p in sorted(self.pages_by_device.items()))
         lines = [f"inputs: {', '.join(counts)}; {self.pages} page(s) in {elapsed:.1f} s, {rate:.2f} pages/s"
                  + (f" (per device: {per_device})" if per_device else "")]
+        if self.engines:
+            lines.append("engines: " + ", ".join(f"{engine} on {n} worker start(s)" for engine, n in self.engines.items()))
         if self.output_error:
             lines.append(f"stopped: {self.output_error}; fix that (free space, make it writable) "
                          "and rerun the same command to do the rest")
@@ -1886,6 +1968,7 @@ def run(config: Config) -> ExitCode:
 
 def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool) -> ExitCode:
     plan = plan_workers(config)
+    check_engine(config, plan[0].device.split(":")[0])
     check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
     selection = find_inputs(config)
     planned = plan_tasks(selection.root, config.output_dir, selection.paths)
@@ -1926,6 +2009,10 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         f"{work.not_selected} not selected (--retry_failed), {ignored} ignored (not an input)",
         f"output: {config.output_dir}; run log {config.run_log}",
     ]
+    engine = config.pipeline_kwargs.get("engine")
+    providers = (config.pipeline_kwargs.get("engine_config") or {}).get("providers")
+    lines.append(f"engine: {engine or 'the pipeline default'}" + (f", providers {', '.join(providers)}" if providers else "")
+                 + " (each worker reports what it really runs on when it starts)")
     if config.pipeline_kwargs or config.predict_kwargs:
         lines.append(f"options: pipeline {config.pipeline_kwargs}, predict {config.predict_kwargs}")
     lines.append("to do:")
@@ -1933,7 +2020,10 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         name = task.output_path(None) if Path(task.path).suffix.lower() not in PAGED_SUFFIXES else task.output_path("{page}")
         lines.append(f"  {task.path} -> {os.path.relpath(name, config.output_dir)}")
     sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8, as they are
-    print("\n".join(lines))
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `--dry_run | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def not_a_file(path: str) -> str | None:

