@@ -860,7 +860,7 @@ def describe_engine(init_kwargs: dict) -> str:
         providers = list(dict.fromkeys(p for session in sessions for p in session.get_providers()))
         if providers:
             return f"onnxruntime ({', '.join(providers)})"
-    return init_kwargs.get("engine") or "the pipeline's default (paddle)"
+    return init_kwargs.get("engine") or "the pipeline's default"
 
 
 # ---------------------------------------------------------------------------------------------

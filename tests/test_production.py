@@ -242,7 +242,7 @@ def test_progress_lines_and_summary_when_not_a_terminal(dirs):
     run = run_fake(src, out, "--progress_interval", "0.2", env={"FAKE_PIPELINE_DELAY": "0.3"})
     assert run.code == 0
     assert "progress: " in run.stderr and "/6 inputs" in run.stderr
-    summary = run.stderr.strip().splitlines()[-1]
+    [summary] = [line for line in run.stderr.splitlines() if "inputs: " in line]
     assert "6 done, 0 failed, 0 skipped" in summary and "pages/s" in summary and "per device: cpu" in summary
 
 
