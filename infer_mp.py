@@ -853,14 +853,16 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> An
 
 def describe_engine(init_kwargs: dict) -> str:
     """What a worker's pipeline really runs on: ONNX Runtime sessions and their providers, as
-    the sessions report them, or else the engine asked for (the pipeline's default if none)."""
+    the sessions report them; else the engine asked for; else Paddle if it is loaded."""
     onnxruntime = sys.modules.get("onnxruntime")
     if onnxruntime is not None:
         sessions = [o for o in gc.get_objects() if isinstance(o, onnxruntime.InferenceSession)]
         providers = list(dict.fromkeys(p for session in sessions for p in session.get_providers()))
         if providers:
             return f"onnxruntime ({', '.join(providers)})"
-    return init_kwargs.get("engine") or "the pipeline's default"
+    if init_kwargs.get("engine"):
+        return init_kwargs["engine"]
+    return "paddle" if "paddle" in sys.modules else "the pipeline's own (not Paddle or ONNX Runtime)"
 
 
 # ---------------------------------------------------------------------------------------------
