@@ -10,6 +10,7 @@ per page, so that every row of the benchmark does the same work.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,9 +34,12 @@ def main() -> None:
     parser.add_argument("inputs", nargs="+")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", default="paddle_static")
+    parser.add_argument("--engine_config", type=json.loads, default=None)
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    pipeline = OfflineOCR(device=args.device, cpu_threads=args.threads)
+    pipeline = OfflineOCR(device=args.device, cpu_threads=args.threads, engine=args.engine,
+                          engine_config=args.engine_config)
     if args.mode == "bare":
         for path in args.inputs:
             for result in pipeline.predict(os.path.abspath(path)):

@@ -12,6 +12,7 @@ the difference is the coordinator (imports and checks, spawning, dispatch, IPC, 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import os
 import subprocess
@@ -29,6 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=8)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--engine", default="paddle_static", choices=["paddle_static", "onnxruntime"])
+    parser.add_argument("--engine_config", type=json.loads, default=None,
+                        help='e.g. \'{"providers": ["OpenVINOExecutionProvider"]}\'')
     args = parser.parse_args()
     from benchmark import write_pages
 
@@ -42,7 +46,7 @@ def main() -> None:
     stages["start-up and imports (paddle, paddlex, paddleocr)"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    pipeline = OfflineOCR(device="cpu", cpu_threads=args.threads)
+    pipeline = OfflineOCR(device="cpu", cpu_threads=args.threads, engine=args.engine, engine_config=args.engine_config)
     stages["model load (detector + recognizer)"] = time.perf_counter() - started
 
     detector = pipeline.paddlex_pipeline.text_det_model
@@ -69,10 +73,14 @@ def main() -> None:
     # The coordinator's share: whole infer_mp.py runs against whole bare-loop processes with
     # the same pipeline and threads, interleaved, medians of 3.
     bare = [sys.executable, str(HERE / "bench_worker.py"), "bare", str(work / "bare-out"),
-            *map(str, pages), "--threads", str(args.threads)]
+            *map(str, pages), "--threads", str(args.threads), "--engine", args.engine]
+    if args.engine_config:
+        bare += ["--engine_config", json.dumps(args.engine_config)]
     infer = [sys.executable, str(HERE.parent / "infer_mp.py"), "--pipeline", f"{HERE / 'offline_ocr.py'}:OfflineOCR",
              "--input_dir", str(work / "pages"), "--device", "cpu", "--cpu_threads", str(args.threads),
-             "--output_dir", str(work / "infer_mp-out"), "--overwrite"]
+             "--output_dir", str(work / "infer_mp-out"), "--overwrite", "--engine", args.engine]
+    if args.engine_config:
+        infer += ["--engine_config", json.dumps(args.engine_config)]
     times: dict[str, list[float]] = {"bare": [], "infer": []}
     for _ in range(3):
         for name, command in (("bare", bare), ("infer", infer)):
@@ -81,7 +89,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - started)
     bare_run, infer_run = statistics.median(times["bare"]), statistics.median(times["infer"])
 
-    print(f"{len(pages)} dense pages, 1 instance x {args.threads} thread(s)\n")
+    print(f"{len(pages)} dense pages, 1 instance x {args.threads} thread(s), engine {args.engine} "
+          f"{json.dumps(args.engine_config) if args.engine_config else ''}\n")
     print("| stage (one process, in order) | seconds | share |\n| --- | --- | --- |")
     for stage, seconds in stages.items():
         print(f"| {stage} | {seconds:.2f} | {100 * seconds / in_process:.0f}% |")
