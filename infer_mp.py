@@ -916,10 +916,13 @@ def one_path_per_file(identities: dict[str, tuple[int, int] | None]) -> tuple[li
     return kept, dropped
 
 
-def glob_inputs(input_dir: str, patterns: tuple[str, ...]) -> InputSelection:
-    """Files matching any pattern. Directories are never inputs, and with the default pattern
-    only the types the pipeline reads are taken; everything passed over is counted.
-    pathlib's `**` does not descend into linked folders, so a link loop cannot trap it."""
+def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str) -> InputSelection:
+    """Files matching any pattern. Directories are never inputs, nor is anything under
+    --output_dir (when it lies inside --input_dir, a rerun must not take its own JSON files,
+    run log or lock for inputs), and with the default pattern only the types the pipeline
+    reads are taken; everything passed over is counted. pathlib's `**` does not descend into
+    linked folders, so a link loop cannot trap it."""
+    outputs = os.path.join(output_dir, "")
     identities: dict[str, tuple[int, int] | None] = {}
     ignored = 0
     only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
@@ -932,6 +935,9 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...]) -> InputSelection:
             raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
         for path in matches:
             if path in identities:
+                continue
+            if path.startswith(outputs):
+                ignored += 1
                 continue
             identity = file_identity(path)
             if identity is None or (only_readable and os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES):
@@ -965,7 +971,7 @@ def find_inputs(config: Config) -> InputSelection:
     input_dir = str(config.input_dir) if config.input_dir is not None else None
     if config.input_list is not None:
         return read_input_list(config.input_list, input_dir)
-    return glob_inputs(input_dir, config.input_glob_patterns)
+    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir))
 
 
 def relative_to_root(path: str, root: str) -> str:

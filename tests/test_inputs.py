@@ -232,3 +232,15 @@ def test_save_a_form_the_results_lack_is_said_once(dirs):
     assert run.code == 0, run.stderr
     assert run.stderr.count("no markdown form") == 1
     assert page_files(out) == ["p0.json", "p1.json", "p2.json"]
+
+
+def test_output_dir_inside_input_dir_is_never_an_input(tmp_path):
+    src = tmp_path / "scans"
+    write(src / "a.png", "A")
+    write(src / "sub" / "b.png", "B")
+    out = src / "ocr"
+    for _ in range(2):
+        run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--input_glob_pattern", "**/*")
+        assert run.code == 0, run.stderr
+    assert page_files(out) == ["a.json", "sub/b.json"]
+    assert "2 skipped" in run.stderr and "FAILED" not in run.stderr
