@@ -20,6 +20,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Long real-OCR runs are marked slow and left out unless asked for: `pytest -m slow`.
+    (Kept here rather than in a pytest.ini, so the project's top level stays as asked.)"""
+    config.addinivalue_line("markers", "slow: long real-OCR runs; run them with `python -m pytest -m slow`")
+    if not config.option.markexpr:
+        config.option.markexpr = "not slow"
+
+
 @dataclass
 class Run:
     code: int
