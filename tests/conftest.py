@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,36 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, errors="surrogateescape", timeout=timeout,
     )
     return Run(done.returncode, done.stdout, done.stderr)
+
+
+def fake_args(src: Path, out: Path, *extra: str) -> list[str]:
+    """The command line of a run of the model-free test pipeline on src -> out, on the CPU."""
+    return ["--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out), *extra]
+
+
+def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None, **kwargs) -> Run:
+    return run_cli(*fake_args(src, out, *extra), env=env, **kwargs)
+
+
+def start_fake(src: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """The same run in the background, for tests that signal or race it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.Popen([sys.executable, str(SCRIPT), *fake_args(src, out, *extra)], env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def make_inputs(src: Path, count: int, pdf_pages: int = 0) -> None:
+    for i in range(count):
+        write(src / f"p{i:02d}.png", f"image {i}")
+    if pdf_pages:
+        write(src / "doc.pdf", "page\n" * pdf_pages)
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
 
 
 def write(path: Path, content: str | bytes = "content") -> Path:

@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import FAKE, OFFLINE_OCR, ROOT, outputs, page_files, run_cli, run_log, temporaries, write
-from test_production import make_inputs, start_fake, wait_for
-
-
-def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None):
-    return run_cli("--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out),
-                   *extra, env=env)
+from conftest import (OFFLINE_OCR, ROOT, make_inputs, outputs, page_files, run_cli, run_fake, run_log, start_fake,
+                      temporaries, wait_for, write)
 
 
 @pytest.fixture

@@ -13,39 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE, SCRIPT, outputs, page_files, run_cli, run_log, temporaries, write
-
-
-def fake_args(src: Path, out: Path, *extra: str) -> list[str]:
-    return ["--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out), *extra]
-
-
-def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None):
-    return run_cli(*fake_args(src, out, *extra), env=env)
-
-
-def start_fake(src: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *fake_args(src, out, *extra)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def make_inputs(src: Path, count: int, pdf_pages: int = 0) -> None:
-    for i in range(count):
-        write(src / f"p{i:02d}.png", f"image {i}")
-    if pdf_pages:
-        write(src / "doc.pdf", "page\n" * pdf_pages)
+from conftest import (SCRIPT, fake_args, make_inputs, outputs, page_files, run_fake, run_log, start_fake,
+                      temporaries, wait_for, write)
 
 
 def last_status(out: Path) -> dict[str, str]:
     return {record["input"]: record["status"] for record in run_log(out)}
-
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def comparable(out: Path) -> dict[str, tuple]:

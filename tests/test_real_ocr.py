@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_OCR, ROOT, page_files, temporaries, outputs, run_cli, write
+from conftest import OFFLINE_OCR, ROOT, outputs, run_cli, temporaries, write
 from samples import expected_outputs, write_document, write_samples
 
 MIN_SIMILARITY = 0.95

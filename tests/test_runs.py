@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-from conftest import FAKE, page_files, temporaries, outputs, run_cli, write
-
-
-def run_fake(input_dir: Path, output_dir: Path, *extra: str, env: dict | None = None, **kwargs):
-    return run_cli("--pipeline", FAKE, "--input_dir", str(input_dir), "--device", "cpu",
-                   "--output_dir", str(output_dir), *extra, env=env, **kwargs)
+from conftest import FAKE, outputs, page_files, run_cli, run_fake, temporaries, write
 
 
 def test_one_json_per_page_with_seed_names(dirs):
