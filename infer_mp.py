@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import stat
 import shutil
 import sys
@@ -47,7 +48,7 @@ import time
 import warnings
 import zlib
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -227,6 +228,7 @@ def shard(text: str) -> tuple[int, int]:
 
 
 SAVE_FORMATS = ("markdown", "img")
+BACKENDS = ("local", "ray")
 # PaddleOCR's inference options, passed to the pipeline's constructor when given.
 ENGINE_OPTIONS = {
     "engine": (str, "Inference engine: paddle, paddle_static, paddle_dynamic, onnxruntime, transformers."),
@@ -348,6 +350,22 @@ def build_parser() -> ArgumentParser:
         help="Also save, where the results support it: 'markdown', 'img' (visualizations), or "
         "'markdown,img'. JSON is always saved.",
     )
+    cluster = parser.add_argument_group("backend")
+    cluster.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="'local': worker processes on this machine (default). 'ray': one Ray actor per "
+        "instance on a Ray cluster (pip install -r requirements-ray.txt; see README).",
+    )
+    cluster.add_argument(
+        "--ray_address",
+        default=None,
+        metavar="ADDRESS",
+        help="With --backend ray: the cluster to use, 'host:port', 'ray://host:port' or 'auto'. "
+        "Default: $RAY_ADDRESS if set (as under `ray job submit`), else a local cluster started "
+        "for this run.",
+    )
     runs = parser.add_argument_group("unattended runs")
     runs.add_argument(
         "--run_log",
@@ -428,6 +446,8 @@ class Config:
     max_items_per_worker: int = 0
     max_worker_memory_mb: int = 0
     progress_interval: float = DEFAULT_PROGRESS_SECONDS
+    backend: str = "local"
+    ray_address: str | None = None
 
 
 def pipeline_kwargs(args: argparse.Namespace) -> dict:
@@ -464,6 +484,8 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"--output_dir exists and is not a directory: {str(output_dir)!r}")
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
+    if args.ray_address is not None and args.backend != "ray":
+        raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:
         raise UsageError("--max_worker_memory_mb needs /proc (Linux) or psutil: pip install psutil")
     return Config(
@@ -490,6 +512,8 @@ def parse_config(argv: list[str] | None) -> Config:
         max_items_per_worker=args.max_items_per_worker,
         max_worker_memory_mb=args.max_worker_memory_mb,
         progress_interval=args.progress_interval,
+        backend=args.backend,
+        ray_address=args.ray_address,
     )
 
 
@@ -1357,17 +1381,21 @@ class WorkerOptions:
 
 @dataclass
 class WorkerHandle:
-    """The coordinator's view of one worker process and the inputs it holds."""
+    """The coordinator's view of one worker and the inputs it holds, whatever runs it."""
 
     spec: WorkerSpec
-    process: multiprocessing.process.BaseProcess
-    conn: Connection
     started_at: float
     ready: bool = False
     held: dict[int, Task] = field(default_factory=dict)
     busy_since: float = 0.0
     retiring: str | None = None  # why it said it will exit (recycling), if it did
     timed_out: float | None = None  # the limit it passed, if it was killed for it
+
+
+@dataclass(kw_only=True)
+class LocalWorker(WorkerHandle):
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
@@ -1412,27 +1440,34 @@ class WarmPool:
 def expected_workers(config: Config) -> int:
     """How many workers the plan will have, guessed without PaddleX (the device string's ids
     times the instances); a wrong guess costs only an idle process or a later start."""
+    if config.backend != "local":
+        return 0
     ids = config.device.split(":", 1)[1].split(",") if ":" in config.device else [""]
     return min(len(ids) * config.instances_per_device, 64)
 
 
-class LocalBackend:
-    """Worker processes on this machine, one per WorkerSpec, each with its own pipe.
+def worker_options(pipeline: PipelineRef, config: Config) -> WorkerOptions:
+    return WorkerOptions(
+        pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
+        config.max_items_per_worker, config.max_worker_memory_mb,
+    )
+
+
+class Backend:
+    """What every backend shares: the queue, the attempts of each input, batching, timeouts,
+    and what the workers' messages mean. A backend adds how workers start, get a batch, are
+    waited on and are killed (`_start`, `_send`, `_wait`, `_kill`, `_shutdown`).
 
     The coordinator hands a batch to each idle worker and remembers what every worker holds
     until it reports each input, so a worker that dies gives its inputs back instead of
     losing them, and a replacement starts in its slot.
     """
 
-    def __init__(self, pipeline: PipelineRef, config: Config, warm: WarmPool):
-        self.options = WorkerOptions(
-            pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
-            config.max_items_per_worker, config.max_worker_memory_mb,
-        )
+    def __init__(self, options: WorkerOptions, config: Config):
+        self.options = options
         self.batch_size = config.batch_size
         self.max_attempts = config.max_attempts
         self.task_timeout = config.task_timeout
-        self.warm = warm
         self.pending: deque[Task] = deque()
         self.handed: dict[int, int] = defaultdict(int)  # times each input went to a worker
         self.workers: dict[int, WorkerHandle] = {}
@@ -1451,30 +1486,31 @@ class LocalBackend:
                     for worker in list(self.workers.values()):
                         self._feed(worker)
                 self._kill_hung_workers()
-                handles = {w.conn: w for w in self.workers.values()}
-                sentinels = {w.process.sentinel: w for w in self.workers.values()}
-                for ready in wait([*handles, *sentinels], timeout=POLL_SECONDS):
-                    worker = handles.get(ready) or sentinels[ready]
-                    if self.workers.get(worker.spec.slot) is not worker:
-                        continue  # already replaced in this round
-                    if ready in handles:
-                        message = self._read(worker)
-                        if message is not None:
-                            yield from self._handle(worker, message)
-                    else:
-                        yield from self._lost(worker, restart=not stop.requested)
+                yield from self._wait(restart=not stop.requested)
         finally:
             self._shutdown(list(self.workers.values()))
 
+    def _start(self, spec: WorkerSpec) -> WorkerHandle:
+        raise NotImplementedError
+
+    def _send(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        raise NotImplementedError
+
+    def _wait(self, restart: bool) -> Iterator[Event]:
+        """Wait up to POLL_SECONDS for workers' messages or deaths, and handle them."""
+        raise NotImplementedError
+
+    def _kill(self, worker: WorkerHandle) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self, workers: list[WorkerHandle]) -> None:
+        """Kill the workers. An idle one has reported everything it did, after renaming its
+        files into place, so there is nothing to wait for (a Paddle teardown costs half a
+        second); a busy one is only here after a stop's grace period: remove what it left."""
+        raise NotImplementedError
+
     def _busy(self) -> bool:
         return any(w.held for w in self.workers.values())
-
-    def _start(self, spec: WorkerSpec) -> WorkerHandle:
-        """A warm process if one is left (see WarmPool), else a new one, told its device."""
-        process, conn = self.warm.take() or spawn_worker(self.options.pipeline)
-        with contextlib.suppress(OSError):  # if it died, its sentinel tells
-            conn.send(("start", spec, self.options))
-        return WorkerHandle(spec, process, conn, time.monotonic())
 
     def _feed(self, worker: WorkerHandle) -> None:
         """Give an idle worker its next batch. An input that was in a worker that died goes
@@ -1489,10 +1525,7 @@ class LocalBackend:
             self.handed[task.index] += 1
             worker.held[task.index] = task
         worker.busy_since = time.monotonic()
-        try:
-            worker.conn.send(("batch", batch))
-        except OSError:
-            pass  # it died; its sentinel fires next and what it held is requeued
+        self._send(worker, batch)
 
     def _kill_hung_workers(self) -> None:
         """--task_timeout: a worker gets that many seconds per input of its batch."""
@@ -1503,15 +1536,7 @@ class LocalBackend:
             limit = self.task_timeout * len(worker.held)
             if worker.held and worker.timed_out is None and now - worker.busy_since > limit:
                 worker.timed_out = limit
-                worker.process.kill()
-
-    @staticmethod
-    def _read(worker: WorkerHandle) -> tuple | None:
-        """The worker's next message, or None once it is gone (its sentinel reports that)."""
-        try:
-            return worker.conn.recv()
-        except (EOFError, OSError):
-            return None
+                self._kill(worker)
 
     def _handle(self, worker: WorkerHandle, message: tuple) -> Iterator[Event]:
         kind = message[0]
@@ -1545,16 +1570,10 @@ class LocalBackend:
             task = worker.held.pop(index)
             yield TaskFailed(task, worker.spec, error, self.handed[index])
 
-    def _lost(self, worker: WorkerHandle, restart: bool) -> Iterator[Event]:
-        """A worker exited: read what it reported before, requeue what it still held, and
-        start a replacement in its slot (unless it never started, or we are stopping)."""
-        while worker.conn.poll() and (message := self._read(worker)) is not None:
-            yield from self._handle(worker, message)
-            if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
-                return
-        worker.process.join()
+    def _lost(self, worker: WorkerHandle, reason: str, restart: bool) -> Iterator[Event]:
+        """A worker is gone (`reason`: how it went): requeue what it still held, and start a
+        replacement in its slot (unless it never started, or we are stopping)."""
         del self.workers[worker.spec.slot]
-        worker.conn.close()
         for task in worker.held.values():
             discard_partial_outputs(task)
         if worker.retiring:  # it never started what it was sent after deciding to retire
@@ -1563,19 +1582,16 @@ class LocalBackend:
             self.pending.extendleft(reversed(worker.held.values()))
             yield WorkerRecycled(worker.spec, worker.retiring)
         elif not worker.ready:
-            reason = exit_reason(worker.process.exitcode)
             yield WorkerFailedToStart(worker.spec, f"the worker process {reason} while starting")
             return
         else:
-            yield from self._requeue_or_fail(worker)
+            if worker.timed_out is not None:
+                reason = f"timed out (no result within {worker.timed_out:.0f} s, --task_timeout)"
+            yield from self._requeue_or_fail(worker, reason)
         if restart:
             self.workers[worker.spec.slot] = self._start(worker.spec)
 
-    def _requeue_or_fail(self, worker: WorkerHandle) -> Iterator[Event]:
-        if worker.timed_out is not None:
-            reason = f"timed out (no result within {worker.timed_out:.0f} s, --task_timeout)"
-        else:
-            reason = exit_reason(worker.process.exitcode)
+    def _requeue_or_fail(self, worker: WorkerHandle, reason: str) -> Iterator[Event]:
         requeue = []
         for task in worker.held.values():
             attempts = self.handed[task.index]
@@ -1586,11 +1602,63 @@ class LocalBackend:
         self.pending.extendleft(reversed(requeue))
         yield WorkerLost(worker.spec, reason, len(requeue))
 
+
+class LocalBackend(Backend):
+    """Worker processes on this machine, one per WorkerSpec, each with its own pipe."""
+
+    def __init__(self, options: WorkerOptions, config: Config, warm: WarmPool):
+        super().__init__(options, config)
+        self.warm = warm
+
+    def _start(self, spec: WorkerSpec) -> LocalWorker:
+        """A warm process if one is left (see WarmPool), else a new one, told its device."""
+        process, conn = self.warm.take() or spawn_worker(self.options.pipeline)
+        with contextlib.suppress(OSError):  # if it died, its sentinel tells
+            conn.send(("start", spec, self.options))
+        return LocalWorker(spec, time.monotonic(), process=process, conn=conn)
+
+    def _send(self, worker: LocalWorker, batch: list[Task]) -> None:
+        try:
+            worker.conn.send(("batch", batch))
+        except OSError:
+            pass  # it died; its sentinel fires next and what it held is requeued
+
+    def _wait(self, restart: bool) -> Iterator[Event]:
+        handles = {w.conn: w for w in self.workers.values()}
+        sentinels = {w.process.sentinel: w for w in self.workers.values()}
+        for ready in wait([*handles, *sentinels], timeout=POLL_SECONDS):
+            worker = handles.get(ready) or sentinels[ready]
+            if self.workers.get(worker.spec.slot) is not worker:
+                continue  # already replaced in this round
+            if ready in handles:
+                message = self._read(worker)
+                if message is not None:
+                    yield from self._handle(worker, message)
+            else:
+                yield from self._exited(worker, restart)
+
+    def _kill(self, worker: LocalWorker) -> None:
+        worker.process.kill()
+
     @staticmethod
-    def _shutdown(workers: list[WorkerHandle]) -> None:
-        """Kill the workers. An idle one has reported everything it did, after renaming its
-        files into place, so there is nothing to wait for (a Paddle teardown costs half a
-        second); a busy one is only here after a stop's grace period: remove what it left."""
+    def _read(worker: LocalWorker) -> tuple | None:
+        """The worker's next message, or None once it is gone (its sentinel reports that)."""
+        try:
+            return worker.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def _exited(self, worker: LocalWorker, restart: bool) -> Iterator[Event]:
+        """A worker process exited: read what it reported before it did, then count it lost."""
+        while worker.conn.poll() and (message := self._read(worker)) is not None:
+            yield from self._handle(worker, message)
+            if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
+                return
+        worker.process.join()
+        worker.conn.close()
+        yield from self._lost(worker, exit_reason(worker.process.exitcode), restart)
+
+    def _shutdown(self, workers: list[LocalWorker]) -> None:
         for worker in workers:
             worker.process.kill()
         for worker in workers:
@@ -1598,6 +1666,256 @@ class LocalBackend:
             for task in worker.held.values():
                 discard_partial_outputs(task)
             worker.conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch on a Ray cluster: the same coordinator, with actors instead of local processes
+# ---------------------------------------------------------------------------------------------
+
+RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before saying it cannot be reached
+RAY_ENV_PREFIXES = ("PADDLE", "FLAGS_", "OMP_", "MKL_")  # passed on to actors on other nodes
+RAY_INSTALL = "pip install -r requirements-ray.txt (or: pip install 'ray>=2.9')"
+
+
+class ClusterError(UserError):
+    """The Ray cluster cannot be reached or cannot run any worker: exit 3, like no workers."""
+
+    exit_code = ExitCode.NO_WORKERS
+
+
+def import_ray() -> Any:
+    """Ray is optional: imported only for --backend ray."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"--backend ray needs Ray, which is not installed: {RAY_INSTALL}") from None
+    return ray
+
+
+def check_reachable(address: str) -> None:
+    """Refuse an address nobody answers at: ray.init() would retry it for minutes."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray_address {address!r}: expected 'host:port', 'ray://host:port' or 'auto'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT).close()
+    except OSError as error:
+        why = error.strerror or "timed out"
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({why}); is it running "
+                           "(`ray status` on its head node)? Check --ray_address / $RAY_ADDRESS") from None
+
+
+@dataclass(frozen=True)
+class RayNode:
+    address: str
+    cpus: float
+    gpus: float
+
+
+class RayCluster:
+    """The connection to a Ray cluster: an existing one, or a local one started for the run."""
+
+    def __init__(self, address: str | None, instances_per_device: int):
+        self.ray = import_ray()
+        self.instances_per_device = instances_per_device  # GPU actors ask for 1/this of a GPU
+        # No address: a new local cluster ("local"), not whichever one `ray start` left running.
+        self.address = address or os.environ.get("RAY_ADDRESS") or "local"
+        check_reachable(self.address)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False,
+                              include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at {self.address!r}: {one_line(error)} (a cluster with "
+                "token authentication needs RAY_AUTH_MODE=token and its token here, as `ray status` does)"
+            ) from None
+        quiet_raylet_notices(self.ray)
+        self.nodes = [
+            RayNode(n.get("NodeManagerAddress", "?"), n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+            for n in self.ray.nodes() if n.get("Alive")
+        ]
+        self.actor_class = self.ray.remote(RayActor)
+        self.warm: dict[int, Any] = {}  # slot -> an actor importing the pipeline's libraries
+        self.search_path = [os.getcwd(), *sys.path]
+        self.environment = actor_environment()
+
+    def new_actor(self, spec: WorkerSpec, pipeline: PipelineRef) -> Any:
+        return self.actor_class.options(
+            **ray_resources(spec, self.instances_per_device), max_restarts=0, max_task_retries=0,
+            runtime_env={"env_vars": self.environment} if self.environment else None,
+        ).remote(pipeline, self.search_path)
+
+    def warm_up(self, plan: list[WorkerSpec], pipeline: PipelineRef) -> None:
+        """Create the actors now, so that they are placed and import Paddle while the
+        coordinator checks and plans the inputs (as WarmPool does for local workers)."""
+        self.warm = {spec.slot: self.new_actor(spec, pipeline) for spec in plan}
+
+    def describe(self) -> str:
+        cpus, gpus = sum(n.cpus for n in self.nodes), sum(n.gpus for n in self.nodes)
+        where = "started locally for this run" if self.address == "local" else f"at {self.address}"
+        return f"Ray cluster {where}: {len(self.nodes)} node(s), {cpus:g} CPU(s), {gpus:g} GPU(s)"
+
+    def close(self) -> None:
+        """Disconnect; a local cluster stops, and with it every actor of this run."""
+        with contextlib.suppress(Exception):
+            for actor in self.warm.values():
+                self.ray.kill(actor, no_restart=True)
+            self.ray.shutdown()
+
+
+def quiet_raylet_notices(ray: Any) -> None:
+    """Ray prints its raylet's notices (a worker died, with a paragraph of advice) on the
+    driver's stdout, which belongs to the user's pipes; each death is reported here in one
+    line instead. (Ray has no switch for it: its printer is replaced, if it is still there.)"""
+    with contextlib.suppress(AttributeError):
+        ray._private.worker.print_to_stdstream = lambda data, ignore_prefix: None
+
+
+def ray_resources(spec: WorkerSpec, instances_per_device: int) -> dict[str, float]:
+    """What one actor asks the cluster for: its threads in CPUs, and a GPU, or a share of one
+    when several instances are to share a GPU."""
+    resources = {"num_cpus": float(spec.cpu_threads or 1)}
+    if spec.device.startswith("gpu"):
+        resources["num_gpus"] = 1.0 / instances_per_device
+    return resources
+
+
+def fits(resources: dict[str, float], node: RayNode) -> bool:
+    return node.cpus >= resources["num_cpus"] and node.gpus >= resources.get("num_gpus", 0.0)
+
+
+def plan_ray_workers(config: Config, cluster: RayCluster) -> list[WorkerSpec]:
+    """One actor per (device, instance). `gpu:0,1` asks Ray for two GPUs (the ids count GPUs;
+    Ray chooses which, on which nodes); on CPU, each actor's threads default to the largest
+    node's cores divided among the instances."""
+    device_type, device_ids = parse_device_arg(config.device)
+    instances = config.instances_per_device
+    if device_type == "cpu":
+        largest = max((n.cpus for n in cluster.nodes), default=1.0)
+        threads = config.cpu_threads or max(1, int(largest) // instances)
+        plan = [WorkerSpec(slot, "cpu", threads) for slot in range(instances)]
+    elif device_type == "gpu":
+        count = len(device_ids or [0]) * instances
+        plan = [WorkerSpec(slot, "gpu", config.cpu_threads) for slot in range(count)]
+    else:
+        raise UsageError(f"--backend ray runs on cpu or gpu, not {device_type!r}; use the local backend")
+    resources = ray_resources(plan[0], instances)
+    if not any(fits(resources, node) for node in cluster.nodes):
+        asked = ", ".join(f"{v:g} {k[4:].upper()}" for k, v in resources.items())
+        raise ClusterError(f"no node of the {cluster.describe()} has what one worker needs ({asked}); "
+                           "lower --cpu_threads / raise --instances_per_device, or add such nodes")
+    return plan
+
+
+def actor_environment() -> dict[str, str]:
+    """The Paddle/PaddleX settings of this shell, for actors started on other nodes."""
+    return {k: v for k, v in os.environ.items() if k.startswith(RAY_ENV_PREFIXES)}
+
+
+@dataclass(kw_only=True)
+class RayWorker(WorkerHandle):
+    actor: Any
+    call: Any = None  # the ObjectRef of its pending start() or run_batch(), if any
+
+
+class RayBackend(Backend):
+    """One Ray actor per WorkerSpec, placed by the cluster's scheduler. Same queue, attempts,
+    timeouts and recycling as local workers; an actor or node that dies gives its inputs back."""
+
+    def __init__(self, options: WorkerOptions, config: Config, cluster: RayCluster):
+        super().__init__(options, config)
+        self.cluster = cluster
+        self.planned: dict[int, WorkerSpec] = {}
+
+    def _start(self, spec: WorkerSpec) -> RayWorker:
+        """The slot's warm actor if it has one (see RayCluster.warm_up), else a new one."""
+        spec = self.planned.setdefault(spec.slot, spec)
+        actor = self.cluster.warm.pop(spec.slot, None) or self.cluster.new_actor(spec, self.options.pipeline)
+        return RayWorker(spec, time.monotonic(), actor=actor, call=actor.start.remote(spec, self.options))
+
+    def _send(self, worker: RayWorker, batch: list[Task]) -> None:
+        worker.call = worker.actor.run_batch.remote(batch)
+
+    def _wait(self, restart: bool) -> Iterator[Event]:
+        ray = self.cluster.ray
+        calls = {w.call: w for w in self.workers.values() if w.call is not None}
+        if not calls:
+            time.sleep(POLL_SECONDS)
+            return
+        finished, _ = ray.wait(list(calls), num_returns=1, timeout=POLL_SECONDS)
+        for ref in finished:
+            worker = calls[ref]
+            worker.call = None
+            try:
+                messages = ray.get(ref)
+            except ray.exceptions.RayError as error:
+                self._kill(worker)
+                yield from self._lost(worker, f"died ({ray_error_reason(error)})", restart)
+                continue
+            for message in messages:
+                if message[0] == "ready":
+                    worker.spec = replace(worker.spec, device=message[2])
+                yield from self._handle(worker, message)
+            if worker.retiring and self.workers.get(worker.spec.slot) is worker:
+                self._kill(worker)
+                yield from self._lost(worker, "retired", restart)
+
+    def _kill(self, worker: RayWorker) -> None:
+        with contextlib.suppress(Exception):
+            self.cluster.ray.kill(worker.actor, no_restart=True)
+
+    def _shutdown(self, workers: list[RayWorker]) -> None:
+        for worker in workers:
+            self._kill(worker)
+            for task in worker.held.values():
+                discard_partial_outputs(task)
+
+
+def ray_error_reason(error: BaseException) -> str:
+    """Ray's death notices run to paragraphs; keep the first sentence."""
+    text = " ".join(str(error).split())
+    return (text.split(". ")[0][:200] or type(error).__name__)
+
+
+class RayActor:
+    """A worker as a Ray actor: the same pipeline and batch code as a local worker process,
+    called by method instead of by pipe. Its messages are the local worker's. Like a warm
+    local worker, it imports the pipeline's libraries as soon as it exists."""
+
+    def __init__(self, pipeline: PipelineRef, search_path: list[str]):
+        sys.path.extend(p for p in search_path if p not in sys.path and os.path.isdir(p))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.suppress(BaseException):  # a failure here is reported by start()
+                load_pipeline_class(pipeline)
+
+    def start(self, spec: WorkerSpec, options: WorkerOptions) -> list[tuple]:
+        self.options, self.aliases, self.processed = options, PathAliases(), 0
+        ray = sys.modules["ray"]
+        gpus = ray.get_gpu_ids()
+        # Ray shows the actor only its own GPU (CUDA_VISIBLE_DEVICES), so it is gpu:0 here.
+        device = "gpu:0" if spec.device == "gpu" else spec.device
+        where = f"{spec.device}{':' + ','.join(map(str, gpus)) if gpus else ''}@{ray.util.get_node_ip_address()}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.pipeline = create_pipeline(options.pipeline, replace(spec, device=device), options.init_kwargs)
+        except BaseException as error:  # reported; the coordinator decides
+            return [("init_failed", one_line(error))]
+        return [("ready", describe_engine(options.init_kwargs), where)]
+
+    def run_batch(self, batch: list[Task]) -> list[tuple]:
+        messages = list(process_batch(self.pipeline, batch, self.options, self.aliases))
+        self.processed += len(batch)
+        reason = self.options.retire_reason(self.processed)
+        if reason:
+            messages.append(("retiring", reason))
+        return messages
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -1968,14 +2286,21 @@ def run(config: Config) -> ExitCode:
     Worker processes start warming up (importing) while the checks run; see WarmPool."""
     pipeline = resolve_pipeline(config.pipeline)
     warm = WarmPool(pipeline, 0 if config.dry_run else expected_workers(config))
+    cluster = None
     try:
-        return check_and_dispatch(config, pipeline, warm)
+        if config.backend == "ray":
+            cluster = RayCluster(config.ray_address, config.instances_per_device)
+        return check_and_dispatch(config, pipeline, warm, cluster)
     finally:
         warm.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool) -> ExitCode:
-    plan = plan_workers(config)
+def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool, cluster: RayCluster | None) -> ExitCode:
+    plan = plan_ray_workers(config, cluster) if cluster else plan_workers(config)
+    if cluster and not config.dry_run:
+        cluster.warm_up(plan, pipeline)
     check_engine(config, plan[0].device.split(":")[0])
     check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
     selection = find_inputs(config)
@@ -1983,7 +2308,7 @@ def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool) ->
     tasks = [task for task in planned if in_shard(task, config.shard)]
     if config.dry_run:
         work = select_work(tasks, read_run_log(config.run_log), config)
-        print_plan(config, pipeline, plan, len(planned), work, selection.ignored)
+        print_plan(config, pipeline, plan, len(planned), work, selection.ignored, cluster)
         return ExitCode.OK
     if not tasks:
         say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
@@ -1998,7 +2323,7 @@ def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool) ->
         remove_stale_temporaries(work.todo)
         run_log = RunLog(config.run_log, config.output_dir)
         try:
-            return dispatch(config, pipeline, plan, work, run_log, selection.ignored, warm)
+            return dispatch(config, pipeline, plan, work, run_log, selection.ignored, warm, cluster)
         finally:
             run_log.close()
     finally:
@@ -2006,13 +2331,14 @@ def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool) ->
 
 
 def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], planned: int,
-               work: WorkSelection, ignored: int) -> None:
+               work: WorkSelection, ignored: int, cluster: RayCluster | None) -> None:
     """--dry_run: what a run would do, on stdout; nothing is written and no model is loaded."""
     shard = f" (shard {config.shard[0]}/{config.shard[1]} of {planned})" if config.shard else ""
     selected = len(work.todo) + len(work.complete) + work.not_selected
     lines = [
         f"pipeline: {pipeline.name} from {pipeline.module}",
-        f"workers: {describe_plan(plan)}; batch size {config.batch_size}",
+        f"workers: {describe_plan(plan)}; batch size {config.batch_size}"
+        + (f"; on the {cluster.describe()}" if cluster else ""),
         f"inputs: {selected} selected{shard}, {len(work.todo)} to do, {len(work.complete)} already done (skipped), "
         f"{work.not_selected} not selected (--retry_failed), {ignored} ignored (not an input)",
         f"output: {config.output_dir}; run log {config.run_log}",
@@ -2044,14 +2370,14 @@ def not_a_file(path: str) -> str | None:
 
 
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
-             run_log: RunLog, ignored: int, warm: WarmPool) -> ExitCode:
+             run_log: RunLog, ignored: int, warm: WarmPool, cluster: RayCluster | None) -> ExitCode:
     for task, record in work.complete:
         run_log.write(task, SKIPPED, outputs=[os.path.join(config.output_dir, o) for o in record["outputs"]],
                       extras=[os.path.join(config.output_dir, o) for o in record.get("extra_outputs") or []],
                       device=record.get("device"))
     shard = f" (shard {config.shard[0]}/{config.shard[1]})" if config.shard else ""
     say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done; {describe_plan(plan)}, "
-        f"batch size {config.batch_size} -> {config.output_dir}")
+        f"batch size {config.batch_size} -> {config.output_dir}" + (f"; on the {cluster.describe()}" if cluster else ""))
     stop = Stopper()
     stop.install()
     progress = Progress(len(work.todo), config.progress_interval)
@@ -2063,7 +2389,9 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work
                 report.handle(TaskFailed(task, None, unreadable[task.index]))
         todo = [task for task in work.todo if task.index not in unreadable]
         if todo:
-            events = LocalBackend(pipeline, config, warm).run(todo, plan, stop)
+            options = worker_options(pipeline, config)
+            backend = RayBackend(options, config, cluster) if cluster else LocalBackend(options, config, warm)
+            events = backend.run(todo, plan, stop)
             with contextlib.closing(events):
                 for event in events:
                     report.handle(event)

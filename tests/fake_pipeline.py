@@ -3,7 +3,10 @@
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
-``FAKE_PIPELINE_DELAY`` (seconds) makes every input take that long;
+``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
+actors on any node, as environment variables may not), makes every input take that long;
+``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
+its pid, device and threads;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
 A ``.pdf``/``.tif``/``.tiff`` yields one page per line that starts with ``page``, at least
 one; any other input one result without a page index. Each result records which process made
@@ -67,8 +70,10 @@ class FakePipeline:
         self.device = device
         self.cpu_threads = cpu_threads
         self.options = options
-        if INIT_LOG:
-            with open(INIT_LOG, "a", encoding="utf-8") as handle:
+        self.delay = float(options.get("delay", os.environ.get("FAKE_PIPELINE_DELAY", "0")))
+        init_log = options.get("init_log", INIT_LOG)
+        if init_log:
+            with open(init_log, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"pid": os.getpid(), "device": device, "cpu_threads": cpu_threads}) + "\n")
 
     def predict(self, inputs, **predict_options):
@@ -87,9 +92,8 @@ class FakePipeline:
                 _held_memory.append(bytearray(os.urandom(1)) * (100 * 2**20))
             if b"EMPTY" in data:
                 continue
-            delay = float(os.environ.get("FAKE_PIPELINE_DELAY", "0"))
-            if delay:
-                time.sleep(delay)
+            if self.delay:
+                time.sleep(self.delay)
             common = {"input_path": path, "device": self.device, "pid": os.getpid(),
                       "cpu_threads": self.cpu_threads, "batch": len(inputs), "options": self.options,
                       "predict_options": predict_options, "text": data.decode("utf-8", "replace")}

@@ -1,0 +1,206 @@
+"""The Ray backend: the same contract as the local one, on a local Ray cluster the tests start.
+
+Most tests use one cluster started with `ray start --head` (an "existing cluster", as on a
+real fleet); one real-OCR run lets infer_mp.py start its own local cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE, OFFLINE_OCR, ROOT, SCRIPT, make_inputs, outputs, page_files, run_cli, run_fake, run_log, \
+    temporaries, wait_for, write
+from test_real_ocr import assert_text_matches
+
+pytest.importorskip("ray", reason="the Ray backend needs: pip install -r requirements-ray.txt")
+
+# A cluster without token authentication, and no inherited address: every run says where to go.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({k: v for k, v in RAY_ENV.items() if v})
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A 2-CPU Ray cluster, as `ray start --head` makes one; its address."""
+    port = free_port()
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
+         "--include-dashboard", "false", "--disable-usage-stats"],
+        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_for(lambda: cluster_answers(address) or head.poll() is not None, timeout=120)
+        assert head.poll() is None, "ray start --head failed"
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def cluster_answers(address: str) -> bool:
+    status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", "--address", address],
+                            env=ray_env(), capture_output=True, text=True)
+    return status.returncode == 0
+
+
+def on_ray(src: Path, out: Path, address: str | None, *extra: str, **kwargs):
+    where = ["--ray_address", address] if address else []
+    return run_fake(src, out, "--backend", "ray", *where, *extra, env=RAY_ENV, **kwargs)
+
+
+def comparable(results: dict[str, dict]) -> dict[str, tuple]:
+    """What a page's JSON says about its input, without which process or device made it."""
+    return {name: (r["input_path"], r.get("page_index"), r["text"]) for name, r in results.items()}
+
+
+def test_without_ray_installed_says_how_to_install(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 1)
+    write(tmp_path / "shadow" / "ray.py", "raise ImportError('No module named ray')\n")
+    run = run_fake(src, out, "--backend", "ray", env={"PYTHONPATH": str(tmp_path / "shadow")})
+    assert run.code == 2
+    assert "requirements-ray.txt" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
+
+
+def test_ray_address_needs_the_ray_backend(dirs):
+    src, out = dirs
+    make_inputs(src, 1)
+    run = run_fake(src, out, "--ray_address", "auto")
+    assert run.code == 2 and "--backend ray" in run.stderr
+
+
+def test_unreachable_cluster_is_one_line_and_exit_3(dirs):
+    src, out = dirs
+    make_inputs(src, 1)
+    started = time.monotonic()
+    run = on_ray(src, out, f"127.0.0.1:{free_port()}")
+    assert run.code == 3, run.stderr
+    assert "cannot reach the Ray cluster" in run.stderr and "Traceback" not in run.stderr
+    assert time.monotonic() - started < 60
+    assert page_files(out) == [] if out.exists() else True
+
+
+def test_same_outputs_and_run_log_as_local_and_backends_resume_each_other(cluster, tmp_path):
+    src = tmp_path / "in"
+    make_inputs(src, 6, pdf_pages=3)
+    write(src / "sub" / "p00.png", "nested, same name")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert run_fake(src, local, "--input_glob_pattern", "**/*").code == 0
+    run = on_ray(src, remote, cluster, "--input_glob_pattern", "**/*", "--instances_per_device", "2",
+                 "--batch_size", "2", "--pipeline_arg", "delay=0.3")
+    assert run.code == 0, run.stderr
+    assert comparable(outputs(remote)) == comparable(outputs(local))
+    assert len({r["pid"] for r in outputs(remote).values()}) == 2  # two actors shared the work
+    records = run_log(remote)
+    assert sorted(r["status"] for r in records) == ["done"] * 8
+    assert all(r["device"].startswith("cpu@") for r in records)
+    assert "on the Ray cluster at" in run.stderr
+    # Switch backends: the local backend sees Ray's work as done, and the other way round.
+    write(src / "new.png", "added later")
+    again = run_fake(src, remote, "--input_glob_pattern", "**/*")
+    assert again.code == 0 and "1 input(s) to do, 8 already done" in again.stderr
+    write(src / "newer.png", "added even later")
+    last = on_ray(src, remote, cluster, "--input_glob_pattern", "**/*")
+    assert last.code == 0 and "1 input(s) to do, 9 already done" in last.stderr
+    assert len(page_files(remote)) == 12
+
+
+def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster, dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 12)
+    init_log = tmp_path / "actors.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
+         "--output_dir", str(out), "--backend", "ray", "--ray_address", cluster, "--instances_per_device", "2",
+         "--pipeline_arg", "delay=0.4", "--pipeline_arg", f"init_log={init_log}"],
+        env={**ray_env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
+    victim = json.loads(init_log.read_text().splitlines()[0])["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "died" in stderr and "go back to the queue" in stderr
+    assert page_files(out) == [f"p{i:02d}.json" for i in range(12)] and temporaries(out) == []
+    records = run_log(out)
+    assert sorted(r["input"] for r in records) == sorted(str(src / f"p{i:02d}.png") for i in range(12))
+    assert all(r["status"] == "done" for r in records)
+    assert len(init_log.read_text().splitlines()) == 3  # two actors, one replacement
+
+
+def test_crashing_raising_and_hanging_inputs_fail_alone(cluster, dirs):
+    src, out = dirs
+    make_inputs(src, 4)
+    write(src / "crash.png", "CRASH")
+    write(src / "raise.png", "RAISE")
+    write(src / "hang.png", "HANG")
+    run = on_ray(src, out, cluster, "--instances_per_device", "2", "--batch_size", "3", "--max_attempts", "2",
+                 "--task_timeout", "3")
+    assert run.code == 1, run.stderr
+    failed = {Path(r["input"]).name: r for r in run_log(out) if r["status"] == "failed"}
+    assert sorted(failed) == ["crash.png", "hang.png", "raise.png"]
+    assert failed["crash.png"]["attempts"] == 2 and "died" in failed["crash.png"]["error"]
+    assert "timed out" in failed["hang.png"]["error"]
+    assert "cannot decode" in failed["raise.png"]["error"]
+    assert page_files(out) == [f"p{i:02d}.json" for i in range(4)]
+    assert "Traceback" not in run.stderr
+
+
+def test_resources_no_node_has_are_refused_before_any_work(cluster, dirs):
+    src, out = dirs
+    make_inputs(src, 2)
+    for extra in (["--cpu_threads", "8"], ["--device", "gpu:0"]):
+        run = on_ray(src, out, cluster, *extra)
+        assert run.code == 3, run.stderr
+        assert "no node of the Ray cluster" in run.stderr and "Traceback" not in run.stderr
+        assert page_files(out) == [] if out.exists() else True
+
+
+def test_dry_run_names_the_cluster_and_starts_no_actor(cluster, dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    run = on_ray(src, out, cluster, "--dry_run", "--instances_per_device", "2")
+    assert run.code == 0, run.stderr
+    assert "2 worker(s) on cpu x2, 1 CPU thread(s) each" in run.stdout
+    assert "Ray cluster at" in run.stdout and "2 CPU(s)" in run.stdout
+    assert not out.exists()
+
+
+def test_real_ocr_on_a_local_cluster_started_for_the_run(tmp_path):
+    """No address: infer_mp.py starts a local Ray cluster, runs the offline OCR pipeline on
+    it, and stops it."""
+    truth = json.loads((ROOT / "examples" / "truth.json").read_text())
+    out = tmp_path / "out"
+    run = run_cli("--pipeline", OFFLINE_OCR, "--input_dir", str(ROOT / "examples" / "inputs"), "--device", "cpu",
+                  "--output_dir", str(out), "--backend", "ray", env=RAY_ENV, timeout=300)
+    assert run.code == 0, run.stderr
+    assert "started locally for this run" in run.stderr
+    assert_text_matches(out, truth)
+    assert all(r["device"].startswith("cpu@") for r in run_log(out))
