@@ -3,6 +3,7 @@
     python examples/benchmark.py                      # real OCR, CPU: the README's table
     python examples/benchmark.py --orchestration 100000   # dispatch cost, model-free
     python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
+    python examples/benchmark.py --backends --pages 40    # the Ray backend against the local one
 
 Every figure is a whole process (start-up and model load included), the median of --rounds
 interleaved rounds (A B C A B C ...), on pages rendered with known text and the offline
@@ -243,6 +244,65 @@ def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
         print(f"best infer_mp.py run vs the peer: {peers[0].median / best.median:.2f}x the peer's throughput")
 
 
+def start_ray_head(work: Path) -> tuple[subprocess.Popen, str]:
+    """An existing Ray cluster, as on a fleet: `ray start --head --block` on this machine."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--port", str(port), "--num-cpus", str(cores()),
+                             "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while subprocess.run([ray_cli, "status", "--address", address], capture_output=True).returncode != 0:
+        if time.monotonic() > deadline or head.poll() is not None:
+            raise SystemExit("ray start --head did not come up")
+        time.sleep(1)
+    return head, address
+
+
+def backend_benchmark(args: argparse.Namespace, work: Path) -> None:
+    """The Ray backend against the local one, same pages and plan: on a cluster that already
+    runs (the fleet case), and on a local cluster each run starts and stops itself."""
+    import signal
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the benchmark's own throwaway clusters
+    os.environ.pop("RAY_ADDRESS", None)
+    pages = write_pages(work / "dense", args.pages, mixed=False)
+    out = work / "out"
+    head, address = start_ray_head(work)
+    try:
+        configs = []
+        for instances, threads in dict.fromkeys([(1, cores()), (cores(), 1)]):
+            base = python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(work / "dense"),
+                          "--device", "cpu", "--instances_per_device", str(instances), "--cpu_threads", str(threads),
+                          "--output_dir", str(out), "--progress_interval", "3600", *args.extra)
+            plan = f"{instances} x {threads}"
+            configs += [
+                Config(f"local backend, {plan}", [base], len(pages)),
+                Config(f"Ray backend, existing cluster, {plan}", [base + ["--backend", "ray", "--ray_address", address]],
+                       len(pages)),
+                Config(f"Ray backend, local cluster started by the run, {plan}", [base + ["--backend", "ray"]],
+                       len(pages)),
+            ]
+        print(f"measuring {len(configs)} configurations x {args.rounds} rounds on {len(pages)} pages ...",
+              file=sys.stderr)
+        measure(configs, args.rounds, out)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait()
+    extra = f", {' '.join(args.extra)}" if args.extra else ""
+    print("\n" + header(f"{len(pages)} dense pages (20 lines), local vs Ray backend{extra}", args.rounds) + "\n")
+    print("| configuration | seconds | pages/s | vs local, same plan |\n| --- | --- | --- | --- |")
+    for index, config in enumerate(configs):
+        local = configs[index - index % 3]
+        print(f"| {config.name} | {config.median:.1f} | {config.pages / config.median:.2f} | "
+              f"{local.median / config.median:.2f}x |")
+
+
 def best_instances(config: Config) -> int:
     return int(config.name.split("py ")[1].split(" instance")[0])
 
@@ -368,6 +428,10 @@ def main() -> None:
                         help="instead: dispatch cost over N tiny inputs with the model-free pipeline")
     parser.add_argument("--engines", action="store_true",
                         help="instead: infer_mp.py on each CPU engine beside the peer rapidocr-openvino")
+    parser.add_argument("--backends", action="store_true",
+                        help="instead: the Ray backend against the local one (needs requirements-ray.txt)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="with --backends: more infer_mp.py flags for every run, e.g. --engine onnxruntime")
     parser.add_argument("--peer_venv", help="virtual environment for the peer (created if missing)")
     parser.add_argument("--no_peer", action="store_true", help="--engines without the peer")
     parser.add_argument("--work_dir", help="where inputs and outputs go (default: a temporary folder)")
@@ -377,6 +441,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.orchestration:
         orchestration_benchmark(args, work)
+    elif args.backends:
+        backend_benchmark(args, work)
     elif args.engines:
         engine_benchmark(args, work)
     else:

@@ -70,9 +70,18 @@ def _det_config() -> dict:
             "thresh": 0.3,
             "box_thresh": 0.6,
             "max_candidates": 1000,
-            "unclip_ratio": 1.5,
+            "unclip_ratio": DET_UNCLIP_RATIO,
+            "use_dilation": True,
         },
     }
+
+
+# How far each detected line's box is grown before it is cropped for recognition. PaddleX's
+# 1.5 without dilation crops these models' lines too tightly here: the recognizer loses
+# spaces and reads 0 as o, and the tight crops are wider after resizing to its height, which
+# costs time. 2.0 with dilation recognized 159 of 160 benchmark lines exactly (1.5: 1 of 160)
+# with 24% less recognizer input. Lines closer than about half a line height may merge.
+DET_UNCLIP_RATIO = 2.0
 
 
 def _rec_config(characters: list[str]) -> dict:
@@ -169,6 +178,7 @@ class OfflineOCR(_ocr_base()):
             use_doc_orientation_classify=False,
             use_doc_unwarping=False,
             use_textline_orientation=False,
+            text_det_unclip_ratio=DET_UNCLIP_RATIO,  # the pipeline's own (1.5) wins over inference.yml's
             engine=engine,
             engine_config=_engine_config(device, cpu_threads, engine, engine_config),
         )

@@ -89,7 +89,8 @@ def test_threads_are_planned_for_onnxruntime():
     assert infer_mp.planned_engine_config(Takes, spec, {"engine": "onnxruntime"}) == {"intra_op_num_threads": 3}
     openvino = {"engine": "onnxruntime", "engine_config": {"providers": ["OpenVINOExecutionProvider"]}}
     assert infer_mp.planned_engine_config(Takes, spec, openvino) == {
-        "providers": ["OpenVINOExecutionProvider"], "intra_op_num_threads": 3, "provider_options": {"num_of_threads": 3}}
+        "providers": ["OpenVINOExecutionProvider"], "intra_op_num_threads": 3,
+        "provider_options": {"num_of_threads": 3, "load_config": json.dumps(infer_mp.OPENVINO_CPU_CONFIG)}}
     mine = {"engine": "onnxruntime", "engine_config": {"intra_op_num_threads": 1}}
     assert infer_mp.planned_engine_config(Takes, spec, mine) == {"intra_op_num_threads": 1}
     assert infer_mp.planned_engine_config(Takes, spec, {"engine": "paddle"}) is None

@@ -69,9 +69,9 @@ def cluster_answers(address: str) -> bool:
     return status.returncode == 0
 
 
-def on_ray(src: Path, out: Path, address: str | None, *extra: str, **kwargs):
+def on_ray(src: Path, out: Path, address: str | None, *extra: str, env: dict | None = None, **kwargs):
     where = ["--ray_address", address] if address else []
-    return run_fake(src, out, "--backend", "ray", *where, *extra, env=RAY_ENV, **kwargs)
+    return run_fake(src, out, "--backend", "ray", *where, *extra, env={**RAY_ENV, **(env or {})}, **kwargs)
 
 
 def comparable(results: dict[str, dict]) -> dict[str, tuple]:
@@ -204,3 +204,32 @@ def test_real_ocr_on_a_local_cluster_started_for_the_run(tmp_path):
     assert "started locally for this run" in run.stderr
     assert_text_matches(out, truth)
     assert all(r["device"].startswith("cpu@") for r in run_log(out))
+
+
+def test_actors_beyond_free_resources_wait_and_the_others_do_the_work(cluster, dirs):
+    src, out = dirs
+    make_inputs(src, 5)
+    run = on_ray(src, out, cluster, "--instances_per_device", "3", "--cpu_threads", "2")  # room for one
+    assert run.code == 0, run.stderr
+    assert page_files(out) == [f"p{i:02d}.json" for i in range(5)]
+    assert len({r["pid"] for r in outputs(out).values()}) == 1
+
+
+def test_a_cluster_busy_with_another_job_is_exit_3_not_a_hang(cluster, tmp_path):
+    src = tmp_path / "in"
+    make_inputs(src, 8)
+    busy = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
+         "--output_dir", str(tmp_path / "first"), "--backend", "ray", "--ray_address", cluster,
+         "--instances_per_device", "2", "--pipeline_arg", "delay=2"],
+        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: len(page_files(tmp_path / "first")) >= 1 if (tmp_path / "first").exists() else False)
+        run = on_ray(src, tmp_path / "second", cluster, env={"INFER_MP_RAY_START_TIMEOUT": "3"})
+    finally:
+        busy.kill()
+        busy.wait()
+    assert run.code == 3, run.stderr
+    assert "not started within 3 s: no node had 2 CPU free" in run.stderr
+    assert "8 not processed (no worker could run)" in run.stderr
