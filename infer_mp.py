@@ -1433,6 +1433,31 @@ class WarmPool:
 
     def __init__(self, pipeline: PipelineRef, count: int):
         self.processes = [spawn_worker(pipeline) for _ in range(count)]
+        self.plan_asked = False
+
+    def ask_for_plan(self, config: Config) -> None:
+        """Have the first warm worker make the worker plan with PaddleX's device helpers: it
+        imports PaddleX anyway, and the coordinator importing it too would take a second of
+        CPU from the workers' own start-up."""
+        if self.processes:
+            with contextlib.suppress(OSError):
+                self.processes[0][1].send(("plan", config))
+                self.plan_asked = True
+
+    def plan(self, config: Config) -> list[WorkerSpec]:
+        """The plan the warm worker made (waiting for it), or one made here if there is no
+        warm worker or it could not answer."""
+        if self.plan_asked:
+            self.plan_asked = False
+            try:
+                reply = self.processes[0][1].recv()
+            except (EOFError, OSError):
+                reply = None
+            if reply is not None and reply[0] == "plan":
+                return reply[1]
+            if reply is not None and reply[0] == "plan_refused":
+                raise UsageError(reply[1])
+        return plan_workers(config)
 
     def take(self) -> tuple[multiprocessing.process.BaseProcess, Connection] | None:
         return self.processes.pop(0) if self.processes else None
@@ -2023,7 +2048,11 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
             warnings.simplefilter("ignore")
             with contextlib.suppress(BaseException):  # a failure here is reported below
                 load_pipeline_class(pipeline_ref)
-        kind, spec, options = conn.recv()
+        message = conn.recv()
+        if message[0] == "plan":  # see WarmPool.ask_for_plan
+            conn.send(plan_in_worker(message[1]))
+            message = conn.recv()
+        kind, spec, options = message
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -2044,6 +2073,17 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
         return  # the coordinator is gone
     finally:
         aliases.close()
+
+
+def plan_in_worker(config: Config) -> tuple:
+    """The worker plan, or why the device cannot be used; ("plan_unknown",) lets the
+    coordinator try itself (and show what went wrong)."""
+    try:
+        return ("plan", plan_workers(config))
+    except UserError as error:
+        return ("plan_refused", str(error))
+    except Exception:
+        return ("plan_unknown",)
 
 
 def one_line(error: BaseException) -> str:
@@ -2315,6 +2355,7 @@ def run(config: Config) -> ExitCode:
     Worker processes start warming up (importing) while the checks run; see WarmPool."""
     pipeline = resolve_pipeline(config.pipeline)
     warm = WarmPool(pipeline, 0 if config.dry_run else expected_workers(config))
+    warm.ask_for_plan(config)
     cluster = None
     try:
         if config.backend == "ray":
@@ -2327,14 +2368,17 @@ def run(config: Config) -> ExitCode:
 
 
 def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool, cluster: RayCluster | None) -> ExitCode:
-    plan = plan_ray_workers(config, cluster) if cluster else plan_workers(config)
-    if cluster and not config.dry_run:
-        cluster.warm_up(plan, pipeline)
-    check_engine(config, plan[0].device.split(":")[0])
+    if cluster:
+        plan = plan_ray_workers(config, cluster)
+        if not config.dry_run:
+            cluster.warm_up(plan, pipeline)
     check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
     selection = find_inputs(config)
     planned = plan_tasks(selection.root, config.output_dir, selection.paths)
     tasks = [task for task in planned if in_shard(task, config.shard)]
+    if not cluster:
+        plan = warm.plan(config)  # made while the inputs were listed
+    check_engine(config, plan[0].device.split(":")[0])
     if config.dry_run:
         work = select_work(tasks, read_run_log(config.run_log), config)
         print_plan(config, pipeline, plan, len(planned), work, selection.ignored, cluster)
