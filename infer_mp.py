@@ -1708,7 +1708,7 @@ class LocalBackend(Backend):
 RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before saying it cannot be reached
 RAY_ENV_PREFIXES = ("PADDLE", "FLAGS_", "OMP_", "MKL_")  # passed on to actors on other nodes
 RAY_START_TIMEOUT = float(os.environ.get("INFER_MP_RAY_START_TIMEOUT", 600))  # for no actor at all to start
-RAY_INSTALL = "pip install -r requirements-ray.txt (or: pip install 'ray>=2.9')"
+RAY_INSTALL = "pip install -r requirements-ray.txt (the same Ray version on every node of the cluster)"
 
 
 class ClusterError(UserError):

@@ -45,8 +45,16 @@ def main() -> None:
     from offline_ocr import OfflineOCR
     stages["start-up and imports (paddle, paddlex, paddleocr)"] = time.perf_counter() - started
 
+    # The engine settings an infer_mp.py worker would use (its thread plan and, for OpenVINO,
+    # its provider options), so that the stages and the bare loop measure the same thing.
+    sys.path.insert(0, str(HERE.parent))
+    import infer_mp
+
+    given = {"engine": args.engine, **({"engine_config": args.engine_config} if args.engine_config else {})}
+    engine_config = infer_mp.planned_engine_config(OfflineOCR, infer_mp.WorkerSpec(0, "cpu", args.threads), given)
+    engine_config = engine_config or args.engine_config
     started = time.perf_counter()
-    pipeline = OfflineOCR(device="cpu", cpu_threads=args.threads, engine=args.engine, engine_config=args.engine_config)
+    pipeline = OfflineOCR(device="cpu", cpu_threads=args.threads, engine=args.engine, engine_config=engine_config)
     stages["model load (detector + recognizer)"] = time.perf_counter() - started
 
     detector = pipeline.paddlex_pipeline.text_det_model
@@ -74,8 +82,8 @@ def main() -> None:
     # the same pipeline and threads, interleaved, medians of 3.
     bare = [sys.executable, str(HERE / "bench_worker.py"), "bare", str(work / "bare-out"),
             *map(str, pages), "--threads", str(args.threads), "--engine", args.engine]
-    if args.engine_config:
-        bare += ["--engine_config", json.dumps(args.engine_config)]
+    if engine_config:
+        bare += ["--engine_config", json.dumps(engine_config)]
     infer = [sys.executable, str(HERE.parent / "infer_mp.py"), "--pipeline", f"{HERE / 'offline_ocr.py'}:OfflineOCR",
              "--input_dir", str(work / "pages"), "--device", "cpu", "--cpu_threads", str(args.threads),
              "--output_dir", str(work / "infer_mp-out"), "--overwrite", "--engine", args.engine]

@@ -233,3 +233,50 @@ def test_a_cluster_busy_with_another_job_is_exit_3_not_a_hang(cluster, tmp_path)
     assert run.code == 3, run.stderr
     assert "not started within 3 s: no node had 2 CPU free" in run.stderr
     assert "8 not processed (no worker could run)" in run.stderr
+
+
+def test_recycling_replaces_actors_between_batches(cluster, dirs):
+    src, out = dirs
+    make_inputs(src, 6)
+    run = on_ray(src, out, cluster, "--max_items_per_worker", "2")
+    assert run.code == 0, run.stderr
+    assert page_files(out) == [f"p{i:02d}.json" for i in range(6)]
+    assert len({r["pid"] for r in outputs(out).values()}) == 3
+    assert all(r["attempts"] == 1 for r in run_log(out))
+
+
+class FakeCluster:
+    """What plan_ray_workers reads from a RayCluster: its nodes."""
+
+    def __init__(self, *nodes: tuple[float, float]):
+        import infer_mp
+
+        self.nodes = [infer_mp.RayNode(f"10.0.0.{i}", cpus, gpus) for i, (cpus, gpus) in enumerate(nodes)]
+        self.instances_per_device = 1
+
+    def describe(self) -> str:
+        return "Ray cluster at test"
+
+
+def ray_config(device: str, instances: int, threads: int | None = None):
+    import infer_mp
+
+    return infer_mp.Config(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device=device,
+                           instances_per_device=instances, batch_size=1, input_glob_patterns=("*",),
+                           cpu_threads=threads, run_log=Path("log"), lock_file=Path("lock"), backend="ray")
+
+
+def test_devices_map_onto_cluster_resources():
+    import infer_mp
+
+    gpus = FakeCluster((16, 0), (32, 8))
+    plan = infer_mp.plan_ray_workers(ray_config("gpu:0,1,2,3", 2), gpus)
+    assert len(plan) == 8 and {s.device for s in plan} == {"gpu"}
+    assert infer_mp.ray_resources(plan[0], 2) == {"num_cpus": 1.0, "num_gpus": 0.5}  # two actors share a GPU
+    assert infer_mp.ray_resources(plan[0], 1) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    cpus = infer_mp.plan_ray_workers(ray_config("cpu", 4), gpus)
+    assert [s.cpu_threads for s in cpus] == [8] * 4  # the largest node's 32 cores among 4 instances
+    with pytest.raises(infer_mp.ClusterError, match="no node of the Ray cluster at test has what one worker needs"):
+        infer_mp.plan_ray_workers(ray_config("gpu:0", 1), FakeCluster((64, 0)))
+    with pytest.raises(infer_mp.UsageError, match="runs on cpu or gpu"):
+        infer_mp.plan_ray_workers(ray_config("xpu:0", 1), gpus)
