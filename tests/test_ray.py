@@ -280,3 +280,34 @@ def test_devices_map_onto_cluster_resources():
         infer_mp.plan_ray_workers(ray_config("gpu:0", 1), FakeCluster((64, 0)))
     with pytest.raises(infer_mp.UsageError, match="runs on cpu or gpu"):
         infer_mp.plan_ray_workers(ray_config("xpu:0", 1), gpus)
+
+
+def test_a_node_lost_mid_run_has_its_inputs_retried_on_another(monkeypatch, dirs):
+    """Two worker nodes (Ray's own test cluster: separate raylets on this machine); one is
+    removed mid-run, killing the actor on it. Its inputs are done on the other node."""
+    from ray.cluster_utils import Cluster
+
+    for name, value in RAY_ENV.items():
+        monkeypatch.setenv(name, value) if value else monkeypatch.delenv(name, raising=False)
+    src, out = dirs
+    make_inputs(src, 10)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        doomed = cluster.add_node(num_cpus=1)
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
+             "--output_dir", str(out), "--backend", "ray", "--ray_address", cluster.address,
+             "--instances_per_device", "2", "--cpu_threads", "1", "--pipeline_arg", "delay=0.5"],
+            env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
+        cluster.remove_node(doomed, allow_graceful=False)
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        cluster.shutdown()
+    assert process.returncode == 0, stderr
+    assert "died" in stderr and "go back to the queue" in stderr
+    assert page_files(out) == [f"p{i:02d}.json" for i in range(10)] and temporaries(out) == []
+    assert sorted(r["status"] for r in run_log(out)) == ["done"] * 10
