@@ -1293,6 +1293,7 @@ class WorkerLost:
     spec: WorkerSpec
     reason: str
     requeued: int
+    replaced: bool = True
 
 
 @dataclass(frozen=True)
@@ -1336,10 +1337,6 @@ class Note:
 Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed | OutputError | Note
 
 
-class StopRequested(Exception):
-    """A second Ctrl-C / SIGTERM: stop now."""
-
-
 class Stopper:
     """First SIGINT or SIGTERM: start nothing new and give the inputs in progress a grace
     period. Second: stop at once. Either way workers are killed, not left behind."""
@@ -1358,8 +1355,11 @@ class Stopper:
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """Sets flags only: the dispatch loop, which wakes at least every POLL_SECONDS, acts
+        on them. (An exception raised here would be swallowed inside ray.wait.)"""
         if self.signum is not None:
-            raise StopRequested()
+            self.deadline = -math.inf
+            return
         self.signum, self.deadline = signum, time.monotonic() + self.grace
         say(f"{signal.Signals(signum).name}: starting no new inputs; finishing those in progress "
             f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
@@ -1457,7 +1457,14 @@ class WarmPool:
                 return reply[1]
             if reply is not None and reply[0] == "plan_refused":
                 raise UsageError(reply[1])
+            self._drop_first()  # it died, or could not plan: not a worker to hand out
         return plan_workers(config)
+
+    def _drop_first(self) -> None:
+        process, conn = self.processes.pop(0)
+        process.kill()
+        process.join()
+        conn.close()
 
     def take(self) -> tuple[multiprocessing.process.BaseProcess, Connection] | None:
         return self.processes.pop(0) if self.processes else None
@@ -1548,7 +1555,7 @@ class Backend:
     def _feed(self, worker: WorkerHandle) -> None:
         """Give an idle worker its next batch. An input that was in a worker that died goes
         alone, so that it cannot take others down with it again."""
-        if not worker.ready or worker.held or worker.retiring or not self.pending:
+        if not worker.ready or worker.held or worker.retiring or worker.timed_out is not None or not self.pending:
             return
         batch = [self.pending.popleft()]
         if not self.handed[batch[0].index]:
@@ -1620,11 +1627,11 @@ class Backend:
         else:
             if worker.timed_out is not None:
                 reason = f"timed out (no result within {worker.timed_out:.0f} s, --task_timeout)"
-            yield from self._requeue_or_fail(worker, reason)
+            yield from self._requeue_or_fail(worker, reason, restart)
         if restart:
             self.workers[worker.spec.slot] = self._start(worker.spec)
 
-    def _requeue_or_fail(self, worker: WorkerHandle, reason: str) -> Iterator[Event]:
+    def _requeue_or_fail(self, worker: WorkerHandle, reason: str, replaced: bool) -> Iterator[Event]:
         requeue = []
         for task in worker.held.values():
             attempts = self.handed[task.index]
@@ -1633,7 +1640,7 @@ class Backend:
             else:
                 requeue.append(task)
         self.pending.extendleft(reversed(requeue))
-        yield WorkerLost(worker.spec, reason, len(requeue))
+        yield WorkerLost(worker.spec, reason, len(requeue), replaced)
 
 
 class LocalBackend(Backend):
@@ -1707,7 +1714,9 @@ class LocalBackend(Backend):
 
 RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before saying it cannot be reached
 RAY_ENV_PREFIXES = ("PADDLE", "FLAGS_", "OMP_", "MKL_")  # passed on to actors on other nodes
-RAY_START_TIMEOUT = float(os.environ.get("INFER_MP_RAY_START_TIMEOUT", 600))  # for no actor at all to start
+RAY_START_TIMEOUT = 600.0  # seconds with no actor started before giving up; INFER_MP_RAY_START_TIMEOUT
+RAY_KILL_WAIT = 10.0  # seconds to wait for killed actors to be gone before removing partial outputs
+RAY_POLL_SECONDS = 0.1  # ray.wait runs no signal handler until it returns: wake often for Ctrl-C
 RAY_INSTALL = "pip install -r requirements-ray.txt (the same Ray version on every node of the cluster)"
 
 
@@ -1715,6 +1724,16 @@ class ClusterError(UserError):
     """The Ray cluster cannot be reached or cannot run any worker: exit 3, like no workers."""
 
     exit_code = ExitCode.NO_WORKERS
+
+
+def ray_start_timeout() -> float:
+    text = os.environ.get("INFER_MP_RAY_START_TIMEOUT")
+    if text is None:
+        return RAY_START_TIMEOUT
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise UsageError(f"INFER_MP_RAY_START_TIMEOUT={text!r}: expected a positive number of seconds") from None
 
 
 def import_ray() -> Any:
@@ -1754,20 +1773,24 @@ class RayCluster:
 
     def __init__(self, address: str | None, instances_per_device: int):
         self.ray = import_ray()
+        self.start_timeout = ray_start_timeout()
         self.instances_per_device = instances_per_device  # GPU actors ask for 1/this of a GPU
         # No address: a new local cluster ("local"), not whichever one `ray start` left running.
         self.address = address or os.environ.get("RAY_ADDRESS") or "local"
         check_reachable(self.address)
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.ray.init(address=self.address, logging_level=logging.ERROR, log_to_driver=False,
                               include_dashboard=False)
-        except (ConnectionError, RuntimeError, ValueError) as error:
+        except Exception as error:  # ConnectionError, AuthenticationError, start-up timeouts...
             raise ClusterError(
                 f"cannot connect to the Ray cluster at {self.address!r}: {one_line(error)} (a cluster with "
                 "token authentication needs RAY_AUTH_MODE=token and its token here, as `ray status` does)"
             ) from None
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)  # ray.init installs its own (exit 15): ours is 143
         quiet_raylet_notices(self.ray)
         self.nodes = [
             RayNode(n.get("NodeManagerAddress", "?"), n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
@@ -1869,8 +1892,8 @@ class RayBackend(Backend):
         super().__init__(options, config)
         self.cluster = cluster
         self.planned: dict[int, WorkerSpec] = {}
-        self.created = time.monotonic()
-        self.started_any = False
+        self.none_ready_since = time.monotonic()
+        self.start_deaths: dict[int, int] = defaultdict(int)  # per slot: actors lost while starting
 
     def _start(self, spec: WorkerSpec) -> RayWorker:
         """The slot's warm actor if it has one (see RayCluster.warm_up), else a new one."""
@@ -1888,7 +1911,7 @@ class RayBackend(Backend):
         if not calls:
             time.sleep(POLL_SECONDS)
             return
-        finished, _ = ray.wait(list(calls), num_returns=1, timeout=POLL_SECONDS)
+        finished, _ = ray.wait(list(calls), num_returns=1, timeout=RAY_POLL_SECONDS)
         for ref in finished:
             worker = calls[ref]
             worker.call = None
@@ -1896,27 +1919,44 @@ class RayBackend(Backend):
                 messages = ray.get(ref)
             except ray.exceptions.RayError as error:
                 self._kill(worker)
-                yield from self._lost(worker, f"died ({ray_error_reason(error)})", restart)
+                reason = f"died ({ray_error_reason(error)})"
+                if not worker.ready and restart and self.start_deaths[worker.spec.slot] + 1 < self.max_attempts:
+                    yield from self._restart_starting(worker, reason)
+                else:
+                    yield from self._lost(worker, reason, restart)
                 continue
             for message in messages:
                 if message[0] == "ready":
                     worker.spec = replace(worker.spec, device=message[2])
-                    self.started_any = True
                 yield from self._handle(worker, message)
             if worker.retiring and self.workers.get(worker.spec.slot) is worker:
                 self._kill(worker)
                 yield from self._lost(worker, "retired", restart)
 
+    def _restart_starting(self, worker: RayWorker, reason: str) -> Iterator[Event]:
+        """An actor lost before its pipeline was up (its node went away, it was pre-empted or
+        killed while loading): the cluster's doing, not the pipeline's, so its slot gets a new
+        actor, up to --max_attempts times. (A pipeline that raises is not retried.)"""
+        self.start_deaths[worker.spec.slot] += 1
+        del self.workers[worker.spec.slot]
+        yield WorkerLost(worker.spec, f"{reason} while starting", 0)
+        self.workers[worker.spec.slot] = self._start(worker.spec)
+
     def _give_up_on_placement(self) -> Iterator[Event]:
-        """Actors wait while the cluster's resources are in use; if none at all has started
-        after RAY_START_TIMEOUT, the run ends (exit 3) instead of waiting for ever."""
-        if self.started_any or time.monotonic() - self.created < RAY_START_TIMEOUT:
+        """Actors wait while the cluster's resources are in use; if no actor has been ready
+        for the start timeout (none placed, or all lost and their replacements not placed),
+        the run ends (exit 3) instead of waiting for ever."""
+        if any(w.ready for w in self.workers.values()):
+            self.none_ready_since = time.monotonic()
+            return
+        timeout = self.cluster.start_timeout
+        if time.monotonic() - self.none_ready_since < timeout:
             return
         for worker in list(self.workers.values()):
             del self.workers[worker.spec.slot]
             self._kill(worker)
             wanted = describe_resources(ray_resources(worker.spec, self.cluster.instances_per_device))
-            yield WorkerFailedToStart(worker.spec, f"not started within {RAY_START_TIMEOUT:.0f} s: no node had {wanted} "
+            yield WorkerFailedToStart(worker.spec, f"not started within {timeout:g} s: no node had {wanted} "
                                       "free (see `ray status`), or the pipeline is still loading")
 
     def _kill(self, worker: RayWorker) -> None:
@@ -1924,8 +1964,14 @@ class RayBackend(Backend):
             self.cluster.ray.kill(worker.actor, no_restart=True)
 
     def _shutdown(self, workers: list[RayWorker]) -> None:
+        """Kill the actors; before removing what busy ones left, wait (briefly) until their
+        calls fail, that is, until they are really gone: ray.kill only asks."""
         for worker in workers:
             self._kill(worker)
+        busy = [w.call for w in workers if w.held and w.call is not None]
+        if busy:
+            self.cluster.ray.wait(busy, num_returns=len(busy), timeout=RAY_KILL_WAIT)
+        for worker in workers:
             for task in worker.held.values():
                 discard_partial_outputs(task)
 
@@ -2282,7 +2328,8 @@ class Report:
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}")
         elif isinstance(event, WorkerLost):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
-                              f"{event.requeued} input(s) go back to the queue; starting a replacement")
+                              f"{event.requeued} input(s) go back to the queue"
+                              + ("; starting a replacement" if event.replaced else ""))
         elif isinstance(event, TaskDone):
             self.done += 1
             self.pages += len(event.outputs)
@@ -2468,8 +2515,6 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work
             with contextlib.closing(events):
                 for event in events:
                     report.handle(event)
-    except StopRequested:
-        pass
     except OutputFailed as error:
         report.output_error = str(error)
     finally:
@@ -2485,7 +2530,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         say(f"error: {error}")
         return int(error.exit_code)
-    except (KeyboardInterrupt, StopRequested):
+    except KeyboardInterrupt:
         say("interrupted")
         return int(ExitCode.INTERRUPTED)
 

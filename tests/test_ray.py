@@ -311,3 +311,31 @@ def test_a_node_lost_mid_run_has_its_inputs_retried_on_another(monkeypatch, dirs
     assert "died" in stderr and "go back to the queue" in stderr
     assert page_files(out) == [f"p{i:02d}.json" for i in range(10)] and temporaries(out) == []
     assert sorted(r["status"] for r in run_log(out)) == ["done"] * 10
+
+
+def test_ctrl_c_twice_stops_a_ray_run_at_once(cluster, dirs):
+    src, out = dirs
+    make_inputs(src, 2)
+    write(src / "hang.png", "HANG")
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
+         "--output_dir", str(out), "--backend", "ray", "--ray_address", cluster, "--instances_per_device", "2"],
+        env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - sent < 5, stderr  # not the 10 s grace period
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert "replacement" not in stderr
+
+
+def test_a_malformed_start_timeout_is_a_usage_error(dirs):
+    src, out = dirs
+    make_inputs(src, 1)
+    run = on_ray(src, out, None, env={"INFER_MP_RAY_START_TIMEOUT": "soon"})
+    assert run.code == 2 and "INFER_MP_RAY_START_TIMEOUT" in run.stderr and "Traceback" not in run.stderr
