@@ -26,6 +26,7 @@ import difflib
 import enum
 import errno
 import fcntl
+import fnmatch
 import gc
 import glob
 import importlib
@@ -948,30 +949,69 @@ def one_path_per_file(identities: dict[str, tuple[int, int] | None]) -> tuple[li
     return kept, dropped
 
 
+def scan_matches(input_dir: str, pattern: str) -> list[tuple[str, tuple[int, int] | None]] | None:
+    """The common patterns `NAME` and `**/NAME` (NAME without a slash) by a scandir walk, with
+    each match's file identity: what pathlib's glob gives (`**` is zero or more folders,
+    linked folders are not entered, unreadable ones passed over, hidden names match), at a
+    fraction of its cost and without a stat per plain file (100,000 inputs: seconds of the
+    coordinator's CPU). None for any other pattern: pathlib does those."""
+    parts = pattern.split("/")
+    recursive = len(parts) == 2 and parts[0] == "**"
+    name = parts[-1]
+    if not (len(parts) == 1 or recursive) or not name or "**" in name or name in (".", ".."):
+        return None
+    matches = re.compile(fnmatch.translate(name)).match
+    found: list[tuple[str, tuple[int, int] | None]] = []
+    folders = [input_dir]
+    while folders:
+        folder = folders.pop()
+        try:
+            device = os.stat(folder).st_dev
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if matches(entry.name):
+                    if entry.is_file(follow_symlinks=False):  # a plain file: its inode is in the listing
+                        found.append((entry.path, (device, entry.inode())))
+                    else:
+                        found.append((entry.path, file_identity(entry.path)))
+                if recursive and entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+            except OSError:  # gone or unreadable since it was listed
+                continue
+    return found
+
+
 def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str) -> InputSelection:
     """Files matching any pattern. Directories are never inputs, nor is anything under
     --output_dir (when it lies inside --input_dir, a rerun must not take its own JSON files,
     run log or lock for inputs), and with the default pattern only the types the pipeline
-    reads are taken; everything passed over is counted. pathlib's `**` does not descend into
-    linked folders, so a link loop cannot trap it."""
+    reads are taken; everything passed over is counted. `**` does not descend into linked
+    folders, so a link loop cannot trap it."""
     outputs = os.path.join(output_dir, "")
     identities: dict[str, tuple[int, int] | None] = {}
     ignored = 0
     only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
     for pattern in patterns:
-        try:
-            matches = [str(path) for path in Path(input_dir).glob(pattern)]
-        except (ValueError, NotImplementedError) as error:
-            raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} (use a pattern relative to --input_dir)") from None
-        if ".." in pattern and any(".." in m[len(input_dir):].split(os.sep) for m in matches):
-            raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
-        for path in matches:
+        matches = scan_matches(input_dir, pattern)
+        if matches is None:
+            try:
+                matches = [(str(path), None) for path in Path(input_dir).glob(pattern)]
+            except (ValueError, NotImplementedError) as error:
+                raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} "
+                                 "(use a pattern relative to --input_dir)") from None
+            if ".." in pattern and any(".." in m[len(input_dir):].split(os.sep) for m, _ in matches):
+                raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
+            matches = [(path, file_identity(path)) for path, _ in matches]
+        for path, identity in matches:
             if path in identities:
                 continue
             if path.startswith(outputs):
                 ignored += 1
                 continue
-            identity = file_identity(path)
             if identity is None or (only_readable and os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES):
                 ignored += 1
             else:
