@@ -1956,7 +1956,7 @@ class RayBackend(Backend):
             worker = calls[ref]
             worker.call = None
             try:
-                messages = ray.get(ref)
+                result = ray.get(ref)
             except ray.exceptions.RayError as error:
                 self._kill(worker)
                 reason = f"died ({ray_error_reason(error)})"
@@ -1965,7 +1965,7 @@ class RayBackend(Backend):
                 else:
                     yield from self._lost(worker, reason, restart)
                 continue
-            for message in messages:
+            for message in result if worker.ready else [result]:  # start() replies with one message
                 if message[0] == "ready":
                     worker.spec = replace(worker.spec, device=message[2])
                 yield from self._handle(worker, message)
@@ -2020,42 +2020,6 @@ def ray_error_reason(error: BaseException) -> str:
     """Ray's death notices run to paragraphs; keep the first sentence."""
     text = " ".join(str(error).split())
     return (text.split(". ")[0][:200] or type(error).__name__)
-
-
-class RayActor:
-    """A worker as a Ray actor: the same pipeline and batch code as a local worker process,
-    called by method instead of by pipe. Its messages are the local worker's. Like a warm
-    local worker, it imports the pipeline's libraries as soon as it exists."""
-
-    def __init__(self, pipeline: PipelineRef, search_path: list[str]):
-        sys.path.extend(p for p in search_path if p not in sys.path and os.path.isdir(p))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.suppress(BaseException):  # a failure here is reported by start()
-                load_pipeline_class(pipeline)
-
-    def start(self, spec: WorkerSpec, options: WorkerOptions) -> list[tuple]:
-        self.options, self.aliases, self.processed = options, PathAliases(), 0
-        ray = sys.modules["ray"]
-        gpus = ray.get_gpu_ids()
-        # Ray shows the actor only its own GPU (CUDA_VISIBLE_DEVICES), so it is gpu:0 here.
-        device = "gpu:0" if spec.device == "gpu" else spec.device
-        where = f"{spec.device}{':' + ','.join(map(str, gpus)) if gpus else ''}@{ray.util.get_node_ip_address()}"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.pipeline = create_pipeline(options.pipeline, replace(spec, device=device), options.init_kwargs)
-        except BaseException as error:  # reported; the coordinator decides
-            return [("init_failed", one_line(error))]
-        return [("ready", describe_engine(options.init_kwargs), where)]
-
-    def run_batch(self, batch: list[Task]) -> list[tuple]:
-        messages = list(process_batch(self.pipeline, batch, self.options, self.aliases))
-        self.processed += len(batch)
-        reason = self.options.retire_reason(self.processed)
-        if reason:
-            messages.append(("retiring", reason))
-        return messages
 
 
 def exit_reason(exitcode: int | None) -> str:
@@ -2124,41 +2088,83 @@ class PathAliases:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class PipelineWorker:
+    """One pipeline instance and its batches: the body of a local worker process and of a Ray
+    actor. Its results are the messages the coordinator reads (Backend._handle)."""
+
+    def __init__(self, pipeline: PipelineRef, search_path: Iterable[str] = ()):
+        """Import the pipeline's libraries at once (seconds), before the device is known; a
+        failure here is reported by start()."""
+        sys.path.extend(p for p in search_path if p not in sys.path and os.path.isdir(p))
+        self.aliases = PathAliases()
+        self.processed = 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.suppress(BaseException):
+                load_pipeline_class(pipeline)
+
+    def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
+        """("ready", engine) once the pipeline is built, or ("init_failed", why)."""
+        self.options = options
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
+        except BaseException as error:  # reported; the coordinator decides
+            return ("init_failed", one_line(error))
+        return ("ready", describe_engine(options.init_kwargs))
+
+    def run_batch(self, batch: list[Task]) -> list[tuple]:
+        """One "reports" message for the batch, then "retiring" if it is time to recycle."""
+        messages = [("reports", list(process_batch(self.pipeline, batch, self.options, self.aliases)))]
+        self.processed += len(batch)
+        reason = self.options.retire_reason(self.processed)
+        if reason:
+            messages.append(("retiring", reason))
+        return messages
+
+    def close(self) -> None:
+        self.aliases.close()
+
+
+class RayActor(PipelineWorker):
+    """A worker as a Ray actor: called by method instead of by pipe. Its "ready" message also
+    says where Ray placed it."""
+
+    def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
+        ray = sys.modules["ray"]
+        gpus = ray.get_gpu_ids()
+        # Ray shows the actor only its own GPU (CUDA_VISIBLE_DEVICES), so it is gpu:0 here.
+        device = "gpu:0" if spec.device == "gpu" else spec.device
+        where = f"{spec.device}{':' + ','.join(map(str, gpus)) if gpus else ''}@{ray.util.get_node_ip_address()}"
+        reply = super().start(replace(spec, device=device), options)
+        return (*reply, where) if reply[0] == "ready" else reply
+
+
 def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
     """Entry point of a worker process (spawned: nothing is inherited but the arguments).
     It imports the pipeline's libraries at once, then waits to be told its device."""
     die_with_parent()
-    aliases = PathAliases()
+    worker = PipelineWorker(pipeline_ref)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.suppress(BaseException):  # a failure here is reported below
-                load_pipeline_class(pipeline_ref)
         message = conn.recv()
         if message[0] == "plan":  # see WarmPool.ask_for_plan
             conn.send(plan_in_worker(message[1]))
             message = conn.recv()
-        kind, spec, options = message
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
-        except BaseException as error:  # report any failure, then exit: the coordinator decides
-            conn.send(("init_failed", one_line(error)))
-            return
-        conn.send(("ready", describe_engine(options.init_kwargs)))
-        processed = 0
+        _, spec, options = message
+        reply = worker.start(spec, options)
+        conn.send(reply)
+        if reply[0] == "init_failed":
+            return  # the coordinator decides
         while (message := conn.recv())[0] == "batch":
-            conn.send(("reports", list(process_batch(pipeline, message[1], options, aliases))))
-            processed += len(message[1])
-            reason = options.retire_reason(processed)
-            if reason:
-                conn.send(("retiring", reason))
-                return
+            for reply in worker.run_batch(message[1]):
+                conn.send(reply)
+                if reply[0] == "retiring":
+                    return
     except (EOFError, OSError):
         return  # the coordinator is gone
     finally:
-        aliases.close()
+        worker.close()
 
 
 def plan_in_worker(config: Config) -> tuple:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAKE, OFFLINE_OCR, ROOT, SCRIPT, make_inputs, outputs, page_files, run_cli, run_fake, run_log, \
+from conftest import OFFLINE_OCR, ROOT, make_inputs, outputs, page_files, run_cli, run_fake, run_log, start_fake, \
     temporaries, wait_for, write
 from test_real_ocr import assert_text_matches
 
@@ -72,6 +72,11 @@ def cluster_answers(address: str) -> bool:
 def on_ray(src: Path, out: Path, address: str | None, *extra: str, env: dict | None = None, **kwargs):
     where = ["--ray_address", address] if address else []
     return run_fake(src, out, "--backend", "ray", *where, *extra, env={**RAY_ENV, **(env or {})}, **kwargs)
+
+
+def start_on_ray(src: Path, out: Path, address: str, *extra: str) -> subprocess.Popen:
+    """The same run in the background, for tests that kill or signal something mid-run."""
+    return start_fake(src, out, "--backend", "ray", "--ray_address", address, *extra, env=RAY_ENV)
 
 
 def comparable(results: dict[str, dict]) -> dict[str, tuple]:
@@ -136,12 +141,8 @@ def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster,
     src, out = dirs
     make_inputs(src, 12)
     init_log = tmp_path / "actors.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
-         "--output_dir", str(out), "--backend", "ray", "--ray_address", cluster, "--instances_per_device", "2",
-         "--pipeline_arg", "delay=0.4", "--pipeline_arg", f"init_log={init_log}"],
-        env={**ray_env()}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = start_on_ray(src, out, cluster, "--instances_per_device", "2", "--pipeline_arg", "delay=0.4",
+                           "--pipeline_arg", f"init_log={init_log}")
     wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
     victim = json.loads(init_log.read_text().splitlines()[0])["pid"]
     os.kill(victim, signal.SIGKILL)
@@ -218,18 +219,13 @@ def test_actors_beyond_free_resources_wait_and_the_others_do_the_work(cluster, d
 def test_a_cluster_busy_with_another_job_is_exit_3_not_a_hang(cluster, tmp_path):
     src = tmp_path / "in"
     make_inputs(src, 8)
-    busy = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
-         "--output_dir", str(tmp_path / "first"), "--backend", "ray", "--ray_address", cluster,
-         "--instances_per_device", "2", "--pipeline_arg", "delay=2"],
-        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    busy = start_on_ray(src, tmp_path / "first", cluster, "--instances_per_device", "2", "--pipeline_arg", "delay=2")
     try:
         wait_for(lambda: len(page_files(tmp_path / "first")) >= 1 if (tmp_path / "first").exists() else False)
         run = on_ray(src, tmp_path / "second", cluster, env={"INFER_MP_RAY_START_TIMEOUT": "3"})
     finally:
         busy.kill()
-        busy.wait()
+        busy.communicate()
     assert run.code == 3, run.stderr
     assert "not started within 3 s: no node had 2 CPU free" in run.stderr
     assert "8 not processed (no worker could run)" in run.stderr
@@ -296,12 +292,8 @@ def test_a_node_lost_mid_run_has_its_inputs_retried_on_another(monkeypatch, dirs
         doomed = cluster.add_node(num_cpus=1)
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
-             "--output_dir", str(out), "--backend", "ray", "--ray_address", cluster.address,
-             "--instances_per_device", "2", "--cpu_threads", "1", "--pipeline_arg", "delay=0.5"],
-            env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        process = start_on_ray(src, out, cluster.address, "--instances_per_device", "2", "--cpu_threads", "1",
+                               "--pipeline_arg", "delay=0.5")
         wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
         cluster.remove_node(doomed, allow_graceful=False)
         _, stderr = process.communicate(timeout=180)
@@ -317,11 +309,7 @@ def test_ctrl_c_twice_stops_a_ray_run_at_once(cluster, dirs):
     src, out = dirs
     make_inputs(src, 2)
     write(src / "hang.png", "HANG")
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu",
-         "--output_dir", str(out), "--backend", "ray", "--ray_address", cluster, "--instances_per_device", "2"],
-        env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    process = start_on_ray(src, out, cluster, "--instances_per_device", "2")
     wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
     process.send_signal(signal.SIGINT)
     time.sleep(0.5)
