@@ -63,6 +63,7 @@ IMAGE_SUFFIXES = frozenset(
 # Inputs whose results carry a page index, so their outputs are named `{stem}_{page}.json`.
 PAGED_SUFFIXES = frozenset({".pdf", ".tif", ".tiff"})
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | PAGED_SUFFIXES
+PAGE_NUMBER = re.compile(r"0|[1-9][0-9]*")  # as PaddleX numbers pages: no sign, no leading zero
 DEFAULT_GLOB_PATTERN = "*"
 NOT_PIPELINES = ("Client", "Error", "Options", "Model")  # paddleocr exports that are not pipelines
 DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before it is failed
@@ -913,9 +914,23 @@ class Task:
     out_dir: str  # folder of its JSON files
     out_base: str  # outputs are {out_base}.json, or {out_base}_{page}.json for pages
 
+    @property
+    def paged(self) -> bool:
+        """A PDF or TIFF: its outputs are `{out_base}_{page}.json`, an image's `{out_base}.json`."""
+        return os.path.splitext(self.path)[1].lower() in PAGED_SUFFIXES
+
     def output_path(self, page_index: int | str | None) -> str:
         name = self.out_base if page_index is None else f"{self.out_base}_{page_index}"
         return os.path.join(self.out_dir, name + ".json")
+
+    def owns_stem(self, stem: str) -> bool:
+        """Is `stem` (a file name in out_dir without its suffix) one this input writes? Exactly
+        its own names: image `scan` owns `scan`, not `scan_1` (image scan_1.png's); paged `b`
+        owns `b_0`, `b_1`..., not `b` (image b.png's)."""
+        if not self.paged:
+            return stem == self.out_base
+        head, sep, page = stem.rpartition("_")
+        return bool(sep) and head == self.out_base and PAGE_NUMBER.fullmatch(page) is not None
 
 
 @dataclass
@@ -1064,7 +1079,7 @@ def in_shard(task: Task, shard: tuple[int, int] | None) -> bool:
     return zlib.crc32(os.fsencode(task.rel)) % count == index
 
 
-PAGE_NAME = re.compile(r"(.+)_(0|[1-9][0-9]*)")
+PAGE_NAME = re.compile(rf"(.+)_({PAGE_NUMBER.pattern})")
 
 
 def colliding(claims: dict[int, tuple[str, bool]]) -> set[int]:
@@ -1119,7 +1134,9 @@ def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str]) -> li
 # ---------------------------------------------------------------------------------------------
 
 DONE, FAILED, SKIPPED = "done", "failed", "skipped"
-TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.[0-9]+\.tmp(\.[^.]*)?")  # see temporary_path()
+# Hidden temporaries, `.{final}.{token}.tmp{suffix}` (see temporary_path): the token is the
+# writing worker's, `{run tag}-{pid}-{random}`; a bare pid is an older version's.
+TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.(?P<token>(?P<tag>[a-z0-9]+)-[0-9]+-[0-9a-f]+|[0-9]+)\.tmp(\.[^.]*)?")
 
 
 def read_run_log(path: Path) -> dict[str, dict]:
@@ -1144,13 +1161,11 @@ def read_run_log(path: Path) -> dict[str, dict]:
 
 
 def belongs_to(task: Task, path: str) -> bool:
-    """Is `path` one of the files `task` writes ({base}.json or {base}_{page}.json)?"""
+    """Is `path` one of the JSON files `task` writes under today's names?"""
     folder, name = os.path.split(os.path.normpath(path))
     if folder != os.path.normpath(task.out_dir) or not name.endswith(".json"):
         return False
-    stem = name[: -len(".json")]
-    head, _, page = stem.rpartition("_")
-    return stem == task.out_base or (head == task.out_base and page.isdigit())
+    return task.owns_stem(name[: -len(".json")])
 
 
 def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
@@ -1184,37 +1199,42 @@ def select_work(tasks: list[Task], previous: dict[str, dict], config: Config) ->
     return selection
 
 
-def remove_stale_temporaries(tasks: list[Task]) -> None:
-    """Hidden temporaries that a killed run left for these inputs' JSON and markdown. Only
-    ours: other shards may be writing into the same folders right now."""
-    bases: dict[str, set[str]] = defaultdict(set)
-    for task in tasks:
-        bases[task.out_dir].add(task.out_base)
-    for folder, ours in bases.items():
+def run_tag(shard: tuple[int, int] | None) -> str:
+    """What this run's workers put in their temporaries' names: its shard, or `all`."""
+    return f"s{shard[0]}of{shard[1]}" if shard else "all"
+
+
+def remove_stale_temporaries(tasks: list[Task], shard: tuple[int, int] | None) -> None:
+    """Hidden temporaries that a killed run left in these inputs' folders. A run over all
+    inputs holds the folder alone (see RunLock) and removes any; a shard removes only its
+    own shard's, since other shards may be writing into the same folders right now."""
+    tag = run_tag(shard)
+    for folder in {task.out_dir for task in tasks}:
         try:
             names = os.listdir(folder)
         except OSError:
             continue
         for name in names:
             match = TEMPORARY_NAME.fullmatch(name)
-            if not match:
-                continue
-            stem = os.path.splitext(match.group("final"))[0]
-            head, _, page = stem.rpartition("_")
-            if stem in ours or (page.isdigit() and head in ours):
+            if match and (shard is None or match.group("tag") == tag):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
 
 
-def discard_partial_outputs(task: Task) -> None:
-    """Remove what a killed worker wrote for an input it did not finish (pages, temporaries),
-    so that the output folder holds only complete inputs."""
-    folder, base = glob.escape(task.out_dir), glob.escape(task.out_base)
-    candidates = glob.glob(os.path.join(folder, f"{base}*.json"))
-    temporaries = glob.glob(os.path.join(folder, f".{base}*.tmp.json"))
-    for path in [c for c in candidates if belongs_to(task, c)] + temporaries:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+def discard_partial_outputs(task: Task, token: str | None) -> None:
+    """Remove what a worker (`token`: its temporaries' mark) wrote for an input it did not
+    finish: that input's own page files and markdown, and that worker's temporaries; never a
+    file of another input, however alike their names."""
+    try:
+        names = os.listdir(task.out_dir)
+    except OSError:
+        return
+    for name in names:
+        stem, suffix = os.path.splitext(name)
+        match = TEMPORARY_NAME.fullmatch(name)
+        if (suffix in (".json", ".md") and task.owns_stem(stem)) or (match and match.group("token") == token):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(task.out_dir, name))
 
 
 class RunLock:
@@ -1416,6 +1436,7 @@ class WorkerOptions:
     save: tuple[str, ...] = ()
     max_items: int = 0
     max_memory_mb: int = 0
+    run_tag: str = "all"  # see run_tag()
 
     def retire_reason(self, processed: int) -> str | None:
         if self.max_items and processed >= self.max_items:
@@ -1437,6 +1458,7 @@ class WorkerHandle:
     held: dict[int, Task] = field(default_factory=dict)
     busy_since: float = 0.0
     retiring: str | None = None  # why it said it will exit (recycling), if it did
+    token: str | None = None  # the mark on its temporaries, from its "ready" message
     timed_out: float | None = None  # the limit it passed, if it was killed for it
 
 
@@ -1529,7 +1551,7 @@ def expected_workers(config: Config) -> int:
 def worker_options(pipeline: PipelineRef, config: Config) -> WorkerOptions:
     return WorkerOptions(
         pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
-        config.max_items_per_worker, config.max_worker_memory_mb,
+        config.max_items_per_worker, config.max_worker_memory_mb, run_tag(config.shard),
     )
 
 
@@ -1621,7 +1643,7 @@ class Backend:
     def _handle(self, worker: WorkerHandle, message: tuple) -> Iterator[Event]:
         kind = message[0]
         if kind == "ready":
-            worker.ready = True
+            worker.ready, worker.token = True, message[2]
             yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message[1])
         elif kind == "init_failed":
             del self.workers[worker.spec.slot]
@@ -1655,7 +1677,7 @@ class Backend:
         replacement in its slot (unless it never started, or we are stopping)."""
         del self.workers[worker.spec.slot]
         for task in worker.held.values():
-            discard_partial_outputs(task)
+            discard_partial_outputs(task, worker.token)
         if worker.retiring:  # it never started what it was sent after deciding to retire
             for task in worker.held.values():
                 self.handed[task.index] -= 1
@@ -1744,7 +1766,7 @@ class LocalBackend(Backend):
         for worker in workers:
             worker.process.join()
             for task in worker.held.values():
-                discard_partial_outputs(task)
+                discard_partial_outputs(task, worker.token)
             worker.conn.close()
 
 
@@ -1967,7 +1989,7 @@ class RayBackend(Backend):
                 continue
             for message in result if worker.ready else [result]:  # start() replies with one message
                 if message[0] == "ready":
-                    worker.spec = replace(worker.spec, device=message[2])
+                    worker.spec = replace(worker.spec, device=message[3])
                 yield from self._handle(worker, message)
             if worker.retiring and self.workers.get(worker.spec.slot) is worker:
                 self._kill(worker)
@@ -2013,7 +2035,7 @@ class RayBackend(Backend):
             self.cluster.ray.wait(busy, num_returns=len(busy), timeout=RAY_KILL_WAIT)
         for worker in workers:
             for task in worker.held.values():
-                discard_partial_outputs(task)
+                discard_partial_outputs(task, worker.token)
 
 
 def ray_error_reason(error: BaseException) -> str:
@@ -2104,15 +2126,17 @@ class PipelineWorker:
                 load_pipeline_class(pipeline)
 
     def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
-        """("ready", engine) once the pipeline is built, or ("init_failed", why)."""
+        """("ready", engine, token) once the pipeline is built, or ("init_failed", why)."""
+        global temporary_token
         self.options = options
+        temporary_token = f"{options.run_tag}-{os.getpid()}-{os.urandom(3).hex()}"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # reported; the coordinator decides
             return ("init_failed", one_line(error))
-        return ("ready", describe_engine(options.init_kwargs))
+        return ("ready", describe_engine(options.init_kwargs), temporary_token)
 
     def run_batch(self, batch: list[Task]) -> list[tuple]:
         """One "reports" message for the batch, then "retiring" if it is time to recycle."""
@@ -2226,13 +2250,13 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
                 outputs.append(save_page(task, result))
                 extras.extend(save_extras(task, result, options.save))
         except OSError as error:
-            discard_partial_outputs(task)
+            discard_partial_outputs(task, temporary_token)
             if error.errno in OUTPUT_ERRNOS:
                 yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
             else:
                 yield ("failed", task.index, f"cannot save output: {one_line(error)}")
         except Exception as error:
-            discard_partial_outputs(task)
+            discard_partial_outputs(task, temporary_token)
             yield ("failed", task.index, f"cannot save output: {one_line(error)}")
         else:
             yield ("done", task.index, outputs, extras, seconds)
@@ -2243,10 +2267,14 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
 # ---------------------------------------------------------------------------------------------
 
 
+temporary_token = f"all-{os.getpid()}-0"  # this worker's mark on its temporaries; see PipelineWorker.start
+
+
 def temporary_path(final: str) -> str:
-    """A hidden name beside the final one, keeping its suffix (save_to_json needs `.json`)."""
+    """A hidden name beside the final one, keeping its suffix (save_to_json needs `.json`),
+    marked with the writing worker's token so that cleanup can tell whose it is."""
     folder, name = os.path.split(final)
-    return os.path.join(folder, f".{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}")
+    return os.path.join(folder, f".{name}.{temporary_token}.tmp{os.path.splitext(name)[1]}")
 
 
 _made_folders: set[str] = set()  # per worker process: one makedirs per output folder, not per file
@@ -2486,7 +2514,7 @@ def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool, cl
     lock = RunLock(config.lock_file, config.output_dir)
     try:
         work = select_work(tasks, read_run_log(config.run_log), config)
-        remove_stale_temporaries(work.todo)
+        remove_stale_temporaries(work.todo, config.shard)
         run_log = RunLog(config.run_log, config.output_dir)
         try:
             return dispatch(config, pipeline, plan, work, run_log, selection.ignored, warm, cluster)

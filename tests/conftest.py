@@ -109,3 +109,40 @@ def run_log(folder: Path) -> list[dict]:
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
     """(input folder, output folder) for one run."""
     return tmp_path / "in", tmp_path / "out"
+
+
+def latest_records(folder: Path) -> dict[str, dict]:
+    """The last record of each input over every run log in the folder (all shards)."""
+    latest: dict[str, dict] = {}
+    for log in sorted(folder.glob("infer_mp*.runlog.jsonl")):
+        for line in log.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "input" in record:
+                if record["input"] not in latest or record["time"] >= latest[record["input"]]["time"]:
+                    latest[record["input"]] = record
+    return latest
+
+
+def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = ()) -> None:
+    """What must hold after any run, however it ended: every file a done record lists exists,
+    and every output JSON was written for exactly one current input (the one the fake pipeline
+    names in it), which lists it as its output. `gone`: names of inputs moved away on purpose,
+    whose outputs are kept."""
+    latest = latest_records(out)
+    for record in latest.values():
+        if record["status"] in ("done", "skipped"):
+            for name in record["outputs"]:
+                assert (out / name).is_file(), f"{name} of {record['input']} is recorded done but missing"
+    for name in page_files(out):
+        content = json.loads((out / name).read_text(encoding="utf-8"))
+        source = Path(content["input_path"])
+        if source.name in gone:
+            continue
+        assert source.is_file() and src in source.parents, f"{name} belongs to no current input"
+        record = latest.get(str(source))
+        assert record and record["status"] in ("done", "skipped") and name in record["outputs"], \
+            f"{name} is not an output its input {source.name} is recorded with"
+    assert not temporaries(out)
