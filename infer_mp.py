@@ -28,7 +28,6 @@ import errno
 import fcntl
 import fnmatch
 import gc
-import glob
 import importlib
 import importlib.metadata
 import importlib.util
@@ -67,9 +66,13 @@ PAGE_NUMBER = re.compile(r"0|[1-9][0-9]*")  # as PaddleX numbers pages: no sign,
 DEFAULT_GLOB_PATTERN = "*"
 NOT_PIPELINES = ("Client", "Error", "Options", "Model")  # paddleocr exports that are not pipelines
 DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before it is failed
+# Seconds a worker may take to build its pipeline: generous, since big pipelines load a dozen
+# models, from network disks, and TensorRT builds its engines on a first start (many minutes).
+DEFAULT_START_TIMEOUT = 1800.0
 DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
-LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time
+LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
+SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
@@ -400,6 +403,13 @@ def build_parser() -> ArgumentParser:
         "size is killed and replaced, and the input counts an attempt (default: no limit).",
     )
     runs.add_argument(
+        "--start_timeout",
+        type=positive_float,
+        default=DEFAULT_START_TIMEOUT,
+        help="Seconds a worker may take to start its pipeline before it is killed and counted as a "
+        f"failed start (default: {DEFAULT_START_TIMEOUT:.0f}; on Ray, the time to wait for any actor).",
+    )
+    runs.add_argument(
         "--max_items_per_worker",
         type=positive_int,
         default=0,
@@ -445,6 +455,7 @@ class Config:
     retry_failed: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     task_timeout: float | None = None
+    start_timeout: float = DEFAULT_START_TIMEOUT
     max_items_per_worker: int = 0
     max_worker_memory_mb: int = 0
     progress_interval: float = DEFAULT_PROGRESS_SECONDS
@@ -486,6 +497,8 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"--output_dir exists and is not a directory: {str(output_dir)!r}")
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
+    if run_log.exists() and not run_log.is_file():
+        raise UsageError(f"--run_log {str(run_log)!r} is not a regular file; give a file path (it is read and appended to)")
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:
@@ -511,6 +524,7 @@ def parse_config(argv: list[str] | None) -> Config:
         retry_failed=args.retry_failed,
         max_attempts=args.max_attempts,
         task_timeout=args.task_timeout,
+        start_timeout=args.start_timeout,
         max_items_per_worker=args.max_items_per_worker,
         max_worker_memory_mb=args.max_worker_memory_mb,
         progress_interval=args.progress_interval,
@@ -913,6 +927,7 @@ class Task:
     rel: str  # path relative to --input_dir, for messages
     out_dir: str  # folder of its JSON files
     out_base: str  # outputs are {out_base}.json, or {out_base}_{page}.json for pages
+    source: tuple[int, int] | None = None  # (size, mtime_ns) when selected: see unchanged()
 
     @property
     def paged(self) -> bool:
@@ -1139,25 +1154,135 @@ DONE, FAILED, SKIPPED = "done", "failed", "skipped"
 TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.(?P<token>(?P<tag>[a-z0-9]+)-[0-9]+-[0-9a-f]+|[0-9]+)\.tmp(\.[^.]*)?")
 
 
-def read_run_log(path: Path) -> dict[str, dict]:
-    """The last record of each input. A line that does not parse (cut short by a kill -9)
-    is passed over: its input then counts as not done."""
-    latest: dict[str, dict] = {}
+RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
+COMPACT_MIN_LINES = 1000  # a run log shorter than this is never compacted
+COMPACT_RATIO = 2  # ... a longer one is, once it has this many lines per input it describes
+
+
+def read_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each input record. A line that does not parse (cut short by
+    a kill -9) is passed over: its input then counts as not done."""
     try:
         handle = open(path, "rb")
     except FileNotFoundError:
-        return latest
+        return
     except OSError as error:
         raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
     with handle:
-        for line in handle:
+        for number, line in enumerate(handle):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("input"), str):
-                latest[record["input"]] = record
-    return latest
+                yield number, record
+
+
+@dataclass
+class History:
+    """What the run logs say of each input: its last record, and its last done record (a
+    failure after it leaves those files on disk). Records of all logs merge by time."""
+
+    latest: dict[str, dict] = field(default_factory=dict)
+    last_done: dict[str, dict] = field(default_factory=dict)
+    lines: int = 0  # in this run's own log
+    inputs: int = 0  # ... and the inputs it describes
+
+    def add(self, record: dict) -> None:
+        key, when = record["input"], str(record.get("time", ""))
+        previous = self.latest.get(key)
+        if previous is None or when >= str(previous.get("time", "")):
+            self.latest[key] = record
+        if record.get("status") in (DONE, SKIPPED):
+            previous = self.last_done.get(key)
+            if previous is None or when >= str(previous.get("time", "")):
+                self.last_done[key] = record
+
+    @property
+    def worth_compacting(self) -> bool:
+        return self.lines >= COMPACT_MIN_LINES and self.lines > COMPACT_RATIO * self.inputs
+
+
+def run_log_paths(config: Config) -> list[Path]:
+    """The run logs to read: every shard's in --output_dir, so that work done under any
+    sharding counts for every run, then this run's own (last: it wins a tie)."""
+    others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
+    return [*others, config.run_log]
+
+
+def read_history(config: Config) -> History:
+    history = History()
+    for path in run_log_paths(config):
+        own = path == config.run_log
+        inputs: set[str] = set()
+        for number, record in read_records(path):
+            history.add(record)
+            if own:
+                history.lines = number + 1
+                inputs.add(record["input"])
+        if own:
+            history.inputs = len(inputs)
+    return history
+
+
+def compact_run_log(path: Path) -> None:
+    """Rewrite the run log with only what resume reads (each input's last record, and its
+    last done record if a failure came after), atomically: a kill leaves the old log or the
+    new one, never half of one. Run under the run lock, before this run appends."""
+    keep: dict[str, int] = {}
+    keep_done: dict[str, int] = {}
+    for number, record in read_records(path):
+        keep[record["input"]] = number
+        if record.get("status") in (DONE, SKIPPED):
+            keep_done[record["input"]] = number
+    wanted = set(keep.values()) | set(keep_done.values())
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.compact")
+    try:
+        with open(path, "rb") as reader, open(temporary, "wb") as writer:
+            for number, line in enumerate(reader):
+                if number in wanted:
+                    writer.write(line if line.endswith(b"\n") else line + b"\n")
+            writer.flush()
+            os.fsync(writer.fileno())
+        os.replace(temporary, path)
+        sync_folder(path.parent)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (a crash after it must not bring the old file back)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def source_identity(path: str) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a regular file: what make and rsync judge a change by."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+
+
+def unchanged(task: Task, record: dict) -> bool:
+    """Is the input still the file that `record` was made from? Its size and modification
+    time, as recorded; a record from before they were recorded: not modified since its time."""
+    if task.source is None:
+        return False
+    if "mtime_ns" in record:
+        return (record.get("size"), record.get("mtime_ns")) == task.source
+    try:
+        recorded = datetime.datetime.fromisoformat(str(record.get("time"))).timestamp()
+    except ValueError:
+        return False
+    return task.source[1] // 10**9 < int(recorded)
 
 
 def belongs_to(task: Task, path: str) -> bool:
@@ -1169,12 +1294,36 @@ def belongs_to(task: Task, path: str) -> bool:
 
 
 def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
-    """Done means: the log says so AND every output it lists is there, under today's names.
-    A crash between writing outputs and logging them resolves to "redo", never to "skip"."""
-    if not record or record.get("status") not in (DONE, SKIPPED):
+    """Done means: the log says so, the input has not changed since, AND every output it
+    lists is there, under today's names. A crash between writing outputs and logging them
+    resolves to "redo", never to "skip"."""
+    if not record or record.get("status") not in (DONE, SKIPPED) or not unchanged(task, record):
         return False
     outputs = [os.path.join(output_dir, rel) for rel in record.get("outputs") or []]
     return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
+
+
+class Owners:
+    """Which current input (of all shards) writes a given output name, for deciding that an
+    old output is nobody's before it is retired."""
+
+    def __init__(self, tasks: list[Task]):
+        self.by_folder: dict[str, dict[str, list[Task]]] = defaultdict(lambda: defaultdict(list))
+        for task in tasks:
+            self.by_folder[os.path.normpath(task.out_dir)][task.out_base].append(task)
+
+    def owned(self, path: str) -> bool:
+        """Could a current input write `path` (its JSON or markdown, or, for an image such
+        as `{page}_{key}.png`, any name that starts with one of its pages)?"""
+        folder, name = os.path.split(os.path.normpath(path))
+        bases = self.by_folder.get(folder, {})
+        stem = os.path.splitext(name)[0]
+        prefixes = [stem] + [stem[:i] for i in range(len(stem)) if stem[i] == "_"]
+        for prefix in prefixes:
+            candidates = [prefix, prefix.rpartition("_")[0]]
+            if any(task.owns_stem(prefix) for base in candidates for task in bases.get(base, ())):
+                return True
+        return False
 
 
 @dataclass
@@ -1182,21 +1331,72 @@ class WorkSelection:
     todo: list[Task]
     complete: list[tuple[Task, dict]]  # skipped this run, with their last record
     not_selected: int = 0  # --retry_failed: inputs that had not failed
+    standing: list[tuple[Task, dict]] = field(default_factory=list)  # failed before, unchanged: not retried
+    stale: list[str] = field(default_factory=list)  # old-named outputs of current inputs, to retire
 
 
-def select_work(tasks: list[Task], previous: dict[str, dict], config: Config) -> WorkSelection:
-    if config.overwrite:
-        return WorkSelection(list(tasks), [])
+def select_work(tasks: list[Task], history: History, config: Config, owners: Owners) -> WorkSelection:
+    """Complete inputs are skipped; one that failed and has not changed since is not retried
+    (its failure stands, reported once) unless --retry_failed; --overwrite redoes all."""
     selection = WorkSelection([], [])
     for task in tasks:
-        record = previous.get(task.path)
-        if is_complete(task, record, config.output_dir):
-            selection.complete.append((task, record))
-        elif not config.retry_failed or (record and record.get("status") == FAILED):
+        task = replace(task, source=source_identity(task.path))
+        record = history.latest.get(task.path)
+        selection.stale.extend(stale_outputs(task, history.last_done.get(task.path), config.output_dir, owners))
+        failed_before = record is not None and record.get("status") == FAILED
+        if config.overwrite:
             selection.todo.append(task)
+        elif is_complete(task, record, config.output_dir):
+            selection.complete.append((task, record))
+        elif config.retry_failed:
+            if failed_before:
+                selection.todo.append(task)
+            else:
+                selection.not_selected += 1
+        elif failed_before and unchanged(task, record):
+            selection.standing.append((task, record))
         else:
-            selection.not_selected += 1
+            selection.todo.append(task)
     return selection
+
+
+RETIRABLE_SUFFIXES = (".json", ".md", ".png")  # what infer_mp writes: pages and --save extras
+
+
+def stale_outputs(task: Task, record: dict | None, output_dir: Path, owners: Owners) -> list[str]:
+    """Files the run log records for this input under names it no longer has (its naming
+    changed: a.jpg was a.json until a.png came): left, they would carry its text under a name
+    a reader takes for another input's. Only files inside --output_dir that no current input
+    owns, whatever the run log says: anyone can edit it."""
+    if record is None:
+        return []
+    stale = []
+    stem = os.path.splitext(os.path.basename(task.path))[0]  # every name it ever had starts so
+    for rel in [*(record.get("outputs") or []), *(record.get("extra_outputs") or [])]:
+        path = os.path.join(output_dir, str(rel))
+        if belongs_to(task, path) or not path.endswith(RETIRABLE_SUFFIXES) or owners.owned(path):
+            continue
+        if not os.path.basename(path).startswith(stem):
+            continue
+        if inside(path, output_dir) and os.path.isfile(path):
+            stale.append(path)
+    return stale
+
+
+def inside(path: str, folder: Path) -> bool:
+    """Is `path` really inside `folder` (links and `..` resolved), and not the folder itself?"""
+    real_parent = os.path.realpath(os.path.dirname(path))
+    return (real_parent + os.sep).startswith(os.path.join(os.path.realpath(folder), ""))
+
+
+def retire(paths: list[str]) -> int:
+    """Delete stale outputs; how many went."""
+    retired = 0
+    for path in dict.fromkeys(paths):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            retired += 1
+    return retired
 
 
 def run_tag(shard: tuple[int, int] | None) -> str:
@@ -1238,37 +1438,75 @@ def discard_partial_outputs(task: Task, token: str | None) -> None:
 
 
 class RunLock:
-    """One run per output folder at a time (the cron case): an exclusive, non-blocking flock
-    that the kernel releases when the process ends, however it ends."""
+    """One run per output folder at a time (the cron case), with non-blocking flocks that the
+    kernel releases when the process ends, however it ends. A run over all inputs holds the
+    folder's lock alone; a shard holds it shared, with its own shard's lock alone and its
+    shard count's shared, so shards of one count run side by side and nothing else does."""
 
-    def __init__(self, path: Path, output_dir: Path):
-        self.path = path
+    def __init__(self, config: Config):
+        self.output_dir = config.output_dir
+        self.handles: list[Any] = []
         try:
-            self.handle = open(self.path, "a+", encoding="utf-8")
-        except OSError as error:
-            raise cannot_write(f"in --output_dir {str(output_dir)!r}", error) from None
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.handle.seek(0)
-            holder = self.handle.read().strip() or "?"
-            self.handle.close()
-            raise RunLocked(
-                f"another infer_mp.py run (pid {holder}) is using --output_dir {str(output_dir)!r}; "
-                "wait for it to finish, or use another --output_dir"
-            ) from None
-        try:
-            self.handle.seek(0)
-            self.handle.truncate()
-            self.handle.write(f"{os.getpid()}\n")
-            self.handle.flush()
-        except OSError as error:
+            if config.shard is None:
+                self._take(config.lock_file, fcntl.LOCK_EX, "another infer_mp.py run{holder} is using")
+                self._write_pid(self.handles[-1])
+                return
+            main = self.output_dir / LOCK_NAME
+            self._take(main, fcntl.LOCK_SH, "an infer_mp.py run over all inputs{holder} is using")
+            with contextlib.suppress(OSError):  # no pid of a run over all inputs is current now
+                self.handles[-1].truncate(0)
+            count = config.shard[1]
+            self._take(self.output_dir / SHARD_COUNT_LOCK.format(count=count), fcntl.LOCK_SH, "")
+            self._refuse_other_counts(count)
+            self._take(config.lock_file, fcntl.LOCK_EX, f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
+            self._write_pid(self.handles[-1])
+        except BaseException:
             self.release()
-            raise cannot_write(f"in --output_dir {str(output_dir)!r}", error) from None
+            raise
+
+    def _take(self, path: Path, mode: int, refusal: str) -> None:
+        try:
+            handle = open(path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise cannot_write(f"in --output_dir {str(self.output_dir)!r}", error) from None
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise RunLocked(refusal.format(holder=f" (pid {holder})" if holder else "")
+                            + f" --output_dir {str(self.output_dir)!r}; wait for it to finish, or use another "
+                            "--output_dir") from None
+        self.handles.append(handle)
+
+    def _refuse_other_counts(self, count: int) -> None:
+        """Shards of another count split the inputs differently: they would overlap ours."""
+        for path in self.output_dir.glob(SHARD_COUNT_LOCK.format(count="*")):
+            if path.name == SHARD_COUNT_LOCK.format(count=count):
+                continue
+            with contextlib.suppress(OSError), open(path, "a+", encoding="utf-8") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    other = path.name.split("-of-")[-1].split(".")[0]
+                    raise RunLocked(f"shards of another count ({other}) are using --output_dir "
+                                    f"{str(self.output_dir)!r}; run all shards with one --shard I/N, or wait") from None
+
+    def _write_pid(self, handle: Any) -> None:
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except OSError as error:
+            raise cannot_write(f"in --output_dir {str(self.output_dir)!r}", error) from None
 
     def release(self) -> None:
-        with contextlib.suppress(OSError):  # closing flushes; a full disk must not hide the cause
-            self.handle.close()
+        for handle in self.handles:
+            with contextlib.suppress(OSError):  # closing flushes; a full disk must not hide the cause
+                handle.close()
+        self.handles = []
 
 
 class RunLog:
@@ -1307,12 +1545,23 @@ class RunLog:
             "seconds": round(seconds, 3),
             "error": error,
         }
+        if task.source is not None:
+            record["size"], record["mtime_ns"] = task.source
+        self._append(record)
+
+    def write_run(self, counts: dict[str, int], exit_code: int) -> None:
+        """One line per run, whatever it did (a cron tick with nothing to do adds only this):
+        what it counted and how it ended. Resume passes it over: it names no input."""
+        self._append({"time": self.now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
+
+    def _append(self, record: dict) -> None:
+        """A failed write is the disk's fault, not an input's: stop as for an output (exit 74)."""
         # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
         try:
             self.handle.write(json.dumps(record).encode("ascii") + b"\n")
             self.handle.flush()
         except OSError as error:
-            raise cannot_write(f"the run log {str(self.path)!r}", error) from None
+            raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
 
     def relative(self, path: str) -> str:
         return path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.output_dir)
@@ -1346,6 +1595,7 @@ class WorkerStarted:
 class WorkerFailedToStart:
     spec: WorkerSpec
     error: str
+    retry: str | None = None  # "2 of 3" when another start is tried in its slot
 
 
 @dataclass(frozen=True)
@@ -1405,6 +1655,7 @@ class Stopper:
         self.grace = grace
         self.signum: int | None = None
         self.deadline = math.inf
+        self.announced = False
 
     @property
     def requested(self) -> bool:
@@ -1421,8 +1672,15 @@ class Stopper:
             self.deadline = -math.inf
             return
         self.signum, self.deadline = signum, time.monotonic() + self.grace
-        say(f"{signal.Signals(signum).name}: starting no new inputs; finishing those in progress "
-            f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
+
+    def announcement(self) -> str | None:
+        """What to tell the user about a stop, once, from the dispatch loop (printing inside a
+        signal handler can deadlock on the stream it interrupted)."""
+        if self.signum is None or self.announced:
+            return None
+        self.announced = True
+        return (f"{signal.Signals(self.signum).name}: starting no new inputs; finishing those in progress "
+                f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
 
 
 @dataclass(frozen=True)
@@ -1511,8 +1769,9 @@ class WarmPool:
         warm worker or it could not answer."""
         if self.plan_asked:
             self.plan_asked = False
-            try:
-                reply = self.processes[0][1].recv()
+            try:  # bounded: a pipeline module whose import blocks must not hold the run
+                conn = self.processes[0][1]
+                reply = conn.recv() if conn.poll(config.start_timeout) else None
             except (EOFError, OSError):
                 reply = None
             if reply is not None and reply[0] == "plan":
@@ -1570,24 +1829,32 @@ class Backend:
         self.batch_size = config.batch_size
         self.max_attempts = config.max_attempts
         self.task_timeout = config.task_timeout
+        self.start_timeout: float | None = config.start_timeout
         self.pending: deque[Task] = deque()
         self.handed: dict[int, int] = defaultdict(int)  # times each input went to a worker
+        self.charged: dict[int, int] = defaultdict(int)  # deaths while it ran alone: see _requeue_or_fail
         self.workers: dict[int, WorkerHandle] = {}
         self.notes: set[str] = set()  # said once per run, however many workers say them
         self.output_failed = False  # a worker could not write: finish what is running, start nothing
+        self.stopping = False  # a signal or an output failure: no new starts either
+        self.pipeline_works = False  # some worker of this run has started its pipeline
+        self.start_failures: dict[int, int] = defaultdict(int)  # per slot, since it last had a worker up
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
         self.pending = deque(tasks)
         self.workers = {spec.slot: self._start(spec) for spec in plan}
         try:
             while self.workers and (self.pending or self._busy()):
-                if stop.requested or self.output_failed:
+                if (announcement := stop.announcement()) is not None:
+                    yield Note(announcement)
+                self.stopping = stop.requested or self.output_failed
+                if self.stopping:
                     if not self._busy() or time.monotonic() > stop.deadline:
                         break
                 else:
                     for worker in list(self.workers.values()):
                         self._feed(worker)
-                self._kill_hung_workers()
+                self._kill_overdue_workers()
                 yield from self._wait(restart=not stop.requested)
         finally:
             self._shutdown(list(self.workers.values()))
@@ -1629,26 +1896,32 @@ class Backend:
         worker.busy_since = time.monotonic()
         self._send(worker, batch)
 
-    def _kill_hung_workers(self) -> None:
-        """--task_timeout: a worker gets that many seconds per input of its batch."""
-        if not self.task_timeout:
-            return
+    def _kill_overdue_workers(self) -> None:
+        """--task_timeout: a worker gets that many seconds per input of its batch.
+        --start_timeout: a worker gets that long to build its pipeline (a load that blocks
+        would otherwise hold the run for ever); its death is then a failed start."""
         now = time.monotonic()
         for worker in self.workers.values():
-            limit = self.task_timeout * len(worker.held)
-            if worker.held and worker.timed_out is None and now - worker.busy_since > limit:
-                worker.timed_out = limit
+            if worker.timed_out is not None:
+                continue
+            if not worker.ready and self.start_timeout and now - worker.started_at > self.start_timeout:
+                worker.timed_out = self.start_timeout
+                self._kill(worker)
+            elif self.task_timeout and worker.held and now - worker.busy_since > self.task_timeout * len(worker.held):
+                worker.timed_out = self.task_timeout * len(worker.held)
                 self._kill(worker)
 
     def _handle(self, worker: WorkerHandle, message: tuple) -> Iterator[Event]:
         kind = message[0]
         if kind == "ready":
             worker.ready, worker.token = True, message[2]
+            self.pipeline_works = True
+            self.start_failures[worker.spec.slot] = 0
             yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message[1])
         elif kind == "init_failed":
             del self.workers[worker.spec.slot]
             self._shutdown([worker])
-            yield WorkerFailedToStart(worker.spec, message[1])
+            yield from self._failed_start(worker.spec, message[1])
         elif kind == "reports":  # one message per batch: one report per input, in order
             for report in message[1]:
                 yield from self._handle(worker, report)
@@ -1684,7 +1957,11 @@ class Backend:
             self.pending.extendleft(reversed(worker.held.values()))
             yield WorkerRecycled(worker.spec, worker.retiring)
         elif not worker.ready:
-            yield WorkerFailedToStart(worker.spec, f"the worker process {reason} while starting")
+            if worker.timed_out is not None:
+                reason = f"did not start within {worker.timed_out:g} s (--start_timeout)"
+            else:
+                reason = f"the worker process {reason} while starting"
+            yield from self._failed_start(worker.spec, reason)
             return
         else:
             if worker.timed_out is not None:
@@ -1693,12 +1970,28 @@ class Backend:
         if restart:
             self.workers[worker.spec.slot] = self._start(worker.spec)
 
+    def _failed_start(self, spec: WorkerSpec, error: str) -> Iterator[Event]:
+        """A worker could not start. Once the pipeline has started in this run, a failed start
+        is likely passing (memory not yet freed, a busy disk): its slot tries again, up to
+        --max_attempts times in a row. Before that, it is likely the pipeline's own fault
+        (a bad model folder), and trying again would only repeat it."""
+        self.start_failures[spec.slot] += 1
+        tries = self.start_failures[spec.slot]
+        again = self.pipeline_works and not self.stopping and tries < self.max_attempts
+        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {self.max_attempts}" if again else None)
+        if again:
+            self.workers[spec.slot] = self._start(spec)
+
     def _requeue_or_fail(self, worker: WorkerHandle, reason: str, replaced: bool) -> Iterator[Event]:
+        """Charge a death to the input that caused it: one that died alone in its worker.
+        When a batch of several dies, none is charged; each is retried alone (see _feed)."""
         requeue = []
+        alone = len(worker.held) == 1
         for task in worker.held.values():
-            attempts = self.handed[task.index]
-            if attempts >= self.max_attempts:
-                yield TaskFailed(task, worker.spec, f"worker {reason}, {attempts} times on this input", attempts)
+            self.charged[task.index] += alone
+            if self.charged[task.index] >= self.max_attempts:
+                yield TaskFailed(task, worker.spec, f"worker {reason}, {self.charged[task.index]} times while "
+                                 "running this input alone", self.handed[task.index])
             else:
                 requeue.append(task)
         self.pending.extendleft(reversed(requeue))
@@ -1776,7 +2069,6 @@ class LocalBackend(Backend):
 
 RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before saying it cannot be reached
 RAY_ENV_PREFIXES = ("PADDLE", "FLAGS_", "OMP_", "MKL_")  # passed on to actors on other nodes
-RAY_START_TIMEOUT = 600.0  # seconds with no actor started before giving up; INFER_MP_RAY_START_TIMEOUT
 RAY_KILL_WAIT = 10.0  # seconds to wait for killed actors to be gone before removing partial outputs
 RAY_POLL_SECONDS = 0.1  # ray.wait runs no signal handler until it returns: wake often for Ctrl-C
 RAY_INSTALL = "pip install -r requirements-ray.txt (the same Ray version on every node of the cluster)"
@@ -1786,16 +2078,6 @@ class ClusterError(UserError):
     """The Ray cluster cannot be reached or cannot run any worker: exit 3, like no workers."""
 
     exit_code = ExitCode.NO_WORKERS
-
-
-def ray_start_timeout() -> float:
-    text = os.environ.get("INFER_MP_RAY_START_TIMEOUT")
-    if text is None:
-        return RAY_START_TIMEOUT
-    try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError:
-        raise UsageError(f"INFER_MP_RAY_START_TIMEOUT={text!r}: expected a positive number of seconds") from None
 
 
 def import_ray() -> Any:
@@ -1833,9 +2115,9 @@ class RayNode:
 class RayCluster:
     """The connection to a Ray cluster: an existing one, or a local one started for the run."""
 
-    def __init__(self, address: str | None, instances_per_device: int):
+    def __init__(self, address: str | None, instances_per_device: int, start_timeout: float):
         self.ray = import_ray()
-        self.start_timeout = ray_start_timeout()
+        self.start_timeout = start_timeout
         self.instances_per_device = instances_per_device  # GPU actors ask for 1/this of a GPU
         # No address: a new local cluster ("local"), not whichever one `ray start` left running.
         self.address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -1953,6 +2235,7 @@ class RayBackend(Backend):
     def __init__(self, options: WorkerOptions, config: Config, cluster: RayCluster):
         super().__init__(options, config)
         self.cluster = cluster
+        self.start_timeout = None  # not per actor: waiting to be placed counts (_give_up_on_placement)
         self.planned: dict[int, WorkerSpec] = {}
         self.none_ready_since = time.monotonic()
         self.start_deaths: dict[int, int] = defaultdict(int)  # per slot: actors lost while starting
@@ -2378,6 +2661,8 @@ class Report:
     run_log: RunLog
     progress: Progress
     not_selected: int = 0
+    standing: int = 0  # failed in an earlier run, unchanged since: not retried
+    retired: int = 0  # stale outputs deleted (see stale_outputs)
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
@@ -2399,7 +2684,8 @@ class Report:
                 self.output_error = event.text
                 self.progress.say(f"error: {event.text}; starting no new inputs")
         elif isinstance(event, WorkerFailedToStart):
-            self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}")
+            self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}"
+                              + (f"; starting another (try {event.retry})" if event.retry else ""))
         elif isinstance(event, WorkerLost):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
                               f"{event.requeued} input(s) go back to the queue"
@@ -2425,6 +2711,11 @@ class Report:
     def unprocessed(self) -> int:
         return self.total - self.done - self.failed
 
+    def counts(self) -> dict[str, int]:
+        """For the run log's line about this run."""
+        return {"done": self.done, "failed": self.failed, "skipped": self.skipped, "unprocessed": self.unprocessed,
+                "standing_failures": self.standing, "pages": self.pages, "retired": self.retired}
+
     def summary(self, stop: Stopper) -> list[str]:
         elapsed = self.elapsed
         rate = self.pages / elapsed if elapsed > 0 else 0.0
@@ -2433,6 +2724,8 @@ class Report:
             why = ("interrupted" if stop.requested else "writing outputs failed" if self.output_error
                    else "no worker could run")
             counts.append(f"{self.unprocessed} not processed ({why})")
+        if self.standing:
+            counts.append(f"{self.standing} failed before (not retried)")
         if self.not_selected:
             counts.append(f"{self.not_selected} not selected (--retry_failed)")
         counts.append(f"{self.ignored} ignored (not an input)")
@@ -2444,6 +2737,12 @@ class Report:
         if self.output_error:
             lines.append(f"stopped: {self.output_error}; fix that (free space, make it writable) "
                          "and rerun the same command to do the rest")
+        if self.retired:
+            lines.append(f"retired {self.retired} stale output file(s): outputs of current inputs under the names "
+                         "they had before their naming changed")
+        if self.standing:
+            lines.append(f"{self.standing} input(s) failed in an earlier run and have not changed since: not retried "
+                         "(a changed file is); --retry_failed retries them")
         if self.failed:
             lines.append(f"failed inputs are in the run log {str(self.run_log.path)!r} "
                          '(lines with "status": "failed"); --retry_failed retries only them')
@@ -2464,76 +2763,127 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(output_dir: Path) -> None:
+def prepare_output_dir(output_dir: Path) -> list[Path]:
+    """Create --output_dir if missing; the folders this created, outermost first."""
+    created = [folder for folder in [output_dir, *output_dir.parents] if not folder.exists()][::-1]
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise cannot_write(f"--output_dir {str(output_dir)!r}", error) from None
+    return created
+
+
+def remove_if_unused(created: list[Path]) -> None:
+    """A run that wrote nothing (a usage error found under the lock, no inputs) leaves no
+    output folder behind that it created: only its lock files are in it."""
+    if not created:
+        return
+    output_dir = created[-1]
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return
+    if not all(name.startswith(".infer_mp") and name.endswith(".lock") for name in names):
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(output_dir / name)
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # fails, as wanted, if anything else is in it
 
 
 def run(config: Config) -> ExitCode:
-    """Check everything, plan every input, then (under the run lock) resume and dispatch.
-    Worker processes start warming up (importing) while the checks run; see WarmPool."""
+    """Take the run lock first (a refused cron tick starts nothing), choose the work under it,
+    and start workers only if there is any."""
     pipeline = resolve_pipeline(config.pipeline)
-    warm = WarmPool(pipeline, 0 if config.dry_run else expected_workers(config))
+    if config.dry_run:
+        return dry_run(config, pipeline)
+    created = prepare_output_dir(config.output_dir)
+    lock = RunLock(config)
+    try:
+        selection, tasks, work = choose_work(config, locked=True)
+        if not tasks:
+            parse_device_arg(config.device)
+            say_no_inputs(config, selection)
+            return ExitCode.OK
+        if not work.todo:  # nothing to do: no worker, no model; a misspelt device still shows
+            parse_device_arg(config.device)
+            return dispatch(config, pipeline, [], tasks, work, selection.ignored)
+        return start_and_dispatch(config, pipeline, tasks, work, selection.ignored)
+    finally:
+        lock.release()
+        remove_if_unused(created)
+
+
+def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task], WorkSelection]:
+    """List and name every input (all shards: names are decided over the whole set), keep
+    this shard's, and hold them against the run logs."""
+    selection = find_inputs(config)
+    planned = plan_tasks(selection.root, config.output_dir, selection.paths)
+    tasks = [task for task in planned if in_shard(task, config.shard)]
+    history = read_history(config)
+    if locked and history.worth_compacting:
+        compact_run_log(config.run_log)
+    return selection, tasks, select_work(tasks, history, config, Owners(planned))
+
+
+def say_no_inputs(config: Config, selection: InputSelection) -> None:
+    say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
+                         f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}")
+        + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and selection.paths else "")
+        + "; nothing to do")
+
+
+def start_and_dispatch(config: Config, pipeline: PipelineRef, tasks: list[Task], work: WorkSelection,
+                       ignored: int) -> ExitCode:
+    """Start the workers (they import while the coordinator checks options, devices and the
+    engine; see WarmPool), then dispatch."""
+    warm = WarmPool(pipeline, expected_workers(config))
     warm.ask_for_plan(config)
     cluster = None
     try:
         if config.backend == "ray":
-            cluster = RayCluster(config.ray_address, config.instances_per_device)
-        return check_and_dispatch(config, pipeline, warm, cluster)
+            cluster = RayCluster(config.ray_address, config.instances_per_device, config.start_timeout)
+            plan = plan_ray_workers(config, cluster)
+            cluster.warm_up(plan, pipeline)
+        check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
+        if not cluster:
+            plan = warm.plan(config)  # made while the options were checked
+        check_engine(config, plan[0].device.split(":")[0])
+        return dispatch(config, pipeline, plan, tasks, work, ignored, warm, cluster)
     finally:
         warm.close()
         if cluster is not None:
             cluster.close()
 
 
-def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool, cluster: RayCluster | None) -> ExitCode:
-    if cluster:
-        plan = plan_ray_workers(config, cluster)
-        if not config.dry_run:
-            cluster.warm_up(plan, pipeline)
-    check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
-    selection = find_inputs(config)
-    planned = plan_tasks(selection.root, config.output_dir, selection.paths)
-    tasks = [task for task in planned if in_shard(task, config.shard)]
-    if not cluster:
-        plan = warm.plan(config)  # made while the inputs were listed
-    check_engine(config, plan[0].device.split(":")[0])
-    if config.dry_run:
-        work = select_work(tasks, read_run_log(config.run_log), config)
-        print_plan(config, pipeline, plan, len(planned), work, selection.ignored, cluster)
-        return ExitCode.OK
-    if not tasks:
-        say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
-                             f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}")
-            + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and planned else "")
-            + "; nothing to do")
-        return ExitCode.OK
-    prepare_output_dir(config.output_dir)
-    lock = RunLock(config.lock_file, config.output_dir)
+def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
+    """--dry_run: no lock (it writes nothing), no worker, no model."""
+    cluster = RayCluster(config.ray_address, config.instances_per_device, config.start_timeout) if config.backend == "ray" else None
     try:
-        work = select_work(tasks, read_run_log(config.run_log), config)
-        remove_stale_temporaries(work.todo, config.shard)
-        run_log = RunLog(config.run_log, config.output_dir)
-        try:
-            return dispatch(config, pipeline, plan, work, run_log, selection.ignored, warm, cluster)
-        finally:
-            run_log.close()
+        plan = plan_ray_workers(config, cluster) if cluster else plan_workers(config)
+        check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
+        check_engine(config, plan[0].device.split(":")[0])
+        selection, tasks, work = choose_work(config, locked=False)
+        print_plan(config, pipeline, plan, len(selection.paths), work, selection.ignored, cluster)
+        return ExitCode.OK
     finally:
-        lock.release()
+        if cluster is not None:
+            cluster.close()
 
 
 def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], planned: int,
                work: WorkSelection, ignored: int, cluster: RayCluster | None) -> None:
     """--dry_run: what a run would do, on stdout; nothing is written and no model is loaded."""
     shard = f" (shard {config.shard[0]}/{config.shard[1]} of {planned})" if config.shard else ""
-    selected = len(work.todo) + len(work.complete) + work.not_selected
+    selected = len(work.todo) + len(work.complete) + work.not_selected + len(work.standing)
     lines = [
         f"pipeline: {pipeline.name} from {pipeline.module}",
         f"workers: {describe_plan(plan)}; batch size {config.batch_size}"
         + (f"; on the {cluster.describe()}" if cluster else ""),
         f"inputs: {selected} selected{shard}, {len(work.todo)} to do, {len(work.complete)} already done (skipped), "
+        f"{len(work.standing)} failed before and unchanged (not retried without --retry_failed), "
         f"{work.not_selected} not selected (--retry_failed), {ignored} ignored (not an input)",
         f"output: {config.output_dir}; run log {config.run_log}",
     ]
@@ -2563,19 +2913,30 @@ def not_a_file(path: str) -> str | None:
     return "no such file" if not os.path.lexists(path) else "not a regular file"
 
 
-def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
-             run_log: RunLog, ignored: int, warm: WarmPool, cluster: RayCluster | None) -> ExitCode:
-    for task, record in work.complete:
-        run_log.write(task, SKIPPED, outputs=[os.path.join(config.output_dir, o) for o in record["outputs"]],
-                      extras=[os.path.join(config.output_dir, o) for o in record.get("extra_outputs") or []],
-                      device=record.get("device"))
+def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], tasks: list[Task], work: WorkSelection,
+             ignored: int, warm: WarmPool | None = None, cluster: RayCluster | None = None) -> ExitCode:
+    """Every check has passed: clean up after earlier runs, open the run log, and run."""
+    remove_stale_temporaries(tasks, config.shard)
+    retired = retire(work.stale)
+    run_log = RunLog(config.run_log, config.output_dir)
+    try:
+        return dispatch_logged(config, pipeline, plan, work, run_log, ignored, retired, warm, cluster)
+    finally:
+        run_log.close()
+
+
+def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
+                    run_log: RunLog, ignored: int, retired: int, warm: WarmPool | None,
+                    cluster: RayCluster | None) -> ExitCode:
     shard = f" (shard {config.shard[0]}/{config.shard[1]})" if config.shard else ""
-    say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done; {describe_plan(plan)}, "
-        f"batch size {config.batch_size} -> {config.output_dir}" + (f"; on the {cluster.describe()}" if cluster else ""))
+    workers = f"; {describe_plan(plan)}, batch size {config.batch_size}" if plan else ""
+    say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done{workers} -> {config.output_dir}"
+        + (f"; on the {cluster.describe()}" if cluster else ""))
     stop = Stopper()
     stop.install()
     progress = Progress(len(work.todo), config.progress_interval)
-    report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected)
+    report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected,
+                    standing=len(work.standing), retired=retired)
     try:
         unreadable = {task.index: reason for task in work.todo if (reason := not_a_file(task.path))}
         for task in work.todo:
@@ -2593,6 +2954,10 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work
         report.output_error = str(error)
     finally:
         progress.close()
+    try:
+        run_log.write_run(report.counts(), int(report.exit_code(stop)))
+    except OutputFailed as error:
+        report.output_error = report.output_error or str(error)
     for line in report.summary(stop):
         say(line)
     return report.exit_code(stop)

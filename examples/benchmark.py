@@ -4,6 +4,7 @@
     python examples/benchmark.py --orchestration 100000   # dispatch cost, model-free
     python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
     python examples/benchmark.py --backends --pages 40    # the Ray backend against the local one
+    python examples/benchmark.py --run_log_records 1000000  # start-up of a rerun over a long run log
 
 Every figure is a whole process (start-up and model load included), the median of --rounds
 interleaved rounds (A B C A B C ...), on pages rendered with known text and the offline
@@ -419,6 +420,56 @@ def orchestration_benchmark(args: argparse.Namespace, work: Path) -> None:
     print(f"\ncoordinator peak resident memory: {max(memory)} MB")
 
 
+def log_start_up(log: Path, lines: list[bytes], inputs: Path, out: Path, rounds: int) -> list[float]:
+    """Seconds of whole no-op reruns (everything done) with `lines` as the run log."""
+    seconds = []
+    for _ in range(rounds):
+        log.write_bytes(b"".join(lines))
+        command = python(str(ROOT / "infer_mp.py"), "--pipeline", FAKE, "--input_dir", str(inputs), "--device", "cpu",
+                         "--output_dir", str(out))
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if done.returncode != 0 or "0 input(s) to do" not in done.stderr:
+            raise SystemExit(f"the rerun did not find everything done: {done.stderr[-500:]}")
+    return seconds
+
+
+def run_log_benchmark(args: argparse.Namespace, work: Path) -> None:
+    """A cron rerun with nothing to do, over 1,000 inputs, with run logs of growing length:
+    the live records alone (the baseline), a long history of other inputs (an archive of
+    past scans), and the same inputs redone many times (compacted by the first rerun)."""
+    count, records = 1000, args.run_log_records
+    inputs, out = work / "log-inputs", work / "log-out"
+    shutil.rmtree(out, ignore_errors=True)
+    for i in range(count):
+        (inputs / f"f{i:04d}.png").parent.mkdir(parents=True, exist_ok=True)
+        (inputs / f"f{i:04d}.png").write_text(f"image {i}")
+    first = subprocess.run(python(str(ROOT / "infer_mp.py"), "--pipeline", FAKE, "--input_dir", str(inputs),
+                                  "--device", "cpu", "--output_dir", str(out)), capture_output=True, text=True)
+    if first.returncode != 0:
+        raise SystemExit(first.stderr)
+    log = out / "infer_mp.runlog.jsonl"
+    live = [line for line in log.read_bytes().splitlines(keepends=True) if b'"input"' in line]
+    template = json.loads(live[0])
+    old = {**template, "time": "2020-01-01T00:00:00+00:00"}
+    archive = [json.dumps({**old, "input": f"/archive/{i:07d}.png"}).encode() + b"\n" for i in range(records - count)]
+    superseded = [json.dumps({**json.loads(line), "time": old["time"]}).encode() + b"\n" for line in live]
+    redone = superseded * (records // count - 1)
+    rows = [("live records only (baseline)", live), (f"{records:,} records: {records - count:,} of inputs no longer "
+            "there + the live ones", archive + live),
+            (f"{records:,} records: the same {count:,} inputs redone {records // count} times (compacted on the run)",
+             redone + live)]
+    print("\n" + header(f"a rerun with nothing to do over {count:,} inputs, by run-log length", args.rounds) + "\n")
+    print("| run log | lines | seconds | vs baseline | lines after |\n| --- | --- | --- | --- | --- |")
+    baseline = None
+    for name, lines in rows:
+        seconds = statistics.median(log_start_up(log, lines, inputs, out, args.rounds))
+        baseline = baseline or seconds
+        after = sum(1 for _ in open(log, "rb"))
+        print(f"| {name} | {len(lines):,} | {seconds:.2f} | {seconds / baseline:.2f}x | {after:,} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=8, help="pages per set (default 8)")
@@ -434,6 +485,8 @@ def main() -> None:
                         help="with --backends: more infer_mp.py flags for every run, e.g. --engine onnxruntime")
     parser.add_argument("--peer_venv", help="virtual environment for the peer (created if missing)")
     parser.add_argument("--no_peer", action="store_true", help="--engines without the peer")
+    parser.add_argument("--run_log_records", type=int, default=0, metavar="N",
+                        help="instead: start-up of a rerun with nothing to do, with a run log of N records")
     parser.add_argument("--work_dir", help="where inputs and outputs go (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
@@ -441,6 +494,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.orchestration:
         orchestration_benchmark(args, work)
+    elif args.run_log_records:
+        run_log_benchmark(args, work)
     elif args.backends:
         backend_benchmark(args, work)
     elif args.engines:

@@ -100,9 +100,11 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp.json"))
 
 
-def run_log(folder: Path) -> list[dict]:
+def run_log(folder: Path, runs: bool = False) -> list[dict]:
+    """The run log's input records in order (with `runs`, also each run's closing line)."""
     path = folder / "infer_mp.runlog.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [r for r in records if runs or "input" in r]
 
 
 @pytest.fixture

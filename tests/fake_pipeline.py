@@ -7,6 +7,9 @@ the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB more resident 
 actors on any node, as environment variables may not), makes every input take that long;
 ``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
 its pid, device and threads;
+``FAKE_PIPELINE_STARTS`` names a file counting constructor calls, and
+``FAKE_PIPELINE_FAIL_STARTS`` / ``FAKE_PIPELINE_HANG_STARTS`` (e.g. "2,3") make those calls raise / block;
+``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
 A ``.pdf``/``.tif``/``.tiff`` yields one page per line that starts with ``page``, at least
 one; any other input one result without a page index. Each result records which process made
@@ -16,6 +19,7 @@ it, so the tests can see the work spread over workers.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -24,6 +28,9 @@ from pathlib import Path
 
 PAGED = {".pdf", ".tif", ".tiff"}
 INIT_LOG = os.environ.get("FAKE_PIPELINE_INIT_LOG")
+if os.environ.get("FAKE_PIPELINE_IMPORT_LOG"):  # which processes imported the pipeline at all
+    with open(os.environ["FAKE_PIPELINE_IMPORT_LOG"], "a", encoding="utf-8") as _log:
+        _log.write(f"{os.getpid()}\n")
 _held_memory: list[bytearray] = []
 
 
@@ -61,12 +68,30 @@ class PlainResult(FakeResult):
     img = None  # type: ignore[assignment]
 
 
+def count_start() -> int:
+    """This constructor call's number in the test (1, 2, ...), counted in FAKE_PIPELINE_STARTS."""
+    path = os.environ.get("FAKE_PIPELINE_STARTS")
+    if not path:
+        return 0
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        number = len(handle.read().splitlines()) + 1
+        handle.write(f"{os.getpid()}\n")
+    return number
+
+
 class FakePipeline:
     result_type = FakeResult
 
     def __init__(self, device: str | None = None, cpu_threads: int | None = None, **options):
         if os.environ.get("FAKE_PIPELINE_FAIL_INIT"):
             raise RuntimeError("fake pipeline refuses to start (FAKE_PIPELINE_FAIL_INIT)")
+        start = count_start()
+        if str(start) in os.environ.get("FAKE_PIPELINE_FAIL_STARTS", "").split(","):
+            raise RuntimeError(f"fake pipeline start {start} fails (FAKE_PIPELINE_FAIL_STARTS)")
+        if str(start) in os.environ.get("FAKE_PIPELINE_HANG_STARTS", "").split(","):
+            time.sleep(3600)
         self.device = device
         self.cpu_threads = cpu_threads
         self.options = options

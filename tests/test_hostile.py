@@ -36,7 +36,7 @@ def remount(mount_point: Path, options: str) -> None:
 
 def assert_valid_log_and_outputs(out: Path) -> None:
     lines = (out / "infer_mp.runlog.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]  # every line whole
+    records = [r for r in map(json.loads, lines) if "input" in r]  # every line whole
     done = {o for r in records if r["status"] in ("done", "skipped") for o in r["outputs"]}
     assert set(page_files(out)) <= done
     for name in page_files(out):
@@ -163,7 +163,7 @@ def test_any_file_name(dirs):
     produced = sorted(os.listdir(os.fsencode(out)))
     expected = sorted(name[: -len(b".png")] + b".json" for name in ODD_NAMES)
     assert [n for n in produced if n.endswith(b".json")] == expected
-    raw_lines = (out / "infer_mp.runlog.jsonl").read_bytes().split(b"\n")[:-1]
+    raw_lines = [line for line in (out / "infer_mp.runlog.jsonl").read_bytes().split(b"\n")[:-1] if b'"input"' in line]
     assert len(raw_lines) == len(ODD_NAMES)
     inputs = {os.fsencode(json.loads(line)["input"]) for line in raw_lines}  # round-trips to the bytes
     assert inputs == {os.path.join(os.fsencode(src), name) for name in ODD_NAMES}

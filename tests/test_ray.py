@@ -167,7 +167,9 @@ def test_crashing_raising_and_hanging_inputs_fail_alone(cluster, dirs):
     assert run.code == 1, run.stderr
     failed = {Path(r["input"]).name: r for r in run_log(out) if r["status"] == "failed"}
     assert sorted(failed) == ["crash.png", "hang.png", "raise.png"]
-    assert failed["crash.png"]["attempts"] == 2 and "died" in failed["crash.png"]["error"]
+    # its first batch (with hang.png and p00.png) died uncharged; then it died twice alone
+    assert failed["crash.png"]["attempts"] == 3 and "died" in failed["crash.png"]["error"]
+    assert "2 times while running this input alone" in failed["crash.png"]["error"]
     assert "timed out" in failed["hang.png"]["error"]
     assert "cannot decode" in failed["raise.png"]["error"]
     assert page_files(out) == [f"p{i:02d}.json" for i in range(4)]
@@ -222,7 +224,7 @@ def test_a_cluster_busy_with_another_job_is_exit_3_not_a_hang(cluster, tmp_path)
     busy = start_on_ray(src, tmp_path / "first", cluster, "--instances_per_device", "2", "--pipeline_arg", "delay=2")
     try:
         wait_for(lambda: len(page_files(tmp_path / "first")) >= 1 if (tmp_path / "first").exists() else False)
-        run = on_ray(src, tmp_path / "second", cluster, env={"INFER_MP_RAY_START_TIMEOUT": "3"})
+        run = on_ray(src, tmp_path / "second", cluster, "--start_timeout", "3")
     finally:
         busy.kill()
         busy.communicate()
@@ -325,5 +327,5 @@ def test_ctrl_c_twice_stops_a_ray_run_at_once(cluster, dirs):
 def test_a_malformed_start_timeout_is_a_usage_error(dirs):
     src, out = dirs
     make_inputs(src, 1)
-    run = on_ray(src, out, None, env={"INFER_MP_RAY_START_TIMEOUT": "soon"})
-    assert run.code == 2 and "INFER_MP_RAY_START_TIMEOUT" in run.stderr and "Traceback" not in run.stderr
+    run = on_ray(src, out, None, "--start_timeout", "soon")
+    assert run.code == 2 and "--start_timeout" in run.stderr and "Traceback" not in run.stderr

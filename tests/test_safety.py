@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
 import os
+import signal
 import zlib
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_invariant, page_files, run_fake, run_log, write
+import infer_mp
+from conftest import assert_invariant, make_inputs, page_files, run_fake, run_log, write
+from test_hostile import small_disk  # noqa: F401 (a fixture)
 
 
 # -- cleanup deletes only what the input itself wrote ---------------------------------------------
@@ -45,3 +52,243 @@ def test_a_shard_removes_only_its_own_stale_temporaries(dirs):
     assert theirs.exists() and theirs_tagged.exists() and not mine.exists()
     assert run_fake(src, out).code == 0  # a run over all inputs has the folder alone
     assert not theirs.exists() and not theirs_tagged.exists()
+
+
+# -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
+
+
+def test_a_rerun_with_nothing_to_do_adds_one_line_and_starts_no_worker(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 3, pdf_pages=2)
+    assert run_fake(src, out).code == 0
+    log = out / "infer_mp.runlog.jsonl"
+    before = log.read_text().splitlines()
+    imports = tmp_path / "imports.log"
+    run = run_fake(src, out, env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    assert run.code == 0 and "4 skipped" in run.stderr
+    after = log.read_text().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 1
+    assert json.loads(after[-1])["run"]["skipped"] == 4
+    assert not imports.exists()  # no worker process, no pipeline import
+
+
+def test_a_mostly_superseded_run_log_is_compacted(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    log = out / "infer_mp.runlog.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    inputs = [r for r in records if "input" in r]
+    padding = [{**r, "time": "2000-01-01T00:00:00+00:00"} for r in inputs] * 300  # old, superseded
+    log.write_text("".join(json.dumps(r) + "\n" for r in padding + records))
+    run = run_fake(src, out)
+    assert run.code == 0 and "3 skipped" in run.stderr and "1 failed before" in run.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) <= len(records) + 1
+    assert {json.loads(line)["input"] for line in lines if "input" in line} == {r["input"] for r in inputs}
+    assert not [p for p in out.iterdir() if p.name.endswith(".compact")]
+    assert_invariant(src, out)
+
+
+def test_a_changed_input_is_done_again(dirs):
+    src, out = dirs
+    make_inputs(src, 2)
+    assert run_fake(src, out).code == 0
+    changed = src / "p01.png"
+    changed.write_text("new text, same name")
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 skipped" in run.stderr
+    assert json.loads((out / "p01.json").read_text())["text"] == "new text, same name"
+    record = run_log(out)[-1]
+    stat = changed.stat()
+    assert (record["size"], record["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: same size, newer
+    assert "1 done" in run_fake(src, out).stderr
+
+
+def test_a_failure_is_reported_once(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 2)
+    bad = write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    imports = tmp_path / "imports.log"
+    again = run_fake(src, out, env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    assert again.code == 0, again.stderr
+    assert "1 failed before" in again.stderr and "--retry_failed retries them" in again.stderr
+    assert not imports.exists()
+    assert run_fake(src, out, "--retry_failed").code == 1  # asked for: retried, fails again
+    bad.write_text("RAISE, but edited")  # changed since it failed: a plain rerun retries it
+    run = run_fake(src, out)
+    assert run.code == 1 and "1 failed" in run.stderr
+
+
+def test_shards_share_one_truth(dirs):
+    src, out = dirs
+    make_inputs(src, 8)
+    for index in range(2):
+        assert run_fake(src, out, "--shard", f"{index}/2").code == 0
+    run = run_fake(src, out)
+    assert run.code == 0 and "0 input(s) to do" in run.stderr and "8 skipped" in run.stderr
+    run = run_fake(src, out, "--shard", "0/3")
+    assert run.code == 0 and "0 input(s) to do" in run.stderr
+    assert_invariant(src, out)
+
+
+def hold(path: Path, mode: int):
+    handle = open(path, "a+")
+    fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    return handle
+
+
+def test_runs_that_would_overlap_are_refused_before_any_worker(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 2)
+    out.mkdir()
+    imports = tmp_path / "imports.log"
+    env = {"FAKE_PIPELINE_IMPORT_LOG": str(imports)}
+    with hold(out / ".infer_mp.lock", fcntl.LOCK_EX):  # a run over all inputs
+        run = run_fake(src, out, env=env)
+        assert run.code == 75 and "another infer_mp.py run" in run.stderr
+        assert run_fake(src, out, "--shard", "0/2", env=env).code == 75
+    with hold(out / ".infer_mp.lock", fcntl.LOCK_SH), hold(out / ".infer_mp.shards-of-2.lock", fcntl.LOCK_SH):
+        run = run_fake(src, out, env=env)  # shard runs are going on
+        assert run.code == 75
+        run = run_fake(src, out, "--shard", "0/3", env=env)
+        assert run.code == 75 and "another count (2)" in run.stderr
+        assert run_fake(src, out, "--shard", "1/2").code == 0  # a shard of the same count runs beside them
+    assert not imports.exists()  # the refused runs imported nothing, started no worker
+
+
+# -- stale outputs -----------------------------------------------------------------------------------
+
+
+def test_outputs_under_an_old_name_are_retired(dirs):
+    src, out = dirs
+    write(src / "a.jpg", "jpeg text")
+    write(src / "keep.png", "moved away later")
+    assert run_fake(src, out).code == 0 and (out / "a.json").exists()
+    (src / "keep.png").rename(dirs[0].parent / "keep.png")  # processed scans moved away: text kept
+    write(src / "a.png", "png text")
+    run = run_fake(src, out)
+    assert run.code == 0 and "retired 1 stale output" in run.stderr
+    assert page_files(out) == ["a.jpg.json", "a.png.json", "keep.json"]
+    assert_invariant(src, out, gone=("keep.png",))
+
+
+def test_the_run_log_cannot_make_it_delete_outside_the_output_folder(dirs, tmp_path):
+    src, out = dirs
+    write(src / "a.jpg", "jpeg text")
+    assert run_fake(src, out).code == 0
+    victim = write(tmp_path / "precious.json", "{}")
+    inside = write(out / "someone_elses.json", "{}")
+    log = out / "infer_mp.runlog.jsonl"
+    record = run_log(out)[0]
+    record["outputs"] = ["../precious.json", str(victim), "someone_elses.json", "infer_mp.runlog.jsonl"]
+    with log.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    (out / "link").symlink_to(tmp_path)
+    record["outputs"] = ["link/precious.json"]
+    with log.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    assert run_fake(src, out).code == 0
+    assert victim.exists() and log.exists() and inside.exists()
+
+
+# -- write failures and signals --------------------------------------------------------------------
+
+
+def test_a_run_log_that_cannot_be_written_stops_like_an_output(dirs, small_disk):
+    src, out = dirs
+    make_inputs(src, 3)
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # the run log's disk is full
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(b"x" * 4096)
+    run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"))
+    assert run.code == 74, run.stderr
+    assert "cannot write the run log" in run.stderr and "inputs: " in run.stderr and "0 failed" in run.stderr
+    (small_disk / "filler").unlink()
+    run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"))
+    assert run.code == 0 and "3 done" in run.stderr
+
+
+def test_a_run_log_that_is_not_a_file_is_refused(dirs):
+    src, out = dirs
+    make_inputs(src, 1)
+    run = run_fake(src, out, "--run_log", "/dev/zero")  # reading it would never end
+    assert run.code == 2 and "--run_log" in run.stderr and "not a regular file" in run.stderr
+
+
+def test_a_run_log_write_error_of_any_kind_is_an_environment_stop(tmp_path):
+    log = infer_mp.RunLog(tmp_path / "log.jsonl", tmp_path)
+
+    class Broken:
+        def write(self, data):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    log.handle = Broken()
+    task = infer_mp.Task(0, str(tmp_path / "a.png"), "a.png", str(tmp_path), "a")
+    with pytest.raises(infer_mp.OutputFailed, match="Input/output error"):
+        log.write(task, infer_mp.DONE)
+
+
+def test_the_signal_handler_only_sets_flags(capsys):
+    stop = infer_mp.Stopper()
+    stop._on_signal(signal.SIGTERM, None)
+    assert stop.requested and capsys.readouterr().err == ""
+    assert "SIGTERM: starting no new inputs" in stop.announcement()
+    assert stop.announcement() is None  # said once
+
+
+# -- starts and crashes ----------------------------------------------------------------------------
+
+
+def test_a_start_that_never_finishes_does_not_hang_the_run(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 2)
+    env = {"FAKE_PIPELINE_STARTS": str(tmp_path / "starts"), "FAKE_PIPELINE_HANG_STARTS": "1"}
+    run = run_fake(src, out, "--start_timeout", "2", env=env, timeout=60)
+    assert run.code == 3, run.stderr
+    assert "did not start within 2 s (--start_timeout)" in run.stderr and "2 not processed" in run.stderr
+
+
+def test_a_replacement_that_fails_to_start_is_tried_again(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 12)
+    env = {"FAKE_PIPELINE_STARTS": str(tmp_path / "starts"), "FAKE_PIPELINE_FAIL_STARTS": "2"}
+    run = run_fake(src, out, "--max_items_per_worker", "3", env=env)
+    assert run.code == 0, run.stderr
+    assert "fake pipeline start 2 fails" in run.stderr and "starting another (try 2 of 3)" in run.stderr
+    assert len(page_files(out)) == 12
+    assert_invariant(src, out)
+
+
+def test_a_hung_replacement_is_tried_again(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 4)
+    env = {"FAKE_PIPELINE_STARTS": str(tmp_path / "starts"), "FAKE_PIPELINE_HANG_STARTS": "2"}
+    run = run_fake(src, out, "--max_items_per_worker", "2", "--start_timeout", "2", env=env, timeout=60)
+    assert run.code == 0, run.stderr
+    assert "did not start within 2 s" in run.stderr and len(page_files(out)) == 4
+
+
+def test_a_crash_is_charged_to_the_input_that_causes_it(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    write(src / "p01x.png", "CRASH")
+    run = run_fake(src, out, "--batch_size", "4", "--max_attempts", "1")
+    assert run.code == 1, run.stderr
+    status = {Path(r["input"]).name: r["status"] for r in run_log(out)}
+    assert status == {"p00.png": "done", "p01.png": "done", "p01x.png": "failed", "p02.png": "done"}
+    assert_invariant(src, out)
+
+
+def test_a_hung_batch_is_charged_to_the_input_that_hangs(dirs):
+    src, out = dirs
+    make_inputs(src, 3)
+    write(src / "p01x.png", "HANG")
+    run = run_fake(src, out, "--batch_size", "4", "--max_attempts", "1", "--task_timeout", "1", timeout=60)
+    assert run.code == 1, run.stderr
+    failed = [Path(r["input"]).name for r in run_log(out) if r["status"] == "failed"]
+    assert failed == ["p01x.png"] and len(page_files(out)) == 3
