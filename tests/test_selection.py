@@ -1,0 +1,76 @@
+"""Which files are inputs and where their outputs go: the output folder however it is spelled,
+--recursive, and lists placed by a rule that does not depend on the rest of the list."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import infer_mp
+from conftest import page_files, run_fake, write
+
+# -- the output folder is never input ------------------------------------------------------------
+
+
+@pytest.fixture
+def scans_with_outputs(tmp_path: Path) -> Path:
+    """scans/ with two inputs and, inside it, an output folder ocr/ holding what a run writes
+    (JSON, a visualization PNG, a mirrored subfolder)."""
+    scans = tmp_path / "scans"
+    write(scans / "a.png")
+    write(scans / "sub" / "b.png")
+    for rel in ("a.json", "a_vis.png", "sub/b.json", "sub/b_vis.png"):
+        write(scans / "ocr" / rel)
+    return scans
+
+
+SPELLINGS = {  # (input folder, output folder) relative to tmp_path; every one is scans/ and scans/ocr/
+    "plain": ("scans", "scans/ocr"),
+    "dotdot": ("scans", "scans/sub/../ocr"),
+    "linked input": ("scans-link", "scans/ocr"),
+    "linked output": ("scans", "ocr-link"),
+    "output through a linked folder": ("scans", "scans-link/ocr"),
+}
+
+
+@pytest.mark.parametrize("patterns", [("**/*",), ("**/*.png", "*"), ("*/*", "*/*/*")], ids=["walk", "walk-names", "pathlib"])
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_the_output_folder_is_never_input_however_spelled(scans_with_outputs, tmp_path, spelling, patterns):
+    os.symlink("scans", tmp_path / "scans-link")
+    os.symlink("scans/ocr", tmp_path / "ocr-link")
+    input_dir, output_dir = (str(Path(tmp_path, p).absolute()) for p in SPELLINGS[spelling])
+    selection = infer_mp.glob_inputs(input_dir, patterns, output_dir)
+    rels = [os.path.relpath(p, input_dir) for p in selection.paths]
+    assert rels == (["a.png", "sub/b.png"] if "*/*" not in patterns else ["sub/b.png"])
+
+
+def test_a_rerun_with_the_output_folder_spelled_with_dotdot_takes_none_of_its_outputs(tmp_path):
+    scans = tmp_path / "scans"
+    write(scans / "a.png")
+    write(scans / "sub" / "b.png")
+    out = scans / "sub" / ".." / "ocr"
+    for _ in range(2):
+        run = run_fake(scans, out, "--input_glob_pattern", "**/*")
+        assert run.code == 0, run.stderr
+    assert page_files(scans / "ocr") == ["a.json", "sub/b.json"]  # no ocr/ocr/...
+    assert "2 skipped" in run.stderr and "FAILED" not in run.stderr
+
+
+@pytest.mark.parametrize("output", ["in", "in/sub/..", "in-link"])
+def test_the_output_folder_as_the_input_folder_is_a_usage_error(tmp_path, output):
+    write(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "sub").mkdir()
+    os.symlink("in", tmp_path / "in-link")
+    run = run_fake(tmp_path / "in", Path(tmp_path, output))
+    assert run.code == 2, run.stderr
+    assert "--output_dir is --input_dir" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
+def test_an_input_folder_inside_the_output_folder_is_read(tmp_path):
+    """Only what is below the output folder is passed over, not an input folder that lies in it."""
+    out = tmp_path / "out"
+    write(out / "scans" / "a.png")
+    selection = infer_mp.glob_inputs(str(out / "scans"), ("*",), str(out))
+    assert selection.paths == [str(out / "scans" / "a.png")]
