@@ -290,7 +290,8 @@ def build_parser() -> ArgumentParser:
         action="append",
         default=None,
         help="Pattern, relative to --input_dir, of the files to process; may be given several "
-        "times. Default '*': the images and PDFs at the top of --input_dir. '**/*' recurses.",
+        "times. Default '*': the images and PDFs at the top of --input_dir (with --recursive, in "
+        "every subfolder). '**/*' recurses and takes every file, whatever its type.",
     )
     # Our additions.
     parser.add_argument(
@@ -301,6 +302,13 @@ def build_parser() -> ArgumentParser:
         "instances, so that they do not oversubscribe the machine.",
     )
     inputs = parser.add_argument_group("inputs")
+    inputs.add_argument(
+        "--recursive",
+        action="store_true",
+        help="Take inputs from every subfolder of --input_dir too, outputs mirroring the tree: the "
+        "images and PDFs (any case), or each --input_glob_pattern NAME ('*.pdf') in every subfolder. "
+        "Symlinked folders are not followed; the output folder is never input.",
+    )
     inputs.add_argument(
         "--input_list",
         help="File with one input path per line ('-' for standard input; NUL-separated if it "
@@ -435,6 +443,7 @@ class Config:
     run_log: Path
     lock_file: Path
     input_list: str | None = None
+    recursive: bool = False
     shard: tuple[int, int] | None = None
     dry_run: bool = False
     pipeline_kwargs: dict = field(default_factory=dict)
@@ -473,6 +482,12 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError("give --input_dir (a folder of inputs) or --input_list (a file of paths)")
     if args.input_list is not None and args.input_glob_pattern:
         raise UsageError("--input_glob_pattern selects files in --input_dir; with --input_list, leave it out")
+    if args.recursive and args.input_list is not None:
+        raise UsageError("--recursive walks the subfolders of --input_dir; with --input_list, leave it out")
+    folder_patterns = [p for p in args.input_glob_pattern or [] if "/" in p or "**" in p or p in (".", "..")]
+    if args.recursive and folder_patterns:
+        raise UsageError(f"--recursive takes file-name patterns such as '*.pdf', matched in every subfolder; "
+                         f"{folder_patterns[0]!r} has a folder part: leave out --recursive (e.g. 'x/**/*.pdf' recurses below x)")
     input_dir = Path(args.input_dir) if args.input_dir is not None else None
     if input_dir is not None and not input_dir.exists():
         raise UsageError(f"the input directory does not exist: {str(input_dir)!r}")
@@ -501,6 +516,7 @@ def parse_config(argv: list[str] | None) -> Config:
         run_log=run_log.absolute(),
         lock_file=output_dir.absolute() / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
         input_list=args.input_list,
+        recursive=args.recursive,
         shard=args.shard,
         dry_run=args.dry_run,
         pipeline_kwargs=pipeline_kwargs(args),
@@ -993,8 +1009,9 @@ def scan_matches(input_dir: str, pattern: str, skip: tuple[int, int] | None = No
     each match's file identity: what pathlib's glob gives (`**` is zero or more folders,
     linked folders are not entered, unreadable ones passed over, hidden names match), at a
     fraction of its cost and without a stat per plain file (100,000 inputs: seconds of the
-    coordinator's CPU). The folder whose identity is `skip` (the output folder) is not walked.
-    None for any other pattern: pathlib does those."""
+    coordinator's CPU). Folders a `**` walk enters are not matches (not counted as passed
+    over); the folder whose identity is `skip` (the output folder) is not walked. None for any
+    other pattern: pathlib does those."""
     parts = pattern.split("/")
     recursive = len(parts) == 2 and parts[0] == "**"
     name = parts[-1]
@@ -1015,13 +1032,13 @@ def scan_matches(input_dir: str, pattern: str, skip: tuple[int, int] | None = No
             continue
         for entry in entries:
             try:
-                if matches(entry.name):
+                if recursive and entry.is_dir(follow_symlinks=False):  # walked into, so not passed over
+                    folders.append(entry.path)
+                elif matches(entry.name):
                     if entry.is_file(follow_symlinks=False):  # a plain file: its inode is in the listing
                         found.append((entry.path, (status.st_dev, entry.inode())))
                     else:
                         found.append((entry.path, file_identity(entry.path)))
-                if recursive and entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
             except OSError:  # gone or unreadable since it was listed
                 continue
     return found
@@ -1047,11 +1064,11 @@ def glob_matches(input_dir: str, pattern: str, output: OutputFolder) -> list[tup
     return matches
 
 
-def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str) -> InputSelection:
-    """Files matching any pattern. Directories are never inputs, nor is anything in the output
-    folder (see OutputFolder), and with the default pattern only the types the pipeline reads
-    are taken; everything passed over is counted. `**` does not descend into linked folders,
-    so a link loop cannot trap it."""
+def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recursive: bool = False) -> InputSelection:
+    """Files matching any pattern; `recursive` matches each (a NAME) in every subfolder.
+    Directories are never inputs, nor is anything in the output folder (see OutputFolder), and
+    with the default pattern only the types the pipeline reads are taken; everything passed
+    over is counted. `**` does not descend into linked folders, so a link loop cannot trap it."""
     output = OutputFolder.of(output_dir, input_dir)
     if output.identity is not None and output.identity == path_identity(input_dir):
         raise UsageError(f"--output_dir is --input_dir ({input_dir!r}): a rerun would take the outputs for "
@@ -1059,6 +1076,8 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str) -> I
     identities: dict[str, tuple[int, int] | None] = {}
     ignored = 0
     only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
+    if recursive:
+        patterns = tuple(f"**/{pattern}" for pattern in patterns)
     for pattern in patterns:
         matches = scan_matches(input_dir, pattern, output.identity)
         if matches is None:
@@ -1097,7 +1116,7 @@ def find_inputs(config: Config) -> InputSelection:
     input_dir = str(config.input_dir) if config.input_dir is not None else None
     if config.input_list is not None:
         return read_input_list(config.input_list, input_dir)
-    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir))
+    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive)
 
 
 def relative_to_root(path: str, root: str) -> str:
@@ -2532,7 +2551,8 @@ def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool, cl
         return ExitCode.OK
     if not tasks:
         say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
-                             f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}")
+                             f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}"
+                             + (" or its subfolders" if config.recursive else ""))
             + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and planned else "")
             + "; nothing to do")
         return ExitCode.OK

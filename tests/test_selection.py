@@ -74,3 +74,58 @@ def test_an_input_folder_inside_the_output_folder_is_read(tmp_path):
     write(out / "scans" / "a.png")
     selection = infer_mp.glob_inputs(str(out / "scans"), ("*",), str(out))
     assert selection.paths == [str(out / "scans" / "a.png")]
+
+
+# -- --recursive ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """Inputs at three depths, other files beside them, a linked folder and a link loop."""
+    src = tmp_path / "in"
+    for rel in ("a.JPG", "notes.txt", "x/b.png", "x/readme.md", "x/y/c.PDF", "x/y/d.Tiff"):
+        write(src / rel, "page\n" if rel.lower().endswith((".pdf", ".tiff")) else rel)
+    write(tmp_path / "elsewhere" / "e.png")
+    os.symlink(tmp_path / "elsewhere", src / "linked")
+    os.symlink("..", src / "x" / "up")
+    return src
+
+
+def test_recursive_takes_the_readable_types_from_every_subfolder_and_ignores_the_rest(tree):
+    out = tree / "ocr"  # inside the input folder, with pictures that are of a readable type
+    for _ in range(2):
+        run = run_fake(tree, out, "--recursive", "--save", "img")
+        assert run.code == 0, run.stderr
+    assert page_files(out) == ["a.json", "x/b.json", "x/y/c_0.json", "x/y/d_0.json"]
+    assert "4 skipped (already done), 4 ignored" in run.stderr  # notes.txt, readme.md, linked/, up/
+    assert "FAILED" not in run.stderr
+
+
+def test_recursive_with_patterns_matches_each_name_in_every_subfolder(tree, tmp_path):
+    selection = infer_mp.glob_inputs(str(tree), ("*.PDF", "*.md"), str(tmp_path / "out"), recursive=True)
+    assert [os.path.relpath(p, tree) for p in selection.paths] == ["x/readme.md", "x/y/c.PDF"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--input_glob_pattern", "x/*.png"], "'x/*.png' has a folder part"),
+    (["--input_glob_pattern", "**/*.png"], "'**/*.png' has a folder part"),
+    (["--input_glob_pattern", "*.png", "--input_glob_pattern", "**"], "'**' has a folder part"),
+    (["--input_list", "-"], "with --input_list, leave it out"),
+])
+def test_recursive_refuses_what_it_cannot_mean(tree, tmp_path, args, fragment):
+    run = run_fake(tree, tmp_path / "out", "--recursive", *args)
+    assert run.code == 2, run.stderr
+    assert fragment in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_recursive_with_nothing_readable_says_where_it_looked(tmp_path):
+    write(tmp_path / "in" / "sub" / "notes.txt")
+    run = run_fake(tmp_path / "in", tmp_path / "out", "--recursive")
+    assert run.code == 0, run.stderr
+    assert "or its subfolders" in run.stderr
+
+
+def test_help_explains_recursive():
+    run = run_fake(Path("."), Path("out"), "--help")
+    assert run.code == 0 and "--recursive" in run.stdout and "every subfolder" in run.stdout
