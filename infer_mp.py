@@ -312,7 +312,8 @@ def build_parser() -> ArgumentParser:
     inputs.add_argument(
         "--input_list",
         help="File with one input path per line ('-' for standard input; NUL-separated if it "
-        "contains a NUL, as from find -print0). Replaces --input_glob_pattern.",
+        "contains a NUL, as from find -print0). Replaces --input_glob_pattern. Outputs mirror "
+        "--input_dir, else the current folder; other paths go under OUTPUT_DIR/_outside/.",
     )
     inputs.add_argument(
         "--shard",
@@ -1093,29 +1094,70 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recu
     return InputSelection(unique, input_dir, ignored + duplicates)
 
 
-def read_input_list(source: str, input_dir: str | None) -> InputSelection:
+def resolve_dots(path: str, cwd: str) -> str:
+    """path made absolute against cwd and normalised, with `..` resolved as the filesystem does:
+    `link/../a.png` is the a.png beside link's target, where os.path.abspath would take the
+    one beside link. Only a path with `..` costs a realpath; other links stay as spelled."""
+    parts = os.path.join(cwd, path).split(os.sep)
+    if ".." not in parts:
+        return os.path.normpath(os.sep.join(parts))
+    last = len(parts) - 1 - parts[::-1].index("..")
+    return os.path.normpath(os.path.join(os.path.realpath(os.sep.join(parts[:last + 1])), *parts[last + 1:]))
+
+
+class ListedPaths:
+    """Where listed paths go, by a rule that is the same in every run, whatever else the list
+    holds: a path below the root (--input_dir, else the current folder) mirrors its place
+    there, any other under `_outside/` followed by its absolute path. A path that reaches a
+    folder of the root through another spelling (a link, the root's real path) is spelled
+    through the root, as a walk of the root would list it. Paths in the output folder are
+    passed over (see OutputFolder). Real paths are taken once per folder."""
+
+    def __init__(self, root: str, output_dir: str) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.output = OutputFolder.of(output_dir, root)
+        self.real_folders: dict[str, str] = {}
+
+    def place(self, path: str) -> str | None:
+        """The path to use for a listed (absolute, normalised) path; None if it is not an input."""
+        folder, name = os.path.split(path)
+        real = self.real_folders.get(folder)
+        if real is None:
+            real = self.real_folders[folder] = os.path.realpath(folder)
+        if self.output.holds(real):
+            return None
+        if not within(path, self.root) and within(real, self.real_root):
+            path = os.path.normpath(os.path.join(self.root, os.path.relpath(real, self.real_root), name))
+        rel = relative_to_root(path, self.root)
+        if rel.startswith(OUTSIDE_DIR + os.sep) and within(path, self.root):
+            raise UsageError(f"--input_list: cannot place {rel!r}: its outputs would go "
+                             f"under {OUTSIDE_DIR}/, which holds those of listed paths outside {self.root!r}; "
+                             "rename that folder, or give another --input_dir (or run from another folder)")
+        return path
+
+
+def read_input_list(source: str, input_dir: str | None, output_dir: str) -> InputSelection:
     """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
-    folder. Outputs mirror --input_dir if given, else the listed paths' common folder."""
+    folder, each placed by itself (see ListedPaths)."""
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read --input_list {source!r}: {error.strerror}") from None
     entries = data.split(b"\0") if b"\0" in data else data.splitlines()
-    listed = {os.path.abspath(os.fsdecode(entry)) for entry in entries if entry.strip()}
-    paths, duplicates = one_path_per_file({path: file_identity(path) for path in listed})
-    if input_dir is not None:
-        root = input_dir
-    elif paths:
-        root = os.path.commonpath([os.path.dirname(path) for path in paths])
-    else:
-        root = os.getcwd()
-    return InputSelection(paths, root, duplicates)
+    cwd = os.getcwd()
+    listed = ListedPaths(resolve_dots(input_dir, cwd) if input_dir is not None else cwd, output_dir)
+    unique = {resolve_dots(os.fsdecode(entry), cwd) for entry in entries if entry.strip()}
+    placed = {listed.place(path) for path in sorted(unique)}
+    ignored = len(unique) - len(placed - {None})  # in the output folder, or two spellings of one path
+    paths, duplicates = one_path_per_file({path: file_identity(path) for path in placed if path is not None})
+    return InputSelection(paths, listed.root, ignored + duplicates)
 
 
 def find_inputs(config: Config) -> InputSelection:
     input_dir = str(config.input_dir) if config.input_dir is not None else None
     if config.input_list is not None:
-        return read_input_list(config.input_list, input_dir)
+        return read_input_list(config.input_list, input_dir, str(config.output_dir))
     return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive)
 
 
@@ -2550,7 +2592,8 @@ def check_and_dispatch(config: Config, pipeline: PipelineRef, warm: WarmPool, cl
         print_plan(config, pipeline, plan, len(planned), work, selection.ignored, cluster)
         return ExitCode.OK
     if not tasks:
-        say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
+        listed = "every path in it is in the output folder" if selection.ignored and not planned else "it is empty"
+        say("no inputs: " + (f"the list {config.input_list!r}: {listed}" if config.input_list is not None else
                              f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}"
                              + (" or its subfolders" if config.recursive else ""))
             + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and planned else "")
