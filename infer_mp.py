@@ -294,7 +294,8 @@ def build_parser() -> ArgumentParser:
         action="append",
         default=None,
         help="Pattern, relative to --input_dir, of the files to process; may be given several "
-        "times. Default '*': the images and PDFs at the top of --input_dir. '**/*' recurses.",
+        "times. Default '*': the images and PDFs at the top of --input_dir (with --recursive, in "
+        "every subfolder). '**/*' recurses and takes every file, whatever its type.",
     )
     # Our additions.
     parser.add_argument(
@@ -306,9 +307,17 @@ def build_parser() -> ArgumentParser:
     )
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument(
+        "--recursive",
+        action="store_true",
+        help="Take inputs from every subfolder of --input_dir too, outputs mirroring the tree: the "
+        "images and PDFs (any case), or each --input_glob_pattern NAME ('*.pdf') in every subfolder. "
+        "Symlinked folders are not followed; the output folder is never input.",
+    )
+    inputs.add_argument(
         "--input_list",
         help="File with one input path per line ('-' for standard input; NUL-separated if it "
-        "contains a NUL, as from find -print0). Replaces --input_glob_pattern.",
+        "contains a NUL, as from find -print0). Replaces --input_glob_pattern. Outputs mirror "
+        "--input_dir, else the current folder; other paths go under OUTPUT_DIR/_outside/.",
     )
     inputs.add_argument(
         "--shard",
@@ -446,6 +455,7 @@ class Config:
     run_log: Path
     lock_file: Path
     input_list: str | None = None
+    recursive: bool = False
     shard: tuple[int, int] | None = None
     dry_run: bool = False
     pipeline_kwargs: dict = field(default_factory=dict)
@@ -485,6 +495,12 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError("give --input_dir (a folder of inputs) or --input_list (a file of paths)")
     if args.input_list is not None and args.input_glob_pattern:
         raise UsageError("--input_glob_pattern selects files in --input_dir; with --input_list, leave it out")
+    if args.recursive and args.input_list is not None:
+        raise UsageError("--recursive walks the subfolders of --input_dir; with --input_list, leave it out")
+    folder_patterns = [p for p in args.input_glob_pattern or [] if "/" in p or "**" in p or p in (".", "..")]
+    if args.recursive and folder_patterns:
+        raise UsageError(f"--recursive takes file-name patterns such as '*.pdf', matched in every subfolder; "
+                         f"{folder_patterns[0]!r} has a folder part: leave out --recursive (e.g. 'x/**/*.pdf' recurses below x)")
     input_dir = Path(args.input_dir) if args.input_dir is not None else None
     if input_dir is not None and not input_dir.exists():
         raise UsageError(f"the input directory does not exist: {str(input_dir)!r}")
@@ -495,6 +511,9 @@ def parse_config(argv: list[str] | None) -> Config:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir exists and is not a directory: {str(output_dir)!r}")
+    if input_dir is not None and output_dir.exists() and os.path.samefile(input_dir, output_dir):
+        raise UsageError(f"--output_dir is --input_dir ({str(input_dir)!r}): a rerun would take the outputs for "
+                         "inputs; give an --output_dir outside it, or a folder inside it")
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
     if run_log.exists() and not run_log.is_file():
@@ -515,6 +534,7 @@ def parse_config(argv: list[str] | None) -> Config:
         run_log=run_log.absolute(),
         lock_file=output_dir.absolute() / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
         input_list=args.input_list,
+        recursive=args.recursive,
         shard=args.shard,
         dry_run=args.dry_run,
         pipeline_kwargs=pipeline_kwargs(args),
@@ -979,12 +999,53 @@ def one_path_per_file(identities: dict[str, tuple[int, int] | None]) -> tuple[li
     return kept, dropped
 
 
-def scan_matches(input_dir: str, pattern: str) -> list[tuple[str, tuple[int, int] | None]] | None:
+def path_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of whatever is at path, symlinks followed; None if nothing is."""
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether path is folder or lies below it; both absolute and spelled alike."""
+    return path == folder or path.startswith(os.path.join(folder, ""))
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """The output folder as the filesystem sees it, however --output_dir spells it (`..`, a
+    link, a link on the way): nothing in it is an input, or a rerun would take its own JSON and
+    visualizations for inputs. A walk compares each folder's identity with it (the folder's
+    stat is made anyway); other matches and listed paths compare their real folder."""
+
+    identity: tuple[int, int] | None  # None while it does not exist: then nothing is in it
+    real: str
+    real_root: str  # the folder the inputs are taken from, when it lies inside the output folder
+
+    @classmethod
+    def of(cls, output_dir: str, root: str) -> OutputFolder:
+        return cls(path_identity(output_dir), os.path.realpath(output_dir), os.path.realpath(root))
+
+    def holds(self, real_folder: str) -> bool:
+        """Whether a file in this (real) folder is in the output folder. An input folder that
+        lies inside the output folder (`--input_dir out/scans --output_dir out`) still holds
+        inputs."""
+        if self.identity is None or not within(real_folder, self.real):
+            return False
+        return not (within(self.real_root, self.real) and within(real_folder, self.real_root))
+
+
+def scan_matches(input_dir: str, pattern: str, skip: tuple[int, int] | None = None
+                 ) -> list[tuple[str, tuple[int, int] | None]] | None:
     """The common patterns `NAME` and `**/NAME` (NAME without a slash) by a scandir walk, with
     each match's file identity: what pathlib's glob gives (`**` is zero or more folders,
     linked folders are not entered, unreadable ones passed over, hidden names match), at a
     fraction of its cost and without a stat per plain file (100,000 inputs: seconds of the
-    coordinator's CPU). None for any other pattern: pathlib does those."""
+    coordinator's CPU). Folders a `**` walk enters are not matches (not counted as passed
+    over); the folder whose identity is `skip` (the output folder) is not walked. None for any
+    other pattern: pathlib does those."""
     parts = pattern.split("/")
     recursive = len(parts) == 2 and parts[0] == "**"
     name = parts[-1]
@@ -996,51 +1057,64 @@ def scan_matches(input_dir: str, pattern: str) -> list[tuple[str, tuple[int, int
     while folders:
         folder = folders.pop()
         try:
-            device = os.stat(folder).st_dev
+            status = os.stat(folder)
+            if (status.st_dev, status.st_ino) == skip:
+                continue
             with os.scandir(folder) as scan:
                 entries = list(scan)
         except OSError:
             continue
         for entry in entries:
             try:
-                if matches(entry.name):
+                if recursive and entry.is_dir(follow_symlinks=False):  # walked into, so not passed over
+                    folders.append(entry.path)
+                elif matches(entry.name):
                     if entry.is_file(follow_symlinks=False):  # a plain file: its inode is in the listing
-                        found.append((entry.path, (device, entry.inode())))
+                        found.append((entry.path, (status.st_dev, entry.inode())))
                     else:
                         found.append((entry.path, file_identity(entry.path)))
-                if recursive and entry.is_dir(follow_symlinks=False):
-                    folders.append(entry.path)
             except OSError:  # gone or unreadable since it was listed
                 continue
     return found
 
 
-def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str) -> InputSelection:
-    """Files matching any pattern. Directories are never inputs, nor is anything under
-    --output_dir (when it lies inside --input_dir, a rerun must not take its own JSON files,
-    run log or lock for inputs), and with the default pattern only the types the pipeline
-    reads are taken; everything passed over is counted. `**` does not descend into linked
-    folders, so a link loop cannot trap it."""
-    outputs = os.path.join(output_dir, "")
+def glob_matches(input_dir: str, pattern: str, output: OutputFolder) -> list[tuple[str, tuple[int, int] | None]]:
+    """What pathlib's glob matches for the patterns the walk does not do, with identities;
+    matches in the output folder are left out (a real path per folder: rare patterns only)."""
+    try:
+        paths = [str(path) for path in Path(input_dir).glob(pattern)]
+    except (ValueError, NotImplementedError) as error:
+        raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} "
+                         "(use a pattern relative to --input_dir)") from None
+    if ".." in pattern and any(".." in path[len(input_dir):].split(os.sep) for path in paths):
+        raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
+    real_folders: dict[str, str] = {}
+    matches = []
+    for path in paths:
+        folder = os.path.dirname(path)
+        if folder not in real_folders:
+            real_folders[folder] = os.path.realpath(folder)
+        matches.append((path, None if output.holds(real_folders[folder]) else file_identity(path)))
+    return matches
+
+
+def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recursive: bool = False) -> InputSelection:
+    """Files matching any pattern; `recursive` matches each (a NAME) in every subfolder.
+    Directories are never inputs, nor is anything in the output folder (see OutputFolder), and
+    with the default pattern only the types the pipeline reads are taken; everything passed
+    over is counted. `**` does not descend into linked folders, so a link loop cannot trap it."""
+    output = OutputFolder.of(output_dir, input_dir)
     identities: dict[str, tuple[int, int] | None] = {}
     ignored = 0
     only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
+    if recursive:
+        patterns = tuple(f"**/{pattern}" for pattern in patterns)
     for pattern in patterns:
-        matches = scan_matches(input_dir, pattern)
+        matches = scan_matches(input_dir, pattern, output.identity)
         if matches is None:
-            try:
-                matches = [(str(path), None) for path in Path(input_dir).glob(pattern)]
-            except (ValueError, NotImplementedError) as error:
-                raise UsageError(f"bad --input_glob_pattern {pattern!r}: {error} "
-                                 "(use a pattern relative to --input_dir)") from None
-            if ".." in pattern and any(".." in m[len(input_dir):].split(os.sep) for m, _ in matches):
-                raise UsageError(f"--input_glob_pattern {pattern!r} reaches outside --input_dir")
-            matches = [(path, file_identity(path)) for path, _ in matches]
+            matches = glob_matches(input_dir, pattern, output)
         for path, identity in matches:
             if path in identities:
-                continue
-            if path.startswith(outputs):
-                ignored += 1
                 continue
             if identity is None or (only_readable and os.path.splitext(path)[1].lower() not in SUPPORTED_SUFFIXES):
                 ignored += 1
@@ -1050,30 +1124,71 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str) -> I
     return InputSelection(unique, input_dir, ignored + duplicates)
 
 
-def read_input_list(source: str, input_dir: str | None) -> InputSelection:
+def resolve_dots(path: str, cwd: str) -> str:
+    """path made absolute against cwd and normalised, with `..` resolved as the filesystem does:
+    `link/../a.png` is the a.png beside link's target, where os.path.abspath would take the
+    one beside link. Only a path with `..` costs a realpath; other links stay as spelled."""
+    parts = os.path.join(cwd, path).split(os.sep)
+    if ".." not in parts:
+        return os.path.normpath(os.sep.join(parts))
+    last = len(parts) - 1 - parts[::-1].index("..")
+    return os.path.normpath(os.path.join(os.path.realpath(os.sep.join(parts[:last + 1])), *parts[last + 1:]))
+
+
+class ListedPaths:
+    """Where listed paths go, by a rule that is the same in every run, whatever else the list
+    holds: a path below the root (--input_dir, else the current folder) mirrors its place
+    there, any other under `_outside/` followed by its absolute path. A path that reaches a
+    folder of the root through another spelling (a link, the root's real path) is spelled
+    through the root, as a walk of the root would list it. Paths in the output folder are
+    passed over (see OutputFolder). Real paths are taken once per folder."""
+
+    def __init__(self, root: str, output_dir: str) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.output = OutputFolder.of(output_dir, root)
+        self.real_folders: dict[str, str] = {}
+
+    def place(self, path: str) -> str | None:
+        """The path to use for a listed (absolute, normalised) path; None if it is not an input."""
+        folder, name = os.path.split(path)
+        real = self.real_folders.get(folder)
+        if real is None:
+            real = self.real_folders[folder] = os.path.realpath(folder)
+        if self.output.holds(real):
+            return None
+        if not within(path, self.root) and within(real, self.real_root):
+            path = os.path.normpath(os.path.join(self.root, os.path.relpath(real, self.real_root), name))
+        rel = relative_to_root(path, self.root)
+        if rel.startswith(OUTSIDE_DIR + os.sep) and within(path, self.root):
+            raise UsageError(f"--input_list: cannot place {rel!r}: its outputs would go "
+                             f"under {OUTSIDE_DIR}/, which holds those of listed paths outside {self.root!r}; "
+                             "rename that folder, or give another --input_dir (or run from another folder)")
+        return path
+
+
+def read_input_list(source: str, input_dir: str | None, output_dir: str) -> InputSelection:
     """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
-    folder. Outputs mirror --input_dir if given, else the listed paths' common folder."""
+    folder, each placed by itself (see ListedPaths)."""
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as error:
         raise UsageError(f"cannot read --input_list {source!r}: {error.strerror}") from None
     entries = data.split(b"\0") if b"\0" in data else data.splitlines()
-    listed = {os.path.abspath(os.fsdecode(entry)) for entry in entries if entry.strip()}
-    paths, duplicates = one_path_per_file({path: file_identity(path) for path in listed})
-    if input_dir is not None:
-        root = input_dir
-    elif paths:
-        root = os.path.commonpath([os.path.dirname(path) for path in paths])
-    else:
-        root = os.getcwd()
-    return InputSelection(paths, root, duplicates)
+    cwd = os.getcwd()
+    listed = ListedPaths(resolve_dots(input_dir, cwd) if input_dir is not None else cwd, output_dir)
+    unique = {resolve_dots(os.fsdecode(entry), cwd) for entry in entries if entry.strip()}
+    placed = {listed.place(path) for path in sorted(unique)}
+    ignored = len(unique) - len(placed - {None})  # in the output folder, or two spellings of one path
+    paths, duplicates = one_path_per_file({path: file_identity(path) for path in placed if path is not None})
+    return InputSelection(paths, listed.root, ignored + duplicates)
 
 
 def find_inputs(config: Config) -> InputSelection:
     input_dir = str(config.input_dir) if config.input_dir is not None else None
     if config.input_list is not None:
-        return read_input_list(config.input_list, input_dir)
-    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir))
+        return read_input_list(config.input_list, input_dir, str(config.output_dir))
+    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive)
 
 
 def relative_to_root(path: str, root: str) -> str:
@@ -2829,8 +2944,10 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
 
 
 def say_no_inputs(config: Config, selection: InputSelection) -> None:
-    say("no inputs: " + (f"the list {config.input_list!r} is empty" if config.input_list is not None else
-                         f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}")
+    listed = "every path in it is in the output folder" if selection.ignored and not selection.paths else "it is empty"
+    say("no inputs: " + (f"the list {config.input_list!r}: {listed}" if config.input_list is not None else
+                         f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}"
+                         + (" or its subfolders" if config.recursive else ""))
         + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and selection.paths else "")
         + "; nothing to do")
 

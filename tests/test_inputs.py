@@ -54,9 +54,9 @@ def test_input_list_from_stdin_with_a_missing_file(tmp_path):
     text = "\n".join([*map(str, listed), str(src / "gone.png"), ""])
     done = subprocess.run([sys.executable, str(SCRIPT), "--pipeline", FAKE, "--device", "cpu",
                            "--input_list", "-", "--output_dir", str(out)],
-                          input=text, capture_output=True, text=True, timeout=120)
+                          input=text, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
-    assert page_files(out) == ["a/one.json", "b/two.json"]  # mirrored below the common folder
+    assert page_files(out) == ["scans/a/one.json", "scans/b/two.json"]  # mirrored below the current folder
     assert f"FAILED {src / 'gone.png'}: no such file" in done.stderr
     assert "Traceback" not in done.stderr
     failed = [r for r in run_log(out) if r["status"] == "failed"]
@@ -69,7 +69,7 @@ def test_input_list_file_nul_separated_and_relative_paths(tmp_path):
     (tmp_path / "list").write_bytes(b"in/a b.png\0in/c.png\0")
     run = run_fake("--input_list", "list", "--output_dir", "out", cwd=tmp_path)
     assert run.code == 0, run.stderr
-    assert page_files(tmp_path / "out") == ["a b.json", "c.json"]
+    assert page_files(tmp_path / "out") == ["in/a b.json", "in/c.json"]
 
 
 def test_input_list_with_input_dir_mirrors_it_and_places_outsiders(tmp_path):
