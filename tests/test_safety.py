@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import assert_invariant, make_inputs, page_files, run_fake, run_log, write
+from conftest import (assert_invariant, latest_records, make_inputs, page_files, run_fake, run_log, start_fake, wait_for,
+                      write)
 from test_hostile import small_disk  # noqa: F401 (a fixture)
 
 
@@ -292,3 +293,36 @@ def test_a_hung_batch_is_charged_to_the_input_that_hangs(dirs):
     assert run.code == 1, run.stderr
     failed = [Path(r["input"]).name for r in run_log(out) if r["status"] == "failed"]
     assert failed == ["p01x.png"] and len(page_files(out)) == 3
+
+
+# -- the invariant, however a run ends ----------------------------------------------------------------
+
+LOOKALIKES = {  # names that share stems and page-like suffixes, some of them failing
+    "scan.png": "CRASH", "scan_1.png": "one", "scan_2.png": "two", "scan_1.pdf": "page\npage\n",
+    "b.pdf": "page\npage\npage\n", "b_1.pdf": "RAISE", "b_01.png": "not a page of b",
+    "c.tif": "page\n", "c_0_1.png": "zero one", "d.png": "HANG", "d_0.png": "dee",
+}
+
+
+@pytest.mark.parametrize("ending", ["finished", "sigterm", "kill -9"])
+def test_every_done_output_exists_and_every_output_has_one_input(dirs, ending):
+    src, out = dirs
+    for name, content in LOOKALIKES.items():
+        write(src / name, content)
+    args = ("--batch_size", "3", "--instances_per_device", "2", "--max_attempts", "2", "--task_timeout", "2")
+    if ending == "finished":
+        assert run_fake(src, out, *args, timeout=120).code == 1
+    else:
+        process = start_fake(src, out, *args, env={"FAKE_PIPELINE_DELAY": "0.3"})
+        wait_for(lambda: len(page_files(out)) >= 3)
+        process.send_signal(signal.SIGTERM) if ending == "sigterm" else process.kill()
+        process.communicate(timeout=60)
+    if ending == "kill -9":  # its temporaries are removed by the next run, checked below
+        assert all(name.endswith(".json") for name in page_files(out))
+    else:
+        assert_invariant(src, out)
+    assert run_fake(src, out, *args, "--retry_failed", timeout=120).code in (0, 1)
+    assert run_fake(src, out, *args, timeout=120).code in (0, 1)
+    assert_invariant(src, out)
+    done = {Path(r["input"]).name for r in latest_records(out).values() if r["status"] == "done"}
+    assert done == set(LOOKALIKES) - {"scan.png", "b_1.pdf", "d.png"}
