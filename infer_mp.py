@@ -567,12 +567,47 @@ class WorkerSpec:
     cpu_threads: int | None
 
 
-def available_cores() -> int:
-    """Cores this process may use (respects taskset and container CPU sets)."""
+# A container's CPU quota (`docker --cpus`, Kubernetes CPU limits), seen from inside it: the
+# affinity mask still shows every core of the host, and threads beyond the quota are throttled.
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # "max 100000" (no quota) or "200000 100000"
+CGROUP_V1_CPU_QUOTA = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"  # -1: no quota
+CGROUP_V1_CPU_PERIOD = "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+
+
+def read_text(path: str) -> str | None:
+    """A small system file's text, or None where it is absent or unreadable."""
     try:
-        return len(os.sched_getaffinity(0))
+        return Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time per period that this process's cgroup (v2, else v1) may use, or
+    None without a quota (or without a readable one)."""
+    cpu_max = read_text(CGROUP_V2_CPU_MAX)
+    if cpu_max is not None:
+        quota, _, period = cpu_max.strip().partition(" ")
+    else:
+        quota, period = read_text(CGROUP_V1_CPU_QUOTA) or "", read_text(CGROUP_V1_CPU_PERIOD) or ""
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # "max", or unreadable
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its affinity (taskset, container CPU sets), capped by a
+    cgroup CPU quota; at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
 
 
 def parse_device_arg(text: str) -> tuple[str, list[int] | None]:
@@ -871,10 +906,7 @@ def check_engine(config: Config, device_type: str) -> None:
         wanted = ["CUDAExecutionProvider"]
     if not wanted:
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import onnxruntime
-    available = onnxruntime.get_available_providers()
+    available = onnxruntime_providers()
     missing = [p for p in wanted if p not in available]
     if missing:
         raise UsageError(
@@ -883,26 +915,70 @@ def check_engine(config: Config, device_type: str) -> None:
         )
 
 
+OPENVINO_PROVIDER = "OpenVINOExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
 # OpenVINO's CPU settings for the OpenVINO execution provider, unless --engine_config sets
-# provider_options: bfloat16 where the CPU computes it natively (AVX512_BF16/AMX), as
-# OpenVINO itself does by default but ONNX Runtime's provider does not (recognition 1.8x
-# faster here); and no pinning, which put two single-thread instances on one core.
-OPENVINO_CPU_CONFIG = {"CPU": {"INFERENCE_PRECISION_HINT": "bf16", "ENABLE_CPU_PINNING": "NO"}}
+# provider_options: no pinning, which put two single-thread instances on one core; and
+# bfloat16 only where the CPU computes it natively, as OpenVINO itself does by default but
+# ONNX Runtime's provider does not (recognition 1.8x faster there). Elsewhere OpenVINO would
+# emulate it, slower than float32.
+OPENVINO_CPU_CONFIG = {"ENABLE_CPU_PINNING": "NO"}
+OPENVINO_BF16_CONFIG = {"INFERENCE_PRECISION_HINT": "bf16"}
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 flags in /proc/cpuinfo
+CPUINFO = "/proc/cpuinfo"
+CPU_PROVIDER_CONFIG = json.dumps({"providers": [CPU_PROVIDER]})  # what to pass to keep ONNX Runtime's own
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags (empty where /proc/cpuinfo is absent or has none)."""
+    for line in (read_text(CPUINFO) or "").splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def openvino_options(threads: int | None) -> dict:
+    """The OpenVINO provider's options: its own thread count (ONNX Runtime's
+    `intra_op_num_threads` does not reach it) and the CPU settings above."""
+    cpu = {**OPENVINO_CPU_CONFIG, **(OPENVINO_BF16_CONFIG if cpu_flags() & NATIVE_BF16_FLAGS else {})}
+    options: dict[str, Any] = {"num_of_threads": threads} if threads is not None else {}
+    return {**options, "load_config": json.dumps({"CPU": cpu})}
+
+
+def onnxruntime_providers() -> list[str]:
+    """The execution providers the installed ONNX Runtime build has."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import onnxruntime
+    return onnxruntime.get_available_providers()
+
+
+def providers_left_to_us(init_kwargs: dict) -> bool:
+    """The user named neither providers nor their options: infer_mp.py may choose."""
+    engine_config = init_kwargs.get("engine_config") or {}
+    return engine_config.get("providers") is None and engine_config.get("provider_options") is None
 
 
 def planned_engine_config(cls: type, spec: WorkerSpec, init_kwargs: dict) -> dict | None:
-    """For ONNX Runtime on CPU, the thread plan is `intra_op_num_threads` and, with the
-    OpenVINO provider, its own `num_of_threads` (ONNX Runtime's setting does not reach it),
-    unless the user set them; PaddleOCR's `cpu_threads` only reaches the Paddle engine."""
-    if init_kwargs.get("engine") != "onnxruntime" or spec.cpu_threads is None or not spec.device.startswith("cpu"):
+    """For ONNX Runtime on CPU: the OpenVINO provider where it is installed (2.3x ONNX
+    Runtime's own CPU provider on 40 pages) unless the user chose providers; and the thread
+    plan, as `intra_op_num_threads` and, wherever OpenVINO is among the providers, its
+    `provider_options`, unless the user set them. PaddleOCR's `cpu_threads` only reaches the
+    Paddle engine."""
+    if init_kwargs.get("engine") != "onnxruntime" or not spec.device.startswith("cpu"):
         return None
     if not accepts_keyword(cls, "engine_config"):
         return None
     engine_config = dict(init_kwargs.get("engine_config") or {})
-    engine_config.setdefault("intra_op_num_threads", spec.cpu_threads)
-    if engine_config.get("providers") == ["OpenVINOExecutionProvider"]:
-        engine_config.setdefault("provider_options", {"num_of_threads": spec.cpu_threads,
-                                                      "load_config": json.dumps(OPENVINO_CPU_CONFIG)})
+    if providers_left_to_us(init_kwargs) and OPENVINO_PROVIDER in onnxruntime_providers():
+        engine_config["providers"] = [OPENVINO_PROVIDER]
+    if spec.cpu_threads is not None:
+        engine_config.setdefault("intra_op_num_threads", spec.cpu_threads)
+    providers = engine_config.get("providers") or []
+    if OPENVINO_PROVIDER in providers and engine_config.get("provider_options") is None:
+        engine_config["provider_options"] = [openvino_options(spec.cpu_threads) if p == OPENVINO_PROVIDER else {}
+                                             for p in providers]
     return engine_config
 
 
@@ -927,10 +1003,24 @@ def describe_engine(init_kwargs: dict) -> str:
         sessions = [o for o in gc.get_objects() if isinstance(o, onnxruntime.InferenceSession)]
         providers = list(dict.fromkeys(p for session in sessions for p in session.get_providers()))
         if providers:
-            return f"onnxruntime ({', '.join(providers)})"
+            why = provider_choice(init_kwargs, providers, onnxruntime.get_available_providers())
+            return f"onnxruntime ({', '.join(providers)})" + (f" [{why}]" if why else "")
     if init_kwargs.get("engine"):
         return init_kwargs["engine"]
     return "paddle" if "paddle" in sys.modules else "the pipeline's own (not Paddle or ONNX Runtime)"
+
+
+def provider_choice(init_kwargs: dict, running: list[str], available: list[str]) -> str | None:
+    """Why PaddleX's ONNX Runtime engine runs these providers, where infer_mp.py chose them
+    (see planned_engine_config) rather than the user."""
+    if init_kwargs.get("engine") != "onnxruntime" or not providers_left_to_us(init_kwargs):
+        return None
+    if OPENVINO_PROVIDER in running:
+        return f"OpenVINO chosen by default, as it is installed; --engine_config '{CPU_PROVIDER_CONFIG}' to change"
+    if running == [CPU_PROVIDER] and OPENVINO_PROVIDER not in available:
+        return ("ONNX Runtime's CPU provider, as OpenVINO is not installed; the faster OpenVINO "
+                "provider is in requirements-onnx.txt")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,6 +61,31 @@ def start_fake(src: Path, out: Path, *extra: str, env: dict | None = None) -> su
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+# A stand-in for the `paddle` module: only the device queries infer_mp.py makes, answered as a
+# Paddle build with CUDA (and GPUS visible GPUs) or without it (GPUS None) would answer them.
+FAKE_PADDLE = """\
+import types
+
+GPUS = {gpus!r}
+__version__ = "0.0.0-fake"
+device = types.SimpleNamespace(
+    is_compiled_with_cuda=lambda: GPUS is not None,
+    is_compiled_with_rocm=lambda: False,
+    is_compiled_with_xpu=lambda: False,
+    get_available_custom_device=lambda: [],
+    cuda=types.SimpleNamespace(device_count=lambda: GPUS or 0),
+)
+"""
+
+
+def fake_paddle_env(folder: Path, gpus: int | None) -> dict[str, str]:
+    """Environment for run_cli whose `import paddle` (coordinator and workers) finds the stand-in
+    above, first on PYTHONPATH, so device checks see the same devices on every machine, GPU
+    or not: gpus=None is a CPU-only build, gpus=N a CUDA build with N GPUs."""
+    write(folder / "paddle" / "__init__.py", FAKE_PADDLE.format(gpus=gpus))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def make_inputs(src: Path, count: int, pdf_pages: int = 0) -> None:
     for i in range(count):
         write(src / f"p{i:02d}.png", f"image {i}")

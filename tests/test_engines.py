@@ -1,9 +1,12 @@
-"""PaddleX's ONNX Runtime engine (with OpenVINO) on the same offline models: same text, planned
-threads, and clear refusals before any worker starts."""
+"""PaddleX's ONNX Runtime engine (with OpenVINO) on the same offline models: same text, OpenVINO
+by default where installed (and saying so), planned threads and OpenVINO settings, the cores a
+cgroup quota leaves, and clear refusals before any worker starts."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,13 @@ import pytest
 import infer_mp
 from conftest import OFFLINE_OCR, outputs, run_cli
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("rapidocr_onnxruntime", reason="pip install --no-deps -r examples/requirements-models.txt")
+OPENVINO, CPU = "OpenVINOExecutionProvider", "CPUExecutionProvider"
+
+
+def require_onnx_models() -> None:
+    """Real runs need ONNX Runtime and the ONNX models; the planning tests below need neither."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("rapidocr_onnxruntime", reason="pip install --no-deps -r examples/requirements-models.txt")
 
 
 def texts(out: Path) -> dict[str, list[str]]:
@@ -25,31 +33,37 @@ def run_engine(src: Path, out: Path, *engine: str):
 
 
 def test_onnxruntime_text_equals_the_paddle_engine(tmp_path):
+    """Same text on the Paddle engine, ONNX Runtime's CPU provider and, where installed, the
+    OpenVINO provider, which plain `--engine onnxruntime` then runs (and says why)."""
+    require_onnx_models()
     from samples import write_samples
 
     src = tmp_path / "in"
     write_samples(src)
     runs = {
         "paddle": run_engine(src, tmp_path / "paddle"),
-        "ort": run_engine(src, tmp_path / "ort", "--engine", "onnxruntime"),
+        "ort": run_engine(src, tmp_path / "ort", "--engine", "onnxruntime", "--engine_config",
+                          json.dumps({"providers": [CPU]})),
     }
     import onnxruntime
 
-    if "OpenVINOExecutionProvider" in onnxruntime.get_available_providers():
-        runs["openvino"] = run_engine(src, tmp_path / "openvino", "--engine", "onnxruntime", "--engine_config",
-                                      json.dumps({"providers": ["OpenVINOExecutionProvider"]}))
+    if OPENVINO in onnxruntime.get_available_providers():
+        runs["openvino"] = run_engine(src, tmp_path / "openvino", "--engine", "onnxruntime")
     for name, run in runs.items():
         assert run.code == 0, (name, run.stderr)
-    assert "engine: onnxruntime (CPUExecutionProvider)" in runs["ort"].stderr
+    assert "engine: onnxruntime (CPUExecutionProvider)\n" in runs["ort"].stderr
     reference = texts(tmp_path / "paddle")
     assert len(reference) == 4
     for name in runs:
         assert texts(tmp_path / name) == reference, name
     if "openvino" in runs:
-        assert "engine: onnxruntime (OpenVINOExecutionProvider" in runs["openvino"].stderr
+        stderr = runs["openvino"].stderr
+        assert f"engine: onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default" in stderr
+        assert f"engines: onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default" in stderr
 
 
 def test_missing_provider_is_refused_before_workers_start(tmp_path):
+    require_onnx_models()
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.png").write_bytes(b"x")
@@ -84,13 +98,139 @@ class Takes:
         pass
 
 
-def test_threads_are_planned_for_onnxruntime():
-    spec = infer_mp.WorkerSpec(0, "cpu", 3)
-    assert infer_mp.planned_engine_config(Takes, spec, {"engine": "onnxruntime"}) == {"intra_op_num_threads": 3}
-    openvino = {"engine": "onnxruntime", "engine_config": {"providers": ["OpenVINOExecutionProvider"]}}
-    assert infer_mp.planned_engine_config(Takes, spec, openvino) == {
-        "providers": ["OpenVINOExecutionProvider"], "intra_op_num_threads": 3,
-        "provider_options": {"num_of_threads": 3, "load_config": json.dumps(infer_mp.OPENVINO_CPU_CONFIG)}}
-    mine = {"engine": "onnxruntime", "engine_config": {"intra_op_num_threads": 1}}
-    assert infer_mp.planned_engine_config(Takes, spec, mine) == {"intra_op_num_threads": 1}
-    assert infer_mp.planned_engine_config(Takes, spec, {"engine": "paddle"}) is None
+def fake_onnxruntime(monkeypatch, available: list[str]) -> types.ModuleType:
+    """An `onnxruntime` module whose build has `available` providers, and whose sessions are
+    made with `module.InferenceSession(providers)`, so no test here depends on the install."""
+    module = types.ModuleType("onnxruntime")
+    module.get_available_providers = lambda: list(available)
+
+    class InferenceSession:
+        def __init__(self, providers: list[str]):
+            self.providers = providers
+
+        def get_providers(self) -> list[str]:
+            return self.providers
+
+    module.InferenceSession = InferenceSession
+    monkeypatch.setitem(sys.modules, "onnxruntime", module)
+    return module
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch, tmp_path):
+    """A CPU whose flags lack avx512_bf16 and amx_bf16, whatever this machine has."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    monkeypatch.setattr(infer_mp, "CPUINFO", str(cpuinfo))
+
+
+def plan(init_kwargs: dict, threads: int | None = 3, device: str = "cpu") -> dict | None:
+    return infer_mp.planned_engine_config(Takes, infer_mp.WorkerSpec(0, device, threads), init_kwargs)
+
+
+def openvino_options(threads: int) -> dict:
+    return {"num_of_threads": threads, "load_config": json.dumps({"CPU": {"ENABLE_CPU_PINNING": "NO"}})}
+
+
+def test_threads_are_planned_for_onnxruntime(monkeypatch, no_native_bf16):
+    fake_onnxruntime(monkeypatch, [CPU])
+    assert plan({"engine": "onnxruntime"}) == {"intra_op_num_threads": 3}
+    assert plan({"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO]}}) == {
+        "providers": [OPENVINO], "intra_op_num_threads": 3, "provider_options": [openvino_options(3)]}
+    assert plan({"engine": "onnxruntime", "engine_config": {"intra_op_num_threads": 1}}) == {"intra_op_num_threads": 1}
+    assert plan({"engine": "paddle"}) is None
+
+
+def test_openvino_is_the_default_cpu_provider_where_installed(monkeypatch, no_native_bf16):
+    """Plain `--engine onnxruntime` ran ONNX Runtime's CPU provider, 2.3x slower than OpenVINO."""
+    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    assert plan({"engine": "onnxruntime"}) == {
+        "providers": [OPENVINO], "intra_op_num_threads": 3, "provider_options": [openvino_options(3)]}
+    assert plan({"engine": "onnxruntime"}, device="gpu:0") is None  # PaddleX picks CUDA there
+
+
+@pytest.mark.parametrize("engine_config", [
+    {"providers": [CPU]},
+    {"provider_options": {"arena_extend_strategy": "kSameAsRequested"}},  # for PaddleX's default, CPU
+    {"providers": [OPENVINO], "provider_options": {"num_of_threads": 8}},
+])
+def test_providers_and_options_given_by_the_user_win(monkeypatch, engine_config):
+    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    assert plan({"engine": "onnxruntime", "engine_config": engine_config}) == {**engine_config,
+                                                                             "intra_op_num_threads": 3}
+
+
+def test_openvino_threads_are_planned_with_a_fallback_listed(monkeypatch, no_native_bf16):
+    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    assert plan({"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO, CPU]}}) == {
+        "providers": [OPENVINO, CPU], "intra_op_num_threads": 3, "provider_options": [openvino_options(3), {}]}
+
+
+@pytest.mark.parametrize("flags, bf16", [
+    ("fpu sse2 avx2", False),
+    ("fpu avx2 avx512f avx512bw avx512_vnni", False),  # OpenVINO would emulate bf16: slower than fp32
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 avx512f amx_tile amx_bf16", True),
+    (None, False),  # no /proc/cpuinfo
+])
+def test_bf16_hint_only_where_the_cpu_has_it(monkeypatch, tmp_path, flags, bf16):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: {flags}\n\n"
+                           f"processor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(infer_mp, "CPUINFO", str(cpuinfo))
+    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    load_config = json.loads(plan({"engine": "onnxruntime"})["provider_options"][0]["load_config"])
+    assert load_config["CPU"]["ENABLE_CPU_PINNING"] == "NO"
+    assert ("INFERENCE_PRECISION_HINT" in load_config["CPU"]) == bf16
+    if bf16:
+        assert load_config["CPU"]["INFERENCE_PRECISION_HINT"] == "bf16"
+
+
+def test_summary_says_why_openvino_runs(monkeypatch):
+    module = fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    session = module.InferenceSession([OPENVINO, CPU])  # noqa: F841 (found by describe_engine)
+    described = infer_mp.describe_engine({"engine": "onnxruntime"})
+    assert described.startswith(f"onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default")
+    assert """--engine_config '{"providers": ["CPUExecutionProvider"]}'""" in described
+    chosen = infer_mp.describe_engine({"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO]}})
+    assert chosen == f"onnxruntime ({OPENVINO}, {CPU})"
+
+
+def test_summary_says_why_the_cpu_provider_runs(monkeypatch):
+    module = fake_onnxruntime(monkeypatch, [CPU])
+    session = module.InferenceSession([CPU])  # noqa: F841
+    described = infer_mp.describe_engine({"engine": "onnxruntime"})
+    assert described.startswith(f"onnxruntime ({CPU}) [") and "OpenVINO is not installed" in described
+    assert "requirements-onnx.txt" in described
+    assert infer_mp.describe_engine({}) == f"onnxruntime ({CPU})"  # a pipeline's own sessions: not our choice
+
+
+# -- the cores the thread plan splits ---------------------------------------------------------
+
+
+@pytest.fixture
+def eight_cores(monkeypatch, tmp_path):
+    """8 cores in the affinity mask; no cgroup files until a test writes them."""
+    monkeypatch.setattr(infer_mp.os, "sched_getaffinity", lambda pid: set(range(8)))
+    for name in ("CGROUP_V2_CPU_MAX", "CGROUP_V1_CPU_QUOTA", "CGROUP_V1_CPU_PERIOD"):
+        monkeypatch.setattr(infer_mp, name, str(tmp_path / name))
+    return tmp_path
+
+
+@pytest.mark.parametrize("cpu_max, cores", [
+    (None, 8), ("max 100000", 8), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1),
+    ("1600000 100000", 8), ("garbage", 8),
+])
+def test_cores_honour_a_cgroup_v2_quota(eight_cores, cpu_max, cores):
+    """`docker --cpus 2` or a Kubernetes limit of 2 CPUs: the affinity still shows every core."""
+    if cpu_max is not None:
+        (eight_cores / "CGROUP_V2_CPU_MAX").write_text(cpu_max + "\n")
+    assert infer_mp.available_cores() == cores
+
+
+@pytest.mark.parametrize("quota, cores", [("-1", 8), ("300000", 3), ("250000", 3), ("1000", 1)])
+def test_cores_honour_a_cgroup_v1_quota(eight_cores, quota, cores):
+    (eight_cores / "CGROUP_V1_CPU_QUOTA").write_text(quota + "\n")
+    (eight_cores / "CGROUP_V1_CPU_PERIOD").write_text("100000\n")
+    assert infer_mp.available_cores() == cores

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, run_cli, write
+from conftest import FAKE, ROOT, fake_paddle_env, run_cli, write
 
 
 def assert_usage_error(run, *fragments: str) -> None:
@@ -45,10 +45,18 @@ def test_malformed_device_is_one_line_and_exit_2(one_input, tmp_path, device, fr
 
 
 def test_absent_gpu_stops_before_any_page(one_input, tmp_path):
-    """This Paddle is a CPU build: asking for a GPU must not silently fall back to the CPU."""
+    """A CPU build of Paddle (a stand-in, whatever this machine has): asking for a GPU must not
+    silently fall back to the CPU."""
     run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "gpu:0",
-                  "--output_dir", str(tmp_path / "out"))
+                  "--output_dir", str(tmp_path / "out"), env=fake_paddle_env(tmp_path / "paddle", gpus=None))
     assert_usage_error(run, "GPU", "cannot use it", "--device cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_beyond_the_visible_ones_stops_before_any_page(one_input, tmp_path):
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "gpu:0,2",
+                  "--output_dir", str(tmp_path / "out"), env=fake_paddle_env(tmp_path / "paddle", gpus=2))
+    assert_usage_error(run, "gpu:2", "only 2 gpu device(s)")
     assert not (tmp_path / "out").exists()
 
 
@@ -128,10 +136,21 @@ SEED_COMMANDS = [
 
 @pytest.mark.parametrize("argv", SEED_COMMANDS)
 def test_seed_commands_are_valid(tmp_path, argv):
-    """Every flag is accepted; on this CPU-only box they stop only at the absent GPUs."""
+    """Every flag is accepted; with a CPU-only Paddle they stop only at the absent GPUs."""
     write(tmp_path / "input_images" / "x.jpg")
-    run = run_cli(*argv, cwd=tmp_path)
+    run = run_cli(*argv, cwd=tmp_path, env=fake_paddle_env(tmp_path / "paddle", gpus=None))
     assert_usage_error(run, "GPU", "cannot use it")
+
+
+@pytest.mark.parametrize("argv, workers", zip(SEED_COMMANDS, ["4 worker(s) on gpu:0 x1, gpu:1 x1, gpu:2 x1, gpu:3 x1",
+                                                              "4 worker(s) on gpu:0 x2, gpu:2 x2"]))
+def test_seed_commands_plan_their_gpus(tmp_path, argv, workers):
+    """On a box with 4 GPUs (a stand-in Paddle) the same commands pass every check and plan one
+    worker per GPU and instance; --dry_run loads no model."""
+    write(tmp_path / "input_images" / "x.jpg")
+    run = run_cli(*argv, "--dry_run", cwd=tmp_path, env=fake_paddle_env(tmp_path / "paddle", gpus=4))
+    assert run.code == 0, run.stderr
+    assert f"workers: {workers}" in run.stdout
 
 
 def test_seed_defaults(tmp_path):
