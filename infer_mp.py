@@ -666,9 +666,10 @@ def check_devices_present(device_type: str, device_ids: list[int]) -> None:
         )
     missing = [i for i in device_ids if i >= count]
     if missing:
+        visible = f"ids 0..{count - 1}" if count else "none"
         raise UsageError(
             f"--device asks for {device_type}:{','.join(map(str, missing))}, but only {count} "
-            f"{device_type} device(s) are visible (ids 0..{count - 1}; check CUDA_VISIBLE_DEVICES)"
+            f"{device_type} device(s) are visible ({visible}; check CUDA_VISIBLE_DEVICES)"
         )
 
 

@@ -219,7 +219,8 @@ def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
     the peer rapidocr-openvino, on the same dense pages."""
     pages = write_pages(work / "dense", args.pages, mixed=False)
     out = work / "out"
-    engines = {"Paddle (paddle_static, oneDNN)": [], "ONNX Runtime (CPU provider)": ["--engine", "onnxruntime"],
+    engines = {"Paddle (paddle_static, oneDNN)": [], "ONNX Runtime (CPU provider)": ["--engine", "onnxruntime", "--engine_config",
+                                                                   json.dumps({"providers": ["CPUExecutionProvider"]})],
                "ONNX Runtime + OpenVINO provider": ["--engine", "onnxruntime", "--engine_config", OPENVINO]}
     configs = []
     for label, extra in engines.items():
