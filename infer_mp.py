@@ -147,9 +147,10 @@ exit codes:
   75   another run is using --output_dir (try again later)
   130  interrupted (Ctrl-C); 143: stopped by SIGTERM
 
-resume: every run appends one JSON line per input to the run log (default
-OUTPUT_DIR/infer_mp.runlog.jsonl). Rerunning the same command skips inputs whose last record
-is done and whose outputs exist, and redoes the rest.
+resume: every run appends one JSON line per input it did, and one about itself, to the run log
+(default OUTPUT_DIR/infer_mp.runlog.jsonl). Rerunning the same command skips inputs whose last
+record is done, whose file has not changed (size, modification time) and whose outputs exist;
+an input that failed and has not changed since is not retried (--retry_failed retries it).
 
 outputs: one JSON per page under --output_dir, mirroring each input's folder relative to
 --input_dir: `{stem}.json` for an image, `{stem}_{page}.json` for a PDF or TIFF page. Inputs whose
@@ -1751,8 +1752,8 @@ class RunLog:
             "seconds": round(seconds, 3),
             "error": error,
         }
-        if task.source is not None:
-            record["size"], record["mtime_ns"] = task.source
+        # None for a file that was not there: whatever is there next is a change.
+        record["size"], record["mtime_ns"] = task.source or (None, None)
         self._append(record)
 
     def write_run(self, counts: dict[str, int], exit_code: int) -> None:

@@ -124,6 +124,19 @@ def test_a_failure_is_reported_once(dirs, tmp_path):
     assert run.code == 1 and "1 failed" in run.stderr
 
 
+def test_a_listed_file_that_was_missing_is_retried_when_it_is_back(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 1)
+    listing = write(tmp_path / "list.txt", f"{src / 'p00.png'}\n{src / 'late.png'}\n")
+    first = run_fake(src, out, "--input_list", str(listing))
+    assert first.code == 1 and "late.png: no such file" in first.stderr
+    early = write(tmp_path / "late.png", "arrived")
+    os.utime(early, (1_000_000_000, 1_000_000_000))  # moved in with an old modification time
+    early.rename(src / "late.png")
+    run = run_fake(src, out, "--input_list", str(listing))
+    assert run.code == 0 and "1 done" in run.stderr, run.stderr
+
+
 def test_shards_share_one_truth(dirs):
     src, out = dirs
     make_inputs(src, 8)
