@@ -69,6 +69,7 @@ DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before i
 # Seconds a worker may take to build its pipeline: generous, since big pipelines load a dozen
 # models, from network disks, and TensorRT builds its engines on a first start (many minutes).
 DEFAULT_START_TIMEOUT = 1800.0
+START_TRIES = 3  # starts in a row a worker slot gets once the pipeline has started in the run
 DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
@@ -1040,6 +1041,8 @@ class Task:
     out_dir: str  # folder of its JSON files
     out_base: str  # outputs are {out_base}.json, or {out_base}_{page}.json for pages
     source: tuple[int, int] | None = None  # (size, mtime_ns) when selected: see unchanged()
+    earlier: tuple[str, ...] = ()  # the files its last done record lists (absolute paths)
+    earlier_fits: bool = False  # ... and the input has not changed since that record
 
     @property
     def paged(self) -> bool:
@@ -1355,7 +1358,7 @@ def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str]) -> li
 # Resume: the run log says what is complete; a rerun does only the rest
 # ---------------------------------------------------------------------------------------------
 
-DONE, FAILED, SKIPPED = "done", "failed", "skipped"
+DONE, FAILED = "done", "failed"
 # Hidden temporaries, `.{final}.{token}.tmp{suffix}` (see temporary_path): the token is the
 # writing worker's, `{run tag}-{pid}-{random}`; a bare pid is an older version's.
 TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.(?P<token>(?P<tag>[a-z0-9]+)-[0-9]+-[0-9a-f]+|[0-9]+)\.tmp(\.[^.]*)?")
@@ -1368,21 +1371,31 @@ COMPACT_RATIO = 2  # ... a longer one is, once it has this many lines per input 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) of each input record. A line that does not parse (cut short by
-    a kill -9) is passed over: its input then counts as not done."""
+    a kill -9) or does not have a record's shape (edited by hand) is passed over: its input
+    then counts as not done. `skipped` lines of earlier versions only repeat a done record, at
+    a later time that would hide a change made before it: they are passed over too."""
     try:
-        handle = open(path, "rb")
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if well_formed(record):
+                    yield number, record
     except FileNotFoundError:
         return
     except OSError as error:
         raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
-    with handle:
-        for number, line in enumerate(handle):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("input"), str):
-                yield number, record
+
+
+def well_formed(record: Any) -> bool:
+    if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+        return False
+    if record.get("status") not in (DONE, FAILED) or not isinstance(record.get("time"), str):
+        return False
+    lists = [record.get("outputs") or [], record.get("extra_outputs") or []]
+    return all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in lists)
 
 
 @dataclass
@@ -1400,7 +1413,7 @@ class History:
         previous = self.latest.get(key)
         if previous is None or when >= str(previous.get("time", "")):
             self.latest[key] = record
-        if record.get("status") in (DONE, SKIPPED):
+        if record.get("status") == DONE:
             previous = self.last_done.get(key)
             if previous is None or when >= str(previous.get("time", "")):
                 self.last_done[key] = record
@@ -1440,9 +1453,12 @@ def compact_run_log(path: Path) -> None:
     keep_done: dict[str, int] = {}
     for number, record in read_records(path):
         keep[record["input"]] = number
-        if record.get("status") in (DONE, SKIPPED):
+        if record.get("status") == DONE:
             keep_done[record["input"]] = number
     wanted = set(keep.values()) | set(keep_done.values())
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*.compact"):  # of a killed compaction
+        with contextlib.suppress(OSError):
+            leftover.unlink()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.compact")
     try:
         with open(path, "rb") as reader, open(temporary, "wb") as writer:
@@ -1457,6 +1473,10 @@ def compact_run_log(path: Path) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def sync_folder(folder: Path) -> None:
@@ -1481,10 +1501,10 @@ def source_identity(path: str) -> tuple[int, int] | None:
 def unchanged(task: Task, record: dict) -> bool:
     """Is the input still the file that `record` was made from? Its size and modification
     time, as recorded; a record from before they were recorded: not modified since its time."""
+    if "mtime_ns" in record:  # None, None: it was not there; unchanged while it is still not
+        return (record.get("size"), record.get("mtime_ns")) == (task.source or (None, None))
     if task.source is None:
         return False
-    if "mtime_ns" in record:
-        return (record.get("size"), record.get("mtime_ns")) == task.source
     try:
         recorded = datetime.datetime.fromisoformat(str(record.get("time"))).timestamp()
     except ValueError:
@@ -1504,7 +1524,7 @@ def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
     lists is there, under today's names. A crash between writing outputs and logging them
     resolves to "redo", never to "skip"."""
-    if not record or record.get("status") not in (DONE, SKIPPED) or not unchanged(task, record):
+    if not record or record.get("status") != DONE or not unchanged(task, record):
         return False
     outputs = [os.path.join(output_dir, rel) for rel in record.get("outputs") or []]
     return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
@@ -1519,18 +1539,24 @@ class Owners:
         for task in tasks:
             self.by_folder[os.path.normpath(task.out_dir)][task.out_base].append(task)
 
-    def owned(self, path: str) -> bool:
-        """Could a current input write `path` (its JSON or markdown, or, for an image such
-        as `{page}_{key}.png`, any name that starts with one of its pages)?"""
+    def owned(self, path: str, other_than: Task) -> bool:
+        """Could a current input other than `other_than` write `path` (its JSON or markdown,
+        or, for an image such as `{page}_{key}.png`, any name that starts with one of its
+        pages)?"""
         folder, name = os.path.split(os.path.normpath(path))
         bases = self.by_folder.get(folder, {})
         stem = os.path.splitext(name)[0]
-        prefixes = [stem] + [stem[:i] for i in range(len(stem)) if stem[i] == "_"]
-        for prefix in prefixes:
+        for prefix in [stem, *underscore_prefixes(stem)]:
             candidates = [prefix, prefix.rpartition("_")[0]]
-            if any(task.owns_stem(prefix) for base in candidates for task in bases.get(base, ())):
+            if any(task.path != other_than.path and task.owns_stem(prefix)
+                   for base in candidates for task in bases.get(base, ())):
                 return True
         return False
+
+
+def underscore_prefixes(stem: str) -> list[str]:
+    """`a_b_c` -> `a`, `a_b`: the page names a visualization `{page}_{key}` may start with."""
+    return [stem[:i] for i, char in enumerate(stem) if char == "_"]
 
 
 @dataclass
@@ -1539,22 +1565,24 @@ class WorkSelection:
     complete: list[tuple[Task, dict]]  # skipped this run, with their last record
     not_selected: int = 0  # --retry_failed: inputs that had not failed
     standing: list[tuple[Task, dict]] = field(default_factory=list)  # failed before, unchanged: not retried
-    stale: list[str] = field(default_factory=list)  # old-named outputs of current inputs, to retire
+    retirer: Retirer | None = None
 
 
-def select_work(tasks: list[Task], history: History, config: Config, owners: Owners) -> WorkSelection:
+def select_work(tasks: list[Task], history: History, config: Config) -> WorkSelection:
     """Complete inputs are skipped; one that failed and has not changed since is not retried
     (its failure stands, reported once) unless --retry_failed; --overwrite redoes all."""
     selection = WorkSelection([], [])
     for task in tasks:
+        record, done = history.latest.get(task.path), history.last_done.get(task.path)
         task = replace(task, source=source_identity(task.path))
-        record = history.latest.get(task.path)
-        selection.stale.extend(stale_outputs(task, history.last_done.get(task.path), config.output_dir, owners))
+        if done is not None:
+            earlier = [os.path.join(config.output_dir, rel) for rel in [*done.get("outputs", []), *done.get("extra_outputs", [])]]
+            task = replace(task, earlier=tuple(earlier), earlier_fits=unchanged(task, done))
         failed_before = record is not None and record.get("status") == FAILED
         if config.overwrite:
             selection.todo.append(task)
-        elif is_complete(task, record, config.output_dir):
-            selection.complete.append((task, record))
+        elif is_complete(task, record, config.output_dir) or is_complete(task, done, config.output_dir):
+            selection.complete.append((task, done))
         elif config.retry_failed:
             if failed_before:
                 selection.todo.append(task)
@@ -1570,24 +1598,36 @@ def select_work(tasks: list[Task], history: History, config: Config, owners: Own
 RETIRABLE_SUFFIXES = (".json", ".md", ".png")  # what infer_mp writes: pages and --save extras
 
 
-def stale_outputs(task: Task, record: dict | None, output_dir: Path, owners: Owners) -> list[str]:
-    """Files the run log records for this input under names it no longer has (its naming
-    changed: a.jpg was a.json until a.png came): left, they would carry its text under a name
-    a reader takes for another input's. Only files inside --output_dir that no current input
-    owns, whatever the run log says: anyone can edit it."""
-    if record is None:
-        return []
-    stale = []
-    stem = os.path.splitext(os.path.basename(task.path))[0]  # every name it ever had starts so
-    for rel in [*(record.get("outputs") or []), *(record.get("extra_outputs") or [])]:
-        path = os.path.join(output_dir, str(rel))
-        if belongs_to(task, path) or not path.endswith(RETIRABLE_SUFFIXES) or owners.owned(path):
-            continue
-        if not os.path.basename(path).startswith(stem):
-            continue
-        if inside(path, output_dir) and os.path.isfile(path):
-            stale.append(path)
-    return stale
+@dataclass
+class Retirer:
+    """Deletes an input's outputs that its new outputs supersede: names it no longer has (its
+    naming changed: a.jpg was a.json until a.png came), pages a shorter new version lacks, or,
+    when a changed input fails, the old file's text. Left, they would carry text under a name a
+    reader takes for another input's, or for this file's. Whatever the run log says (anyone can
+    edit it), only files inside --output_dir, of names this input could have had, that no other
+    current input owns and that are no input."""
+
+    output_dir: Path
+    owners: Owners
+    inputs: set[str]
+    retired: int = 0
+
+    def superseded(self, task: Task, new: Iterable[str]) -> None:
+        keep = set(new)
+        self.retire([path for path in task.earlier if path not in keep and self.retirable(task, path)])
+
+    def retirable(self, task: Task, path: str) -> bool:
+        if not path.endswith(RETIRABLE_SUFFIXES) or path in self.inputs or not could_be_named(task, path):
+            return False
+        if self.owners.owned(path, other_than=task):
+            return False
+        return inside(path, self.output_dir) and os.path.isfile(path)
+
+    def retire(self, paths: list[str]) -> None:
+        for path in dict.fromkeys(paths):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                self.retired += 1
 
 
 def inside(path: str, folder: Path) -> bool:
@@ -1596,14 +1636,58 @@ def inside(path: str, folder: Path) -> bool:
     return (real_parent + os.sep).startswith(os.path.join(os.path.realpath(folder), ""))
 
 
-def retire(paths: list[str]) -> int:
-    """Delete stale outputs; how many went."""
-    retired = 0
-    for path in dict.fromkeys(paths):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            retired += 1
-    return retired
+def avoid_claimed_names(tasks: list[Task], history: History, output_dir: Path) -> list[Task]:
+    """An input must not take a name that another input's done record holds and that is still
+    on disk: an input this run did not select (a list of new files, a narrower pattern, a
+    scan moved away after processing). It uses its full file name instead (`~N` added if need
+    be), as when two current inputs clash; the other's finished output stays as it is."""
+    claims: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # folder -> stem -> inputs
+    heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # folder -> stem's page head
+    for source, record in history.last_done.items():
+        for rel in record.get("outputs", []):
+            folder, name = os.path.split(os.path.normpath(os.path.join(output_dir, rel)))
+            stem = name[: -len(".json")] if name.endswith(".json") else None
+            if stem:
+                claims[folder][stem].add(source)
+                if (page := PAGE_NAME.fullmatch(stem)) is not None:
+                    heads[folder][page.group(1)].add(source)
+    if not claims:
+        return tasks
+    taken = {(os.path.normpath(t.out_dir), t.out_base, t.paged) for t in tasks}
+
+    def claimed(task: Task, base: str) -> bool:
+        folder = os.path.normpath(task.out_dir)
+        holders = (heads if task.paged else claims).get(folder, {}).get(base, set()) - {task.path}
+        if not holders:
+            return False
+        names = [n for n in (f"{base}.json",) if not task.paged] or os.listdir(folder)
+        return any(os.path.isfile(os.path.join(folder, n)) and replace(task, out_base=base).owns_stem(n[:-5])
+                   for n in names if n.endswith(".json"))
+
+    renamed = []
+    for task in tasks:
+        if claimed(task, task.out_base):
+            name, extra = os.path.basename(task.rel), 0
+            base = name
+            while claimed(task, base) or (os.path.normpath(task.out_dir), base, task.paged) in taken:
+                extra += 1
+                base = f"{name}~{extra}"
+            taken.add((os.path.normpath(task.out_dir), base, task.paged))
+            task = replace(task, out_base=base)
+        renamed.append(task)
+    return renamed
+
+
+def could_be_named(task: Task, path: str) -> bool:
+    """Is `path` a name the naming rule could ever give this input (its stem or full name,
+    `~N` added, a page number, a visualization's key)?"""
+    name = os.path.basename(task.path)
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    candidates = [stem, stem.rpartition("_")[0]]
+    if suffix == ".png":
+        candidates += [p for prefix in underscore_prefixes(stem) for p in (prefix, prefix.rpartition("_")[0])]
+    own = re.compile(rf"(?:{re.escape(os.path.splitext(name)[0])}|{re.escape(name)}(?:~[0-9]+)?)")
+    return any(own.fullmatch(candidate) for candidate in candidates if candidate)
 
 
 def run_tag(shard: tuple[int, int] | None) -> str:
@@ -1630,16 +1714,19 @@ def remove_stale_temporaries(tasks: list[Task], shard: tuple[int, int] | None) -
 
 def discard_partial_outputs(task: Task, token: str | None) -> None:
     """Remove what a worker (`token`: its temporaries' mark) wrote for an input it did not
-    finish: that input's own page files and markdown, and that worker's temporaries; never a
-    file of another input, however alike their names."""
+    finish: that worker's temporaries, and any page file or markdown of that input that its
+    last done record does not list (a kill between two renames); never a finished output, nor
+    a file of another input, however alike their names."""
     try:
         names = os.listdir(task.out_dir)
     except OSError:
         return
+    finished = set(task.earlier)
     for name in names:
         stem, suffix = os.path.splitext(name)
         match = TEMPORARY_NAME.fullmatch(name)
-        if (suffix in (".json", ".md") and task.owns_stem(stem)) or (match and match.group("token") == token):
+        own = suffix in (".json", ".md") and task.owns_stem(stem)
+        if (own and os.path.join(task.out_dir, name) not in finished) or (match and match.group("token") == token):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(task.out_dir, name))
 
@@ -1654,22 +1741,33 @@ class RunLock:
         self.output_dir = config.output_dir
         self.handles: list[Any] = []
         try:
-            if config.shard is None:
-                self._take(config.lock_file, fcntl.LOCK_EX, "another infer_mp.py run{holder} is using")
+            self._take_folder(config)
+            if config.run_log.parent != config.output_dir:  # a --run_log of its own: runs in other
+                # folders may name it too, and one compacting it would lose another's lines
+                log_lock = config.run_log.parent / f".{config.run_log.name}.lock"
+                with contextlib.suppress(OSError):  # if this fails, taking the lock says why
+                    log_lock.parent.mkdir(parents=True, exist_ok=True)
+                self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run{{holder}} is using --run_log "
+                           f"{str(config.run_log)!r}, in")
                 self._write_pid(self.handles[-1])
-                return
-            main = self.output_dir / LOCK_NAME
-            self._take(main, fcntl.LOCK_SH, "an infer_mp.py run over all inputs{holder} is using")
-            with contextlib.suppress(OSError):  # no pid of a run over all inputs is current now
-                self.handles[-1].truncate(0)
-            count = config.shard[1]
-            self._take(self.output_dir / SHARD_COUNT_LOCK.format(count=count), fcntl.LOCK_SH, "")
-            self._refuse_other_counts(count)
-            self._take(config.lock_file, fcntl.LOCK_EX, f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
-            self._write_pid(self.handles[-1])
         except BaseException:
             self.release()
             raise
+
+    def _take_folder(self, config: Config) -> None:
+        if config.shard is None:
+            self._take(config.lock_file, fcntl.LOCK_EX, "another infer_mp.py run{holder} is using")
+            self._write_pid(self.handles[-1])
+            return
+        main = self.output_dir / LOCK_NAME
+        self._take(main, fcntl.LOCK_SH, "an infer_mp.py run over all inputs{holder} is using")
+        with contextlib.suppress(OSError):  # no pid of a run over all inputs is current now
+            self.handles[-1].truncate(0)
+        count = config.shard[1]
+        self._take(self.output_dir / SHARD_COUNT_LOCK.format(count=count), fcntl.LOCK_SH, "")
+        self._refuse_other_counts(count)
+        self._take(config.lock_file, fcntl.LOCK_EX, f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
+        self._write_pid(self.handles[-1])
 
     def _take(self, path: Path, mode: int, refusal: str) -> None:
         try:
@@ -2180,12 +2278,12 @@ class Backend:
     def _failed_start(self, spec: WorkerSpec, error: str) -> Iterator[Event]:
         """A worker could not start. Once the pipeline has started in this run, a failed start
         is likely passing (memory not yet freed, a busy disk): its slot tries again, up to
-        --max_attempts times in a row. Before that, it is likely the pipeline's own fault
+        START_TRIES times in a row. Before that, it is likely the pipeline's own fault
         (a bad model folder), and trying again would only repeat it."""
         self.start_failures[spec.slot] += 1
         tries = self.start_failures[spec.slot]
-        again = self.pipeline_works and not self.stopping and tries < self.max_attempts
-        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {self.max_attempts}" if again else None)
+        again = self.pipeline_works and not self.stopping and tries < START_TRIES
+        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {START_TRIES}" if again else None)
         if again:
             self.workers[spec.slot] = self._start(spec)
 
@@ -2735,10 +2833,7 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
             if not can_save(results[0], save_format):
                 yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
         try:
-            outputs, extras = [], []
-            for result in results:
-                outputs.append(save_page(task, result))
-                extras.extend(save_extras(task, result, options.save))
+            outputs, extras = save_results(task, results, options.save)
         except OSError as error:
             discard_partial_outputs(task, temporary_token)
             if error.errno in OUTPUT_ERRNOS:
@@ -2770,9 +2865,8 @@ def temporary_path(final: str) -> str:
 _made_folders: set[str] = set()  # per worker process: one makedirs per output folder, not per file
 
 
-def write_atomically(final: str, write: Any) -> str:
-    """`write(temporary_path)`, then rename: a killed run never leaves a truncated file under
-    a final name, only a hidden temporary that the next run removes."""
+def stage(final: str, write: Any) -> tuple[str, str]:
+    """`write(temporary)` beside `final`: (temporary, final), to be renamed into place."""
     folder = os.path.dirname(final)
     if folder not in _made_folders:
         os.makedirs(folder, exist_ok=True)
@@ -2780,21 +2874,39 @@ def write_atomically(final: str, write: Any) -> str:
     temporary = temporary_path(final)
     try:
         write(temporary)
-        os.replace(temporary, final)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    return final
+    return temporary, final
+
+
+def save_results(task: Task, results: list[Any], formats: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Every file of an input (its pages' JSON, and --save's), written to hidden temporaries
+    first and renamed into place only once all are written: a run killed or failing at any
+    moment leaves no truncated file under a final name, and an input's earlier outputs are
+    replaced together, not page by page."""
+    staged: list[tuple[str, str]] = []
+    try:
+        pages, extras = [], []
+        for result in results:
+            page = task.output_path(page_index_of(result))
+            staged.append(stage(page, result.save_to_json))
+            pages.append(page)
+            for extra in stage_extras(page[: -len(".json")], result, formats, staged):
+                extras.append(extra)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    except BaseException:
+        for temporary, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise
+    return pages, extras
 
 
 def page_index_of(result: Any) -> int | None:
     return result.get("page_index") if hasattr(result, "get") else None
-
-
-def save_page(task: Task, result: Any) -> str:
-    """The page's JSON, written by the result's own save_to_json."""
-    return write_atomically(task.output_path(page_index_of(result)), result.save_to_json)
 
 
 def can_save(result: Any, save_format: str) -> bool:
@@ -2803,17 +2915,18 @@ def can_save(result: Any, save_format: str) -> bool:
     return isinstance(getattr(result, "img", None), dict)
 
 
-def save_extras(task: Task, result: Any, formats: tuple[str, ...]) -> list[str]:
+def stage_extras(name: str, result: Any, formats: tuple[str, ...], staged: list[tuple[str, str]]) -> list[str]:
     """--save: markdown ({name}.md, by the result's save_to_markdown) and visualizations
     ({name}_{key}.png, from the result's `img` images), beside the JSON."""
-    name = task.output_path(page_index_of(result))[: -len(".json")]
-    saved = []
+    finals = []
     if "markdown" in formats and can_save(result, "markdown"):
-        saved.append(write_atomically(f"{name}.md", result.save_to_markdown))
+        staged.append(stage(f"{name}.md", result.save_to_markdown))
+        finals.append(f"{name}.md")
     if "img" in formats and can_save(result, "img"):
         for key, image in result.img.items():
-            saved.append(write_atomically(f"{name}_{key}.png", lambda path, image=image: image.save(path, format="PNG")))
-    return saved
+            staged.append(stage(f"{name}_{key}.png", lambda path, image=image: image.save(path, format="PNG")))
+            finals.append(f"{name}_{key}.png")
+    return finals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2869,7 +2982,7 @@ class Report:
     progress: Progress
     not_selected: int = 0
     standing: int = 0  # failed in an earlier run, unchanged since: not retried
-    retired: int = 0  # stale outputs deleted (see stale_outputs)
+    retirer: Retirer | None = None  # deletes what new outputs supersede
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
@@ -2898,16 +3011,21 @@ class Report:
                               f"{event.requeued} input(s) go back to the queue"
                               + ("; starting a replacement" if event.replaced else ""))
         elif isinstance(event, TaskDone):
+            self.run_log.write(event.task, DONE, outputs=event.outputs, extras=event.extras, device=event.spec.device,
+                               attempts=event.attempts, seconds=event.seconds)
             self.done += 1
             self.pages += len(event.outputs)
             self.pages_by_device[event.spec.device] += len(event.outputs)
-            self.run_log.write(event.task, DONE, outputs=event.outputs, extras=event.extras, device=event.spec.device,
-                               attempts=event.attempts, seconds=event.seconds)
+            if self.retirer:  # after the record: a kill in between leaves a done input with its files
+                self.retirer.superseded(event.task, [*event.outputs, *event.extras])
         elif isinstance(event, TaskFailed):
-            self.failed += 1
             self.progress.say(f"FAILED {event.task.path}: {event.error}")
             self.run_log.write(event.task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
                                error=event.error)
+            self.failed += 1
+            if self.retirer and not event.task.earlier_fits and event.task.source is not None:
+                # the old file's text is not this file's (a file that is gone keeps its outputs)
+                self.retirer.superseded(event.task, [])
         self.progress.update(self.done + self.failed, self.failed, self.pages, self.elapsed)
 
     @property
@@ -2922,6 +3040,10 @@ class Report:
         """For the run log's line about this run."""
         return {"done": self.done, "failed": self.failed, "skipped": self.skipped, "unprocessed": self.unprocessed,
                 "standing_failures": self.standing, "pages": self.pages, "retired": self.retired}
+
+    @property
+    def retired(self) -> int:
+        return self.retirer.retired if self.retirer else 0
 
     def summary(self, stop: Stopper) -> list[str]:
         elapsed = self.elapsed
@@ -2945,8 +3067,9 @@ class Report:
             lines.append(f"stopped: {self.output_error}; fix that (free space, make it writable) "
                          "and rerun the same command to do the rest")
         if self.retired:
-            lines.append(f"retired {self.retired} stale output file(s): outputs of current inputs under the names "
-                         "they had before their naming changed")
+            lines.append(f"retired {self.retired} stale output file(s): earlier outputs of inputs done or failed "
+                         "again that the new outputs do not replace (old names, pages no longer there, a changed "
+                         "file's old text)")
         if self.standing:
             lines.append(f"{self.standing} input(s) failed in an earlier run and have not changed since: not retried "
                          "(a changed file is); --retry_failed retries them")
@@ -3014,7 +3137,8 @@ def run(config: Config) -> ExitCode:
             parse_device_arg(config.device)
             say_no_inputs(config, selection)
             return ExitCode.OK
-        if not work.todo:  # nothing to do: no worker, no model; a misspelt device still shows
+        if all(task.source is None for task in work.todo):  # nothing to do (or only missing files): no
+            # worker, no model; a misspelt device still shows
             parse_device_arg(config.device)
             return dispatch(config, pipeline, [], tasks, work, selection.ignored)
         return start_and_dispatch(config, pipeline, tasks, work, selection.ignored)
@@ -3027,12 +3151,15 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
     selection = find_inputs(config)
-    planned = plan_tasks(selection.root, config.output_dir, selection.paths)
-    tasks = [task for task in planned if in_shard(task, config.shard)]
     history = read_history(config)
     if locked and history.worth_compacting:
         compact_run_log(config.run_log)
-    return selection, tasks, select_work(tasks, history, config, Owners(planned))
+    planned = plan_tasks(selection.root, config.output_dir, selection.paths)
+    planned = avoid_claimed_names(planned, history, config.output_dir)
+    tasks = [task for task in planned if in_shard(task, config.shard)]
+    work = select_work(tasks, history, config)
+    work.retirer = Retirer(config.output_dir, Owners(planned), set(selection.paths))
+    return selection, tasks, work
 
 
 def say_no_inputs(config: Config, selection: InputSelection) -> None:
@@ -3126,16 +3253,15 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], task
              ignored: int, warm: WarmPool | None = None, cluster: RayCluster | None = None) -> ExitCode:
     """Every check has passed: clean up after earlier runs, open the run log, and run."""
     remove_stale_temporaries(tasks, config.shard)
-    retired = retire(work.stale)
     run_log = RunLog(config.run_log, config.output_dir)
     try:
-        return dispatch_logged(config, pipeline, plan, work, run_log, ignored, retired, warm, cluster)
+        return dispatch_logged(config, pipeline, plan, work, run_log, ignored, warm, cluster)
     finally:
         run_log.close()
 
 
 def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
-                    run_log: RunLog, ignored: int, retired: int, warm: WarmPool | None,
+                    run_log: RunLog, ignored: int, warm: WarmPool | None,
                     cluster: RayCluster | None) -> ExitCode:
     shard = f" (shard {config.shard[0]}/{config.shard[1]})" if config.shard else ""
     workers = f"; {describe_plan(plan)}, batch size {config.batch_size}" if plan else ""
@@ -3145,7 +3271,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
     stop.install()
     progress = Progress(len(work.todo), config.progress_interval)
     report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected,
-                    standing=len(work.standing), retired=retired)
+                    standing=len(work.standing), retirer=work.retirer)
     try:
         unreadable = {task.index: reason for task in work.todo if (reason := not_a_file(task.path))}
         for task in work.todo:

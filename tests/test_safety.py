@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import signal
+import time
 import zlib
 from pathlib import Path
 
@@ -339,3 +340,139 @@ def test_every_done_output_exists_and_every_output_has_one_input(dirs, ending):
     assert_invariant(src, out)
     done = {Path(r["input"]).name for r in latest_records(out).values() if r["status"] == "done"}
     assert done == set(LOOKALIKES) - {"scan.png", "b_1.pdf", "d.png"}
+
+
+# -- review findings: partial selections, shrinking inputs, hand-edited logs -----------------------
+
+
+def test_a_list_of_new_files_does_not_take_a_finished_output_name(dirs, tmp_path):
+    src, out = dirs
+    write(src / "a.jpg", "JPG")
+    jpg_list = write(tmp_path / "jpg.txt", f"{src / 'a.jpg'}\n")
+    assert run_fake(src, out, "--input_list", str(jpg_list)).code == 0
+    write(src / "a.png", "PNG")
+    png_list = write(tmp_path / "png.txt", f"{src / 'a.png'}\n")  # what `find -newer` gives
+    assert run_fake(src, out, "--input_list", str(png_list)).code == 0
+    assert json.loads((out / "a.json").read_text())["text"] == "JPG"
+    assert json.loads((out / "a.png.json").read_text())["text"] == "PNG"
+    assert_invariant(src, out)
+
+
+def test_a_moved_away_input_keeps_its_output(dirs, tmp_path):
+    src, out = dirs
+    write(src / "a.jpg", "JPG")
+    assert run_fake(src, out).code == 0
+    (src / "a.jpg").rename(tmp_path / "a.jpg")
+    write(src / "a.png", "CRASH")
+    assert run_fake(src, out, "--max_attempts", "1").code == 1
+    assert json.loads((out / "a.json").read_text())["text"] == "JPG"
+
+
+def test_a_shorter_new_version_leaves_no_old_page(dirs):
+    src, out = dirs
+    doc = write(src / "b.pdf", "page a\npage b\npage c\n")
+    assert run_fake(src, out).code == 0
+    doc.write_text("page NEW\n")
+    run = run_fake(src, out)
+    assert run.code == 0 and "retired 2 stale output" in run.stderr
+    assert page_files(out) == ["b_0.json"]
+    assert_invariant(src, out)
+
+
+def test_a_changed_input_that_fails_keeps_no_old_text(dirs):
+    src, out = dirs
+    changed = write(src / "a.png", "hello")
+    assert run_fake(src, out).code == 0
+    changed.write_text("RAISE now")
+    assert run_fake(src, out).code == 1
+    assert page_files(out) == []
+    assert_invariant(src, out)
+
+
+def test_a_stop_during_overwrite_keeps_the_finished_pages(dirs):
+    src, out = dirs
+    write(src / "d.pdf", "page 1\npage 2\n")
+    assert run_fake(src, out).code == 0
+    process = start_fake(src, out, "--overwrite", env={"FAKE_PIPELINE_DELAY": "30"})
+    time.sleep(4)  # the worker is busy on the pages
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert page_files(out) == ["d_0.json", "d_1.json"]
+    assert_invariant(src, out)
+
+
+def test_hand_edited_records_are_passed_over(dirs):
+    src, out = dirs
+    make_inputs(src, 2)
+    assert run_fake(src, out).code == 0
+    log = out / "infer_mp.runlog.jsonl"
+    for outputs in (5, [5], [{"a": 1}]):
+        record = {"time": "2030-01-01T00:00:00+00:00", "input": str(src / "p01.png"), "status": "done",
+                  "outputs": outputs}
+        with log.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    run = run_fake(src, out)
+    assert run.code == 0 and "Traceback" not in run.stderr and "2 skipped" in run.stderr
+
+
+def test_a_listed_file_that_stays_missing_fails_once(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 1)
+    listing = write(tmp_path / "list.txt", f"{src / 'p00.png'}\n{src / 'gone.png'}\n")
+    assert run_fake(src, out, "--input_list", str(listing)).code == 1
+    imports = tmp_path / "imports.log"
+    run = run_fake(src, out, "--input_list", str(listing), env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    assert run.code == 0 and "1 failed before" in run.stderr and not imports.exists()
+
+
+def test_retirement_never_deletes_an_input(tmp_path):
+    out = tmp_path / "out"
+    src = out / "scans"  # inputs inside the output folder, as the README allows
+    write(src / "a.png", "A")
+    write(src / "b.png", "B")
+    assert run_fake(src, out).code == 0
+    record = {**run_log(out)[0], "time": "2030-01-01T00:00:00+00:00",
+              "outputs": ["scans/b.png", "scans/a.png", "a.json"]}
+    record["input"] = str(src / "a.png")
+    with (out / "infer_mp.runlog.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    run_fake(src, out, "--overwrite")
+    assert (src / "a.png").exists() and (src / "b.png").exists()
+
+
+def test_a_failed_replacement_start_is_tried_again_even_with_one_attempt(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 12)
+    env = {"FAKE_PIPELINE_STARTS": str(tmp_path / "starts"), "FAKE_PIPELINE_FAIL_STARTS": "2"}
+    run = run_fake(src, out, "--max_items_per_worker", "3", "--max_attempts", "1", env=env)
+    assert run.code == 0, run.stderr
+    assert len(page_files(out)) == 12
+
+
+def test_a_file_changed_before_an_upgrade_is_redone(dirs):
+    """An earlier version logged no size/mtime, and a `skipped` line per rerun, dated after a
+    change it did not see: the change still counts."""
+    src, out = dirs
+    changed = write(src / "a.png", "new text")
+    os.utime(changed, (1_700_000_100, 1_700_000_100))
+    write(out / "a.json", json.dumps({"input_path": str(changed), "text": "old text"}))
+    old = {"input": str(changed), "outputs": ["a.json"], "extra_outputs": [], "pages": 1, "error": None}
+    lines = [{**old, "time": "2023-11-14T22:13:20+00:00", "status": "done"},  # 1,700,000,000: before the change
+             {**old, "time": "2023-11-14T22:20:00+00:00", "status": "skipped"}]  # after it
+    (out / "infer_mp.runlog.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 done" in run.stderr
+    assert json.loads((out / "a.json").read_text())["text"] == "new text"
+
+
+def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 2)
+    log = tmp_path / "logs" / "shared.jsonl"
+    log.parent.mkdir()
+    with hold(log.parent / ".shared.jsonl.lock", fcntl.LOCK_EX):  # a run into another folder
+        run = run_fake(src, out, "--run_log", str(log))
+        assert run.code == 75 and "--run_log" in run.stderr
+    assert run_fake(src, out, "--run_log", str(log)).code == 0
