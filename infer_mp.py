@@ -1389,13 +1389,17 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
         raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
 
 
+STATUSES = frozenset({DONE, FAILED})
+ONLY_STRINGS = frozenset({str})
+
+
 def well_formed(record: Any) -> bool:
-    if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+    """Has it a record's shape? (Checked for a million lines at start-up: kept cheap.)"""
+    if type(record) is not dict or type(record.get("input")) is not str or type(record.get("time")) is not str:
         return False
-    if record.get("status") not in (DONE, FAILED) or not isinstance(record.get("time"), str):
-        return False
-    lists = [record.get("outputs") or [], record.get("extra_outputs") or []]
-    return all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in lists)
+    outputs, extras = record.get("outputs") or [], record.get("extra_outputs") or []
+    return (record.get("status") in STATUSES and type(outputs) is list and type(extras) is list
+            and set(map(type, outputs)) <= ONLY_STRINGS and set(map(type, extras)) <= ONLY_STRINGS)
 
 
 @dataclass
@@ -1409,13 +1413,14 @@ class History:
     inputs: int = 0  # ... and the inputs it describes
 
     def add(self, record: dict) -> None:
-        key, when = record["input"], str(record.get("time", ""))
+        """(A well-formed record: see well_formed.)"""
+        key, when = record["input"], record["time"]
         previous = self.latest.get(key)
-        if previous is None or when >= str(previous.get("time", "")):
+        if previous is None or when >= previous["time"]:
             self.latest[key] = record
-        if record.get("status") == DONE:
+        if record["status"] == DONE:
             previous = self.last_done.get(key)
-            if previous is None or when >= str(previous.get("time", "")):
+            if previous is None or when >= previous["time"]:
                 self.last_done[key] = record
 
     @property
@@ -1431,18 +1436,36 @@ def run_log_paths(config: Config) -> list[Path]:
 
 
 def read_history(config: Config) -> History:
+    """(With the garbage collector paused: a million records are a million new dicts, and
+    its passes over them cost more than reading them.)"""
     history = History()
-    for path in run_log_paths(config):
-        own = path == config.run_log
-        inputs: set[str] = set()
-        for number, record in read_records(path):
-            history.add(record)
-            if own:
-                history.lines = number + 1
-                inputs.add(record["input"])
-        if own:
-            history.inputs = len(inputs)
+    with collector_paused():
+        for path in run_log_paths(config):
+            read_log_into(history, path, own=path == config.run_log)
     return history
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def read_log_into(history: History, path: Path, own: bool) -> None:
+    """Add one log's records; for this run's own log, count what compaction weighs."""
+    inputs: set[str] = set()
+    for number, record in read_records(path):
+        history.add(record)
+        if own:
+            history.lines = number + 1
+            inputs.add(record["input"])
+    if own:
+        history.inputs = len(inputs)
 
 
 def compact_run_log(path: Path) -> None:
@@ -1609,6 +1632,7 @@ class Retirer:
 
     output_dir: Path
     owners: Owners
+    claims: Claims
     inputs: set[str]
     retired: int = 0
 
@@ -1619,7 +1643,7 @@ class Retirer:
     def retirable(self, task: Task, path: str) -> bool:
         if not path.endswith(RETIRABLE_SUFFIXES) or path in self.inputs or not could_be_named(task, path):
             return False
-        if self.owners.owned(path, other_than=task):
+        if self.owners.owned(path, other_than=task) or self.claims.of_others(path, task):
             return False
         return inside(path, self.output_dir) and os.path.isfile(path)
 
@@ -1636,28 +1660,47 @@ def inside(path: str, folder: Path) -> bool:
     return (real_parent + os.sep).startswith(os.path.join(os.path.realpath(folder), ""))
 
 
-def avoid_claimed_names(tasks: list[Task], history: History, output_dir: Path) -> list[Task]:
+class Claims:
+    """The output files that done records hold, by folder and name stem: whose they are, for
+    inputs selected in this run or not."""
+
+    def __init__(self, history: History, output_dir: Path, tasks: list[Task]):
+        """Only the folders of `tasks` matter: names are taken and retired there."""
+        self.stems: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self.heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # page stems' heads
+        root = str(output_dir)
+        wanted = {os.path.normpath(task.out_dir) for task in tasks}
+        for source, record in history.last_done.items():
+            for rel in record.get("outputs") or []:
+                if not rel.endswith(".json"):
+                    continue
+                if rel.startswith(("/", "./", "../")) or "/." in rel or "//" in rel:
+                    rel = os.path.normpath(os.path.join(root, rel))
+                head, _, name = os.path.join(root, rel).rpartition(os.sep)
+                if head in wanted:
+                    stem = name[: -len(".json")]
+                    self.stems[head][stem].add(source)
+                    if (page := PAGE_NAME.fullmatch(stem)) is not None:
+                        self.heads[head][page.group(1)].add(source)
+
+    def of_others(self, path: str, task: Task) -> bool:
+        """Does a done record of another input than `task` hold the JSON file `path`?"""
+        folder, name = os.path.split(os.path.normpath(path))
+        return bool(self.stems.get(folder, {}).get(os.path.splitext(name)[0], set()) - {task.path})
+
+
+def avoid_claimed_names(tasks: list[Task], claims: Claims) -> list[Task]:
     """An input must not take a name that another input's done record holds and that is still
     on disk: an input this run did not select (a list of new files, a narrower pattern, a
     scan moved away after processing). It uses its full file name instead (`~N` added if need
     be), as when two current inputs clash; the other's finished output stays as it is."""
-    claims: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # folder -> stem -> inputs
-    heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # folder -> stem's page head
-    for source, record in history.last_done.items():
-        for rel in record.get("outputs", []):
-            folder, name = os.path.split(os.path.normpath(os.path.join(output_dir, rel)))
-            stem = name[: -len(".json")] if name.endswith(".json") else None
-            if stem:
-                claims[folder][stem].add(source)
-                if (page := PAGE_NAME.fullmatch(stem)) is not None:
-                    heads[folder][page.group(1)].add(source)
-    if not claims:
+    if not claims.stems:
         return tasks
     taken = {(os.path.normpath(t.out_dir), t.out_base, t.paged) for t in tasks}
 
     def claimed(task: Task, base: str) -> bool:
         folder = os.path.normpath(task.out_dir)
-        holders = (heads if task.paged else claims).get(folder, {}).get(base, set()) - {task.path}
+        holders = (claims.heads if task.paged else claims.stems).get(folder, {}).get(base, set()) - {task.path}
         if not holders:
             return False
         names = [n for n in (f"{base}.json",) if not task.paged] or os.listdir(folder)
@@ -1747,9 +1790,8 @@ class RunLock:
                 log_lock = config.run_log.parent / f".{config.run_log.name}.lock"
                 with contextlib.suppress(OSError):  # if this fails, taking the lock says why
                     log_lock.parent.mkdir(parents=True, exist_ok=True)
-                self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run{{holder}} is using --run_log "
-                           f"{str(config.run_log)!r}, in")
-                self._write_pid(self.handles[-1])
+                self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using --run_log "
+                           f"{str(config.run_log)!r}, in")  # no pid written: its disk may be full
         except BaseException:
             self.release()
             raise
@@ -3155,10 +3197,11 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     if locked and history.worth_compacting:
         compact_run_log(config.run_log)
     planned = plan_tasks(selection.root, config.output_dir, selection.paths)
-    planned = avoid_claimed_names(planned, history, config.output_dir)
+    claims = Claims(history, config.output_dir, planned)
+    planned = avoid_claimed_names(planned, claims)
     tasks = [task for task in planned if in_shard(task, config.shard)]
     work = select_work(tasks, history, config)
-    work.retirer = Retirer(config.output_dir, Owners(planned), set(selection.paths))
+    work.retirer = Retirer(config.output_dir, Owners(planned), claims, set(selection.paths))
     return selection, tasks, work
 
 

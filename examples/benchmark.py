@@ -454,7 +454,8 @@ def run_log_benchmark(args: argparse.Namespace, work: Path) -> None:
     live = [line for line in log.read_bytes().splitlines(keepends=True) if b'"input"' in line]
     template = json.loads(live[0])
     old = {**template, "time": "2020-01-01T00:00:00+00:00"}
-    archive = [json.dumps({**old, "input": f"/archive/{i:07d}.png"}).encode() + b"\n" for i in range(records - count)]
+    archive = [json.dumps({**old, "input": f"/archive/{i:07d}.png", "outputs": [f"archive/{i:07d}.json"]}).encode()
+               + b"\n" for i in range(records - count)]
     superseded = [json.dumps({**json.loads(line), "time": old["time"]}).encode() + b"\n" for line in live]
     redone = superseded * (records // count - 1)
     rows = [("live records only (baseline)", live), (f"{records:,} records: {records - count:,} of inputs no longer "
