@@ -1791,7 +1791,8 @@ class RunLock:
                 with contextlib.suppress(OSError):  # if this fails, taking the lock says why
                     log_lock.parent.mkdir(parents=True, exist_ok=True)
                 self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using --run_log "
-                           f"{str(config.run_log)!r}, in")  # no pid written: its disk may be full
+                           f"{str(config.run_log)!r}, in", f"the run log's lock beside {str(config.run_log)!r}")
+                # (no pid written in it: the run log's disk may be full)
         except BaseException:
             self.release()
             raise
@@ -1811,11 +1812,11 @@ class RunLock:
         self._take(config.lock_file, fcntl.LOCK_EX, f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
         self._write_pid(self.handles[-1])
 
-    def _take(self, path: Path, mode: int, refusal: str) -> None:
+    def _take(self, path: Path, mode: int, refusal: str, where: str | None = None) -> None:
         try:
             handle = open(path, "a+", encoding="utf-8")
         except OSError as error:
-            raise cannot_write(f"in --output_dir {str(self.output_dir)!r}", error) from None
+            raise cannot_write(where or f"in --output_dir {str(self.output_dir)!r}", error) from None
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except OSError:
@@ -3183,10 +3184,25 @@ def run(config: Config) -> ExitCode:
             # worker, no model; a misspelt device still shows
             parse_device_arg(config.device)
             return dispatch(config, pipeline, [], tasks, work, selection.ignored)
+        probe_run_log(config.run_log, config.output_dir)  # before a worker imports anything
         return start_and_dispatch(config, pipeline, tasks, work, selection.ignored)
     finally:
         lock.release()
         remove_if_unused(created)
+
+
+def probe_run_log(path: Path, output_dir: Path) -> None:
+    """Refuse a run log that cannot be appended to now, rather than after workers started
+    (leaving nothing behind: the run log is opened for good once every check has passed)."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        open(path, "ab").close()
+    except OSError as error:
+        raise cannot_write(f"the run log {str(path)!r}", error) from None
+    if not existed:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task], WorkSelection]:

@@ -17,7 +17,7 @@ import pytest
 import infer_mp
 from conftest import (assert_invariant, latest_records, make_inputs, page_files, run_fake, run_log, start_fake, wait_for,
                       write)
-from test_hostile import small_disk  # noqa: F401 (a fixture)
+from test_hostile import remount, small_disk  # noqa: F401 (a fixture)
 
 
 # -- cleanup deletes only what the input itself wrote ---------------------------------------------
@@ -476,3 +476,13 @@ def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
         run = run_fake(src, out, "--run_log", str(log))
         assert run.code == 75 and "--run_log" in run.stderr
     assert run_fake(src, out, "--run_log", str(log)).code == 0
+
+
+def test_an_unwritable_run_log_is_refused_before_any_worker(dirs, small_disk, tmp_path):
+    src, out = dirs
+    make_inputs(src, 1)
+    remount(small_disk, "ro")
+    imports = tmp_path / "imports.log"
+    run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"), env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    assert run.code == 2 and "cannot write the run log" in run.stderr and "Read-only file system" in run.stderr
+    assert not imports.exists()
