@@ -397,21 +397,22 @@ def build_parser() -> ArgumentParser:
     redo.add_argument(
         "--retry_failed",
         action="store_true",
-        help="Only retry the inputs whose last record in the run log is 'failed'.",
+        help="Only retry the inputs whose last record in the run log is 'failed', changed or not (a plain "
+        "rerun retries a failed input only once its file has changed).",
     )
     runs.add_argument(
         "--max_attempts",
         type=positive_int,
         default=DEFAULT_MAX_ATTEMPTS,
-        help="An input held by a worker that dies or times out this many times is failed "
-        f"(default: {DEFAULT_MAX_ATTEMPTS}).",
+        help="An input is failed once a worker has died or timed out this many times while running it "
+        f"alone; a batch that dies is retried one input at a time, uncharged (default: {DEFAULT_MAX_ATTEMPTS}).",
     )
     runs.add_argument(
         "--task_timeout",
         type=positive_float,
         default=None,
         help="Seconds an input may take; a worker silent for longer than this times its batch "
-        "size is killed and replaced, and the input counts an attempt (default: no limit).",
+        "size is killed and replaced, and its inputs are retried as after a crash (default: no limit).",
     )
     runs.add_argument(
         "--start_timeout",
