@@ -1380,7 +1380,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
             for number, line in enumerate(handle):
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if well_formed(record):
                     yield number, record
@@ -1601,7 +1601,8 @@ def select_work(tasks: list[Task], history: History, config: Config) -> WorkSele
         # (The constructor, not dataclasses.replace: five times faster, for 100,000 inputs.)
         task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, source_identity(task.path))
         if done is not None:
-            earlier = [os.path.join(config.output_dir, rel) for rel in [*done.get("outputs", []), *done.get("extra_outputs", [])]]
+            earlier = [os.path.join(config.output_dir, rel)
+                       for rel in [*(done.get("outputs") or []), *(done.get("extra_outputs") or [])]]
             task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, task.source, tuple(earlier),
                         unchanged(task, done))
         failed_before = record is not None and record.get("status") == FAILED
@@ -1640,21 +1641,29 @@ class Retirer:
     retired: int = 0
 
     def superseded(self, task: Task, new: Iterable[str]) -> None:
-        keep = set(new)
-        self.retire([path for path in task.earlier if path not in keep and self.retirable(task, path)])
+        keep = {os.path.normpath(path) for path in new}
+        earlier = dict.fromkeys(os.path.normpath(path) for path in task.earlier)
+        self.retire([path for path in earlier if path not in keep and self.retirable(task, path)])
 
     def retirable(self, task: Task, path: str) -> bool:
         if not path.endswith(RETIRABLE_SUFFIXES) or path in self.inputs or not could_be_named(task, path):
             return False
         if self.owners.owned(path, other_than=task) or self.claims.of_others(path, task):
             return False
-        return inside(path, self.output_dir) and os.path.isfile(path)
+        try:
+            return inside(path, self.output_dir) and os.path.isfile(path)
+        except ValueError:  # a NUL or the like in a hand-edited record
+            return False
 
     def retire(self, paths: list[str]) -> None:
-        for path in dict.fromkeys(paths):
-            with contextlib.suppress(FileNotFoundError):
+        """A file that cannot be deleted (no permission, a read-only or vanished mount) stays;
+        it is tried again when its input is next done."""
+        for path in paths:
+            try:
                 os.unlink(path)
-                self.retired += 1
+            except OSError:
+                continue
+            self.retired += 1
 
 
 def inside(path: str, folder: Path) -> bool:
@@ -1670,7 +1679,7 @@ class Claims:
     def __init__(self, history: History, output_dir: Path, tasks: list[Task]):
         """Only the folders of `tasks` matter: names are taken and retired there."""
         self.stems: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        self.heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # page stems' heads
+        self.heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # head -> page stems
         root = str(output_dir)
         wanted = {os.path.normpath(task.out_dir) for task in tasks}
         for source, record in history.last_done.items():
@@ -1684,7 +1693,7 @@ class Claims:
                     stem = name[: -len(".json")]
                     self.stems[head][stem].add(source)
                     if (page := PAGE_NAME.fullmatch(stem)) is not None:
-                        self.heads[head][page.group(1)].add(source)
+                        self.heads[head][page.group(1)].add(stem)
 
     def of_others(self, path: str, task: Task) -> bool:
         """Does a done record of another input than `task` hold the JSON file `path`?"""
@@ -1699,26 +1708,26 @@ def avoid_claimed_names(tasks: list[Task], claims: Claims) -> list[Task]:
     be), as when two current inputs clash; the other's finished output stays as it is."""
     if not claims.stems:
         return tasks
-    taken = {(os.path.normpath(t.out_dir), t.out_base, t.paged) for t in tasks}
 
     def claimed(task: Task, base: str) -> bool:
         folder = os.path.normpath(task.out_dir)
-        holders = (claims.heads if task.paged else claims.stems).get(folder, {}).get(base, set()) - {task.path}
-        if not holders:
-            return False
-        names = [n for n in (f"{base}.json",) if not task.paged] or os.listdir(folder)
-        return any(os.path.isfile(os.path.join(folder, n)) and replace(task, out_base=base).owns_stem(n[:-5])
-                   for n in names if n.endswith(".json"))
+        stems = claims.heads.get(folder, {}).get(base, set()) if task.paged else {base}
+        return any(claims.stems.get(folder, {}).get(stem, set()) - {task.path}
+                   and os.path.isfile(os.path.join(folder, f"{stem}.json")) for stem in stems)
 
+    folders: dict[str, dict[int, tuple[str, bool]]] = defaultdict(dict)  # the claims colliding() weighs
+    for task in tasks:
+        folders[os.path.normpath(task.out_dir)][task.index] = (task.out_base, task.paged)
     renamed = []
     for task in tasks:
         if claimed(task, task.out_base):
+            ours = folders[os.path.normpath(task.out_dir)]
             name, extra = os.path.basename(task.rel), 0
             base = name
-            while claimed(task, base) or (os.path.normpath(task.out_dir), base, task.paged) in taken:
+            while claimed(task, base) or task.index in colliding({**ours, task.index: (base, task.paged)}):
                 extra += 1
                 base = f"{name}~{extra}"
-            taken.add((os.path.normpath(task.out_dir), base, task.paged))
+            ours[task.index] = (base, task.paged)
             task = replace(task, out_base=base)
         renamed.append(task)
     return renamed
@@ -1788,14 +1797,15 @@ class RunLock:
         self.handles: list[Any] = []
         try:
             self._take_folder(config)
-            if config.run_log.parent != config.output_dir:  # a --run_log of its own: runs in other
-                # folders may name it too, and one compacting it would lose another's lines
-                log_lock = config.run_log.parent / f".{config.run_log.name}.lock"
-                with contextlib.suppress(OSError):  # if this fails, taking the lock says why
-                    log_lock.parent.mkdir(parents=True, exist_ok=True)
-                self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using --run_log "
-                           f"{str(config.run_log)!r}, in", f"the run log's lock beside {str(config.run_log)!r}")
-                # (no pid written in it: the run log's disk may be full)
+            # The run log too: a run into another folder may name it with --run_log, and two runs
+            # appending to one log, one of them compacting it, would lose lines.
+            log_lock = config.run_log.parent / f".{config.run_log.name}.lock"
+            with contextlib.suppress(OSError):  # if this fails, taking the lock says why
+                log_lock.parent.mkdir(parents=True, exist_ok=True)
+            self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using the run log "
+                       f"{str(config.run_log)!r} (each shard and each output folder needs its own --run_log), in",
+                       f"the run log's lock beside {str(config.run_log)!r}")
+            # (no pid written in it: the run log's disk may be full)
         except BaseException:
             self.release()
             raise
@@ -1979,6 +1989,7 @@ class TaskFailed:
     spec: WorkerSpec | None  # None: failed before reaching a worker (e.g. no such file)
     error: str
     attempts: int = 0
+    by_pipeline: bool = False  # the pipeline raised or gave nothing (not a timeout or a death)
 
 
 @dataclass(frozen=True)
@@ -2294,7 +2305,7 @@ class Backend:
         elif kind == "failed":
             _, index, error = message
             task = worker.held.pop(index)
-            yield TaskFailed(task, worker.spec, error, self.handed[index])
+            yield TaskFailed(task, worker.spec, error, self.handed[index], by_pipeline=True)
 
     def _lost(self, worker: WorkerHandle, reason: str, restart: bool) -> Iterator[Event]:
         """A worker is gone (`reason`: how it went): requeue what it still held, and start a
@@ -3069,8 +3080,9 @@ class Report:
             self.run_log.write(event.task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
                                error=event.error)
             self.failed += 1
-            if self.retirer and not event.task.earlier_fits and event.task.source is not None:
-                # the old file's text is not this file's (a file that is gone keeps its outputs)
+            if self.retirer and event.by_pipeline and not event.task.earlier_fits:
+                # the changed file cannot be read: its old text is not this file's (a timeout or a
+                # crash says nothing about the file, and a file that is gone keeps its outputs)
                 self.retirer.superseded(event.task, [])
         self.progress.update(self.done + self.failed, self.failed, self.pages, self.elapsed)
 

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import time
 import zlib
@@ -486,3 +487,52 @@ def test_an_unwritable_run_log_is_refused_before_any_worker(dirs, small_disk, tm
     run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"), env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
     assert run.code == 2 and "cannot write the run log" in run.stderr and "Read-only file system" in run.stderr
     assert not imports.exists()
+
+
+# -- second review -------------------------------------------------------------------------------
+
+
+def test_a_renamed_input_never_shares_a_name_and_names_stay_put(dirs, tmp_path):
+    src, out = dirs
+    write(src / "doc.tif", "page one\n")
+    assert run_fake(src, out).code == 0
+    (src / "doc.tif").rename(tmp_path / "doc.tif")  # moved away: doc_0.json stays its
+    write(src / "doc.pdf", "page PDF\n")
+    write(src / "doc.pdf_0.png", "IMG")
+    assert run_fake(src, out).code == 0
+    first = page_files(out)
+    run = run_fake(src, out)
+    assert run.code == 0 and "0 input(s) to do" in run.stderr and page_files(out) == first
+    assert json.loads((out / "doc_0.json").read_text())["text"] == "page one\n"
+    assert_invariant(src, out, gone=("doc.tif",))
+
+
+def test_a_deleted_output_subfolder_is_no_crash(dirs, tmp_path):
+    src, out = dirs
+    write(src / "sub" / "doc.tif", "page one\n")
+    assert run_fake(src, out, "--recursive").code == 0
+    (src / "sub" / "doc.tif").rename(tmp_path / "doc.tif")
+    write(src / "sub" / "doc.pdf", "page PDF\n")
+    shutil.rmtree(out / "sub")
+    run = run_fake(src, out, "--recursive")
+    assert run.code == 0 and "Traceback" not in run.stderr
+
+
+def test_odd_records_are_no_crash(dirs):
+    src, out = dirs
+    make_inputs(src, 1)
+    assert run_fake(src, out).code == 0
+    record = {**run_log(out)[0], "time": "2030-01-01T00:00:00+00:00", "outputs": None, "extra_outputs": None}
+    with (out / "infer_mp.runlog.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n" + "[" * 200000 + "\n")
+    run = run_fake(src, out)
+    assert run.code == 0 and "Traceback" not in run.stderr
+
+
+def test_a_run_log_named_from_another_folder_is_locked(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 1)
+    out.mkdir()
+    with hold(out / ".infer_mp.runlog.jsonl.lock", fcntl.LOCK_EX):  # a run into `out` is going on
+        run = run_fake(src, tmp_path / "out2", "--run_log", str(out / "infer_mp.runlog.jsonl"))
+        assert run.code == 75 and "run log" in run.stderr
