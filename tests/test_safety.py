@@ -324,7 +324,7 @@ def test_every_done_output_exists_and_every_output_has_one_input(dirs, ending):
     src, out = dirs
     for name, content in LOOKALIKES.items():
         write(src / name, content)
-    args = ("--batch_size", "3", "--instances_per_device", "2", "--max_attempts", "2", "--task_timeout", "2")
+    args = ("--batch_size", "3", "--instances_per_device", "2", "--max_attempts", "1", "--task_timeout", "1")
     if ending == "finished":
         assert run_fake(src, out, *args, timeout=120).code == 1
     else:
