@@ -28,6 +28,7 @@ import errno
 import fcntl
 import fnmatch
 import gc
+import glob
 import importlib
 import importlib.metadata
 import importlib.util
@@ -1071,13 +1072,19 @@ class InputSelection:
     ignored: int = 0  # matches that were directories, other types, or a file already taken
 
 
-def file_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a regular file, symlinks followed; None if it is not one."""
+def regular_file_status(path: str) -> os.stat_result | None:
+    """os.stat of a regular file, symlinks followed; None if it is not one (or not there)."""
     try:
         status = os.stat(path)
     except (OSError, ValueError):
         return None
-    return (status.st_dev, status.st_ino) if stat.S_ISREG(status.st_mode) else None
+    return status if stat.S_ISREG(status.st_mode) else None
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a regular file, symlinks followed; None if it is not one."""
+    status = regular_file_status(path)
+    return (status.st_dev, status.st_ino) if status else None
 
 
 def one_path_per_file(identities: dict[str, tuple[int, int] | None]) -> tuple[list[str], int]:
@@ -1480,7 +1487,7 @@ def compact_run_log(path: Path) -> None:
         if record.get("status") == DONE:
             keep_done[record["input"]] = number
     wanted = set(keep.values()) | set(keep_done.values())
-    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*.compact"):  # of a killed compaction
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
         with contextlib.suppress(OSError):
             leftover.unlink()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.compact")
@@ -1499,10 +1506,6 @@ def compact_run_log(path: Path) -> None:
         raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
 
 
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 def sync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (a crash after it must not bring the old file back)."""
     with contextlib.suppress(OSError):
@@ -1515,11 +1518,8 @@ def sync_folder(folder: Path) -> None:
 
 def source_identity(path: str) -> tuple[int, int] | None:
     """(size, modification time in ns) of a regular file: what make and rsync judge a change by."""
-    try:
-        status = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+    status = regular_file_status(path)
+    return (status.st_size, status.st_mtime_ns) if status else None
 
 
 def unchanged(task: Task, record: dict) -> bool:
@@ -1667,9 +1667,8 @@ class Retirer:
 
 
 def inside(path: str, folder: Path) -> bool:
-    """Is `path` really inside `folder` (links and `..` resolved), and not the folder itself?"""
-    real_parent = os.path.realpath(os.path.dirname(path))
-    return (real_parent + os.sep).startswith(os.path.join(os.path.realpath(folder), ""))
+    """Is `path` really in `folder` or below it (links and `..` resolved)?"""
+    return within(os.path.realpath(os.path.dirname(path)), os.path.realpath(folder))
 
 
 class Claims:
