@@ -33,6 +33,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -51,6 +52,7 @@ import zlib
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -71,6 +73,7 @@ DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before i
 # models, from network disks, and TensorRT builds its engines on a first start (many minutes).
 DEFAULT_START_TIMEOUT = 1800.0
 START_TRIES = 3  # starts in a row a worker slot gets once the pipeline has started in the run
+DEFAULT_PAGES_PER_TASK = 10  # pages of a document one task renders at most: see README, "Big documents"
 DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
@@ -170,10 +173,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -186,6 +186,26 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1 (0.01 is 1%), got {text}")
     return value
 
 
@@ -412,8 +432,9 @@ def build_parser() -> ArgumentParser:
         "--task_timeout",
         type=positive_float,
         default=None,
-        help="Seconds an input may take; a worker silent for longer than this times its batch "
-        "size is killed and replaced, and its inputs are retried as after a crash (default: no limit).",
+        help="Seconds a page (an image, or one page of a document) may take; a worker silent for longer "
+        "than this times the pages it holds is killed and replaced, and its pages are retried as after a "
+        "crash (default: no limit).",
     )
     runs.add_argument(
         "--start_timeout",
@@ -421,6 +442,22 @@ def build_parser() -> ArgumentParser:
         default=DEFAULT_START_TIMEOUT,
         help="Seconds a worker may take to start its pipeline before it is killed and counted as a "
         f"failed start (default: {DEFAULT_START_TIMEOUT:.0f}; on Ray, the time to wait for any actor).",
+    )
+    runs.add_argument(
+        "--pages_per_task",
+        type=whole_number,
+        default=DEFAULT_PAGES_PER_TASK,
+        help="A PDF or TIFF with more pages than this is split into page ranges that workers take like "
+        "inputs (fewer pages per range when there are fewer ranges than workers); outputs are the same. "
+        f"0: never split (default: {DEFAULT_PAGES_PER_TASK}).",
+    )
+    runs.add_argument(
+        "--max_page_error_rate",
+        type=fraction,
+        default=0.0,
+        help="A document whose failed pages are at most this fraction of its pages counts as done (its "
+        "failed pages are still named, logged and make the exit code 1); above it, failed "
+        "(default: 0, any failed page fails the document).",
     )
     runs.add_argument(
         "--max_items_per_worker",
@@ -469,6 +506,8 @@ class Config:
     retry_failed: bool = False
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     task_timeout: float | None = None
+    pages_per_task: int = DEFAULT_PAGES_PER_TASK
+    max_page_error_rate: float = 0.0
     start_timeout: float = DEFAULT_START_TIMEOUT
     max_items_per_worker: int = 0
     max_worker_memory_mb: int = 0
@@ -548,6 +587,8 @@ def parse_config(argv: list[str] | None) -> Config:
         retry_failed=args.retry_failed,
         max_attempts=args.max_attempts,
         task_timeout=args.task_timeout,
+        pages_per_task=args.pages_per_task,
+        max_page_error_rate=args.max_page_error_rate,
         start_timeout=args.start_timeout,
         max_items_per_worker=args.max_items_per_worker,
         max_worker_memory_mb=args.max_worker_memory_mb,
@@ -1045,11 +1086,23 @@ class Task:
     source: tuple[int, int] | None = None  # (size, mtime_ns) when selected: see unchanged()
     earlier: tuple[str, ...] = ()  # the files its last done record lists (absolute paths)
     earlier_fits: bool = False  # ... and the input has not changed since that record
+    page_count: int | None = None  # a document's pages, read before dispatch (see count_pages)
+    pages: tuple[int, int] | None = None  # a range of them, [start, stop): see split_documents
 
     @property
     def paged(self) -> bool:
         """A PDF or TIFF: its outputs are `{out_base}_{page}.json`, an image's `{out_base}.json`."""
         return os.path.splitext(self.path)[1].lower() in PAGED_SUFFIXES
+
+    @property
+    def page_numbers(self) -> range:
+        """The pages this task renders (none known for an image, or a document not counted)."""
+        return range(*self.pages) if self.pages else range(self.page_count or 0)
+
+    @property
+    def weight(self) -> int:
+        """Pages it renders, at least 1: what --task_timeout and the dispatch order weigh."""
+        return len(self.page_numbers) or 1
 
     def output_path(self, page_index: int | str | None) -> str:
         name = self.out_base if page_index is None else f"{self.out_base}_{page_index}"
@@ -1399,6 +1452,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
 
 STATUSES = frozenset({DONE, FAILED})
 ONLY_STRINGS = frozenset({str})
+ONLY_INTS = frozenset({int})
 
 
 def well_formed(record: Any) -> bool:
@@ -1406,23 +1460,32 @@ def well_formed(record: Any) -> bool:
     if type(record) is not dict or type(record.get("input")) is not str or type(record.get("time")) is not str:
         return False
     outputs, extras = record.get("outputs") or [], record.get("extra_outputs") or []
-    return (record.get("status") in STATUSES and type(outputs) is list and type(extras) is list
-            and set(map(type, outputs)) <= ONLY_STRINGS and set(map(type, extras)) <= ONLY_STRINGS)
+    if not (record.get("status") in STATUSES and type(outputs) is list and type(extras) is list
+            and set(map(type, outputs)) <= ONLY_STRINGS and set(map(type, extras)) <= ONLY_STRINGS):
+        return False
+    pages, failed = record.get("range"), record.get("failed_pages") or []
+    return ((pages is None or (type(pages) is list and len(pages) == 2 and set(map(type, pages)) == ONLY_INTS))
+            and type(failed) is list and set(map(type, failed)) <= ONLY_INTS)
 
 
 @dataclass
 class History:
     """What the run logs say of each input: its last record, and its last done record (a
-    failure after it leaves those files on disk). Records of all logs merge by time."""
+    failure after it leaves those files on disk); for a document, also the records of its page
+    ranges (see split_documents). Records of all logs merge by time."""
 
     latest: dict[str, dict] = field(default_factory=dict)
     last_done: dict[str, dict] = field(default_factory=dict)
+    ranges: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
     lines: int = 0  # in this run's own log
     inputs: int = 0  # ... and the inputs it describes
 
     def add(self, record: dict) -> None:
         """(A well-formed record: see well_formed.)"""
         key, when = record["input"], record["time"]
+        if "range" in record:
+            self.ranges[key].append(record)
+            return
         previous = self.latest.get(key)
         if previous is None or when >= previous["time"]:
             self.latest[key] = record
@@ -1430,6 +1493,28 @@ class History:
             previous = self.last_done.get(key)
             if previous is None or when >= previous["time"]:
                 self.last_done[key] = record
+
+    def unfinished_ranges(self, key: str) -> list[dict]:
+        """Range records since the input's last whole record, oldest first: pages of a document
+        that a run did, or failed, before it was stopped. (The whole record a finished document
+        gets lists them all, and supersedes them.)"""
+        records = self.ranges.get(key)
+        if not records:
+            return []
+        latest = self.latest.get(key)
+        return sorted((r for r in records if latest is None or r["time"] >= latest["time"]), key=itemgetter("time"))
+
+    def held(self, key: str) -> list[dict]:
+        """The records whose files the input holds now: its last done record, a later failed one
+        that lists pages done (a document with failed pages), and its unfinished ranges."""
+        done, latest = self.last_done.get(key), self.latest.get(key)
+        records = [done] if done is not None else []
+        if latest is not None and latest is not done and latest.get("outputs"):
+            records.append(latest)
+        return records + self.unfinished_ranges(key)
+
+    def keys(self) -> set[str]:
+        return {*self.latest, *self.ranges}
 
     @property
     def worth_compacting(self) -> bool:
@@ -1477,16 +1562,22 @@ def read_log_into(history: History, path: Path, own: bool) -> None:
 
 
 def compact_run_log(path: Path) -> None:
-    """Rewrite the run log with only what resume reads (each input's last record, and its
-    last done record if a failure came after), atomically: a kill leaves the old log or the
-    new one, never half of one. Run under the run lock, before this run appends."""
-    keep: dict[str, int] = {}
+    """Rewrite the run log with only what resume reads (each input's last record, its last
+    done record if a failure came after, and the page ranges since its last record),
+    atomically: a kill leaves the old log or the new one, never half of one. Run under the run
+    lock, before this run appends."""
+    keep: dict[str, tuple[int, str]] = {}
     keep_done: dict[str, int] = {}
+    ranges: list[tuple[int, str, str]] = []
     for number, record in read_records(path):
-        keep[record["input"]] = number
+        if "range" in record:
+            ranges.append((number, record["input"], record["time"]))
+            continue
+        keep[record["input"]] = number, record["time"]
         if record.get("status") == DONE:
             keep_done[record["input"]] = number
-    wanted = set(keep.values()) | set(keep_done.values())
+    wanted = {number for number, _ in keep.values()} | set(keep_done.values())
+    wanted.update(number for number, key, when in ranges if key not in keep or when >= keep[key][1])
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
         with contextlib.suppress(OSError):
             leftover.unlink()
@@ -1548,7 +1639,7 @@ def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
     lists is there, under today's names. A crash between writing outputs and logging them
     resolves to "redo", never to "skip"."""
-    if not record or record.get("status") != DONE or not unchanged(task, record):
+    if not record or record.get("status") != DONE or record.get("failed_pages") or not unchanged(task, record):
         return False
     outputs = [os.path.join(output_dir, rel) for rel in record.get("outputs") or []]
     return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
@@ -1584,42 +1675,99 @@ def underscore_prefixes(stem: str) -> list[str]:
 
 
 @dataclass
+class Coverage:
+    """What earlier runs left of a document that this run does: its pages done, whose files
+    stay, and its pages failed, which stay failed unless --retry_failed (see select_work)."""
+
+    outputs: dict[int, str] = field(default_factory=dict)  # page -> its JSON file
+    extras: list[str] = field(default_factory=list)  # --save files of those pages
+    failed: dict[int, str] = field(default_factory=dict)  # page -> why
+
+
+@dataclass
 class WorkSelection:
     todo: list[Task]
     complete: list[tuple[Task, dict]]  # skipped this run, with their last record
     not_selected: int = 0  # --retry_failed: inputs that had not failed
     standing: list[tuple[Task, dict]] = field(default_factory=list)  # failed before, unchanged: not retried
     retirer: Retirer | None = None
+    coverage: dict[int, Coverage] = field(default_factory=dict)  # by task index: documents begun earlier
+    unreadable: dict[int, str] = field(default_factory=dict)  # by task index: why it cannot be done (read_documents)
 
 
 def select_work(tasks: list[Task], history: History, config: Config) -> WorkSelection:
     """Complete inputs are skipped; one that failed and has not changed since is not retried
-    (its failure stands, reported once) unless --retry_failed; --overwrite redoes all."""
+    (its failure stands, reported once) unless --retry_failed; --overwrite redoes all. A
+    document begun earlier is done from where it stopped: see Coverage."""
     selection = WorkSelection([], [])
     for task in tasks:
         record, done = history.latest.get(task.path), history.last_done.get(task.path)
         # (The constructor, not dataclasses.replace: five times faster, for 100,000 inputs.)
         task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, source_identity(task.path))
-        if done is not None:
-            earlier = [os.path.join(config.output_dir, rel)
-                       for rel in [*(done.get("outputs") or []), *(done.get("extra_outputs") or [])]]
+        held = history.held(task.path)
+        if held:
+            earlier = dict.fromkeys(os.path.join(config.output_dir, rel) for r in held
+                                    for rel in [*(r.get("outputs") or []), *(r.get("extra_outputs") or [])])
             task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, task.source, tuple(earlier),
-                        unchanged(task, done))
-        failed_before = record is not None and record.get("status") == FAILED
+                        all(unchanged(task, r) for r in held))
+        failed_before = record is not None and (record.get("status") == FAILED or bool(record.get("failed_pages")))
+        failed_before = failed_before or any(r.get("failed_pages") for r in history.unfinished_ranges(task.path))
         if config.overwrite:
             selection.todo.append(task)
-        elif is_complete(task, record, config.output_dir) or is_complete(task, done, config.output_dir):
+            continue
+        if is_complete(task, record, config.output_dir) or is_complete(task, done, config.output_dir):
             selection.complete.append((task, done))
-        elif config.retry_failed:
-            if failed_before:
-                selection.todo.append(task)
-            else:
+            continue
+        if config.retry_failed:
+            if not failed_before:
                 selection.not_selected += 1
-        elif failed_before and unchanged(task, record):
+                continue
+        elif failed_before and record is not None and unchanged(task, record):
             selection.standing.append((task, record))
-        else:
-            selection.todo.append(task)
+            continue
+        selection.todo.append(task)
+        if task.paged and held:
+            selection.coverage[task.index] = page_coverage(task, held, config.output_dir, config.retry_failed)
     return selection
+
+
+PAGE_FILE = re.compile(rf"_({PAGE_NUMBER.pattern})(?:\.json|\.md|_[^{re.escape(os.sep)}]*\.png)")
+
+
+def page_of(task: Task, path: str) -> int | None:
+    """The page of a document that an output file (`{base}_{page}.json`, `.md`, `_{key}.png`)
+    is of; None if it is none of this task's."""
+    folder, name = os.path.split(os.path.normpath(path))
+    if folder != os.path.normpath(task.out_dir) or not name.startswith(task.out_base):
+        return None
+    match = PAGE_FILE.fullmatch(name, len(task.out_base))
+    return int(match.group(1)) if match else None
+
+
+def page_coverage(task: Task, held: list[dict], output_dir: Path, retry_failed: bool) -> Coverage:
+    """The pages of `task` that its records of the file as it is now hold: done where the
+    file is still there (whatever a later record says), else failed (not with --retry_failed)."""
+    coverage = Coverage()
+    for record in held:
+        if not unchanged(task, record):
+            continue
+        for rel in record.get("outputs") or []:
+            path = os.path.join(output_dir, rel)
+            page = page_of(task, path)
+            if page is not None and path.endswith(".json") and os.path.isfile(path):
+                coverage.outputs[page] = path
+        if not retry_failed:
+            for page in record.get("failed_pages") or []:
+                coverage.failed[page] = record.get("error") or "failed"
+    for record in held:
+        for rel in record.get("extra_outputs") or []:
+            path = os.path.join(output_dir, rel)
+            if page_of(task, path) in coverage.outputs and os.path.isfile(path):
+                coverage.extras.append(path)
+    for page in coverage.outputs:
+        coverage.failed.pop(page, None)
+    coverage.extras = list(dict.fromkeys(coverage.extras))
+    return coverage
 
 
 RETIRABLE_SUFFIXES = (".json", ".md", ".png")  # what infer_mp writes: pages and --save extras
@@ -1681,8 +1829,8 @@ class Claims:
         self.heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # head -> page stems
         root = str(output_dir)
         wanted = {os.path.normpath(task.out_dir) for task in tasks}
-        for source, record in history.last_done.items():
-            for rel in record.get("outputs") or []:
+        for source in history.keys():
+            for rel in (rel for record in history.held(source) for rel in record.get("outputs") or []):
                 if not rel.endswith(".json"):
                     continue
                 if rel.startswith(("/", "./", "../")) or "/." in rel or "//" in rel:
@@ -1780,6 +1928,8 @@ def discard_partial_outputs(task: Task, token: str | None) -> None:
         stem, suffix = os.path.splitext(name)
         match = TEMPORARY_NAME.fullmatch(name)
         own = suffix in (".json", ".md") and task.owns_stem(stem)
+        if own and task.pages is not None:  # a page range: only its own pages (others are other tasks')
+            own = page_of(task, os.path.join(task.out_dir, name)) in task.page_numbers
         if (own and os.path.join(task.out_dir, name) not in finished) or (match and match.group("token") == token):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(task.out_dir, name))
@@ -1891,7 +2041,9 @@ class RunLog:
 
     def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), extras: Iterable[str] = (),
               device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None) -> None:
+              error: str | None = None, failed_pages: dict[int, str] | None = None) -> None:
+        """An input's record; for a document also its page count, and the pages that failed
+        (`error` then says why); for a page range of it, the range, as [start, stop)."""
         outputs = [self.relative(o) for o in outputs]
         record = {
             "time": self.now(),
@@ -1907,6 +2059,13 @@ class RunLog:
         }
         # None for a file that was not there: whatever is there next is a change.
         record["size"], record["mtime_ns"] = task.source or (None, None)
+        if task.page_count is not None:
+            record["page_count"] = task.page_count
+        if task.pages is not None:
+            record["range"] = list(task.pages)
+        if failed_pages:
+            record["failed_pages"] = sorted(failed_pages)
+            record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
         self._append(record)
 
     def write_run(self, counts: dict[str, int], exit_code: int) -> None:
@@ -1937,6 +2096,112 @@ class RunLog:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents: page counts, read before any worker starts, and page ranges as tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def count_pages(path: str) -> int | None:
+    """A PDF's or TIFF's page count, read without rendering a page, by the libraries PaddleX
+    reads them with (pypdfium2, Pillow); None if they are not installed. Raises ValueError
+    saying why the file cannot be read: it then fails before any worker touches it."""
+    if path.lower().endswith(".pdf"):
+        try:
+            import pypdfium2
+        except ImportError:
+            return None
+        try:
+            document = pypdfium2.PdfDocument(path)
+        except pypdfium2.PdfiumError as error:
+            raise ValueError(f"cannot be opened as a PDF ({' '.join(str(error).split())})") from None
+        try:
+            count = len(document)
+        finally:
+            document.close()
+    else:
+        try:
+            from PIL import Image
+        except ImportError:
+            return None
+        try:
+            with Image.open(path) as image:
+                count = getattr(image, "n_frames", 1)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            raise ValueError(f"cannot be opened as a TIFF ({one_line(error)})") from None
+    if count < 1:
+        raise ValueError("has no pages")
+    return count
+
+
+def read_documents(work: WorkSelection) -> None:
+    """Check every input to do is a file, and count each document's pages: the run's total is
+    then known, and an unreadable file fails now, named (see WorkSelection.unreadable)."""
+    counted = []
+    for task in work.todo:
+        reason = not_a_file(task.path)
+        if reason is None and task.paged:
+            try:
+                task = replace(task, page_count=count_pages(task.path))
+            except ValueError as error:
+                reason = str(error)
+        if reason is not None:
+            work.unreadable[task.index] = reason
+        counted.append(task)
+    work.todo = counted
+
+
+def not_a_file(path: str) -> str | None:
+    """Why a path cannot be an input now, or None. Listed paths are not checked earlier."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "is a directory, not a file"
+    return "no such file" if not os.path.lexists(path) else "not a regular file"
+
+
+def pages_to_do(task: Task, coverage: Coverage | None) -> list[int]:
+    """A document's pages that this run renders: those earlier runs did not finish or fail."""
+    if coverage is None:
+        return list(range(task.page_count or 0))
+    return [p for p in range(task.page_count or 0) if p not in coverage.outputs and p not in coverage.failed]
+
+
+def split_documents(todo: list[Task], coverage: dict[int, Coverage], workers: int, pages_per_task: int,
+                    first_index: int) -> list[Task]:
+    """The tasks to dispatch, longest first: an image, or a document whole if it is short and
+    wholly to do, else its pages to do in ranges (each a task with its own index, from
+    `first_index`). A range has at most --pages_per_task pages, and fewer when the run's pages
+    would not keep every worker busy (24 pages on 4 workers: 4 ranges of 6). Longest first, so
+    that no worker is left at the end with a long task while the others idle."""
+    total = sum(len(pages_to_do(t, coverage.get(t.index))) if t.page_count else 1 for t in todo)
+    size = max(1, min(pages_per_task, -(-total // max(1, workers)))) if pages_per_task else math.inf
+    fresh = itertools.count(first_index)
+    tasks = []
+    for task in todo:
+        pages = pages_to_do(task, coverage.get(task.index)) if task.page_count else []
+        if not task.page_count or (len(pages) == task.page_count and task.page_count <= size):
+            tasks.append(task)
+            continue
+        for start, stop in page_ranges(pages, size):
+            tasks.append(replace(task, index=next(fresh), pages=(start, stop)))
+    tasks.sort(key=lambda task: -task.weight)  # (stable: in input order within a length)
+    return tasks
+
+
+def page_ranges(pages: list[int], size: float) -> Iterator[tuple[int, int]]:
+    """Runs of consecutive pages, each cut into pieces of at most `size`, as even as can be."""
+    runs: list[list[int]] = []
+    for page in pages:
+        if runs and page == runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([page, page + 1])
+    for start, stop in runs:
+        pieces = max(1, math.ceil((stop - start) / size))
+        for i in range(pieces):
+            yield start + (stop - start) * i // pieces, start + (stop - start) * (i + 1) // pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1980,6 +2245,7 @@ class TaskDone:
     extras: list[str]  # --save files
     seconds: float
     attempts: int
+    failed_pages: dict[int, str] = field(default_factory=dict)  # pages of a document that failed alone
 
 
 @dataclass(frozen=True)
@@ -2203,6 +2469,7 @@ class Backend:
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
         self.pending = deque(tasks)
+        self.fresh = itertools.count(max((task.index for task in tasks), default=0) + 1)  # see _requeue_or_fail
         self.workers = {spec.slot: self._start(spec) for spec in plan}
         try:
             while self.workers and (self.pending or self._busy()):
@@ -2244,12 +2511,14 @@ class Backend:
 
     def _feed(self, worker: WorkerHandle) -> None:
         """Give an idle worker its next batch. An input that was in a worker that died goes
-        alone, so that it cannot take others down with it again."""
+        alone, so that it cannot take others down with it again; so does a page range (it is
+        a predict() call of its own: see predict_pages)."""
         if not worker.ready or worker.held or worker.retiring or worker.timed_out is not None or not self.pending:
             return
         batch = [self.pending.popleft()]
-        if not self.handed[batch[0].index]:
-            while self.pending and len(batch) < self.batch_size and not self.handed[self.pending[0].index]:
+        if not self.handed[batch[0].index] and batch[0].pages is None:
+            while (self.pending and len(batch) < self.batch_size and not self.handed[self.pending[0].index]
+                   and self.pending[0].pages is None):
                 batch.append(self.pending.popleft())
         for task in batch:
             self.handed[task.index] += 1
@@ -2258,7 +2527,7 @@ class Backend:
         self._send(worker, batch)
 
     def _kill_overdue_workers(self) -> None:
-        """--task_timeout: a worker gets that many seconds per input of its batch.
+        """--task_timeout: a worker gets that many seconds per page of its batch.
         --start_timeout: a worker gets that long to build its pipeline (a load that blocks
         would otherwise hold the run for ever); its death is then a failed start."""
         now = time.monotonic()
@@ -2268,9 +2537,11 @@ class Backend:
             if not worker.ready and self.start_timeout and now - worker.started_at > self.start_timeout:
                 worker.timed_out = self.start_timeout
                 self._kill(worker)
-            elif self.task_timeout and worker.held and now - worker.busy_since > self.task_timeout * len(worker.held):
-                worker.timed_out = self.task_timeout * len(worker.held)
-                self._kill(worker)
+            elif self.task_timeout and worker.held:
+                limit = self.task_timeout * sum(task.weight for task in worker.held.values())
+                if now - worker.busy_since > limit:
+                    worker.timed_out = limit
+                    self._kill(worker)
 
     def _handle(self, worker: WorkerHandle, message: tuple) -> Iterator[Event]:
         kind = message[0]
@@ -2298,9 +2569,9 @@ class Backend:
             self.notes.add(message[1])
             yield Note(message[1])
         elif kind == "done":
-            _, index, outputs, extras, seconds = message
+            _, index, outputs, extras, seconds, failed_pages = message
             task = worker.held.pop(index)
-            yield TaskDone(task, worker.spec, outputs, extras, seconds, self.handed[index])
+            yield TaskDone(task, worker.spec, outputs, extras, seconds, self.handed[index], failed_pages)
         elif kind == "failed":
             _, index, error = message
             task = worker.held.pop(index)
@@ -2345,10 +2616,15 @@ class Backend:
 
     def _requeue_or_fail(self, worker: WorkerHandle, reason: str, replaced: bool) -> Iterator[Event]:
         """Charge a death to the input that caused it: one that died alone in its worker.
-        When a batch of several dies, none is charged; each is retried alone (see _feed)."""
+        When a batch of several dies, none is charged; each is retried alone (see _feed). The
+        pages of a document or range that dies are retried one by one, uncharged, so that a
+        page that kills its worker costs only itself."""
         requeue = []
         alone = len(worker.held) == 1
         for task in worker.held.values():
+            if len(task.page_numbers) > 1:
+                requeue += [replace(task, index=next(self.fresh), pages=(page, page + 1)) for page in task.page_numbers]
+                continue
             self.charged[task.index] += alone
             if self.charged[task.index] >= self.max_attempts:
                 yield TaskFailed(task, worker.spec, f"worker {reason}, {self.charged[task.index]} times while "
@@ -2851,56 +3127,176 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict, aliases: PathAliases) -> dict[int, list[Any]]:
-    """Run one predict() call for the batch and group the page results by task."""
-    by_path = {aliases(task): task.index for task in tasks}
+PAGE_WINDOWS: dict[str, tuple[int, int]] = {}  # in a worker: path given to predict() -> its pages to render
+OUTSIDE_WINDOW = ("note", "this pipeline reads documents itself, not through PaddleX's page reader: each page range "
+                  "was read whole and the pages outside it dropped; --pages_per_task 0 saves that work")
+
+
+def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
+                  aliases: PathAliases) -> tuple[dict[int, list[Any]], int]:
+    """Run one predict() call for the batch and group the page results by task; with the
+    number of results dropped for lying outside a page range (see OUTSIDE_WINDOW)."""
+    by_path = {aliases(task): task for task in tasks}
+    windows = {path: task.pages for path, task in by_path.items() if task.pages is not None}
+    if windows:
+        install_page_windows()
+    PAGE_WINDOWS.update(windows)
     pages: dict[int, list[Any]] = defaultdict(list)
-    for result in pipeline.predict(list(by_path), **predict_kwargs):
-        source = str(result["input_path"])
-        index = by_path.get(source)
-        if index is None:
-            index = by_path.get(os.path.abspath(source))
-        if index is None:
-            raise RuntimeError(f"pipeline returned a result for an unknown input {source!r}")
-        pages[index].append(result)
-    return pages
+    outside = 0
+    results = pipeline.predict(list(by_path), **predict_kwargs)
+    try:
+        for result in results:
+            source = str(result["input_path"])
+            task = by_path.get(source) or by_path.get(os.path.abspath(source))
+            if task is None:
+                raise RuntimeError(f"pipeline returned a result for an unknown input {source!r}")
+            if task.pages is not None and page_index_of(result) not in task.page_numbers:
+                outside += 1
+                continue
+            pages[task.index].append(result)
+    finally:
+        for path in windows:
+            PAGE_WINDOWS.pop(path, None)
+        if hasattr(results, "close"):  # a generator left half-read holds PaddleX's PDF lock
+            results.close()
+    return pages, outside
+
+
+def install_page_windows() -> None:
+    """Make PaddleX's image sampler, which every PaddleX pipeline reads its inputs with,
+    render only the pages in PAGE_WINDOWS of a document listed there, with its own readers
+    (same scale and pixel cap, PDF forms filled), each page with its real path, page index
+    and page count: the outputs are byte for byte those of a whole-file run."""
+    from paddlex.inference.common.batch_sampler import image_batch_sampler as sampling
+
+    sampler = sampling.ImageBatchSampler
+    if getattr(sampler.sample, "page_windows", False):
+        return
+    whole_file = sampler.sample
+
+    def sample(self: Any, inputs: Any) -> Iterator[Any]:
+        items = inputs if isinstance(inputs, list) else [inputs]
+        if not any(isinstance(item, str) and item in PAGE_WINDOWS for item in items):
+            yield from whole_file(self, inputs)
+            return
+        batch = sampling.ImgBatch()
+        for item in items:
+            if isinstance(item, str) and item in PAGE_WINDOWS:
+                pages = window_pages(self, item, *PAGE_WINDOWS[item])
+            else:
+                pages = (page for part in whole_file(self, [item])
+                         for page in zip(part.instances, part.input_paths, part.page_indexes, part.page_counts))
+            for page in pages:
+                batch.append(*page)
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = sampling.ImgBatch()
+        if len(batch) > 0:
+            yield batch
+
+    sample.page_windows = True  # type: ignore[attr-defined]
+    sampler.sample = sample
+
+
+def window_pages(sampler: Any, path: str, start: int, stop: int) -> Iterator[tuple[Any, str, int, int]]:
+    """(image, path, page index, page count) of pages [start, stop) of a PDF or TIFF, rendered
+    as PaddleX's ImageBatchSampler.sample renders every page of it."""
+    if path.lower().endswith(".pdf"):
+        from paddlex.inference.utils.pdfium_lock import pdfium_lock
+
+        document = sampler.pdf_reader.load(path)  # (takes the lock itself)
+        with pdfium_lock:
+            try:
+                count = len(document)
+                for index in range(start, min(stop, count)):
+                    page = document[index]
+                    try:
+                        image = sampler.pdf_reader._backend._render_page(page, page_index=index + 1)
+                    finally:
+                        page.close()
+                    yield image, path, index, count
+            finally:
+                document.close()
+        return
+    import cv2
+    import numpy
+
+    image = sampler.tiff_reader.load(path)
+    try:
+        count = getattr(image, "n_frames", 1)
+        for index in range(start, min(stop, count)):
+            image.seek(index)
+            yield cv2.cvtColor(numpy.array(image.convert("RGB")), cv2.COLOR_RGB2BGR), path, index, count
+    finally:
+        image.close()
 
 
 def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, aliases: PathAliases) -> Iterator[tuple]:
-    """Predict a batch and save its pages. If the batch raises, predict each input alone,
-    so that a corrupt file costs only itself. Yields one report per task."""
+    """Predict a batch and save its pages. If the batch raises, predict each input alone, and
+    a document's pages one by one, so that a corrupt file costs only itself and a bad page
+    only itself. Yields one report per task."""
     started = time.monotonic()
     try:
-        pages = predict_pages(pipeline, tasks, options.predict_kwargs, aliases)
+        pages, outside = predict_pages(pipeline, tasks, options.predict_kwargs, aliases)
     except Exception as error:
         if len(tasks) > 1:
             for task in tasks:
                 yield from process_batch(pipeline, [task], options, aliases)
+        elif len(tasks[0].page_numbers) > 1:
+            yield from process_page_by_page(pipeline, tasks[0], options, aliases)
         else:
             yield ("failed", tasks[0].index, one_line(error))
         return
+    if outside:
+        yield OUTSIDE_WINDOW
     seconds = (time.monotonic() - started) / len(tasks)
     for task in tasks:
-        results = pages.get(task.index)
-        if not results:
-            yield ("failed", task.index, "no result: not a readable image or PDF for this pipeline")
-            continue
-        for save_format in options.save:
-            if not can_save(results[0], save_format):
-                yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
+        yield from save_report(task, pages.get(task.index, []), {}, options, seconds)
+
+
+def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, aliases: PathAliases) -> Iterator[tuple]:
+    """A document or page range whose predict() raised: each of its pages alone."""
+    started = time.monotonic()
+    results, failed = [], {}
+    for page in task.page_numbers:
         try:
-            outputs, extras = save_results(task, results, options.save)
-        except OSError as error:
-            discard_partial_outputs(task, temporary_token)
-            if error.errno in OUTPUT_ERRNOS:
-                yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
-            else:
-                yield ("failed", task.index, f"cannot save output: {one_line(error)}")
+            pages, outside = predict_pages(pipeline, [replace(task, pages=(page, page + 1))],
+                                           options.predict_kwargs, aliases)
         except Exception as error:
-            discard_partial_outputs(task, temporary_token)
-            yield ("failed", task.index, f"cannot save output: {one_line(error)}")
+            failed[page] = one_line(error)
+            continue
+        results += pages.get(task.index, [])
+        if outside:
+            yield OUTSIDE_WINDOW
+    yield from save_report(task, results, failed, options, time.monotonic() - started)
+
+
+def save_report(task: Task, results: list[Any], failed: dict[int, str], options: WorkerOptions,
+                seconds: float) -> Iterator[tuple]:
+    """Save a task's results and say how it went: "done" with its files and the pages that
+    failed (a document's page that gave no result fails), else "failed" or "output_failed"."""
+    got = {page_index_of(result) for result in results}
+    failed.update({page: "no result for this page" for page in task.page_numbers if page not in got and page not in failed})
+    if not results:
+        yield ("failed", task.index, "; ".join(dict.fromkeys(failed.values()))
+               or "no result: not a readable image or PDF for this pipeline")
+        return
+    for save_format in options.save:
+        if not can_save(results[0], save_format):
+            yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
+    try:
+        outputs, extras = save_results(task, results, options.save)
+    except OSError as error:
+        discard_partial_outputs(task, temporary_token)
+        if error.errno in OUTPUT_ERRNOS:
+            yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
         else:
-            yield ("done", task.index, outputs, extras, seconds)
+            yield ("failed", task.index, f"cannot save output: {one_line(error)}")
+    except Exception as error:
+        discard_partial_outputs(task, temporary_token)
+        yield ("failed", task.index, f"cannot save output: {one_line(error)}")
+    else:
+        yield ("done", task.index, outputs, extras, seconds, failed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2994,8 +3390,8 @@ class Progress:
     """A bar on a terminal (tqdm, if installed); otherwise a line every `interval` seconds,
     which is what a cron log wants."""
 
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
+    def __init__(self, total_pages: int, total_inputs: int, interval: float):
+        self.total, self.inputs, self.interval = total_pages, total_inputs, interval
         self.last_line = time.monotonic()
         self.bar = None
         if sys.stderr.isatty():
@@ -3004,7 +3400,7 @@ class Progress:
             except ImportError:
                 pass
             else:
-                self.bar = tqdm(total=total, unit="input", file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(total=total_pages, unit="page", file=sys.stderr, dynamic_ncols=True)
 
     def say(self, message: str) -> None:
         if self.bar is not None:
@@ -3012,19 +3408,46 @@ class Progress:
         else:
             say(message)
 
-    def update(self, finished: int, failed: int, pages: int, elapsed: float) -> None:
+    def update(self, pages: int, failed_pages: int, inputs: int, elapsed: float) -> None:
+        """`pages` done and `failed_pages` of the run's pages; `inputs` finished."""
         if self.bar is not None:
-            self.bar.n = finished
-            self.bar.set_postfix(failed=failed, pages=pages, refresh=False)
+            self.bar.n = min(pages + failed_pages, self.total)
+            self.bar.set_postfix(failed=failed_pages, inputs=f"{inputs}/{self.inputs}", refresh=False)
             self.bar.refresh()
         elif self.interval and time.monotonic() - self.last_line >= self.interval:
             self.last_line = time.monotonic()
             rate = pages / elapsed if elapsed > 0 else 0.0
-            say(f"progress: {finished}/{self.total} inputs, {failed} failed, {pages} pages, {rate:.2f} pages/s")
+            say(f"progress: {pages + failed_pages}/{self.total} pages, {inputs}/{self.inputs} inputs, "
+                f"{failed_pages} failed, {rate:.2f} pages/s")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@dataclass
+class Document:
+    """A PDF or TIFF of this run, done whole or in page ranges: what it has so far. Once every
+    page it had to do has reported, it gets its whole record (Report.finish)."""
+
+    task: Task  # the whole input
+    left: int  # pages still to report in this run
+    outputs: dict[int, str]  # page -> JSON: kept from earlier runs (see Coverage), then this run's
+    extras: list[str]
+    failed: dict[int, str]  # page -> why: failed in an earlier run (not retried), then in this one
+    failed_now: int = 0
+    seconds: float = 0.0
+    attempts: int = 0
+    device: str | None = None
+    by_pipeline: bool = True  # every failure of this run was the pipeline's (see Report.finish)
+
+
+def describe_failed_pages(failed: dict[int, str], count: int) -> str:
+    """"pages 3, 7 of 40 failed (page 3: ValueError: ...; ...)", page numbers as in the outputs."""
+    pages = sorted(failed)
+    shown = ", ".join(map(str, pages[:20])) + (f" and {len(pages) - 20} more" if len(pages) > 20 else "")
+    reasons = "; ".join(f"page {page}: {failed[page]}" for page in pages[:3]) + ("; ..." if len(pages) > 3 else "")
+    return f"page{'s' if len(pages) > 1 else ''} {shown} of {count} failed ({reasons})"
 
 
 @dataclass
@@ -3043,9 +3466,12 @@ class Report:
     done: int = 0
     failed: int = 0
     pages: int = 0
+    failed_pages: int = 0  # in this run: pages of documents, and images
     pages_by_device: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     output_error: str | None = None  # why writing outputs failed, if it did
     engines: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # workers per engine
+    documents: dict[str, Document] = field(default_factory=dict)  # by input path
+    max_page_error_rate: float = 0.0
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Note):
@@ -3064,26 +3490,94 @@ class Report:
                               + (f"; starting another (try {event.retry})" if event.retry else ""))
         elif isinstance(event, WorkerLost):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
-                              f"{event.requeued} input(s) go back to the queue"
+                              f"{event.requeued} input(s) or page(s) go back to the queue"
                               + ("; starting a replacement" if event.replaced else ""))
         elif isinstance(event, TaskDone):
-            self.run_log.write(event.task, DONE, outputs=event.outputs, extras=event.extras, device=event.spec.device,
-                               attempts=event.attempts, seconds=event.seconds)
-            self.done += 1
             self.pages += len(event.outputs)
             self.pages_by_device[event.spec.device] += len(event.outputs)
-            if self.retirer:  # after the record: a kill in between leaves a done input with its files
-                self.retirer.superseded(event.task, [*event.outputs, *event.extras])
+            if event.task.path in self.documents:
+                self.pages_done(event)
+            else:
+                self.run_log.write(event.task, DONE, outputs=event.outputs, extras=event.extras,
+                                   device=event.spec.device, attempts=event.attempts, seconds=event.seconds)
+                self.done += 1
+                if self.retirer:  # after the record: a kill in between leaves a done input with its files
+                    self.retirer.superseded(event.task, [*event.outputs, *event.extras])
         elif isinstance(event, TaskFailed):
-            self.progress.say(f"FAILED {event.task.path}: {event.error}")
-            self.run_log.write(event.task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
-                               error=event.error)
+            if event.task.path in self.documents and event.task.page_numbers:
+                self.pages_failed(event)
+            else:
+                self.failed_pages += 1
+                self.progress.say(f"FAILED {event.task.path}: {event.error}")
+                self.run_log.write(event.task, FAILED, device=event.spec and event.spec.device,
+                                   attempts=event.attempts, error=event.error)
+                self.failed += 1
+                if self.retirer and event.by_pipeline and not event.task.earlier_fits:
+                    # the changed file cannot be read: its old text is not this file's (a timeout or a
+                    # crash says nothing about the file, and a file that is gone keeps its outputs)
+                    self.retirer.superseded(event.task, [])
+        self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed)
+
+    def pages_done(self, event: TaskDone) -> None:
+        """Some pages of a document, done (and perhaps some failed): a record for a range."""
+        task, failed = event.task, event.failed_pages
+        if task.pages is not None:
+            self.run_log.write(task, FAILED if failed else DONE, outputs=event.outputs, extras=event.extras,
+                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
+                               failed_pages=failed)
+        document = self.documents[task.path]
+        document.outputs.update((page_of(task, path), path) for path in event.outputs)
+        document.extras += event.extras
+        self.count_pages(document, task, event.spec, event.attempts, event.seconds, failed)
+
+    def pages_failed(self, event: TaskFailed) -> None:
+        """Every page of a range (or a document) failed: one record for them."""
+        task = event.task
+        failed = dict.fromkeys(task.page_numbers, event.error)
+        if task.pages is not None:
+            self.run_log.write(task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
+                               error=event.error, failed_pages=failed)
+        document = self.documents[task.path]
+        document.by_pipeline = document.by_pipeline and event.by_pipeline
+        self.count_pages(document, task, event.spec, event.attempts, 0.0, failed)
+
+    def count_pages(self, document: Document, task: Task, spec: WorkerSpec | None, attempts: int,
+                    seconds: float, failed: dict[int, str]) -> None:
+        """`task`, a range or the whole document, has reported all its pages."""
+        document.failed.update(failed)
+        document.failed_now += len(failed)
+        self.failed_pages += len(failed)
+        document.left -= len(task.page_numbers)
+        document.seconds += seconds
+        document.attempts = max(document.attempts, attempts)
+        document.device = document.device or (spec and spec.device)
+        if document.left <= 0:
+            self.finish(document)
+
+    def finish(self, document: Document) -> None:
+        """Every page of the document is done or failed: its whole record, which lists all
+        its pages' files (earlier runs' too) and supersedes its ranges' records. Failed pages
+        are named; past --max_page_error_rate the document counts as failed."""
+        task, failed = document.task, document.failed
+        count = task.page_count or 0
+        good = bool(document.outputs) and len(failed) <= self.max_page_error_rate * count
+        outputs = [document.outputs[page] for page in sorted(document.outputs)]
+        self.run_log.write(task, DONE if good else FAILED, outputs=outputs, extras=document.extras,
+                           device=document.device, attempts=document.attempts, seconds=document.seconds,
+                           failed_pages=failed)
+        del self.documents[task.path]
+        if failed:
+            rate = f" (within --max_page_error_rate {self.max_page_error_rate:g})" if good else ""
+            self.progress.say(f"{'' if good else 'FAILED '}{task.path}: {describe_failed_pages(failed, count)}{rate}")
+        if good:
+            self.done += 1
+        elif document.failed_now:
             self.failed += 1
-            if self.retirer and event.by_pipeline and not event.task.earlier_fits:
-                # the changed file cannot be read: its old text is not this file's (a timeout or a
-                # crash says nothing about the file, and a file that is gone keeps its outputs)
-                self.retirer.superseded(event.task, [])
-        self.progress.update(self.done + self.failed, self.failed, self.pages, self.elapsed)
+        else:  # only pages that failed in an earlier run, not retried: a standing failure
+            self.standing += 1
+            self.total -= 1
+        if self.retirer and (good or (document.by_pipeline and not task.earlier_fits)):
+            self.retirer.superseded(task, [*outputs, *document.extras])
 
     @property
     def elapsed(self) -> float:
@@ -3096,7 +3590,8 @@ class Report:
     def counts(self) -> dict[str, int]:
         """For the run log's line about this run."""
         return {"done": self.done, "failed": self.failed, "skipped": self.skipped, "unprocessed": self.unprocessed,
-                "standing_failures": self.standing, "pages": self.pages, "retired": self.retired}
+                "standing_failures": self.standing, "pages": self.pages, "failed_pages": self.failed_pages,
+                "retired": self.retired}
 
     @property
     def retired(self) -> int:
@@ -3116,8 +3611,9 @@ class Report:
             counts.append(f"{self.not_selected} not selected (--retry_failed)")
         counts.append(f"{self.ignored} ignored (not an input)")
         per_device = ", ".join(f"{d} {p / elapsed:.2f}" for d, p in sorted(self.pages_by_device.items()))
-        lines = [f"inputs: {', '.join(counts)}; {self.pages} page(s) in {elapsed:.1f} s, {rate:.2f} pages/s"
-                 + (f" (per device: {per_device})" if per_device else "")]
+        failed_pages = f" ({self.failed_pages} failed)" if self.failed_pages else ""
+        lines = [f"inputs: {', '.join(counts)}; {self.pages} page(s){failed_pages} in {elapsed:.1f} s, "
+                 f"{rate:.2f} pages/s" + (f" (per device: {per_device})" if per_device else "")]
         if self.engines:
             lines.append("engines: " + ", ".join(f"{engine} on {n} worker start(s)" for engine, n in self.engines.items()))
         if self.output_error:
@@ -3130,9 +3626,10 @@ class Report:
         if self.standing:
             lines.append(f"{self.standing} input(s) failed in an earlier run and have not changed since: not retried "
                          "(a changed file is); --retry_failed retries them")
-        if self.failed:
+        if self.failed or self.failed_pages:
             lines.append(f"failed inputs are in the run log {str(self.run_log.path)!r} "
-                         '(lines with "status": "failed"); --retry_failed retries only them')
+                         '(lines with "status": "failed"; a document\'s failed pages in "failed_pages"); '
+                         "--retry_failed retries only them, and only a document's failed pages")
         return lines
 
     def exit_code(self, stop: Stopper) -> ExitCode:
@@ -3142,7 +3639,7 @@ class Report:
             return ExitCode.OUTPUT_FAILED
         if self.unprocessed:
             return ExitCode.NO_WORKERS
-        return ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK
+        return ExitCode.INPUTS_FAILED if self.failed or self.failed_pages else ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3194,8 +3691,9 @@ def run(config: Config) -> ExitCode:
             parse_device_arg(config.device)
             say_no_inputs(config, selection)
             return ExitCode.OK
-        if all(task.source is None for task in work.todo):  # nothing to do (or only missing files): no
-            # worker, no model; a misspelt device still shows
+        read_documents(work)
+        if not any(needs_worker(task, work) for task in work.todo):  # nothing to do (or only files that
+            # cannot be read): no worker, no model; a misspelt device still shows
             parse_device_arg(config.device)
             return dispatch(config, pipeline, [], tasks, work, selection.ignored)
         probe_run_log(config.run_log, config.output_dir)  # before a worker imports anything
@@ -3203,6 +3701,14 @@ def run(config: Config) -> ExitCode:
     finally:
         lock.release()
         remove_if_unused(created)
+
+
+def needs_worker(task: Task, work: WorkSelection) -> bool:
+    """Has this input to do anything a worker must do (it is readable, and if a document,
+    has pages left that an earlier run did not finish)?"""
+    if task.index in work.unreadable:
+        return False
+    return not task.page_count or bool(pages_to_do(task, work.coverage.get(task.index)))
 
 
 def probe_run_log(path: Path, output_dir: Path) -> None:
@@ -3275,6 +3781,7 @@ def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
         check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
         check_engine(config, plan[0].device.split(":")[0])
         selection, tasks, work = choose_work(config, locked=False)
+        read_documents(work)
         print_plan(config, pipeline, plan, len(selection.paths), work, selection.ignored, cluster)
         return ExitCode.OK
     finally:
@@ -3304,22 +3811,18 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         lines.append(f"options: pipeline {config.pipeline_kwargs}, predict {config.predict_kwargs}")
     lines.append("to do:")
     for task in work.todo:
-        name = task.output_path(None) if Path(task.path).suffix.lower() not in PAGED_SUFFIXES else task.output_path("{page}")
-        lines.append(f"  {task.path} -> {os.path.relpath(name, config.output_dir)}")
+        name = os.path.relpath(task.output_path("{page}" if task.paged else None), config.output_dir)
+        if task.index in work.unreadable:
+            name = f"fails: {work.unreadable[task.index]}"
+        elif task.page_count:
+            left = len(pages_to_do(task, work.coverage.get(task.index)))
+            name += f" ({task.page_count} pages" + (f", {left} left to do)" if left < task.page_count else ")")
+        lines.append(f"  {task.path} -> {name}")
     sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8, as they are
     try:
         print("\n".join(lines), flush=True)
     except BrokenPipeError:  # `--dry_run | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def not_a_file(path: str) -> str | None:
-    """Why a path cannot be an input now, or None. Listed paths are not checked earlier."""
-    if os.path.isfile(path):
-        return None
-    if os.path.isdir(path):
-        return "is a directory, not a file"
-    return "no such file" if not os.path.lexists(path) else "not a regular file"
 
 
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], tasks: list[Task], work: WorkSelection,
@@ -3336,21 +3839,33 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], task
 def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
                     run_log: RunLog, ignored: int, warm: WarmPool | None,
                     cluster: RayCluster | None) -> ExitCode:
+    readable = [task for task in work.todo if task.index not in work.unreadable]
+    todo = split_documents([task for task in readable if needs_worker(task, work)], work.coverage, len(plan),
+                           config.pages_per_task, 1 + max((task.index for task in work.todo), default=0))
+    pages = sum(task.weight for task in todo) + len(work.unreadable)
     shard = f" (shard {config.shard[0]}/{config.shard[1]})" if config.shard else ""
     workers = f"; {describe_plan(plan)}, batch size {config.batch_size}" if plan else ""
-    say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done{workers} -> {config.output_dir}"
+    ranges = sum(task.pages is not None for task in todo)
+    say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done; {pages} page(s)"
+        + (f" ({ranges} page ranges of documents)" if ranges else "") + f"{workers} -> {config.output_dir}"
         + (f"; on the {cluster.describe()}" if cluster else ""))
     stop = Stopper()
     stop.install()
-    progress = Progress(len(work.todo), config.progress_interval)
+    progress = Progress(pages, len(work.todo), config.progress_interval)
     report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected,
-                    standing=len(work.standing), retirer=work.retirer)
+                    standing=len(work.standing), retirer=work.retirer,
+                    max_page_error_rate=config.max_page_error_rate)
     try:
-        unreadable = {task.index: reason for task in work.todo if (reason := not_a_file(task.path))}
         for task in work.todo:
-            if task.index in unreadable:
-                report.handle(TaskFailed(task, None, unreadable[task.index]))
-        todo = [task for task in work.todo if task.index not in unreadable]
+            if task.index in work.unreadable:  # (a file there that cannot be read: the file's fault)
+                report.handle(TaskFailed(task, None, work.unreadable[task.index], by_pipeline=os.path.isfile(task.path)))
+        for task in readable:
+            if task.page_count:
+                coverage = work.coverage.get(task.index) or Coverage()
+                report.documents[task.path] = Document(task, len(pages_to_do(task, coverage)), dict(coverage.outputs),
+                                                       list(coverage.extras), dict(coverage.failed))
+        for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
+            report.finish(document)
         if todo:
             options = worker_options(pipeline, config)
             backend = RayBackend(options, config, cluster) if cluster else LocalBackend(options, config, warm)
