@@ -145,7 +145,7 @@ def say(message: str) -> None:
 EPILOG = """\
 exit codes:
   0    every input was processed
-  1    the run finished, but some inputs failed (each is named on stderr)
+  1    the run finished, but some inputs or pages failed (each is named on stderr)
   2    usage error (flag, path, device, pipeline); nothing was processed
   3    no worker could create its pipeline
   74   writing outputs failed (disk full, read-only filesystem): stopped; fix it and rerun
@@ -156,6 +156,8 @@ resume: every run appends one JSON line per input it did, and one about itself, 
 (default OUTPUT_DIR/infer_mp.runlog.jsonl). Rerunning the same command skips inputs whose last
 record is done, whose file has not changed (size, modification time) and whose outputs exist;
 an input that failed and has not changed since is not retried (--retry_failed retries it).
+A PDF or TIFF of more than --pages_per_task pages runs as page ranges: a rerun does only the
+pages not done, and --retry_failed only the pages that failed.
 
 outputs: one JSON per page under --output_dir, mirroring each input's folder relative to
 --input_dir: `{stem}.json` for an image, `{stem}_{page}.json` for a PDF or TIFF page. Inputs whose
@@ -2168,15 +2170,20 @@ def pages_to_do(task: Task, coverage: Coverage | None) -> list[int]:
     return [p for p in range(task.page_count or 0) if p not in coverage.outputs and p not in coverage.failed]
 
 
+RANGES_PER_WORKER = 2  # at least, when a run has few pages: see split_documents
+
+
 def split_documents(todo: list[Task], coverage: dict[int, Coverage], workers: int, pages_per_task: int,
                     first_index: int) -> list[Task]:
     """The tasks to dispatch, longest first: an image, or a document whole if it is short and
     wholly to do, else its pages to do in ranges (each a task with its own index, from
     `first_index`). A range has at most --pages_per_task pages, and fewer when the run's pages
-    would not keep every worker busy (24 pages on 4 workers: 4 ranges of 6). Longest first, so
-    that no worker is left at the end with a long task while the others idle."""
+    would not give every worker RANGES_PER_WORKER ranges (24 pages on 4 workers: 8 ranges of
+    3), so that a worker that starts late, or a slow page, does not hold up the end. Longest
+    first, so that no worker is left at the end with a long task while the others idle."""
     total = sum(len(pages_to_do(t, coverage.get(t.index))) if t.page_count else 1 for t in todo)
-    size = max(1, min(pages_per_task, -(-total // max(1, workers)))) if pages_per_task else math.inf
+    share = -(-total // (RANGES_PER_WORKER * max(1, workers)))
+    size = max(1, min(pages_per_task, share)) if pages_per_task else math.inf
     fresh = itertools.count(first_index)
     tasks = []
     for task in todo:
@@ -3275,6 +3282,8 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
                 seconds: float) -> Iterator[tuple]:
     """Save a task's results and say how it went: "done" with its files and the pages that
     failed (a document's page that gave no result fails), else "failed" or "output_failed"."""
+    if task.page_numbers:  # a counted document: one result per page of it, numbered as PaddleX does
+        results = [result for result in results if page_index_of(result) in task.page_numbers]
     got = {page_index_of(result) for result in results}
     failed.update({page: "no result for this page" for page in task.page_numbers if page not in got and page not in failed})
     if not results:

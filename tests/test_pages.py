@@ -1,0 +1,197 @@
+"""Documents as pages: page ranges as tasks, balance, resume at the page, a bad page costs a page."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import infer_mp
+from conftest import (assert_invariant, latest_records, outputs, page_files, pdf_bytes, run_fake, run_log, start_fake,
+                      tiff_bytes, wait_for, write)
+
+RENDERED = ("input_path", "page_index", "page_count", "image_sha1", "text")  # what a page's rendering decides
+
+
+def document(count: int, marks: dict[int, str] | None = None) -> bytes:
+    """A real PDF of `count` pages, page i showing `page i` and any steering word in `marks`."""
+    return pdf_bytes([f"page {i} {(marks or {}).get(i, '')}".strip() for i in range(count)])
+
+
+def page_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def task(index: int, name: str, pages: int | None = None) -> infer_mp.Task:
+    return infer_mp.Task(index, f"/in/{name}", name, "/out", name.rsplit(".", 1)[0], page_count=pages)
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+
+def test_page_ranges_are_even_and_follow_the_gaps():
+    assert list(infer_mp.page_ranges(list(range(24)), 6)) == [(0, 6), (6, 12), (12, 18), (18, 24)]
+    assert list(infer_mp.page_ranges(list(range(10)), 3)) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert list(infer_mp.page_ranges([0, 1, 2, 5, 6, 7, 8], 4)) == [(0, 3), (5, 9)]
+
+
+def test_ranges_are_sized_to_keep_every_worker_busy_and_dispatched_longest_first():
+    image, book, small = task(0, "a.png"), task(1, "book.pdf", 24), task(2, "small.pdf", 3)
+    tasks = infer_mp.split_documents([image, small, book], {}, workers=4, pages_per_task=10, first_index=100)
+    assert [t.pages for t in tasks] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), None, None]
+    # (28 pages on 4 workers: ranges of 4, two rounds at least)
+    assert [t.path for t in tasks[-2:]] == ["/in/small.pdf", "/in/a.png"]  # whole, longest first
+    assert len({t.index for t in tasks}) == len(tasks) and min(t.index for t in tasks[:6]) == 100
+    many = [task(i, f"p{i}.png") for i in range(1000)] + [task(1000, "book.pdf", 95), task(1001, "s.pdf", 7)]
+    tasks = infer_mp.split_documents(many, {}, workers=4, pages_per_task=10, first_index=2000)
+    assert [t.weight for t in tasks[:11]] == [10, 10, 10, 10, 10, 9, 9, 9, 9, 9, 7]  # --pages_per_task caps them
+    assert infer_mp.split_documents([book], {}, workers=4, pages_per_task=0, first_index=5)[0].pages is None
+    left = infer_mp.Coverage(outputs={p: f"/out/book_{p}.json" for p in range(0, 20)}, failed={21: "x"})
+    # the pages left, 20, 22 and 23 (21 failed before): fewer than 2 per worker, so one a range
+    assert [t.pages for t in infer_mp.split_documents([book], {1: left}, 4, 10, 5)] == [(20, 21), (22, 23), (23, 24)]
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+def test_a_split_run_writes_what_a_whole_file_run_writes(tmp_path):
+    src = tmp_path / "in"
+    write(src / "book.pdf", document(7))
+    write(src / "scan.tif", tiff_bytes(5))
+    write(src / "photo.png", "photo")
+    runs = {}
+    for name, pages_per_task in (("whole", "0"), ("split", "2")):
+        out = tmp_path / name
+        run = run_fake(src, out, "--instances_per_device", "2", "--pages_per_task", pages_per_task)
+        assert run.code == 0, run.stderr
+        runs[name] = {file: {key: result.get(key) for key in RENDERED} for file, result in outputs(out).items()}
+    assert sorted(runs["split"]) == sorted(runs["whole"]) == sorted(
+        [f"book_{i}.json" for i in range(7)] + [f"scan_{i}.json" for i in range(5)] + ["photo.json"])
+    assert runs["split"] == runs["whole"]  # same pages, rendered alike, same page_index and page_count
+    assert len({runs["split"][f"book_{i}.json"]["image_sha1"] for i in range(7)}) == 7
+    records = run_log(tmp_path / "split")
+    ranges = sorted(tuple(r["range"]) for r in records if r["input"].endswith("book.pdf") and "range" in r)
+    assert ranges == [(0, 1), (1, 3), (3, 5), (5, 7)]  # at most --pages_per_task 2, as even as can be
+    [book] = [r for r in records if r["input"].endswith("book.pdf") and "range" not in r]
+    assert book["status"] == "done" and book["outputs"] == [f"book_{i}.json" for i in range(7)]
+    assert book["page_count"] == 7
+    assert_invariant(src, tmp_path / "split")
+
+
+# -- balance ------------------------------------------------------------------------------------
+
+
+def makespan(log: list[dict]) -> float:
+    return max(entry["end"] for entry in log) - min(entry["start"] for entry in log)
+
+
+def test_one_document_finishes_as_fast_as_its_pages_as_single_files(tmp_path):
+    write(tmp_path / "doc" / "book.pdf", document(24))
+    for i in range(24):
+        write(tmp_path / "pages" / f"p{i:02d}.png", f"page {i}")
+    spans = {}
+    for name in ("doc", "pages"):
+        log = tmp_path / f"{name}.log"
+        env = {"FAKE_PIPELINE_DELAY": "0.25", "FAKE_PIPELINE_PRELOAD": "1", "FAKE_PIPELINE_PAGE_LOG": str(log),
+               "FAKE_PIPELINE_BARRIER": f"{tmp_path / name}.ready:4"}
+        run = run_fake(tmp_path / name, tmp_path / f"{name}-out", "--instances_per_device", "4", env=env)
+        assert run.code == 0, run.stderr
+        entries = page_log(log)
+        assert len(entries) == 24 and len({e["pid"] for e in entries}) == 4
+        spans[name] = makespan(entries)
+    assert spans["doc"] <= 1.25 * spans["pages"], spans  # whole, the document would take 4x
+
+
+def test_a_document_queued_after_many_images_leaves_no_worker_idle_at_the_end(tmp_path):
+    src, log = tmp_path / "in", tmp_path / "pages.log"
+    for i in range(12):
+        write(src / f"a{i:02d}.png", f"image {i}")
+    write(src / "z.pdf", document(4))  # last in input order; 16 pages on 2 workers: whole (ranges of 4)
+    env = {"FAKE_PIPELINE_DELAY": "0.3", "FAKE_PIPELINE_PRELOAD": "1", "FAKE_PIPELINE_PAGE_LOG": str(log),
+           "FAKE_PIPELINE_BARRIER": f"{tmp_path / 'ready'}:2"}
+    run = run_fake(src, tmp_path / "out", "--instances_per_device", "2", env=env)
+    assert run.code == 0, run.stderr
+    last_end: dict[int, float] = defaultdict(float)
+    for entry in page_log(log):
+        last_end[entry["pid"]] = max(last_end[entry["pid"]], entry["end"])
+    assert len(last_end) == 2
+    assert abs(last_end.popitem()[1] - last_end.popitem()[1]) < 0.75  # the document (1.2 s) went first
+
+
+# -- resume at the page -------------------------------------------------------------------------
+
+
+def test_kill_9_in_the_middle_of_a_document_redoes_only_the_pages_not_recorded(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "book.pdf", document(40))
+    env = {"FAKE_PIPELINE_DELAY": "0.1", "FAKE_PIPELINE_PRELOAD": "1"}
+    process = start_fake(src, out, "--instances_per_device", "2", "--pages_per_task", "4", env=env)
+    log = out / "infer_mp.runlog.jsonl"
+    wait_for(lambda: log.exists() and log.read_text().count('"range"') >= 3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = {page for r in run_log(out) if r["status"] == "done" for page in range(*r["range"])}
+    assert 12 <= len(done) < 40
+    pages = tmp_path / "rerun.log"
+    run = run_fake(src, out, "--instances_per_device", "2", "--pages_per_task", "4",
+                   env={**env, "FAKE_PIPELINE_PAGE_LOG": str(pages)})
+    assert run.code == 0, run.stderr
+    assert f"{40 - len(done)} page(s)" in run.stderr  # the total, known before any worker starts
+    assert sorted(e["page_index"] for e in page_log(pages)) == sorted(set(range(40)) - done)
+    assert page_files(out) == sorted(f"book_{i}.json" for i in range(40))
+    book = latest_records(out)[str(src / "book.pdf")]
+    assert book["status"] == "done" and len(book["outputs"]) == 40 and "range" not in book
+    assert_invariant(src, out)
+    again = run_fake(src, out)
+    assert again.code == 0 and "0 input(s) to do" in again.stderr
+
+
+def test_an_unreadable_pdf_fails_named_before_any_worker_and_progress_counts_pages(tmp_path):
+    src, out, imports = tmp_path / "in", tmp_path / "out", tmp_path / "imports"
+    write(src / "broken.pdf", "not a PDF at all")
+    run = run_fake(src, out, env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    assert run.code == 1 and f"FAILED {src / 'broken.pdf'}: cannot be opened as a PDF" in run.stderr
+    assert not imports.exists()  # no worker was started for it
+    write(src / "book.pdf", document(6))
+    run = run_fake(src, out, "--progress_interval", "0.1", env={"FAKE_PIPELINE_DELAY": "0.2"})
+    assert run.code == 0, run.stderr  # the broken file's failure stands; the book is done
+    assert "6 page(s)" in run.stderr and "progress: " in run.stderr and "/6 pages" in run.stderr
+
+
+# -- a bad page costs a page --------------------------------------------------------------------
+
+
+def test_a_page_that_raises_fails_alone_and_retry_failed_redoes_only_it(tmp_path):
+    src, out, pages = tmp_path / "in", tmp_path / "out", tmp_path / "pages.log"
+    write(src / "book.pdf", document(6, {3: "RAISE"}))
+    run = run_fake(src, out, "--pages_per_task", "2")
+    assert run.code == 1
+    assert f"FAILED {src / 'book.pdf'}: page 3 of 6 failed (page 3: ValueError" in run.stderr
+    assert page_files(out) == [f"book_{i}.json" for i in (0, 1, 2, 4, 5)]
+    book = latest_records(out)[str(src / "book.pdf")]
+    assert book["status"] == "failed" and book["failed_pages"] == [3] and len(book["outputs"]) == 5
+    assert "(1 failed)" in run.stderr  # pages, in the summary
+    assert_invariant(src, out)
+    again = run_fake(src, out, env={"FAKE_PIPELINE_PAGE_LOG": str(pages)})
+    assert again.code == 0 and "1 failed before (not retried)" in again.stderr and not page_log(pages)
+    retry = run_fake(src, out, "--retry_failed", env={"FAKE_PIPELINE_PAGE_LOG": str(pages)})
+    assert retry.code == 1 and [e["page_index"] for e in page_log(pages)] == [3]
+    assert page_files(out) == [f"book_{i}.json" for i in (0, 1, 2, 4, 5)]
+    tolerant = run_fake(src, tmp_path / "tolerant", "--max_page_error_rate", "0.2")
+    assert tolerant.code == 1 and "within --max_page_error_rate 0.2" in tolerant.stderr
+    book = latest_records(tmp_path / "tolerant")[str(src / "book.pdf")]
+    assert book["status"] == "done" and book["failed_pages"] == [3]
+
+
+def test_a_page_that_kills_its_worker_or_hangs_costs_only_itself(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "book.pdf", document(6, {1: "CRASH", 4: "HANG"}))
+    run = run_fake(src, out, "--pages_per_task", "3", "--instances_per_device", "2", "--max_attempts", "1",
+                   "--task_timeout", "1", env={"FAKE_PIPELINE_PRELOAD": "1"})
+    assert run.code == 1, run.stderr
+    assert page_files(out) == [f"book_{i}.json" for i in (0, 2, 3, 5)]
+    book = latest_records(out)[str(src / "book.pdf")]
+    assert book["status"] == "failed" and book["failed_pages"] == [1, 4]
+    assert "page 1: worker was killed by SIGKILL" in book["error"] and "page 4: worker timed out" in book["error"]
+    assert_invariant(src, out)
