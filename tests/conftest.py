@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -86,11 +87,59 @@ def fake_paddle_env(folder: Path, gpus: int | None) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 
 
+def pdf_escape(text: str) -> bytes:
+    """`text` as the inside of a PDF literal string: backslash and parentheses escaped, line
+    breaks written as escapes, Latin-1 (what Helvetica's standard encoding can show)."""
+    for char, escaped in (("\\", "\\\\"), ("(", "\\("), (")", "\\)"), ("\r", "\\r"), ("\n", "\\n")):
+        text = text.replace(char, escaped)
+    return text.encode("latin-1", "replace")
+
+
+def pdf_bytes(pages: list[str], size: tuple[int, int] = (60, 40)) -> bytes:
+    """A minimal valid PDF, written by hand: one page of `size` points per string, showing it in
+    the standard Helvetica font. The content streams are not compressed, so the file's bytes
+    contain each page's text (what the fake pipeline's steering words are looked for in)."""
+    width, height = size
+    count = len(pages)
+    font = 3 + 2 * count
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(count)), count)]
+    for i, text in enumerate(pages):
+        stream = b"BT /F1 8 Tf 2 %d Td (%s) Tj ET" % (max(2, height // 2 - 3), pdf_escape(text))
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Resources << /Font << /F1 %d 0 R >> >> "
+                       b"/Contents %d 0 R >>" % (width, height, font, 4 + 2 * i))
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    data = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(data))
+        data += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(data)
+    data += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    data += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    data += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(data)
+
+
+def tiff_bytes(count: int, size: tuple[int, int] = (16, 16)) -> bytes:
+    """A real multi-page TIFF of `count` gray frames, each a different gray level (so that the
+    frames render, and hash, differently)."""
+    from PIL import Image
+
+    frames = [Image.new("L", size, 255 - (i * 37) % 256) for i in range(count)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="TIFF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
 def make_inputs(src: Path, count: int, pdf_pages: int = 0) -> None:
+    """`count` images p00.png, p01.png, ... (text files: the fake pipeline reads no pixels) and,
+    with `pdf_pages`, a real PDF doc.pdf of that many pages."""
     for i in range(count):
         write(src / f"p{i:02d}.png", f"image {i}")
     if pdf_pages:
-        write(src / "doc.pdf", "page\n" * pdf_pages)
+        write(src / "doc.pdf", pdf_bytes([f"page {i}" for i in range(pdf_pages)]))
 
 
 def wait_for(condition, timeout: float = 60.0) -> None:

@@ -11,15 +11,27 @@ its pid, device and threads;
 ``FAKE_PIPELINE_FAIL_STARTS`` / ``FAKE_PIPELINE_HANG_STARTS`` (e.g. "2,3") make those calls raise / block;
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
-A ``.pdf``/``.tif``/``.tiff`` yields one page per line that starts with ``page``, at least
-one; any other input one result without a page index. Each result records which process made
-it, so the tests can see the work spread over workers.
+A real PDF or TIFF (a ``.pdf``/``.tif``/``.tiff`` whose bytes start with ``%PDF`` or a TIFF
+magic) is read through PaddleX's own ``ImageBatchSampler`` (imported only then: PaddleX takes
+seconds to import), so that whatever replaces ``ImageBatchSampler.sample`` at run time (a
+window of pages) applies here exactly as in a real pipeline: one result per page the sampler
+yields, with its ``page_index`` and ``page_count``, the SHA-1 of the rendered image, and the
+page's own text (a PDF page's text by pypdfium2, a TIFF frame's ``frame N``). For such a file
+the steering words act per page, on the page's text, and the delay is per page.
+``FAKE_PIPELINE_PRELOAD`` (or the option ``preload``) imports the sampler in the constructor
+instead, for tests whose --task_timeout leaves no time for the import.
+``FAKE_PIPELINE_PAGE_LOG`` (or the option ``page_log``) names a file where every page (or
+image) processed is logged as a JSON line: pid, input, page_index, start and end (time.time()).
+A fake ``.pdf``/``.tif``/``.tiff`` that is a text file yields one page per line that starts
+with ``page``, at least one; any other input one result without a page index. Each result
+records which process made it, so the tests can see the work spread over workers.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -27,6 +39,7 @@ import time
 from pathlib import Path
 
 PAGED = {".pdf", ".tif", ".tiff"}
+MAGIC = (b"%PDF", b"II*\0", b"MM\0*")  # a real PDF, a real TIFF (little- or big-endian)
 INIT_LOG = os.environ.get("FAKE_PIPELINE_INIT_LOG")
 if os.environ.get("FAKE_PIPELINE_IMPORT_LOG"):  # which processes imported the pipeline at all
     with open(os.environ["FAKE_PIPELINE_IMPORT_LOG"], "a", encoding="utf-8") as _log:
@@ -96,38 +109,113 @@ class FakePipeline:
         self.cpu_threads = cpu_threads
         self.options = options
         self.delay = float(options.get("delay", os.environ.get("FAKE_PIPELINE_DELAY", "0")))
+        self.page_log = options.get("page_log", os.environ.get("FAKE_PIPELINE_PAGE_LOG"))
+        self._sampler = None
+        if options.get("preload", os.environ.get("FAKE_PIPELINE_PRELOAD")):
+            self.sampler()
         init_log = options.get("init_log", INIT_LOG)
         if init_log:
             with open(init_log, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"pid": os.getpid(), "device": device, "cpu_threads": cpu_threads}) + "\n")
+
+    def sampler(self):
+        """PaddleX's ImageBatchSampler, made once per instance (PaddleX imported on first use)."""
+        if self._sampler is None:
+            from paddlex.inference.common.batch_sampler.image_batch_sampler import ImageBatchSampler
+
+            self._sampler = ImageBatchSampler(batch_size=1)
+        return self._sampler
+
+    def log_page(self, path: str, page_index: int | None, start: float) -> None:
+        if not self.page_log:
+            return
+        line = json.dumps({"pid": os.getpid(), "input": path, "page_index": page_index,
+                           "start": start, "end": time.time()})
+        with open(self.page_log, "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(line + "\n")
+
+    def steer(self, text: bytes, what: str) -> bool:
+        """Act on the steering words in `text` (an input's bytes or a page's text); False
+        when it is to yield no result."""
+        if b"CRASH" in text:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if b"RAISE" in text:
+            raise ValueError(f"cannot decode {what}")
+        if b"HANG" in text:
+            time.sleep(3600)
+        if b"GROW" in text:
+            _held_memory.append(bytearray(os.urandom(1)) * (100 * 2**20))
+        if b"EMPTY" in text:
+            return False
+        if self.delay:
+            time.sleep(self.delay)
+        return True
 
     def predict(self, inputs, **predict_options):
         if isinstance(inputs, str):
             inputs = [inputs]
         results = []
         for path in inputs:
-            data = Path(path).read_bytes()
-            if b"CRASH" in data:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if b"RAISE" in data:
-                raise ValueError(f"cannot decode input {os.path.basename(path)}")
-            if b"HANG" in data:
-                time.sleep(3600)
-            if b"GROW" in data:
-                _held_memory.append(bytearray(os.urandom(1)) * (100 * 2**20))
-            if b"EMPTY" in data:
-                continue
-            if self.delay:
-                time.sleep(self.delay)
             common = {"input_path": path, "device": self.device, "pid": os.getpid(),
                       "cpu_threads": self.cpu_threads, "batch": len(inputs), "options": self.options,
-                      "predict_options": predict_options, "text": data.decode("utf-8", "replace")}
-            if Path(path).suffix.lower() in PAGED:
+                      "predict_options": predict_options}
+            with open(path, "rb") as handle:
+                head = handle.read(4)
+            if Path(path).suffix.lower() in PAGED and head.startswith(MAGIC):
+                results += self.predict_pages(path, head.startswith(b"%PDF"), common)
+                continue
+            start = time.time()
+            data = Path(path).read_bytes()
+            if not self.steer(data, f"input {os.path.basename(path)}"):
+                continue
+            common["text"] = data.decode("utf-8", "replace")
+            if Path(path).suffix.lower() in PAGED:  # a text file posing as a PDF or TIFF
                 lines = [line for line in data.splitlines() if line.startswith(b"page")]
                 for index in range(max(1, len(lines))):
                     results.append(self.result_type(common, page_index=index))
             else:
                 results.append(self.result_type(common, page_index=None))
+            self.log_page(path, None, start)
+        return results
+
+    def predict_pages(self, path: str, is_pdf: bool, common: dict) -> list:
+        """One result per page that ImageBatchSampler.sample yields for `path` (looked up on
+        the class at each call: infer_mp may replace it to render a window of the pages)."""
+        import pypdfium2
+
+        sampler = self.sampler()
+        results = []
+        document = pypdfium2.PdfDocument(path) if is_pdf else None  # for the pages' text
+        batches = sampler.sample([path])
+        try:
+            start = time.time()
+            for batch in batches:
+                for i, image in enumerate(batch.instances):
+                    page_index, page_count = batch.page_indexes[i], batch.page_counts[i]
+                    if document is not None:
+                        page = document[page_index]
+                        textpage = page.get_textpage()
+                        text = textpage.get_text_range()
+                        textpage.close()
+                        page.close()
+                    else:
+                        text = f"frame {page_index}"
+                    if self.steer(text.encode("utf-8"), f"page {page_index} of {os.path.basename(path)}"):
+                        digest = hashlib.sha1(image.tobytes())
+                        digest.update(repr(image.shape).encode())
+                        results.append(self.result_type(common, input_path=batch.input_paths[i], page_index=page_index,
+                                                        page_count=page_count, image_sha1=digest.hexdigest(), text=text))
+                    self.log_page(path, page_index, start)
+                    start = time.time()
+        finally:
+            # A generator left suspended would keep PaddleX's pdfium_lock, which the sampler
+            # holds while it yields PDF pages: the next PDF would then block for ever.
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+            if document is not None:
+                document.close()
         return results
 
 

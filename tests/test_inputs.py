@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, SCRIPT, outputs, page_files, run_cli, run_log, write
+from conftest import FAKE, ROOT, SCRIPT, outputs, page_files, pdf_bytes, run_cli, run_log, tiff_bytes, write
 
 STRICT = f"{ROOT / 'tests' / 'fake_pipeline.py'}:StrictPipeline"
 
@@ -25,8 +25,10 @@ def run_fake(*args: str, pipeline: str = FAKE, **kwargs):
 
 def test_default_selection_takes_readable_types_in_any_case_and_counts_the_rest(dirs):
     src, out = dirs
-    for name in ("a.JPG", "b.Png", "c.pdf", "d.TIFF", "e.webp", "notes.txt", "data.json"):
+    for name in ("a.JPG", "b.Png", "e.webp", "notes.txt", "data.json"):
         write(src / name)
+    write(src / "c.pdf", pdf_bytes(["c"]))
+    write(src / "d.TIFF", tiff_bytes(1))
     (src / "folder.jpg").mkdir()
     write(src / "sub" / "deep.png")
     run = run_fake("--input_dir", str(src), "--output_dir", str(out))
@@ -37,8 +39,9 @@ def test_default_selection_takes_readable_types_in_any_case_and_counts_the_rest(
 
 def test_several_patterns_and_recursion(dirs):
     src, out = dirs
-    for rel in ("a.jpg", "b.png", "x/c.jpg", "x/y/d.jpg", "x/y/e.pdf"):
+    for rel in ("a.jpg", "b.png", "x/c.jpg", "x/y/d.jpg"):
         write(src / rel)
+    write(src / "x" / "y" / "e.pdf", pdf_bytes(["e"]))
     run = run_fake("--input_dir", str(src), "--output_dir", str(out),
                    "--input_glob_pattern", "*.png", "--input_glob_pattern", "**/*.jpg")
     assert run.code == 0, run.stderr
@@ -134,7 +137,7 @@ def test_bad_shard(dirs, value):
 def test_dry_run_prints_the_plan_and_touches_nothing(dirs):
     src, out = dirs
     write(src / "a.png")
-    write(src / "doc.pdf", "page\npage\n")
+    write(src / "doc.pdf", pdf_bytes(["page", "page"]))
     run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--instances_per_device", "2",
                    "--dry_run", env={"FAKE_PIPELINE_FAIL_INIT": "1"})  # no model is loaded
     assert run.code == 0, run.stderr
@@ -212,13 +215,13 @@ def test_paddleocr_checks_its_own_options(dirs):
 def test_save_markdown_and_images_beside_the_json(dirs):
     src, out = dirs
     write(src / "a.png", "alpha")
-    write(src / "doc.pdf", "page\npage\n")
+    write(src / "doc.pdf", pdf_bytes(["page 0", "page 1"]))
     run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--save", "markdown,img")
     assert run.code == 0, run.stderr
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.suffix != ".jsonl")
     assert names == ["a.json", "a.md", "a_vis.png", "doc_0.json", "doc_0.md", "doc_0_vis.png",
                      "doc_1.json", "doc_1.md", "doc_1_vis.png"]
-    assert (out / "a.md").read_text() == "# alpha\n"
+    assert (out / "a.md").read_text() == "# alpha\n" and (out / "doc_1.md").read_text() == "# page 1\n"
     record = next(r for r in run_log(out) if r["input"].endswith("a.png"))
     assert record["extra_outputs"] == ["a.md", "a_vis.png"]
 

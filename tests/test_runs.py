@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+from pathlib import Path
 
-from conftest import FAKE, outputs, page_files, run_cli, run_fake, temporaries, write
+import pytest
+
+from conftest import FAKE, outputs, page_files, pdf_bytes, run_cli, run_fake, temporaries, tiff_bytes, write
 
 
 def test_one_json_per_page_with_seed_names(dirs):
     src, out = dirs
     write(src / "scan1.jpg")
     write(src / "scan2.PNG")
-    write(src / "doc.pdf", "page one\npage two\npage three\n")
+    write(src / "doc.pdf", pdf_bytes(["page one", "page two", "page three"]))
     write(src / "notes.txt")
     (src / "folder.png").mkdir()
     run = run_fake(src, out)
@@ -20,6 +25,7 @@ def test_one_json_per_page_with_seed_names(dirs):
     assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "scan1.json", "scan2.json"]
     results = outputs(out)
     assert [results[f"doc_{i}.json"]["page_index"] for i in range(3)] == [0, 1, 2]
+    assert [results[f"doc_{i}.json"]["text"] for i in range(3)] == ["page one", "page two", "page three"]
     assert results["scan1.json"]["input_path"] == str(src / "scan1.jpg")
     assert "2 ignored" in run.stderr  # notes.txt and the directory
 
@@ -27,14 +33,14 @@ def test_one_json_per_page_with_seed_names(dirs):
 def test_colliding_names_get_distinct_files(dirs):
     src, out = dirs
     for rel in ("a.jpg", "a.png", "x/a.png", "y/a.png", "b.pdf", "b_1.png"):
-        write(src / rel, rel)
+        write(src / rel, pdf_bytes([rel]) if rel.endswith(".pdf") else rel)
     run = run_fake(src, out, "--input_glob_pattern", "**/*")
     assert run.code == 0, run.stderr
     results = outputs(out)
     assert sorted(results) == ["a.jpg.json", "a.png.json", "b.pdf_0.json", "b_1.png.json",
                                "x/a.json", "y/a.json"]
     for name, rel in [("a.jpg.json", "a.jpg"), ("a.png.json", "a.png"), ("x/a.json", "x/a.png"),
-                      ("y/a.json", "y/a.png"), ("b_1.png.json", "b_1.png")]:
+                      ("y/a.json", "y/a.png"), ("b_1.png.json", "b_1.png"), ("b.pdf_0.json", "b.pdf")]:
         assert results[name]["text"] == rel
 
 
@@ -123,7 +129,7 @@ def test_no_temporary_files_are_left(dirs):
     src, out = dirs
     for i in range(10):
         write(src / f"p{i}.png")
-    write(src / "doc.pdf", "page\npage\n")
+    write(src / "doc.pdf", pdf_bytes(["page", "page"]))
     assert run_fake(src, out, "--instances_per_device", "2", "--batch_size", "2").code == 0
     assert not temporaries(out)
     for result in outputs(out).values():
@@ -136,3 +142,60 @@ def test_empty_selection_is_not_an_error(dirs):
     run = run_fake(src, out)
     assert run.code == 0
     assert "nothing to do" in run.stderr
+
+
+@pytest.fixture
+def kept_environ():
+    """Importing PaddleX (and OpenCV) sets variables in os.environ: the runs of later tests must not see them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_the_fake_pipeline_reads_real_pdfs_and_tiffs_through_paddlexs_sampler(tmp_path, monkeypatch, kept_environ):
+    from fake_pipeline import FakePipeline
+
+    data = pdf_bytes(["one", "two", "three"])
+    xref = int(data.rsplit(b"startxref\n", 1)[1].split()[0])
+    assert data[xref:].startswith(b"xref\n")  # offsets right, not repaired by the reader
+    offsets = [int(n) for n in re.findall(rb"(\d{10}) 00000 n \n", data)]
+    assert [data[o:].split(b"\n", 1)[0] for o in offsets] == [b"%d 0 obj" % (i + 1) for i in range(len(offsets))]
+    pdf, tif = write(tmp_path / "doc.pdf", data), write(tmp_path / "scan.tif", tiff_bytes(2))
+    pipeline = FakePipeline()
+    results = pipeline.predict([str(pdf), str(tif)])
+    assert [(Path(r["input_path"]).name, r["page_index"], r["page_count"], r["text"]) for r in results] == [
+        ("doc.pdf", 0, 3, "one"), ("doc.pdf", 1, 3, "two"), ("doc.pdf", 2, 3, "three"),
+        ("scan.tif", 0, 2, "frame 0"), ("scan.tif", 1, 2, "frame 1")]
+    assert len({r["image_sha1"] for r in results}) == 5
+    pages = [(r["page_index"], r["text"], r["image_sha1"]) for r in results[:3]]
+
+    # A page that raises while the sampler holds PaddleX's pdfium_lock (it does while it yields
+    # a PDF's pages), the error kept (as a worker's report may keep it): the next PDF still reads.
+    write(tmp_path / "bad.pdf", pdf_bytes(["fine", "RAISE"]))
+    with pytest.raises(ValueError, match="page 1 of bad.pdf") as kept:
+        pipeline.predict([str(tmp_path / "bad.pdf")])
+    again: list = []
+    reader = threading.Thread(target=lambda: again.extend(pipeline.predict([str(pdf)])), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert [(r["page_index"], r["text"], r["image_sha1"]) for r in again] == pages, "blocked on pdfium_lock"
+    assert kept.value
+
+    # ImageBatchSampler.sample replaced after the pipeline made its sampler (as infer_mp does
+    # to hand a worker a window of a document's pages): the window is what is read.
+    from paddlex.inference.common.batch_sampler.image_batch_sampler import ImageBatchSampler, ImgBatch
+
+    original = ImageBatchSampler.sample
+
+    def window(self, inputs):
+        for batch in original(self, inputs):
+            narrowed = ImgBatch()
+            for item in zip(batch.instances, batch.input_paths, batch.page_indexes, batch.page_counts):
+                if item[2] in (1, 2):
+                    narrowed.append(*item)
+            if len(narrowed):
+                yield narrowed
+
+    monkeypatch.setattr(ImageBatchSampler, "sample", window)
+    assert [(r["page_index"], r["text"], r["image_sha1"]) for r in pipeline.predict([str(pdf)])] == pages[1:]

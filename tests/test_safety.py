@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import (assert_invariant, latest_records, make_inputs, page_files, run_fake, run_log, start_fake, wait_for,
-                      write)
+from conftest import (assert_invariant, latest_records, make_inputs, page_files, pdf_bytes, run_fake, run_log, start_fake,
+                      tiff_bytes, wait_for, write)
 from test_hostile import remount, small_disk  # noqa: F401 (a fixture)
 
 
@@ -29,8 +29,8 @@ def test_a_crash_deletes_no_output_of_an_input_with_a_longer_name(dirs):
     write(src / "scan.png", "CRASH")
     write(src / "scan_1.png", "one")
     write(src / "scan_2.png", "two")
-    write(src / "b.pdf", "page\npage\n")
-    write(src / "b_1.pdf", "CRASH")
+    write(src / "b.pdf", pdf_bytes(["page", "page"]))
+    write(src / "b_1.pdf", pdf_bytes(["CRASH"]))
     assert run_fake(src, out, "--max_attempts", "1").code == 1
     assert_invariant(src, out)
     assert run_fake(src, out, "--retry_failed", "--max_attempts", "1").code == 1
@@ -313,9 +313,9 @@ def test_a_hung_batch_is_charged_to_the_input_that_hangs(dirs):
 # -- the invariant, however a run ends ----------------------------------------------------------------
 
 LOOKALIKES = {  # names that share stems and page-like suffixes, some of them failing
-    "scan.png": "CRASH", "scan_1.png": "one", "scan_2.png": "two", "scan_1.pdf": "page\npage\n",
-    "b.pdf": "page\npage\npage\n", "b_1.pdf": "RAISE", "b_01.png": "not a page of b",
-    "c.tif": "page\n", "c_0_1.png": "zero one", "d.png": "HANG", "d_0.png": "dee",
+    "scan.png": "CRASH", "scan_1.png": "one", "scan_2.png": "two", "scan_1.pdf": pdf_bytes(["page", "page"]),
+    "b.pdf": pdf_bytes(["page", "page", "page"]), "b_1.pdf": pdf_bytes(["RAISE"]), "b_01.png": "not a page of b",
+    "c.tif": tiff_bytes(1), "c_0_1.png": "zero one", "d.png": "HANG", "d_0.png": "dee",
 }
 
 
@@ -325,10 +325,11 @@ def test_every_done_output_exists_and_every_output_has_one_input(dirs, ending):
     for name, content in LOOKALIKES.items():
         write(src / name, content)
     args = ("--batch_size", "3", "--instances_per_device", "2", "--max_attempts", "1", "--task_timeout", "1")
+    preload = {"FAKE_PIPELINE_PRELOAD": "1"}  # PaddleX's sampler imported at start: no PDF times out importing it
     if ending == "finished":
-        assert run_fake(src, out, *args, timeout=120).code == 1
+        assert run_fake(src, out, *args, env=preload, timeout=120).code == 1
     else:
-        process = start_fake(src, out, *args, env={"FAKE_PIPELINE_DELAY": "0.3"})
+        process = start_fake(src, out, *args, env={"FAKE_PIPELINE_DELAY": "0.3", **preload})
         wait_for(lambda: len(page_files(out)) >= 3)
         process.send_signal(signal.SIGTERM) if ending == "sigterm" else process.kill()
         process.communicate(timeout=60)
@@ -336,8 +337,8 @@ def test_every_done_output_exists_and_every_output_has_one_input(dirs, ending):
         assert all(name.endswith(".json") for name in page_files(out))
     else:
         assert_invariant(src, out)
-    assert run_fake(src, out, *args, "--retry_failed", timeout=120).code in (0, 1)
-    assert run_fake(src, out, *args, timeout=120).code in (0, 1)
+    assert run_fake(src, out, *args, "--retry_failed", env=preload, timeout=120).code in (0, 1)
+    assert run_fake(src, out, *args, env=preload, timeout=120).code in (0, 1)
     assert_invariant(src, out)
     done = {Path(r["input"]).name for r in latest_records(out).values() if r["status"] == "done"}
     assert done == set(LOOKALIKES) - {"scan.png", "b_1.pdf", "d.png"}
@@ -371,9 +372,9 @@ def test_a_moved_away_input_keeps_its_output(dirs, tmp_path):
 
 def test_a_shorter_new_version_leaves_no_old_page(dirs):
     src, out = dirs
-    doc = write(src / "b.pdf", "page a\npage b\npage c\n")
+    doc = write(src / "b.pdf", pdf_bytes(["page a", "page b", "page c"]))
     assert run_fake(src, out).code == 0
-    doc.write_text("page NEW\n")
+    doc.write_bytes(pdf_bytes(["page NEW"]))
     run = run_fake(src, out)
     assert run.code == 0 and "retired 2 stale output" in run.stderr
     assert page_files(out) == ["b_0.json"]
@@ -392,7 +393,7 @@ def test_a_changed_input_that_fails_keeps_no_old_text(dirs):
 
 def test_a_stop_during_overwrite_keeps_the_finished_pages(dirs):
     src, out = dirs
-    write(src / "d.pdf", "page 1\npage 2\n")
+    write(src / "d.pdf", pdf_bytes(["page 1", "page 2"]))
     assert run_fake(src, out).code == 0
     process = start_fake(src, out, "--overwrite", env={"FAKE_PIPELINE_DELAY": "30"})
     time.sleep(4)  # the worker is busy on the pages
@@ -494,25 +495,25 @@ def test_an_unwritable_run_log_is_refused_before_any_worker(dirs, small_disk, tm
 
 def test_a_renamed_input_never_shares_a_name_and_names_stay_put(dirs, tmp_path):
     src, out = dirs
-    write(src / "doc.tif", "page one\n")
+    write(src / "doc.tif", tiff_bytes(1))
     assert run_fake(src, out).code == 0
     (src / "doc.tif").rename(tmp_path / "doc.tif")  # moved away: doc_0.json stays its
-    write(src / "doc.pdf", "page PDF\n")
+    write(src / "doc.pdf", pdf_bytes(["page PDF"]))
     write(src / "doc.pdf_0.png", "IMG")
     assert run_fake(src, out).code == 0
     first = page_files(out)
     run = run_fake(src, out)
     assert run.code == 0 and "0 input(s) to do" in run.stderr and page_files(out) == first
-    assert json.loads((out / "doc_0.json").read_text())["text"] == "page one\n"
+    assert json.loads((out / "doc_0.json").read_text())["text"] == "frame 0"  # the TIFF's
     assert_invariant(src, out, gone=("doc.tif",))
 
 
 def test_a_deleted_output_subfolder_is_no_crash(dirs, tmp_path):
     src, out = dirs
-    write(src / "sub" / "doc.tif", "page one\n")
+    write(src / "sub" / "doc.tif", tiff_bytes(1))
     assert run_fake(src, out, "--recursive").code == 0
     (src / "sub" / "doc.tif").rename(tmp_path / "doc.tif")
-    write(src / "sub" / "doc.pdf", "page PDF\n")
+    write(src / "sub" / "doc.pdf", pdf_bytes(["page PDF"]))
     shutil.rmtree(out / "sub")
     run = run_fake(src, out, "--recursive")
     assert run.code == 0 and "Traceback" not in run.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import FAKE, page_files, run_cli, run_fake, write
+from conftest import FAKE, page_files, pdf_bytes, run_cli, run_fake, tiff_bytes, write
 
 # -- the output folder is never input ------------------------------------------------------------
 
@@ -84,7 +84,7 @@ def tree(tmp_path: Path) -> Path:
     """Inputs at three depths, other files beside them, a linked folder and a link loop."""
     src = tmp_path / "in"
     for rel in ("a.JPG", "notes.txt", "x/b.png", "x/readme.md", "x/y/c.PDF", "x/y/d.Tiff"):
-        write(src / rel, "page\n" if rel.lower().endswith((".pdf", ".tiff")) else rel)
+        write(src / rel, pdf_bytes([rel]) if rel.endswith(".PDF") else tiff_bytes(1) if rel.endswith(".Tiff") else rel)
     write(tmp_path / "elsewhere" / "e.png")
     os.symlink(tmp_path / "elsewhere", src / "linked")
     os.symlink("..", src / "x" / "up")
