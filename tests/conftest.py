@@ -187,9 +187,9 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "in", tmp_path / "out"
 
 
-def latest_records(folder: Path) -> dict[str, dict]:
-    """The last record of each input over every run log in the folder (all shards)."""
-    latest: dict[str, dict] = {}
+def all_records(folder: Path) -> list[dict]:
+    """Every input record of every run log in the folder (all shards), in file order."""
+    records = []
     for log in sorted(folder.glob("infer_mp*.runlog.jsonl")):
         for line in log.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
             try:
@@ -197,28 +197,49 @@ def latest_records(folder: Path) -> dict[str, dict]:
             except ValueError:
                 continue
             if isinstance(record, dict) and "input" in record:
-                if record["input"] not in latest or record["time"] >= latest[record["input"]]["time"]:
-                    latest[record["input"]] = record
+                records.append(record)
+    return records
+
+
+def latest_records(folder: Path) -> dict[str, dict]:
+    """The last whole record of each input (not a document's page-range records) over every
+    run log in the folder (all shards)."""
+    latest: dict[str, dict] = {}
+    for record in all_records(folder):
+        if "range" not in record:
+            if record["input"] not in latest or record["time"] >= latest[record["input"]]["time"]:
+                latest[record["input"]] = record
     return latest
 
 
+def held_outputs(folder: Path) -> dict[str, set[str]]:
+    """The files each input's records hold now: those its last whole record lists (a done
+    input's, or the good pages of a document with failed pages), and those of the page ranges
+    recorded since (a document a run did not finish)."""
+    latest = latest_records(folder)
+    held = {key: set(record["outputs"]) for key, record in latest.items()
+            if record["status"] in ("done", "skipped") or record.get("failed_pages")}
+    for record in all_records(folder):
+        key = record["input"]
+        if "range" in record and (key not in latest or record["time"] >= latest[key]["time"]):
+            held.setdefault(key, set()).update(record["outputs"])
+    return held
+
+
 def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = ()) -> None:
-    """What must hold after any run, however it ended: every file a done record lists exists,
-    and every output JSON was written for exactly one current input (the one the fake pipeline
-    names in it), which lists it as its output. `gone`: names of inputs moved away on purpose,
-    whose outputs are kept."""
-    latest = latest_records(out)
-    for record in latest.values():
-        if record["status"] in ("done", "skipped"):
-            for name in record["outputs"]:
-                assert (out / name).is_file(), f"{name} of {record['input']} is recorded done but missing"
+    """What must hold after any run, however it ended: every file a record holds exists, and
+    every output JSON was written for exactly one current input (the one the fake pipeline
+    names in it), which holds it (see held_outputs). `gone`: names of inputs moved away on
+    purpose, whose outputs are kept."""
+    held = held_outputs(out)
+    for key, names in held.items():
+        for name in names:
+            assert (out / name).is_file(), f"{name} of {key} is recorded done but missing"
     for name in page_files(out):
         content = json.loads((out / name).read_text(encoding="utf-8"))
         source = Path(content["input_path"])
         if source.name in gone:
             continue
         assert source.is_file() and src in source.parents, f"{name} belongs to no current input"
-        record = latest.get(str(source))
-        assert record and record["status"] in ("done", "skipped") and name in record["outputs"], \
-            f"{name} is not an output its input {source.name} is recorded with"
+        assert name in held.get(str(source), set()), f"{name} is not an output its input {source.name} is recorded with"
     assert not temporaries(out)

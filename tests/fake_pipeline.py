@@ -9,6 +9,7 @@ actors on any node, as environment variables may not), makes every input take th
 its pid, device and threads;
 ``FAKE_PIPELINE_STARTS`` names a file counting constructor calls, and
 ``FAKE_PIPELINE_FAIL_STARTS`` / ``FAKE_PIPELINE_HANG_STARTS`` (e.g. "2,3") make those calls raise / block;
+``FAKE_PIPELINE_BARRIER=path:N`` makes N constructors wait for each other (see wait_for_each_other);
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
 A real PDF or TIFF (a ``.pdf``/``.tif``/``.tiff`` whose bytes start with ``%PDF`` or a TIFF
@@ -94,6 +95,19 @@ def count_start() -> int:
     return number
 
 
+def wait_for_each_other(barrier: str) -> None:
+    """``FAKE_PIPELINE_BARRIER=path:N``: each constructor logs its pid in path and waits until N
+    have (at most a minute), so that N workers become ready together and a test's timings
+    measure the dispatch, not how staggered the workers' start-ups were."""
+    path, _, count = barrier.rpartition(":")
+    with open(path, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(Path(path).read_text(encoding="utf-8").splitlines()) < int(count):
+        time.sleep(0.02)
+
+
 class FakePipeline:
     result_type = FakeResult
 
@@ -113,6 +127,8 @@ class FakePipeline:
         self._sampler = None
         if options.get("preload", os.environ.get("FAKE_PIPELINE_PRELOAD")):
             self.sampler()
+        if os.environ.get("FAKE_PIPELINE_BARRIER"):
+            wait_for_each_other(os.environ["FAKE_PIPELINE_BARRIER"])
         init_log = options.get("init_log", INIT_LOG)
         if init_log:
             with open(init_log, "a", encoding="utf-8") as handle:

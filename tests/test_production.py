@@ -244,7 +244,7 @@ def test_progress_bar_on_a_terminal(dirs):
         chunks.append(chunk)
     assert process.wait(60) == 0
     text = b"".join(chunks).decode(errors="replace")
-    assert "3/3" in text and "input/s" in text
+    assert "3/3" in text and "page/s" in text  # the bar counts pages
 
 
 # -- signals and the lock -----------------------------------------------------------------------

@@ -77,7 +77,7 @@ def start_on_ray(src: Path, out: Path, address: str, *extra: str) -> subprocess.
 
 def comparable(results: dict[str, dict]) -> dict[str, tuple]:
     """What a page's JSON says about its input, without which process or device made it."""
-    return {name: (r["input_path"], r.get("page_index"), r["text"]) for name, r in results.items()}
+    return {name: (r["input_path"], r.get("page_index"), r["text"], r.get("image_sha1")) for name, r in results.items()}
 
 
 def test_without_ray_installed_says_how_to_install(dirs, tmp_path):
@@ -115,11 +115,14 @@ def test_same_outputs_and_run_log_as_local_and_backends_resume_each_other(cluste
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert run_fake(src, local, "--input_glob_pattern", "**/*").code == 0
     run = on_ray(src, remote, cluster, "--input_glob_pattern", "**/*", "--instances_per_device", "2",
-                 "--batch_size", "2", "--pipeline_arg", "delay=0.3")
+                 "--batch_size", "2", "--pipeline_arg", "delay=0.3", "--pages_per_task", "1")
     assert run.code == 0, run.stderr
-    assert comparable(outputs(remote)) == comparable(outputs(local))
+    assert comparable(outputs(remote)) == comparable(outputs(local))  # the PDF's pages too, done as ranges
+    assert "read whole" not in run.stderr  # each actor rendered only its range
     assert len({r["pid"] for r in outputs(remote).values()}) == 2  # two actors shared the work
     records = run_log(remote)
+    assert sorted(r["range"] for r in records if "range" in r) == [[0, 1], [1, 2], [2, 3]]
+    records = [r for r in records if "range" not in r]
     assert sorted(r["status"] for r in records) == ["done"] * 8
     assert all(r["device"].startswith("cpu@") for r in records)
     assert "on the Ray cluster at" in run.stderr

@@ -52,13 +52,26 @@ def test_two_cpu_instances_batches_pdf_pages_and_a_corrupt_file(dirs):
     truth.update(expected_outputs("more.pdf", pages))
     write(src / "broken.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg")
     write(src / "broken.pdf", b"%PDF-1.4 truncated")
-    run = run_ocr(src, out, "--instances_per_device", "2", "--batch_size", "2")
+    run = run_ocr(src, out, "--instances_per_device", "2", "--batch_size", "2", "--pages_per_task", "1")
     assert run.code == 1, run.stderr
-    assert_text_matches(out, truth)
+    assert_text_matches(out, truth)  # more.pdf done as two one-page ranges
     failed = [line for line in run.stderr.splitlines() if "FAILED" in line]
     assert sorted(Path(line.split()[2].rstrip(":")).name for line in failed) == ["broken.jpg", "broken.pdf"]
     assert "Traceback" not in run.stderr
     assert not temporaries(out)
+
+
+def test_page_ranges_write_byte_for_byte_what_the_whole_file_writes(tmp_path):
+    pages = [["Ledger Page One", "Total 4410"], ["Ledger Page Two", "Carried 1200"], ["Ledger Page Three"]]
+    write_document(tmp_path / "in" / "ledger.pdf", pages)
+    for name, pages_per_task in (("whole", "0"), ("ranges", "1")):
+        run = run_ocr(tmp_path / "in", tmp_path / name, "--pages_per_task", pages_per_task)
+        assert run.code == 0, run.stderr
+    names = sorted(p.name for p in (tmp_path / "whole").glob("*.json"))
+    assert names == ["ledger_0.json", "ledger_1.json", "ledger_2.json"]
+    for name in names:
+        assert (tmp_path / "ranges" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert_text_matches(tmp_path / "ranges", expected_outputs("ledger.pdf", pages))
 
 
 @pytest.mark.slow
