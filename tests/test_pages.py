@@ -198,3 +198,22 @@ def test_a_page_that_kills_its_worker_or_hangs_costs_only_itself(tmp_path):
     assert book["status"] == "failed" and book["failed_pages"] == [1, 4]
     assert "page 1: worker was killed by SIGKILL" in book["error"] and "page 4: worker timed out" in book["error"]
     assert_invariant(src, out)
+
+
+def test_compaction_keeps_the_ranges_of_a_document_not_finished(tmp_path):
+    log = tmp_path / "infer_mp.runlog.jsonl"
+    record = {"input": "/in/book.pdf", "status": "done", "outputs": [], "page_count": 4, "size": 1, "mtime_ns": 1}
+    lines = [{**record, "time": "2026-01-01T00:00:00", "range": [0, 2], "outputs": ["book_0.json", "book_1.json"]},
+             {**record, "time": "2026-01-01T00:00:01", "outputs": [f"book_{i}.json" for i in range(4)]},
+             {**record, "time": "2026-01-02T00:00:00", "range": [0, 2], "outputs": ["book_0.json", "book_1.json"]},
+             {**record, "time": "2026-01-02T00:00:01", "range": [2, 4], "status": "failed", "failed_pages": [3],
+              "outputs": ["book_2.json"], "error": "page 3: x"}]
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    infer_mp.compact_run_log(log)
+    kept = [json.loads(line) for line in log.read_text().splitlines()]
+    assert kept == lines[1:]  # the range the whole record supersedes goes; the later ones stay
+    history = infer_mp.History()
+    for _, line in infer_mp.read_records(log):
+        history.add(line)
+    assert history.unfinished_ranges("/in/book.pdf") == lines[2:]
+    assert [r["time"] for r in history.held("/in/book.pdf")] == [line["time"] for line in lines[1:]]

@@ -96,7 +96,8 @@ def test_output_dir_is_a_file(one_input, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--instances_per_device", "-1"),
-                                         ("--batch_size", "two"), ("--cpu_threads", "0")])
+                                         ("--batch_size", "two"), ("--cpu_threads", "0"),
+                                         ("--pages_per_task", "-1"), ("--max_page_error_rate", "1.5")])
 def test_bad_numbers(one_input, flag, value):
     run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "cpu", flag, value)
     assert_usage_error(run, flag)
