@@ -5,6 +5,7 @@
     python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
     python examples/benchmark.py --backends --pages 40    # the Ray backend against the local one
     python examples/benchmark.py --run_log_records 1000000  # start-up of a rerun over a long run log
+    python examples/benchmark.py --big_pdf 300        # long PDFs: worker memory, balance, --pages_per_task
 
 Every figure is a whole process (start-up and model load included), the median of --rounds
 interleaved rounds (A B C A B C ...), on pages rendered with known text and the offline
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -472,6 +474,269 @@ def run_log_benchmark(args: argparse.Namespace, work: Path) -> None:
         print(f"| {name} | {len(lines):,} | {seconds:.2f} | {seconds / baseline:.2f}x | {after:,} |", flush=True)
 
 
+# -- big PDFs -----------------------------------------------------------------------------------
+
+SWEEP_PAGES = 40
+SWEEP = (1, 4, 10, 25, 0)
+PDF_RESOLUTION = 144  # PaddleX renders PDF pages at zoom 2 (144 dpi): the same pixels as the PNG
+
+
+def short_page_texts(count: int) -> list[list[str]]:
+    """6 to 8 lines of WORDS per page (about 0.3 s of OCR each); page i is the same in every
+    set, so a 10-page PDF is the first 10 pages of the 300-page one."""
+    rng = random.Random(11)
+    return [[" ".join(rng.choice(WORDS) for _ in range(4)) + f" {rng.randint(10, 9999)}"
+             for _ in range(rng.randint(6, 8))] for _ in range(count)]
+
+
+def cached_pdf(folder: Path, count: int) -> Path:
+    """A `count`-page PDF alone in `folder` (written once, kept under --work_dir)."""
+    path = folder / f"doc{count:04d}.pdf"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        first, *rest = [render_page(lines) for lines in short_page_texts(count)]
+        temporary = folder / f".{path.name}.tmp"
+        first.save(temporary, format="PDF", save_all=True, append_images=rest, resolution=PDF_RESOLUTION)
+        os.replace(temporary, path)
+    return path
+
+
+def cached_pngs(folder: Path, count: int) -> list[Path]:
+    """The same pages as `count` single-page PNG files."""
+    marker = folder / f".complete-{count}"
+    paths = [folder / f"p{i:04d}.png" for i in range(count)]
+    if not marker.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for path, lines in zip(paths, short_page_texts(count)):
+            render_page(lines).save(path)
+        marker.touch()
+    return paths
+
+
+@dataclass
+class TreeRun:
+    seconds: float
+    cpu_seconds: float  # coordinator + its reaped children (the workers), from wait4
+    polled_cpu_seconds: float  # coordinator + workers, last /proc/<pid>/stat seen of each (a lower bound)
+    worker_rss_mb: float  # largest VmRSS of any worker, polled every 0.1 s
+    worker_hwm_mb: float  # largest VmHWM of any worker, last read before it exited
+    coordinator_hwm_mb: float
+    workers: int  # worker processes seen
+    log_lines: int
+    worker_cpu: tuple[float, ...] = ()  # each worker's CPU seconds, busiest first
+
+    @property
+    def split(self) -> str:
+        """Each worker's CPU seconds, busiest first, and the busiest one's share of them all:
+        the balance, whatever else shares the machine."""
+        total = sum(self.worker_cpu) or 1
+        return f"{' / '.join(f'{cpu:.0f}' for cpu in self.worker_cpu)} ({self.worker_cpu[0] / total:.0%})"
+
+
+def proc_children(pid: int) -> list[int]:
+    """Child processes of `pid`, from /proc/*/stat (the ppid field)."""
+    children = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def proc_sample(pid: int) -> tuple[float, int, int] | None:
+    """(CPU seconds, VmRSS kB, VmHWM kB) of a live process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+        with open(f"/proc/{pid}/status") as handle:
+            status = {line.split(":")[0]: line.split()[1] for line in handle if line.startswith(("VmRSS", "VmHWM"))}
+    except (OSError, IndexError):
+        return None
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return cpu, int(status.get("VmRSS", 0)), int(status.get("VmHWM", 0))
+
+
+def is_worker(pid: int) -> bool:
+    """A spawned worker, not multiprocessing's resource tracker."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read()
+    except OSError:
+        return False
+    return b"spawn_main" in command and b"resource_tracker" not in command
+
+
+def watch_tree(pid: int, stop: threading.Event, seen: dict) -> None:
+    """Every 0.1 s until `stop`: the coordinator's and each worker's latest CPU seconds and the
+    largest VmHWM and VmRSS seen (seen[pid] = [cpu, hwm, max rss]); a zombie has no Vm lines."""
+    while not stop.is_set():
+        for child in [pid] + [c for c in proc_children(pid) if c in seen or is_worker(c)]:
+            sample = proc_sample(child)
+            if sample is not None:
+                cpu, rss, hwm = sample
+                previous = seen.get(child, [0.0, 0, 0])
+                seen[child] = [max(previous[0], cpu), max(previous[1], hwm), max(previous[2], rss)]
+        stop.wait(0.1)
+
+
+def run_tree(command: list[str], out: Path, expected: int, work: Path) -> TreeRun:
+    """One whole infer_mp.py run: wall seconds, CPU seconds of the process tree, worker memory."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = work / "big-pdf-stderr.txt"
+    os.sync()
+    with open(log, "wb") as stderr:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        seen: dict[int, list] = {}
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_tree, args=(process.pid, stop, seen), daemon=True)
+        watcher.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        stop.set()
+        watcher.join()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)}\nfailed ({process.returncode}):\n"
+                         f"{log.read_text(errors='replace')[-3000:]}")
+    produced = sum(1 for _ in out.rglob("*.json"))
+    if produced != expected:
+        raise SystemExit(f"{' '.join(command)}\n{produced} page JSON files for {expected} pages")
+    run_log = out / "infer_mp.runlog.jsonl"
+    workers = [sample for pid, sample in seen.items() if pid != process.pid]
+    return TreeRun(
+        seconds=seconds,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        polled_cpu_seconds=sum(sample[0] for sample in seen.values()),
+        worker_rss_mb=max((sample[2] for sample in workers), default=0) / 1024,
+        worker_hwm_mb=max((sample[1] for sample in workers), default=0) / 1024,
+        coordinator_hwm_mb=seen.get(process.pid, [0, 0, 0])[1] / 1024,
+        workers=len(workers),
+        log_lines=sum(1 for _ in open(run_log, "rb")) if run_log.exists() else 0,
+        worker_cpu=tuple(sorted((sample[0] for sample in workers), reverse=True)),
+    )
+
+
+@dataclass
+class BigRow:
+    name: str
+    input_dir: Path
+    pages: int
+    pages_per_task: int | None  # None: the default
+    runs: list[TreeRun] = field(default_factory=list)
+
+    def median(self, attribute: str) -> float:
+        return statistics.median(getattr(run, attribute) for run in self.runs)
+
+    def peak(self, attribute: str) -> float:
+        return max(getattr(run, attribute) for run in self.runs)
+
+    @property
+    def typical(self) -> TreeRun:
+        """The round whose wall seconds are the median (for figures that are not averaged)."""
+        return sorted(self.runs, key=lambda run: run.seconds)[len(self.runs) // 2]
+
+    @property
+    def setting(self) -> str:
+        return "default (10)" if self.pages_per_task is None else str(self.pages_per_task)
+
+
+def expected_ranges(pages: int, pages_per_task: int | None, workers: int = 2) -> int:
+    """Page-range tasks of one wholly-to-do document, by infer_mp.py's rule (1: not split)."""
+    per_task = 10 if pages_per_task is None else pages_per_task
+    if not per_task:
+        return 1
+    size = max(1, min(per_task, -(-pages // workers)))
+    return 1 if pages <= size else math.ceil(pages / size)
+
+
+def cpu_pressure() -> str:
+    """The kernel's share of the last 5 minutes in which some task waited for a CPU, if it says."""
+    try:
+        with open("/proc/pressure/cpu") as handle:
+            some = handle.readline().split()
+    except OSError:
+        return ""
+    return f", CPU pressure {float(some[3].split('=')[1]):.0f}% (some, last 5 min)"
+
+
+def big_pdf_benchmark(args: argparse.Namespace, work: Path) -> None:
+    """Long PDFs: the largest worker's memory by page count, one PDF against the same pages as
+    images, and --pages_per_task swept; every run 2 CPU instances, real OCR."""
+    n = args.big_pdf
+    inputs = work / "big-pdf-inputs"
+    small = min(10, n)
+    cached_pdf(inputs / f"pdf{small}", small)
+    cached_pdf(inputs / f"pdf{n}", n)
+    cached_pngs(inputs / f"png{n}", n)
+    cached_pdf(inputs / f"pdf{SWEEP_PAGES}", SWEEP_PAGES)
+    pdf_small = BigRow(f"{small}-page PDF", inputs / f"pdf{small}", small, None)
+    pdf_big = BigRow(f"{n}-page PDF", inputs / f"pdf{n}", n, None)
+    pdf_whole = BigRow(f"{n}-page PDF, whole file (old behaviour)", inputs / f"pdf{n}", n, 0)
+    pngs = BigRow(f"{n} single-page PNG files", inputs / f"png{n}", n, None)
+    sweep = [BigRow(f"{SWEEP_PAGES}-page PDF", inputs / f"pdf{SWEEP_PAGES}", SWEEP_PAGES, value) for value in SWEEP]
+    rows = [pdf_small, pdf_big, pdf_whole, pngs, *sweep]
+    out = work / "big-pdf-out"
+    load_before = os.getloadavg()[0]
+    print(f"measuring {len(rows)} runs x {args.rounds} rounds ({sum(r.pages for r in rows) * args.rounds} pages "
+          "of real OCR) ...", file=sys.stderr)
+    for round_index in range(args.rounds):
+        for row in rows:  # interleaved: A B C A B C ...
+            command = python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(row.input_dir),
+                             "--device", "cpu", "--instances_per_device", "2", "--output_dir", str(out),
+                             "--progress_interval", "3600")
+            if row.pages_per_task is not None:
+                command += ["--pages_per_task", str(row.pages_per_task)]
+            row.runs.append(run_tree(command, out, row.pages, work))
+            last = row.runs[-1]
+            print(f"  round {round_index + 1}: {row.name}, --pages_per_task {row.setting}: {last.seconds:.1f} s, "
+                  f"CPU {last.cpu_seconds:.1f} s (polled {last.polled_cpu_seconds:.1f} s), worker peak "
+                  f"{last.worker_rss_mb:.0f} MB RSS / {last.worker_hwm_mb:.0f} MB HWM, worker CPU s {last.split}, "
+                  f"{last.log_lines} run-log lines", file=sys.stderr, flush=True)
+
+    rounds = "ONE round: every figure a single run" if args.rounds == 1 else "seconds and CPU seconds: median"
+    note = (f"2 instances x 1 thread on CPU; {rounds}; memory: the highest of the rounds; CPU s = coordinator + "
+            f"workers (wait4); worker RSS polled every 0.1 s; 1-minute load average {load_before:.1f} before, "
+            f"{os.getloadavg()[0]:.1f} after, on {cores()} cores{cpu_pressure()}: above {cores()}, other work "
+            "shared the machine and wall seconds are inflated, CPU seconds are the steadier figure")
+    print("\n" + header(f"long PDFs: worker memory by page count ({note})", args.rounds) + "\n")
+    print("| input | --pages_per_task | page ranges | seconds | CPU s | largest worker peak RSS MB | its VmHWM MB "
+          "| coordinator VmHWM MB | run-log lines |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in (pdf_small, pdf_big, pdf_whole):
+        print(f"| {row.name} | {row.setting} | {expected_ranges(row.pages, row.pages_per_task)} | "
+              f"{row.median('seconds'):.1f} | {row.median('cpu_seconds'):.1f} | {row.peak('worker_rss_mb'):.0f} | "
+              f"{row.peak('worker_hwm_mb'):.0f} | {row.peak('coordinator_hwm_mb'):.0f} | {row.runs[0].log_lines} |")
+
+    print("\n" + header(f"long PDFs: one {n}-page PDF against the same pages as images (the same runs as above "
+                        "for the PDF rows)", args.rounds) + "\n")
+    print("| input | --pages_per_task | seconds | CPU s | pages/s | vs whole file | each worker's CPU s "
+          "(busiest's share) |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for row in (pdf_big, pngs, pdf_whole):
+        seconds = row.median("seconds")
+        print(f"| {row.name} | {row.setting} | {seconds:.1f} | {row.median('cpu_seconds'):.1f} | {n / seconds:.2f} | "
+              f"{pdf_whole.median('seconds') / seconds:.2f}x | {row.typical.split} |")
+
+    print("\n" + header(f"--pages_per_task on one {SWEEP_PAGES}-page PDF", args.rounds) + "\n")
+    print("| --pages_per_task | page ranges | seconds | CPU s | pages/s | each worker's CPU s (busiest's share) | "
+          "largest worker peak RSS MB | run-log lines |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in sweep:
+        seconds = row.median("seconds")
+        print(f"| {row.pages_per_task}{' (default)' if row.pages_per_task == 10 else ''} | "
+              f"{expected_ranges(row.pages, row.pages_per_task)} | {seconds:.1f} | {row.median('cpu_seconds'):.1f} | "
+              f"{row.pages / seconds:.2f} | {row.typical.split} | {row.peak('worker_rss_mb'):.0f} | "
+              f"{row.runs[0].log_lines} |")
+    short = [row for row in rows for run in row.runs if run.cpu_seconds < 0.9 * run.polled_cpu_seconds]
+    if short:
+        print(f"\nnote: wait4's CPU seconds fell short of the polled ones for {len(short)} run(s): workers not reaped")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=8, help="pages per set (default 8)")
@@ -489,12 +754,17 @@ def main() -> None:
     parser.add_argument("--no_peer", action="store_true", help="--engines without the peer")
     parser.add_argument("--run_log_records", type=int, default=0, metavar="N",
                         help="instead: start-up of a rerun with nothing to do, with a run log of N records")
+    parser.add_argument("--big_pdf", type=int, default=0, metavar="N",
+                        help="instead: long PDFs (N pages) against images and whole-file runs, and a "
+                        "--pages_per_task sweep: worker memory, balance, CPU seconds")
     parser.add_argument("--work_dir", help="where inputs and outputs go (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.orchestration:
+    if args.big_pdf:
+        big_pdf_benchmark(args, work)
+    elif args.orchestration:
         orchestration_benchmark(args, work)
     elif args.run_log_records:
         run_log_benchmark(args, work)
