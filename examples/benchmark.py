@@ -60,9 +60,10 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def write_pages(folder: Path, count: int, mixed: bool) -> list[Path]:
+def write_pages(folder: Path, count: int, mixed: bool, texts: dict[str, str] | None = None) -> list[Path]:
     """Dense pages of 20 lines; with `mixed`, every other page has a single line, and the order
-    is shuffled (seeded), so that fixed halves get unequal work as in a real backlog."""
+    is shuffled (seeded), so that fixed halves get unequal work as in a real backlog. `texts`,
+    if given, receives each page's text by file name (not mixed)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(7)
     paths = []
@@ -71,6 +72,8 @@ def write_pages(folder: Path, count: int, mixed: bool) -> list[Path]:
         text = [" ".join(rng.choice(WORDS) for _ in range(5)) + f" {rng.randint(10, 9999)}" for _ in range(lines)]
         paths.append(folder / f"page{i:03d}.png")
         render_page(text).save(paths[-1])
+        if texts is not None:
+            texts[paths[-1].name] = " ".join(text)
     if mixed:
         names = [p.name for p in paths]
         rng.shuffle(names)

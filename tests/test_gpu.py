@@ -1,0 +1,394 @@
+"""GPUs without Paddle (ONNX Runtime's CUDA provider), on a machine with no GPU: devices counted
+with the CUDA driver, one-line refusals, no silent fallback to the CPU, planned GPU settings that
+PaddleX really forwards, and the GPU benchmark's refusal and planning. Fakes stand in for the
+driver, ONNX Runtime's sessions and the GPU, so these run the same on any machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import infer_mp
+from conftest import FAKE, ROOT, run_cli, write
+
+CUDA, CPU, TENSORRT = "CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"
+
+
+def config(**overrides) -> infer_mp.Config:
+    values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="gpu:0",
+                  instances_per_device=1, batch_size=1, input_glob_patterns=("*",), cpu_threads=None,
+                  run_log=Path("out/log.jsonl"), lock_file=Path("out/.lock"))
+    values.update(overrides)
+    return infer_mp.Config(**values)
+
+
+ORT = {"engine": "onnxruntime"}
+
+
+@pytest.fixture
+def no_paddle(monkeypatch):
+    """`import paddle` fails, as where only requirements-gpu-onnx.txt is installed."""
+
+    def refuse():
+        raise ImportError("No module named 'paddle'")
+
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", refuse)
+
+
+def driver_sees(monkeypatch, count: int | None, why: str = "", problem: str | None = None) -> None:
+    monkeypatch.setattr(infer_mp, "cuda_driver_devices", lambda: (count, why))
+    monkeypatch.setattr(infer_mp, "cuda_driver_too_old", lambda: None)
+    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda: problem)
+
+
+# -- 2. device presence without Paddle ---------------------------------------------------------
+
+
+def test_paddle_engine_on_a_gpu_without_paddle_names_both_fixes(tmp_path):
+    """The default engine is Paddle's: with `import paddle` failing, one line and exit 2 that
+    names Paddle's GPU build and the ONNX Runtime route, before any page (it was a traceback)."""
+    write(tmp_path / "nopaddle" / "paddle" / "__init__.py", "raise ImportError(\"No module named 'paddle'\")\n")
+    write(tmp_path / "in" / "a.png")
+    path = os.pathsep.join(filter(None, [str(tmp_path / "nopaddle"), os.environ.get("PYTHONPATH")]))
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(tmp_path / "in"), "--device", "gpu:0",
+                  "--output_dir", str(tmp_path / "out"), env={"PYTHONPATH": path})
+    assert run.code == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("infer_mp.py: error:"), run.stderr
+    for fragment in ("paddle cannot be imported", "'GPU install'", "--engine onnxruntime", "requirements-gpu-onnx.txt"):
+        assert fragment in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_onnxruntime_gpus_are_counted_by_the_driver_not_paddle(monkeypatch, no_paddle):
+    driver_sees(monkeypatch, 2)
+    monkeypatch.setattr(infer_mp, "available_cores", lambda: 16)
+    plan = infer_mp.plan_workers(config(device="gpu:0,1", instances_per_device=4, pipeline_kwargs=ORT))
+    assert [s.device for s in plan] == ["gpu:0"] * 4 + ["gpu:1"] * 4
+    assert {s.cpu_threads for s in plan} == {2}  # 16 cores over the 8 instances on this machine
+
+
+@pytest.mark.parametrize("count, why, device, fragments", [
+    (None, "no NVIDIA driver found (libcuda.so.1: cannot open shared object file)", "gpu:0",
+     ["asks for a GPU", "no NVIDIA driver found", "--device cpu"]),
+    (0, "", "gpu", ["gpu:0", "only 0 gpu device(s) are visible to the NVIDIA driver (none; check CUDA_VISIBLE_DEVICES)"]),
+    (1, "", "gpu:0,1", ["gpu:1", "only 1 gpu device(s) are visible to the NVIDIA driver (ids 0..0"]),
+])
+def test_absent_gpu_without_paddle_is_one_usage_error(monkeypatch, no_paddle, count, why, device, fragments):
+    driver_sees(monkeypatch, count, why)
+    with pytest.raises(infer_mp.UsageError) as refused:
+        infer_mp.plan_workers(config(device=device, pipeline_kwargs=ORT))
+    for fragment in fragments:
+        assert fragment in str(refused.value)
+
+
+def test_a_cuda_provider_that_cannot_load_is_refused_at_planning(monkeypatch, no_paddle):
+    driver_sees(monkeypatch, 1, problem="ONNX Runtime's CUDA provider cannot load here (libcudnn.so.9: ...)")
+    with pytest.raises(infer_mp.UsageError, match="libcudnn.so.9"):
+        infer_mp.plan_workers(config(pipeline_kwargs=ORT))
+
+
+def test_onnxruntime_runs_on_cpu_or_gpu_only(monkeypatch, no_paddle):
+    with pytest.raises(infer_mp.UsageError, match="runs on cpu or gpu, not 'xpu'"):
+        infer_mp.plan_workers(config(device="xpu:0", pipeline_kwargs=ORT))
+
+
+class FakeDriver:
+    """libcuda's entry points as ctypes calls them: status codes, counts written through byref."""
+
+    def __init__(self, init: int, count: int = 0):
+        self.init, self.count = init, count
+
+    def cuInit(self, flags):
+        return self.init
+
+    def cuDeviceGetCount(self, count):
+        count._obj.value = self.count
+        return 0
+
+    def cuGetErrorName(self, status, name):
+        name._obj.value = b"CUDA_ERROR_INSUFFICIENT_DRIVER"
+        return 0
+
+    def cuDriverGetVersion(self, version):
+        version._obj.value = 12040
+        return 0
+
+
+@pytest.mark.parametrize("driver, expected", [
+    (FakeDriver(0, 3), (3, "")),
+    (FakeDriver(100), (0, "")),  # CUDA_ERROR_NO_DEVICE: CUDA_VISIBLE_DEVICES=-1, or no GPU
+    (FakeDriver(35), (None, "the NVIDIA driver could not start (CUDA_ERROR_INSUFFICIENT_DRIVER, 35)")),
+])
+def test_driver_answers(monkeypatch, driver, expected):
+    monkeypatch.setattr(infer_mp, "load_cuda_driver", lambda: (driver, ""))
+    assert infer_mp.cuda_driver_devices() == expected
+
+
+def test_no_driver_library(monkeypatch):
+    monkeypatch.setattr(infer_mp, "CUDA_DRIVER_LIBRARIES", ("libcuda-absent-for-this-test.so.1",))
+    count, why = infer_mp.cuda_driver_devices()
+    assert count is None and why.startswith("no NVIDIA driver found (libcuda-absent-for-this-test.so.1")
+
+
+def test_a_driver_older_than_the_build_is_refused(monkeypatch, tmp_path):
+    """A CUDA 12 driver under onnxruntime-gpu built for CUDA 13: every session would fall back."""
+    monkeypatch.setattr(infer_mp, "load_cuda_driver", lambda: (FakeDriver(0, 1), ""))
+    assert infer_mp.cuda_driver_version() == (12, 4)
+    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
+    assert infer_mp.cuda_driver_too_old() is None  # no CUDA provider here: check_engine says so
+    write(tmp_path / "capi" / "libonnxruntime_providers_cuda.so", b"")
+    write(tmp_path / "capi" / "build_and_package_info.py", "package_name = 'onnxruntime-gpu'\ncuda_version = '13.0'\n")
+    refusal = infer_mp.cuda_driver_too_old()
+    assert "runs CUDA up to 12.4, but the installed onnxruntime-gpu is built for CUDA 13.0" in refusal
+    monkeypatch.setattr(infer_mp, "cuda_driver_version", lambda: (13, 1))
+    assert infer_mp.cuda_driver_too_old() is None
+
+
+def test_provider_library_that_will_not_load_is_named(monkeypatch, tmp_path):
+    """The dynamic loader's own words (which library is missing), and the CUDA version the
+    build wants; nothing to say where this ONNX Runtime has no CUDA provider."""
+    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
+    assert infer_mp.cuda_provider_problem() is None
+    write(tmp_path / "capi" / "libonnxruntime_providers_cuda.so", b"not a shared library")
+    write(tmp_path / "capi" / "build_and_package_info.py", "package_name = 'onnxruntime-gpu'\ncuda_version = '13.0'\n")
+    problem = infer_mp.cuda_provider_problem()
+    assert problem.startswith("ONNX Runtime's CUDA provider cannot load here (")
+    assert "libonnxruntime_providers_cuda.so" in problem and "CUDA 13.0 and cuDNN" in problem
+    assert "'GPU from PyPI'" in problem
+
+
+# -- check_engine on a GPU ---------------------------------------------------------------------
+
+
+def fake_onnxruntime(monkeypatch, available: list[str]) -> types.ModuleType:
+    """An `onnxruntime` whose build has `available` providers; its sessions are made with
+    InferenceSession(providers, cuda_options) and report them as ONNX Runtime's do."""
+    module = types.ModuleType("onnxruntime")
+    module.get_available_providers = lambda: list(available)
+
+    class InferenceSession:
+        def __init__(self, providers: list[str], cuda_options: dict | None = None):
+            self.providers, self.cuda_options = providers, cuda_options
+
+        def get_providers(self) -> list[str]:
+            return self.providers
+
+        def get_provider_options(self) -> dict:
+            return {CUDA: self.cuda_options} if self.cuda_options else {}
+
+    module.InferenceSession = InferenceSession
+    monkeypatch.setitem(sys.modules, "onnxruntime", module)
+    return module
+
+
+def test_gpu_without_onnxruntime_points_to_the_gpu_requirements(monkeypatch):
+    monkeypatch.setattr(infer_mp, "installed_version", lambda name: None)
+    with pytest.raises(infer_mp.UsageError, match="requirements-gpu-onnx.txt"):
+        infer_mp.check_engine(config(pipeline_kwargs=ORT), "gpu")
+
+
+def test_a_cpu_build_of_onnxruntime_on_a_gpu_says_how_to_swap_it(monkeypatch):
+    monkeypatch.setattr(infer_mp, "installed_version", {"onnxruntime-openvino": "1.24.1"}.get)
+    fake_onnxruntime(monkeypatch, ["OpenVINOExecutionProvider", CPU])
+    with pytest.raises(infer_mp.UsageError) as refused:
+        infer_mp.check_engine(config(pipeline_kwargs=ORT), "gpu")
+    assert "CUDAExecutionProvider not available in onnxruntime-openvino 1.24.1" in str(refused.value)
+    assert "pip uninstall onnxruntime-openvino, then pip install -r requirements-gpu-onnx.txt" in str(refused.value)
+
+
+@pytest.mark.parametrize("options", [{"device_id": 0}, [{"device_id": 1}, {}]])
+def test_device_id_in_provider_options_is_refused(monkeypatch, options):
+    """PaddleX lets a provider_options device_id win over gpu:N: every instance on one GPU."""
+    monkeypatch.setattr(infer_mp, "installed_version", {"onnxruntime-gpu": "1.31.1"}.get)
+    fake_onnxruntime(monkeypatch, [CUDA, CPU])
+    kwargs = {**ORT, "engine_config": {"provider_options": options}}
+    with pytest.raises(infer_mp.UsageError, match="leave device_id out"):
+        infer_mp.check_engine(config(pipeline_kwargs=kwargs), "gpu")
+
+
+# -- 3. no silent fallback to the CPU ------------------------------------------------------------
+
+
+def start_worker(monkeypatch, module, providers: list[list[str]], init_kwargs: dict, device: str = "gpu:0"):
+    """A worker's start() on `device`, its pipeline holding sessions with these providers."""
+    made = []
+
+    def create_pipeline(ref, spec, kwargs):
+        made.extend(module.InferenceSession(p, {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+                                            if CUDA in p else None) for p in providers)
+        return object()
+
+    monkeypatch.setattr(infer_mp, "create_pipeline", create_pipeline)
+    monkeypatch.setattr(infer_mp, "temporary_token", infer_mp.temporary_token)  # start() sets it
+    worker = infer_mp.PipelineWorker(infer_mp.PipelineRef("json", "JSONDecoder"))
+    options = infer_mp.WorkerOptions(infer_mp.PipelineRef("json", "JSONDecoder"), init_kwargs)
+    return worker.start(infer_mp.WorkerSpec(0, device, 2), options)
+
+
+def test_only_a_silent_fallback_to_the_cpu_stops_the_worker(monkeypatch):
+    """ONNX Runtime put the recognizer on the CPU alone while gpu:0 was asked: the worker does
+    not start (a failed start: exit 3 when every worker has it), and says why. Sessions on the
+    GPU, the CPU asked for, or a pipeline's own sessions (not PaddleX's engine) start."""
+    module = fake_onnxruntime(monkeypatch, [CUDA, CPU])
+    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda: "ONNX Runtime's CUDA provider cannot load "
+                        "here (libcublasLt.so.13: cannot open shared object file)")
+    reply = start_worker(monkeypatch, module, [[CUDA, CPU], [CPU]], ORT)
+    assert reply[0] == "init_failed"
+    assert "gpu:0 was asked for" in reply[1] and f"1 of this pipeline's session(s) on {CPU} alone" in reply[1]
+    assert "libcublasLt.so.13" in reply[1]
+    for providers, init_kwargs, device in [
+        ([[CUDA, CPU], [CUDA, CPU]], ORT, "gpu:0"),
+        ([[CPU]], {**ORT, "engine_config": {"providers": [CPU]}}, "gpu:0"),
+        ([[CPU]], ORT, "cpu"),
+        ([[CPU]], {}, "gpu:0"),
+    ]:
+        module = fake_onnxruntime(monkeypatch, [CUDA, CPU])  # a fresh module: the sessions above are not its
+        assert start_worker(monkeypatch, module, providers, init_kwargs, device)[0] == "ready", providers
+
+
+def test_ready_report_names_the_gpu_and_the_cudnn_search(monkeypatch):
+    module = fake_onnxruntime(monkeypatch, [CUDA, CPU])
+    reply = start_worker(monkeypatch, module, [[CUDA, CPU], [CUDA, CPU]], ORT)
+    assert reply[1].startswith(f"onnxruntime ({CUDA}, {CPU}) on GPU 0, cudnn_conv_algo_search HEURISTIC [")
+    assert "HEURISTIC set by default" in reply[1] and '"EXHAUSTIVE"' in reply[1]
+    chosen = {**ORT, "engine_config": {"provider_options": {"cudnn_conv_algo_search": "DEFAULT"}}}
+    assert "[" not in infer_mp.describe_engine(chosen)  # the user's choice: nothing to explain
+
+
+# -- 4. planned GPU settings ---------------------------------------------------------------------
+
+
+class Takes:
+    def __init__(self, device=None, cpu_threads=None, engine=None, engine_config=None):
+        pass
+
+
+def plan(engine_config: dict | None = None, threads: int | None = 2, device: str = "gpu:1") -> dict | None:
+    kwargs = {**ORT, **({"engine_config": engine_config} if engine_config is not None else {})}
+    return infer_mp.planned_engine_config(Takes, infer_mp.WorkerSpec(0, device, threads), kwargs)
+
+
+HEURISTIC = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def test_gpu_instances_get_planned_threads_and_cuda_options():
+    assert plan() == {"intra_op_num_threads": 2, "inter_op_num_threads": 2, "provider_options": HEURISTIC}
+    assert plan({"providers": [CUDA, CPU]}) == {"providers": [CUDA, CPU], "intra_op_num_threads": 2,
+                                                "inter_op_num_threads": 2, "provider_options": [HEURISTIC, {}]}
+    assert plan(threads=None) == {"provider_options": HEURISTIC}  # e.g. on Ray: no thread plan
+
+
+@pytest.mark.parametrize("engine_config", [
+    {"provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}},
+    {"providers": [CUDA, CPU], "provider_options": [{"arena_extend_strategy": "kSameAsRequested"}, {}]},
+    {"providers": [TENSORRT, CPU]},  # no CUDA provider listed: nothing to add
+    {"intra_op_num_threads": 6, "inter_op_num_threads": 1, "providers": [CPU]},
+])
+def test_gpu_settings_given_by_the_user_win(engine_config):
+    planned = plan(engine_config)
+    assert {k: planned[k] for k in engine_config} == engine_config
+    assert "provider_options" not in planned or planned["provider_options"] == engine_config.get("provider_options")
+
+
+def test_what_paddlex_forwards_keeps_its_device_id():
+    """The planned config through PaddleX's own onnxruntime engine for gpu:1: validated (its
+    config model refuses unknown keys), device_id 1 added to the CUDA provider's options, the
+    threads set on the session options."""
+    pytest.importorskip("paddlex")
+    from paddlex.inference.models.engines.onnxruntime import ONNXRuntimeEngine
+    from paddlex.inference.models.runners.onnxruntime_runner import ONNXRuntimeRunner
+
+    for given, options in [(None, [{"device_id": 1, **HEURISTIC}, {}]),
+                           ({"providers": [CUDA, CPU]}, [{"device_id": 1, **HEURISTIC}, {}])]:
+        engine_config = ONNXRuntimeEngine().normalize_config(plan(given), model_name="PP-OCRv4_mobile_det",
+                                                             device="gpu:1")
+        runner = object.__new__(ONNXRuntimeRunner)
+        runner._config = engine_config
+        runner._ort = types.SimpleNamespace(get_available_providers=lambda: [CUDA, CPU])
+        assert runner._resolve_providers() == ([CUDA, CPU], options)
+        assert engine_config["intra_op_num_threads"] == engine_config["inter_op_num_threads"] == 2
+
+
+@pytest.mark.parametrize("engine, cpu_threads, threads", [("onnxruntime", None, 2), ("onnxruntime", 5, 5),
+                                                          (None, None, None)])
+def test_gpu_thread_plan_splits_the_cores_among_all_instances(monkeypatch, engine, cpu_threads, threads):
+    """16 cores, gpu:0 x 8: ONNX Runtime's pools get 2 threads each (its default: all 16, in every
+    session of every instance); Paddle's engine on a GPU is left as it was."""
+    driver_sees(monkeypatch, 1)
+    monkeypatch.setattr(infer_mp, "available_cores", lambda: 16)
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: types.SimpleNamespace(
+        __version__="fake", device=types.SimpleNamespace(is_compiled_with_cuda=lambda: True,
+                                                         is_compiled_with_rocm=lambda: False,
+                                                         cuda=types.SimpleNamespace(device_count=lambda: 1))))
+    kwargs = {"engine": engine} if engine else {}
+    plan_ = infer_mp.plan_workers(config(instances_per_device=8, cpu_threads=cpu_threads, pipeline_kwargs=kwargs))
+    assert {s.cpu_threads for s in plan_} == {threads}
+
+
+# -- 6. the GPU benchmark, without a GPU ---------------------------------------------------------
+
+
+def test_benchmark_refuses_cleanly_without_a_gpu():
+    """CUDA_VISIBLE_DEVICES=-1 hides every GPU from the driver, so this holds on a GPU box too."""
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_gpu.py"), "--pages", "2"], capture_output=True,
+                         text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_gpu.py: no GPU here"), run.stderr
+    assert "README, 'GPU benchmark'" in lines[0]
+
+
+@pytest.fixture
+def bench():
+    import bench_gpu  # examples/ is on sys.path (conftest)
+
+    return bench_gpu
+
+
+def test_benchmark_plans_its_sweep(bench, tmp_path):
+    args = bench.parse_args(["--instances", "2,8", "--batch_sizes", "1,4", "--variant",
+                             'exhaustive={"provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}'])
+    files = [tmp_path / "pages" / "page000.png"]
+    settings = bench.plan_settings(args, [0, 1], tmp_path / "pages", tmp_path / "out", files)
+    assert settings[0].instances is None and settings[0].gpus == [0]  # the bare loop, first GPU
+    assert "--device" in settings[0].command and "gpu:0" in settings[0].command
+    rows = [(s.instances, s.batch_size, "--engine_config" in s.command) for s in settings[1:]]
+    assert rows == [(i, b, e) for e in (False, True) for i in (2, 8) for b in (1, 4)]
+    for setting in settings[1:]:
+        command = setting.command
+        assert command[command.index("--device") + 1] == "gpu:0,1"
+        assert command[command.index("--instances_per_device") + 1] == str(setting.instances)
+        assert command[command.index("--engine") + 1] == "onnxruntime"
+    assert json.loads(settings[-1].command[-1]) == {"provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--instances", "0"], "--instances"),
+    (["--batch_sizes", "x"], "--batch_sizes"),
+    (["--variant", "nojson"], "--variant"),
+    (["--no_planned"], "leaves no rows"),
+])
+def test_benchmark_refuses_bad_arguments(bench, capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exited:
+        bench.parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+
+
+def test_benchmark_devices_and_samples(bench, monkeypatch):
+    assert bench.gpu_ids(None, 3) == [0, 1, 2]
+    assert bench.gpu_ids("gpu:1", 3) == [1]
+    with pytest.raises(SystemExit):
+        bench.gpu_ids("gpu:3", 3)
+    assert bench.parse_smi_line("0, 37, 1234") == (0, 37.0, 1234)
+    assert bench.parse_smi_line("[N/A]") is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert bench.nvml_index(1) == 3
