@@ -63,6 +63,7 @@ def test_two_cpu_instances_batches_pdf_pages_and_a_corrupt_file(dirs):
 
 def test_page_ranges_write_byte_for_byte_what_the_whole_file_writes(tmp_path):
     pages = [["Ledger Page One", "Total 4410"], ["Ledger Page Two", "Carried 1200"], ["Ledger Page Three"]]
+    (tmp_path / "in").mkdir()
     write_document(tmp_path / "in" / "ledger.pdf", pages)
     for name, pages_per_task in (("whole", "0"), ("ranges", "1")):
         run = run_ocr(tmp_path / "in", tmp_path / name, "--pages_per_task", pages_per_task)
