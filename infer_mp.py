@@ -448,7 +448,7 @@ def build_parser() -> ArgumentParser:
         type=whole_number,
         default=DEFAULT_PAGES_PER_TASK,
         help="A PDF or TIFF with more pages than this is split into page ranges that workers take like "
-        "inputs (fewer pages per range when there are fewer ranges than workers); outputs are the same. "
+        "inputs (fewer pages per range when the run has too few pages for two ranges per worker); outputs are the same. "
         f"0: never split (default: {DEFAULT_PAGES_PER_TASK}).",
     )
     runs.add_argument(
