@@ -1880,7 +1880,7 @@ def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
     lists is there, under today's names. A crash between writing outputs and logging them
     resolves to "redo", never to "skip"."""
-    if not record or record.get("status") != DONE or record.get("failed_pages") or not unchanged(task, record):
+    if not record or record.get("status") != DONE or not unchanged(task, record):
         return False
     outputs = [os.path.join(output_dir, rel) for rel in record.get("outputs") or []]
     return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
@@ -1956,8 +1956,9 @@ def select_work(tasks: list[Task], history: History, config: Config) -> WorkSele
         if config.overwrite:
             selection.todo.append(task)
             continue
-        if is_complete(task, record, config.output_dir) or is_complete(task, done, config.output_dir):
-            selection.complete.append((task, done))
+        complete = is_complete(task, record, config.output_dir) or is_complete(task, done, config.output_dir)
+        if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
+            selection.complete.append((task, done))                   # counts as done, unless retried)
             continue
         if config.retry_failed:
             if not failed_before:
@@ -2043,6 +2044,18 @@ class Retirer:
             return inside(path, self.output_dir) and os.path.isfile(path)
         except ValueError:  # a NUL or the like in a hand-edited record
             return False
+
+    def pages_beyond(self, task: Task, count: int) -> None:
+        """Page files of a document, past its last page, that no record lists: a kill came
+        between their rename and their record, and the document is shorter now. (Looked for
+        only for a document with records before this run.)"""
+        try:
+            names = os.listdir(task.out_dir)
+        except OSError:
+            return
+        paths = [os.path.join(task.out_dir, name) for name in names]
+        self.retire([path for path in paths if (page := page_of(task, path)) is not None and page >= count
+                     and self.retirable(task, path)])
 
     def retire(self, paths: list[str]) -> None:
         """A file that cannot be deleted (no permission, a read-only or vanished mount) stays;
@@ -3829,6 +3842,8 @@ class Report:
             self.total -= 1
         if self.retirer and (good or (document.by_pipeline and not task.earlier_fits)):
             self.retirer.superseded(task, [*outputs, *document.extras])
+        if self.retirer and task.earlier:
+            self.retirer.pages_beyond(task, count)
 
     @property
     def elapsed(self) -> float:

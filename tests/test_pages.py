@@ -185,6 +185,10 @@ def test_a_page_that_raises_fails_alone_and_retry_failed_redoes_only_it(tmp_path
     assert tolerant.code == 1 and "within --max_page_error_rate 0.2" in tolerant.stderr
     book = latest_records(tmp_path / "tolerant")[str(src / "book.pdf")]
     assert book["status"] == "done" and book["failed_pages"] == [3]
+    again = run_fake(src, tmp_path / "tolerant")  # done within the rate: counted done again, not failed
+    assert again.code == 0 and "0 input(s) to do, 1 already done" in again.stderr
+    retry = run_fake(src, tmp_path / "tolerant", "--retry_failed")
+    assert retry.code == 1 and "1 input(s) to do, 0 already done; 1 page(s)" in retry.stderr
 
 
 def test_a_page_that_kills_its_worker_or_hangs_costs_only_itself(tmp_path):
@@ -217,3 +221,17 @@ def test_compaction_keeps_the_ranges_of_a_document_not_finished(tmp_path):
         history.add(line)
     assert history.unfinished_ranges("/in/book.pdf") == lines[2:]
     assert [r["time"] for r in history.held("/in/book.pdf")] == [line["time"] for line in lines[1:]]
+
+
+def test_a_shorter_version_leaves_no_page_of_the_old_one_even_one_never_recorded(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "book.pdf", document(10))
+    assert run_fake(src, out, "--pages_per_task", "4").code == 0
+    stray = write(out / "book_11.json", json.dumps({"input_path": str(src / "book.pdf"), "page_index": 11}))
+    # (what a kill between a range's rename and its record leaves of a longer version)
+    write(src / "book.pdf", pdf_bytes(["new 0", "new 1", "new 2"]))
+    run = run_fake(src, out, "--pages_per_task", "4")
+    assert run.code == 0, run.stderr
+    assert page_files(out) == ["book_0.json", "book_1.json", "book_2.json"] and not stray.exists()
+    assert [outputs(out)[f"book_{i}.json"]["text"] for i in range(3)] == ["new 0", "new 1", "new 2"]
+    assert_invariant(src, out)
