@@ -2369,7 +2369,10 @@ def count_pages(path: str) -> int | None:
         try:
             document = pypdfium2.PdfDocument(path)
         except Exception as error:  # PdfiumError mostly; whatever a hostile file raises, it is the file's
-            raise ValueError(f"cannot be opened as a PDF ({' '.join(str(error).split())})") from None
+            why = " ".join(str(error).split())
+            if "PDFium: Success" in why:  # what PDFium says of a document without a page tree
+                why = "it has no pages"
+            raise ValueError(f"cannot be opened as a PDF ({why})") from None
         try:
             count = len(document)
         finally:
