@@ -46,6 +46,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return Run(done.returncode, done.stdout, done.stderr)
 
 
+def make_config(**overrides):
+    """A validated command line, in process, for the tests of planning and device checks."""
+    import infer_mp
+
+    values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="cpu",
+                  instances_per_device=1, batch_size=1, input_glob_patterns=("*",), cpu_threads=None,
+                  run_log=Path("out/log.jsonl"), lock_file=Path("out/.lock"))
+    values.update(overrides)
+    return infer_mp.Config(**values)
+
+
 def fake_args(src: Path, out: Path, *extra: str) -> list[str]:
     """The command line of a run of the model-free test pipeline on src -> out, on the CPU."""
     return ["--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out), *extra]

@@ -10,22 +10,17 @@ import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, run_cli, write
+from conftest import FAKE, ROOT, make_config, run_cli, write
 
 CUDA, CPU, TENSORRT = "CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"
 
 
 def config(**overrides) -> infer_mp.Config:
-    values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="gpu:0",
-                  instances_per_device=1, batch_size=1, input_glob_patterns=("*",), cpu_threads=None,
-                  run_log=Path("out/log.jsonl"), lock_file=Path("out/.lock"))
-    values.update(overrides)
-    return infer_mp.Config(**values)
+    return make_config(**{"device": "gpu:0", **overrides})
 
 
 ORT = {"engine": "onnxruntime"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, fake_paddle_env, run_cli, write
+from conftest import FAKE, ROOT, fake_paddle_env, make_config, run_cli, write
 
 
 def assert_usage_error(run, *fragments: str) -> None:
@@ -163,12 +163,7 @@ def test_seed_defaults(tmp_path):
 # -- device planning, in process --------------------------------------------------------------
 
 
-def config(**overrides) -> infer_mp.Config:
-    values = dict(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="cpu",
-                  instances_per_device=1, batch_size=1, input_glob_patterns=("*",), cpu_threads=None,
-                  run_log=Path("out/log.jsonl"), lock_file=Path("out/.lock"))
-    values.update(overrides)
-    return infer_mp.Config(**values)
+config = make_config
 
 
 @pytest.mark.parametrize("cores, instances, threads", [(2, 1, 2), (2, 2, 1), (8, 3, 2), (2, 4, 1)])
