@@ -551,9 +551,9 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"--input_dir is not a directory: {str(input_dir)!r}")
     if args.input_list not in (None, "-") and not os.path.isfile(args.input_list):
         raise UsageError(f"--input_list: no such file {args.input_list!r} (use '-' for standard input)")
-    output_dir = Path(args.output_dir)
+    output_dir = Path(os.path.realpath(args.output_dir))  # one spelling for every output: see Ledger
     if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError(f"--output_dir exists and is not a directory: {str(output_dir)!r}")
+        raise UsageError(f"--output_dir exists and is not a directory: {args.output_dir!r}")
     if input_dir is not None and output_dir.exists() and os.path.samefile(input_dir, output_dir):
         raise UsageError(f"--output_dir is --input_dir ({str(input_dir)!r}): a rerun would take the outputs for "
                          "inputs; give an --output_dir outside it, or a folder inside it")
@@ -568,14 +568,14 @@ def parse_config(argv: list[str] | None) -> Config:
     return Config(
         pipeline=args.pipeline.strip(),
         input_dir=input_dir.absolute() if input_dir is not None else None,
-        output_dir=output_dir.absolute(),
+        output_dir=output_dir,
         device=args.device,
         instances_per_device=args.instances_per_device,
         batch_size=args.batch_size,
         input_glob_patterns=tuple(args.input_glob_pattern or [DEFAULT_GLOB_PATTERN]),
         cpu_threads=args.cpu_threads,
         run_log=run_log.absolute(),
-        lock_file=output_dir.absolute() / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
+        lock_file=output_dir / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
         input_list=args.input_list,
         recursive=args.recursive,
         shard=args.shard,
@@ -1320,13 +1320,11 @@ class Task:
     """One input file and where its pages go. `index` is its place in the sorted input list."""
 
     index: int
-    path: str  # absolute path handed to predict()
+    path: str  # absolute, its folder's real path: the input's key in the ledger, handed to predict()
     rel: str  # path relative to --input_dir, for messages
     out_dir: str  # folder of its JSON files
     out_base: str  # outputs are {out_base}.json, or {out_base}_{page}.json for pages
     source: tuple[int, int] | None = None  # (size, mtime_ns) when selected: see unchanged()
-    earlier: tuple[str, ...] = ()  # the files its last done record lists (absolute paths)
-    earlier_fits: bool = False  # ... and the input has not changed since that record
     page_count: int | None = None  # a document's pages, read before dispatch (see count_pages)
     pages: tuple[int, int] | None = None  # a range of them, [start, stop): see split_documents
 
@@ -1609,9 +1607,12 @@ def in_shard(task: Task, shard: tuple[int, int] | None) -> bool:
 PAGE_NAME = re.compile(rf"(.+)_({PAGE_NUMBER.pattern})")
 
 
-def colliding(claims: dict[int, tuple[str, bool]]) -> set[int]:
+def colliding(claims: dict[int, tuple[str, bool]], folded: bool = False) -> set[int]:
     """Ids whose output names overlap. A claim is (base, paged): an image writes `base.json`,
-    a paged input `base_N.json` for every N, so image `a_3` collides with paged `a`."""
+    a paged input `base_N.json` for every N, so image `a_3` collides with paged `a`. With
+    `folded` (a case-insensitive filesystem) `A` and `a` overlap too."""
+    if folded:
+        claims = {key: (base.casefold(), paged) for key, (base, paged) in claims.items()}
     owners: dict[tuple[str, bool], list[int]] = defaultdict(list)
     for key, claim in claims.items():
         owners[claim].append(key)
@@ -1624,76 +1625,82 @@ def colliding(claims: dict[int, tuple[str, bool]]) -> set[int]:
     return clashes
 
 
-def output_bases(names: list[str]) -> list[str]:
+def output_bases(names: list[str], folded: bool = False) -> list[str]:
     """Seed names (the stem) where unique in a folder; otherwise the full file name; in the
     rare case that still collides, the full name plus `~N`. Deterministic for a given set."""
     split = [os.path.splitext(n) for n in names]
     paged = [suffix.lower() in PAGED_SUFFIXES for _, suffix in split]
     claims = {i: (stem, paged[i]) for i, (stem, _) in enumerate(split)}
-    for i in colliding(claims):
+    for i in colliding(claims, folded):
         claims[i] = (names[i], paged[i])
     extra = 1
-    while clashes := colliding(claims):
+    while clashes := colliding(claims, folded):
         for i in sorted(clashes)[1:]:
             claims[i] = (f"{names[i]}~{extra}", paged[i])
         extra += 1
     return [claims[i][0] for i in range(len(names))]
 
 
-def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str]) -> list[Task]:
+def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str], folded: bool = False) -> list[Task]:
     """Give every input its output folder (mirroring `root`) and a unique base name, decided
-    from the whole input set (all shards), so that two inputs never write one file."""
+    from the whole input set (all shards), so that two inputs never write one file; `folded`:
+    the output folder's filesystem ignores case, so names must differ by more than case."""
     root, output_dir = str(root), str(output_dir)
     rels = [relative_to_root(str(path), root) for path in paths]
     folders: dict[str, list[int]] = defaultdict(list)
     for i, rel in enumerate(rels):
         folders[os.path.dirname(rel)].append(i)
+    real_folders: dict[str, str] = {}
     tasks: list[Task | None] = [None] * len(paths)
     for folder, members in folders.items():
         out_dir = os.path.join(output_dir, folder) if folder else output_dir
-        for i, base in zip(members, output_bases([os.path.basename(rels[i]) for i in members])):
-            tasks[i] = Task(i, str(paths[i]), rels[i], out_dir, base)
+        for i, base in zip(members, output_bases([os.path.basename(rels[i]) for i in members], folded)):
+            tasks[i] = Task(i, input_key(str(paths[i]), real_folders), rels[i], out_dir, base)
     return tasks
 
 
+def input_key(path: str, real_folders: dict[str, str]) -> str:
+    """The path in its folder's real path: one input however its folder is reached (a linked
+    folder, `..`, another spelling), while a linked file keeps its own name."""
+    folder, name = os.path.split(path)
+    real = real_folders.get(folder)
+    if real is None:
+        real = real_folders[folder] = os.path.realpath(folder)
+    return os.path.join(real, name)
+
+
 # ---------------------------------------------------------------------------------------------
-# Resume: the run log says what is complete; a rerun does only the rest
+# Ledger: the run logs record what is done and every file the tool placed, for which input
 # ---------------------------------------------------------------------------------------------
 
-DONE, FAILED = "done", "failed"
-# Hidden temporaries, `.{final}.{token}.tmp{suffix}` (see temporary_path): the token is the
-# writing worker's, `{run tag}-{pid}-{random}`; a bare pid is an older version's.
-TEMPORARY_NAME = re.compile(r"\.(?P<final>.+)\.(?P<token>(?P<tag>[a-z0-9]+)-[0-9]+-[0-9a-f]+|[0-9]+)\.tmp(\.[^.]*)?")
-
-
+DONE, FAILED, PLACING = "done", "failed", "placing"
 RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
+BOOKKEEPING_PREFIX = ".infer_mp"  # the lock files, the staging folder: never outputs
+STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here; only the coordinator places files
 COMPACT_MIN_LINES = 1000  # a run log shorter than this is never compacted
-COMPACT_RATIO = 2  # ... a longer one is, once it has this many lines per input it describes
+COMPACT_RATIO = 3  # ... a longer one is, once it has this many lines per input it describes
+STATUSES = frozenset({DONE, FAILED, PLACING})
+ONLY_STRINGS = frozenset({str})
+ONLY_INTS = frozenset({int})
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of each input record. A line that does not parse (cut short by
-    a kill -9) or does not have a record's shape (edited by hand) is passed over: its input
-    then counts as not done. `skipped` lines of earlier versions only repeat a done record, at
-    a later time that would hide a change made before it: they are passed over too."""
+def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
+    """(line number, record) of every line; None for a line that is not an input's record:
+    a run's closing line, a line cut short by a kill -9, a hand edit (its input then counts
+    as not done), or a `skipped` line of an earlier version (it only repeated a done record,
+    at a later time that would hide a change made before it)."""
     try:
         with open(path, "rb") as handle:
             for number, line in enumerate(handle):
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
-                    continue
-                if well_formed(record):
-                    yield number, record
+                    record = None
+                yield number, record if well_formed(record) else None
     except FileNotFoundError:
         return
     except OSError as error:
         raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
-
-
-STATUSES = frozenset({DONE, FAILED})
-ONLY_STRINGS = frozenset({str})
-ONLY_INTS = frozenset({int})
 
 
 def well_formed(record: Any) -> bool:
@@ -1706,77 +1713,307 @@ def well_formed(record: Any) -> bool:
         return False
     pages, failed = record.get("range"), record.get("failed_pages") or []
     return ((pages is None or (type(pages) is list and len(pages) == 2 and set(map(type, pages)) == ONLY_INTS))
-            and type(failed) is list and set(map(type, failed)) <= ONLY_INTS)
+            and type(failed) is list and set(map(type, failed)) <= ONLY_INTS and type(record.get("gen", 0)) is int)
 
 
-@dataclass
-class History:
-    """What the run logs say of each input: its last record, and its last done record (a
-    failure after it leaves those files on disk); for a document, also the records of its page
-    ranges (see split_documents). Records of all logs merge by time."""
+def files_of(record: dict) -> list[str]:
+    """The files a record lists (as recorded: relative to the output folder)."""
+    return [*(record.get("outputs") or ()), *(record.get("extra_outputs") or ())]
 
-    latest: dict[str, dict] = field(default_factory=dict)
-    last_done: dict[str, dict] = field(default_factory=dict)
-    ranges: dict[str, list[dict]] = field(default_factory=lambda: defaultdict(list))
-    lines: int = 0  # in this run's own log
-    inputs: int = 0  # ... and the inputs it describes
 
-    def add(self, record: dict) -> None:
-        """(A well-formed record: see well_formed.)"""
-        key, when = record["input"], record["time"]
+def same_version(done: dict, later: dict) -> bool:
+    """Was `later` (a failure after `done`) made from the file `done` was made from? A file
+    that was not there (a moved-away or mistyped listed path) says nothing against it."""
+    if later.get("size") is None or "mtime_ns" not in later or "mtime_ns" not in done:
+        return True
+    return (later.get("size"), later.get("mtime_ns")) == (done.get("size"), done.get("mtime_ns"))
+
+
+class Ledger:
+    """Which files under --output_dir the tool placed, for which input, and which of them each
+    input holds now: the run logs, read as a journal (SQLite's, git's index: written down
+    before it is done). A task's files are written by its worker into a staging folder; the
+    coordinator records their final names (a `placing` record), renames them into place, then
+    writes the task's done record. So every file the tool ever placed is attributed to one
+    input, and a file is deleted only when the ledger says the tool placed it for an input and
+    no current record of any input lists it; a file nobody recorded stays where it is.
+
+    What an input holds: the files of its last whole record (a failed document's good pages
+    too), of its last done record while that is of the same file version, and of its page
+    ranges recorded since. Records merge by generation (each run writes one more than the
+    highest it read), not by machines' clocks; older records (no generation) by their time.
+    Every path is relative to the output folder's real path, compared in one spelling."""
+
+    def __init__(self, root: str | Path, protected: Iterable[str] = ()):
+        self.root = str(root)
+        self.latest: dict[str, dict] = {}  # by input: its last whole record
+        self.last_done: dict[str, dict] = {}  # ... its last done whole record
+        self.ranges: dict[str, list[dict]] = defaultdict(list)  # ... its page ranges' records
+        self.placed: dict[str, set[str]] = {}  # inputs with more than one record: every file ever placed
+        self.generation = 0  # the highest read; this run writes the next
+        self.lines = 0  # in this run's own log
+        self.inputs = 0  # ... and the inputs it describes
+        self.protected = set(protected)  # never deleted: inputs, run logs
+        self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
+        self.retired = 0
+        self.log: RunLog | None = None
+        self._holders: dict[str, set[str]] | None = None  # file -> inputs that hold it (built when needed)
+        self._held: dict[str, set[str]] = {}  # input -> files it holds, as indexed in _holders
+        self._written = itertools.count()
+        self._folders: dict[str, bool] = {}  # output folders checked this run: inside the root?
+        self.own_index = 0  # this run's log among those read (see read)
+
+    # -- reading --------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, config: Config, protected: Iterable[str] = ()) -> Ledger:
+        """Every run log in --output_dir (all shards) then this run's own, which wins a tie.
+        (With the garbage collector paused: a million records are a million new dicts, and
+        its passes over them cost more than reading them.)"""
+        ledger = cls(config.output_dir, [*protected, str(config.run_log)])
+        others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
+        paths = [*others, config.run_log]
+        ledger.protected.update(map(str, paths))
+        with collector_paused():
+            for index, path in enumerate(paths):
+                ledger.read_log(path, index, own=path == config.run_log)
+        ledger.own_index = len(paths) - 1
+        return ledger
+
+    def read_log(self, path: Path, index: int, own: bool) -> None:
+        inputs: set[str] = set()
+        number = -1
+        for number, record in read_records(path):
+            if record is None:
+                continue
+            generation = record.get("gen", 0)
+            self.add(record, (generation, "", index, number) if generation else (0, record["time"], index, number))
+            if own:
+                inputs.add(record["input"])
+        if own:
+            self.lines, self.inputs = number + 1, len(inputs)
+
+    def add(self, record: dict, order: tuple) -> None:
+        """One record, at its place in the merged order (see read_log)."""
+        record["_order"] = order
+        key, status = record["input"], record["status"]
+        self.generation = max(self.generation, order[0])
+        placed = self.placed.get(key)
+        if placed is None and (status == PLACING or key in self.latest or key in self.ranges):
+            placed = self.placed[key] = {rel for r in self.held(key) for rel in files_of(r)}
+        if placed is not None:
+            placed.update(files_of(record))
+        if status == PLACING:
+            return
         if "range" in record:
             self.ranges[key].append(record)
-            return
-        previous = self.latest.get(key)
-        if previous is None or when >= previous["time"]:
-            self.latest[key] = record
-        if record["status"] == DONE:
-            previous = self.last_done.get(key)
-            if previous is None or when >= previous["time"]:
-                self.last_done[key] = record
+        else:
+            previous = self.latest.get(key)
+            if previous is None or order >= previous["_order"]:
+                self.latest[key] = record
+            if status == DONE:
+                previous = self.last_done.get(key)
+                if previous is None or order >= previous["_order"]:
+                    self.last_done[key] = record
+        if self._holders is not None:
+            self._index(key)
+
+    @property
+    def worth_compacting(self) -> bool:
+        return self.lines >= COMPACT_MIN_LINES and self.lines > COMPACT_RATIO * self.inputs
+
+    # -- what each input holds --------------------------------------------------------------
 
     def unfinished_ranges(self, key: str) -> list[dict]:
-        """Range records since the input's last whole record, oldest first: pages of a document
+        """Range records since the input's last whole record, in order: pages of a document
         that a run did, or failed, before it was stopped. (The whole record a finished document
         gets lists them all, and supersedes them.)"""
         records = self.ranges.get(key)
         if not records:
             return []
         latest = self.latest.get(key)
-        return sorted((r for r in records if latest is None or r["time"] >= latest["time"]), key=itemgetter("time"))
+        return sorted((r for r in records if latest is None or r["_order"] > latest["_order"]),
+                      key=itemgetter("_order"))
 
     def held(self, key: str) -> list[dict]:
-        """The records whose files the input holds now: its last done record, a later failed one
-        that lists pages done (a document with failed pages), and its unfinished ranges."""
-        done, latest = self.last_done.get(key), self.latest.get(key)
-        records = [done] if done is not None else []
-        if latest is not None and latest is not done and latest.get("outputs"):
+        """The records whose files the input holds now (see the class)."""
+        latest, done = self.latest.get(key), self.last_done.get(key)
+        records = []
+        if done is not None and done is not latest and latest is not None and same_version(done, latest):
+            records.append(done)
+        if latest is not None:
             records.append(latest)
         return records + self.unfinished_ranges(key)
+
+    def held_files(self, key: str) -> set[str]:
+        return {rel for record in self.held(key) for raw in files_of(record) if (rel := self.normal(raw))}
 
     def keys(self) -> set[str]:
         return {*self.latest, *self.ranges}
 
-    @property
-    def worth_compacting(self) -> bool:
-        return self.lines >= COMPACT_MIN_LINES and self.lines > COMPACT_RATIO * self.inputs
+    def holders(self) -> dict[str, set[str]]:
+        """File -> the inputs whose current records hold it, over the whole ledger (built the
+        first time a file may have to go; kept up to date as records are added)."""
+        if self._holders is None:
+            self._holders = defaultdict(set)
+            for key in self.keys():
+                self._index(key)
+        return self._holders
 
+    def _index(self, key: str) -> None:
+        holders = self._holders
+        for rel in self._held.get(key, ()):
+            holders[rel].discard(key)
+            if not holders[rel]:
+                del holders[rel]
+        self._held[key] = files = self.held_files(key)
+        for rel in files:
+            holders[rel].add(key)
 
-def run_log_paths(config: Config) -> list[Path]:
-    """The run logs to read: every shard's in --output_dir, so that work done under any
-    sharding counts for every run, then this run's own (last: it wins a tie)."""
-    others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
-    return [*others, config.run_log]
+    def normal(self, rel: str) -> str | None:
+        """A recorded path in the one spelling (normalized, relative to the root); None if it
+        leads outside the root (a hand edit), or is the root itself."""
+        if rel.startswith(("/", ".")) or "/." in rel or "//" in rel or "\0" in rel:
+            if "\0" in rel:
+                return None
+            full = os.path.normpath(os.path.join(self.root, rel))
+            return full[len(self.root) + 1:] if within(full, self.root) and full != self.root else None
+        return rel or None
 
+    # -- deleting what nobody holds ---------------------------------------------------------
 
-def read_history(config: Config) -> History:
-    """(With the garbage collector paused: a million records are a million new dicts, and
-    its passes over them cost more than reading them.)"""
-    history = History()
-    with collector_paused():
-        for path in run_log_paths(config):
-            read_log_into(history, path, own=path == config.run_log)
-    return history
+    def retire(self, key: str) -> None:
+        """Delete the files the tool placed for this input that no current record of any input
+        lists: old names, pages a shorter version lacks, a changed file's old text after it
+        failed, what a killed run placed before its record."""
+        placed = self.placed.get(key)
+        if not placed:
+            return
+        held = self.held_files(key)
+        candidates = [raw for raw in placed if raw not in held]
+        if not candidates:
+            return
+        holders = self.holders()
+        for raw in candidates:
+            rel = self.normal(raw)
+            if rel is not None and (rel in held or rel in holders):
+                continue
+            if rel is None or self.remove(rel):
+                placed.discard(raw)
+            else:
+                self.leftovers.setdefault(key, []).append(rel)
+
+    def remove(self, rel: str) -> bool:
+        """Delete one placed file; True once it is gone. Only a regular file, really inside the
+        root (no link on the way leads out), never bookkeeping, an input or a run log. A file
+        that cannot be deleted stays, and is tried again on the next run."""
+        path = os.path.join(self.root, rel)
+        folder, name = os.path.split(path)
+        if (name.startswith(BOOKKEEPING_PREFIX) or rel.split(os.sep, 1)[0] == STAGING_DIR
+                or fnmatch.fnmatch(name, RUN_LOG_PATTERN)):
+            return False
+        real_folder = os.path.realpath(folder)
+        if not within(real_folder, self.root) or os.path.join(real_folder, name) in self.protected or path in self.protected:
+            return False
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            os.unlink(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        self.retired += 1
+        return True
+
+    def reconcile(self, keys: Iterable[str]) -> None:
+        """At start, under the lock: finish what a killed run left half-done for these inputs
+        (files placed without a record, stale files a kill kept from being retired)."""
+        for key in [key for key in keys if key in self.placed]:
+            self.retire(key)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def open(self, path: Path) -> None:
+        self.log = RunLog(path, Path(self.root))
+        self.generation += 1
+
+    def write(self, task: Task, status: str, **fields: Any) -> None:
+        """An input's record (see RunLog.write), taken into the ledger; a whole record then
+        retires what the input no longer holds. (After the record: a kill in between leaves
+        a done input with its files, and the next run's reconcile retires them.)"""
+        if status == PLACING:
+            record = self.log.write_placing(task, self.generation, **fields)
+        else:
+            record = self.log.write(task, status, generation=self.generation, **fields)
+        self.add(record, (self.generation, "", math.inf, next(self._written)))
+        if status != PLACING and task.pages is None:
+            self.retire(task.path)
+
+    def place(self, task: Task, staged: str, pages: list[str], extras: list[str]) -> tuple[list[str], list[str]]:
+        """Move a task's files from the worker's staging folder to their final names, recorded
+        first (unless the ledger has every one of them for this input already): a kill at any
+        instant leaves no file that the ledger cannot attribute. Raises OSError (the folder
+        lies outside the root, the disk fails); then what was placed is retired on the next
+        run, as the task is not done."""
+        outputs = [os.path.join(task.out_dir, name) for name in pages]
+        others = [os.path.join(task.out_dir, name) for name in extras]
+        rels = [self.log.relative(path) for path in [*outputs, *others]]
+        known = self.placed.get(task.path)
+        if known is None:
+            known = self.held_files(task.path)
+        for folder in dict.fromkeys(os.path.dirname(path) for path in [*outputs, *others]):
+            self.check_folder(folder)
+        if not known.issuperset(rels):
+            self.write(task, PLACING, outputs=outputs, extras=others)
+        for name, final in zip([*pages, *extras], [*outputs, *others]):
+            os.replace(os.path.join(staged, name), final)
+        shutil.rmtree(staged, ignore_errors=True)
+        return outputs, others
+
+    def check_folder(self, folder: str) -> None:
+        """Create an output folder; refuse one whose real path leads out of the root (a linked
+        subfolder): nothing is written, renamed or deleted outside --output_dir."""
+        if folder in self._folders:
+            return
+        os.makedirs(folder, exist_ok=True)
+        if not within(os.path.realpath(folder), self.root):
+            raise OSError(errno.EXDEV, f"{folder!r} leads outside --output_dir (a link?); not written there")
+        self._folders[folder] = True
+
+    def compact(self, path: Path) -> None:
+        """Rewrite this run's own log with only what the ledger reads (each input's last whole
+        record, its last done record, its page ranges since, and a `placing` record for files
+        it placed that could not be retired), atomically: a kill leaves the old log or the new
+        one, never half of one. Run under the run lock, after reconcile, before this run
+        appends. A closing `run` line is not kept: no-op reruns leave the log's size bounded."""
+        own = self.own_index
+        wanted = set()
+        for key in self.keys():
+            for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key)]:
+                if record is not None and record["_order"][2] == own:
+                    wanted.add(record["_order"][3])
+        extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "input": key, "status": PLACING,
+                             "outputs": rels, "extra_outputs": []}).encode("ascii") + b"\n"
+                 for key, rels in self.leftovers.items()]
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.compact")
+        try:
+            with open(path, "rb") as reader, open(temporary, "wb") as writer:
+                for number, line in enumerate(reader):
+                    if number in wanted:
+                        writer.write(line if line.endswith(b"\n") else line + b"\n")
+                writer.writelines(extra)
+                writer.flush()
+                os.fsync(writer.fileno())
+            os.replace(temporary, path)
+            sync_folder(path.parent)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
 
 
 @contextlib.contextmanager
@@ -1790,54 +2027,6 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def read_log_into(history: History, path: Path, own: bool) -> None:
-    """Add one log's records; for this run's own log, count what compaction weighs."""
-    inputs: set[str] = set()
-    for number, record in read_records(path):
-        history.add(record)
-        if own:
-            history.lines = number + 1
-            inputs.add(record["input"])
-    if own:
-        history.inputs = len(inputs)
-
-
-def compact_run_log(path: Path) -> None:
-    """Rewrite the run log with only what resume reads (each input's last record, its last
-    done record if a failure came after, and the page ranges since its last record),
-    atomically: a kill leaves the old log or the new one, never half of one. Run under the run
-    lock, before this run appends."""
-    keep: dict[str, tuple[int, str]] = {}
-    keep_done: dict[str, int] = {}
-    ranges: list[tuple[int, str, str]] = []
-    for number, record in read_records(path):
-        if "range" in record:
-            ranges.append((number, record["input"], record["time"]))
-            continue
-        keep[record["input"]] = number, record["time"]
-        if record.get("status") == DONE:
-            keep_done[record["input"]] = number
-    wanted = {number for number, _ in keep.values()} | set(keep_done.values())
-    wanted.update(number for number, key, when in ranges if key not in keep or when >= keep[key][1])
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
-        with contextlib.suppress(OSError):
-            leftover.unlink()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.compact")
-    try:
-        with open(path, "rb") as reader, open(temporary, "wb") as writer:
-            for number, line in enumerate(reader):
-                if number in wanted:
-                    writer.write(line if line.endswith(b"\n") else line + b"\n")
-            writer.flush()
-            os.fsync(writer.fileno())
-        os.replace(temporary, path)
-        sync_folder(path.parent)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
-
-
 def sync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (a crash after it must not bring the old file back)."""
     with contextlib.suppress(OSError):
@@ -1846,6 +2035,45 @@ def sync_folder(folder: Path) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+def run_tag(shard: tuple[int, int] | None) -> str:
+    """What this run's workers' staging folders are named after: its shard, or `all`."""
+    return f"s{shard[0]}of{shard[1]}" if shard else "all"
+
+
+def clear_staging(root: Path, shard: tuple[int, int] | None) -> None:
+    """Remove what killed workers left in the staging folder: all of it for a run over all
+    inputs (it holds the folder alone, see RunLock), only its own shard's for a shard (other
+    shards may be writing there right now)."""
+    staging = root / STAGING_DIR
+    if shard is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(staging):
+            if entry.name.startswith(run_tag(shard) + "-"):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def case_insensitive(root: Path) -> bool:
+    """Does the output folder's filesystem ignore case (SMB, APFS, NTFS, vfat)? Probed once,
+    under the lock, by creating one name and looking for another."""
+    probe = root / f"{BOOKKEEPING_PREFIX}.case-Probe-{os.getpid()}"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    try:
+        return os.path.exists(root / probe.name.lower())
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection: the ledger says what is complete; a rerun does only the rest
+# ---------------------------------------------------------------------------------------------
 
 
 def source_identity(path: str) -> tuple[int, int] | None:
@@ -1876,43 +2104,14 @@ def belongs_to(task: Task, path: str) -> bool:
     return task.owns_stem(name[: -len(".json")])
 
 
-def is_complete(task: Task, record: dict | None, output_dir: Path) -> bool:
+def is_complete(task: Task, record: dict | None, root: str) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
     lists is there, under today's names. A crash between writing outputs and logging them
     resolves to "redo", never to "skip"."""
     if not record or record.get("status") != DONE or not unchanged(task, record):
         return False
-    outputs = [os.path.join(output_dir, rel) for rel in record.get("outputs") or []]
+    outputs = [os.path.join(root, rel) for rel in record.get("outputs") or []]
     return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
-
-
-class Owners:
-    """Which current input (of all shards) writes a given output name, for deciding that an
-    old output is nobody's before it is retired."""
-
-    def __init__(self, tasks: list[Task]):
-        self.by_folder: dict[str, dict[str, list[Task]]] = defaultdict(lambda: defaultdict(list))
-        for task in tasks:
-            self.by_folder[os.path.normpath(task.out_dir)][task.out_base].append(task)
-
-    def owned(self, path: str, other_than: Task) -> bool:
-        """Could a current input other than `other_than` write `path` (its JSON or markdown,
-        or, for an image such as `{page}_{key}.png`, any name that starts with one of its
-        pages)?"""
-        folder, name = os.path.split(os.path.normpath(path))
-        bases = self.by_folder.get(folder, {})
-        stem = os.path.splitext(name)[0]
-        for prefix in [stem, *underscore_prefixes(stem)]:
-            candidates = [prefix, prefix.rpartition("_")[0]]
-            if any(task.path != other_than.path and task.owns_stem(prefix)
-                   for base in candidates for task in bases.get(base, ())):
-                return True
-        return False
-
-
-def underscore_prefixes(stem: str) -> list[str]:
-    """`a_b_c` -> `a`, `a_b`: the page names a visualization `{page}_{key}` may start with."""
-    return [stem[:i] for i, char in enumerate(stem) if char == "_"]
 
 
 @dataclass
@@ -1923,6 +2122,7 @@ class Coverage:
     outputs: dict[int, str] = field(default_factory=dict)  # page -> its JSON file
     extras: list[str] = field(default_factory=list)  # --save files of those pages
     failed: dict[int, str] = field(default_factory=dict)  # page -> why
+    standing: set[int] = field(default_factory=set)  # ... failed in a finished run's whole record
 
 
 @dataclass
@@ -1931,32 +2131,27 @@ class WorkSelection:
     complete: list[tuple[Task, dict]]  # skipped this run, with their last record
     not_selected: int = 0  # --retry_failed: inputs that had not failed
     standing: list[tuple[Task, dict]] = field(default_factory=list)  # failed before, unchanged: not retried
-    retirer: Retirer | None = None
+    ledger: Ledger | None = None
     coverage: dict[int, Coverage] = field(default_factory=dict)  # by task index: documents begun earlier
     unreadable: dict[int, str] = field(default_factory=dict)  # by task index: why it cannot be done (read_documents)
 
 
-def select_work(tasks: list[Task], history: History, config: Config) -> WorkSelection:
+def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelection:
     """Complete inputs are skipped; one that failed and has not changed since is not retried
     (its failure stands, reported once) unless --retry_failed; --overwrite redoes all. A
     document begun earlier is done from where it stopped: see Coverage."""
-    selection = WorkSelection([], [])
+    selection = WorkSelection([], [], ledger=ledger)
+    root = ledger.root
     for task in tasks:
-        record, done = history.latest.get(task.path), history.last_done.get(task.path)
+        record, done = ledger.latest.get(task.path), ledger.last_done.get(task.path)
         # (The constructor, not dataclasses.replace: five times faster, for 100,000 inputs.)
         task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, source_identity(task.path))
-        held = history.held(task.path)
-        if held:
-            earlier = dict.fromkeys(os.path.join(config.output_dir, rel) for r in held
-                                    for rel in [*(r.get("outputs") or []), *(r.get("extra_outputs") or [])])
-            task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, task.source, tuple(earlier),
-                        all(unchanged(task, r) for r in held))
         failed_before = record is not None and (record.get("status") == FAILED or bool(record.get("failed_pages")))
-        failed_before = failed_before or any(r.get("failed_pages") for r in history.unfinished_ranges(task.path))
+        failed_before = failed_before or any(r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
         if config.overwrite:
             selection.todo.append(task)
             continue
-        complete = is_complete(task, record, config.output_dir) or is_complete(task, done, config.output_dir)
+        complete = is_complete(task, record, root) or is_complete(task, done, root)
         if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
             selection.complete.append((task, done))                   # counts as done, unless retried)
             continue
@@ -1968,8 +2163,9 @@ def select_work(tasks: list[Task], history: History, config: Config) -> WorkSele
             selection.standing.append((task, record))
             continue
         selection.todo.append(task)
+        held = ledger.held(task.path)
         if task.paged and held:
-            selection.coverage[task.index] = page_coverage(task, held, config.output_dir, config.retry_failed)
+            selection.coverage[task.index] = page_coverage(task, held, root, config.retry_failed)
     return selection
 
 
@@ -1986,7 +2182,7 @@ def page_of(task: Task, path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def page_coverage(task: Task, held: list[dict], output_dir: Path, retry_failed: bool) -> Coverage:
+def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -> Coverage:
     """The pages of `task` that its records of the file as it is now hold: done where the
     file is still there (whatever a later record says), else failed (not with --retry_failed)."""
     coverage = Coverage()
@@ -1994,119 +2190,54 @@ def page_coverage(task: Task, held: list[dict], output_dir: Path, retry_failed: 
         if not unchanged(task, record):
             continue
         for rel in record.get("outputs") or []:
-            path = os.path.join(output_dir, rel)
+            path = os.path.join(root, rel)
             page = page_of(task, path)
             if page is not None and path.endswith(".json") and os.path.isfile(path):
                 coverage.outputs[page] = path
         if not retry_failed:
             for page in record.get("failed_pages") or []:
                 coverage.failed[page] = record.get("error") or "failed"
+                if "range" not in record:
+                    coverage.standing.add(page)
     for record in held:
         for rel in record.get("extra_outputs") or []:
-            path = os.path.join(output_dir, rel)
+            path = os.path.join(root, rel)
             if page_of(task, path) in coverage.outputs and os.path.isfile(path):
                 coverage.extras.append(path)
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
+        coverage.standing.discard(page)
     coverage.extras = list(dict.fromkeys(coverage.extras))
     return coverage
 
 
-RETIRABLE_SUFFIXES = (".json", ".md", ".png")  # what infer_mp writes: pages and --save extras
-
-
-@dataclass
-class Retirer:
-    """Deletes an input's outputs that its new outputs supersede: names it no longer has (its
-    naming changed: a.jpg was a.json until a.png came), pages a shorter new version lacks, or,
-    when a changed input fails, the old file's text. Left, they would carry text under a name a
-    reader takes for another input's, or for this file's. Whatever the run log says (anyone can
-    edit it), only files inside --output_dir, of names this input could have had, that no other
-    current input owns and that are no input."""
-
-    output_dir: Path
-    owners: Owners
-    claims: Claims
-    inputs: set[str]
-    retired: int = 0
-
-    def superseded(self, task: Task, new: Iterable[str]) -> None:
-        keep = {os.path.normpath(path) for path in new}
-        earlier = dict.fromkeys(os.path.normpath(path) for path in task.earlier)
-        self.retire([path for path in earlier if path not in keep and self.retirable(task, path)])
-
-    def retirable(self, task: Task, path: str) -> bool:
-        if not path.endswith(RETIRABLE_SUFFIXES) or path in self.inputs or not could_be_named(task, path):
-            return False
-        if self.owners.owned(path, other_than=task) or self.claims.of_others(path, task):
-            return False
-        try:
-            return inside(path, self.output_dir) and os.path.isfile(path)
-        except ValueError:  # a NUL or the like in a hand-edited record
-            return False
-
-    def pages_beyond(self, task: Task, count: int) -> None:
-        """Page files of a document, past its last page, that no record lists: a kill came
-        between their rename and their record, and the document is shorter now. (Looked for
-        only for a document with records before this run.)"""
-        try:
-            names = os.listdir(task.out_dir)
-        except OSError:
-            return
-        paths = [os.path.join(task.out_dir, name) for name in names]
-        self.retire([path for path in paths if (page := page_of(task, path)) is not None and page >= count
-                     and self.retirable(task, path)])
-
-    def retire(self, paths: list[str]) -> None:
-        """A file that cannot be deleted (no permission, a read-only or vanished mount) stays;
-        it is tried again when its input is next done."""
-        for path in paths:
-            try:
-                os.unlink(path)
-            except OSError:
-                continue
-            self.retired += 1
-
-
-def inside(path: str, folder: Path) -> bool:
-    """Is `path` really in `folder` or below it (links and `..` resolved)?"""
-    return within(os.path.realpath(os.path.dirname(path)), os.path.realpath(folder))
-
-
 class Claims:
-    """The output files that done records hold, by folder and name stem: whose they are, for
-    inputs selected in this run or not."""
+    """The output files that current records hold, by folder and name stem: whose they are,
+    for inputs selected in this run or not."""
 
-    def __init__(self, history: History, output_dir: Path, tasks: list[Task]):
-        """Only the folders of `tasks` matter: names are taken and retired there."""
+    def __init__(self, ledger: Ledger, tasks: list[Task]):
+        """Only the folders of `tasks` matter: names are taken there."""
         self.stems: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         self.heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # head -> page stems
-        root = str(output_dir)
         wanted = {os.path.normpath(task.out_dir) for task in tasks}
-        for source in history.keys():
-            for rel in (rel for record in history.held(source) for rel in record.get("outputs") or []):
-                if not rel.endswith(".json"):
+        for source in ledger.keys():
+            for raw in (raw for record in ledger.held(source) for raw in record.get("outputs") or []):
+                rel = ledger.normal(raw) if raw.endswith(".json") else None
+                if rel is None:
                     continue
-                if rel.startswith(("/", "./", "../")) or "/." in rel or "//" in rel:
-                    rel = os.path.normpath(os.path.join(root, rel))
-                head, _, name = os.path.join(root, rel).rpartition(os.sep)
+                head, _, name = os.path.join(ledger.root, rel).rpartition(os.sep)
                 if head in wanted:
                     stem = name[: -len(".json")]
                     self.stems[head][stem].add(source)
                     if (page := PAGE_NAME.fullmatch(stem)) is not None:
                         self.heads[head][page.group(1)].add(stem)
 
-    def of_others(self, path: str, task: Task) -> bool:
-        """Does a done record of another input than `task` hold the JSON file `path`?"""
-        folder, name = os.path.split(os.path.normpath(path))
-        return bool(self.stems.get(folder, {}).get(os.path.splitext(name)[0], set()) - {task.path})
 
-
-def avoid_claimed_names(tasks: list[Task], claims: Claims) -> list[Task]:
-    """An input must not take a name that another input's done record holds and that is still
-    on disk: an input this run did not select (a list of new files, a narrower pattern, a
-    scan moved away after processing). It uses its full file name instead (`~N` added if need
-    be), as when two current inputs clash; the other's finished output stays as it is."""
+def avoid_claimed_names(tasks: list[Task], claims: Claims, folded: bool = False) -> list[Task]:
+    """An input must not take a name that another input's current record holds and that is
+    still on disk: an input this run did not select (a list of new files, a narrower pattern,
+    a scan moved away after processing). It uses its full file name instead (`~N` added if
+    need be), as when two current inputs clash; the other's finished output stays as it is."""
     if not claims.stems:
         return tasks
 
@@ -2125,68 +2256,13 @@ def avoid_claimed_names(tasks: list[Task], claims: Claims) -> list[Task]:
             ours = folders[os.path.normpath(task.out_dir)]
             name, extra = os.path.basename(task.rel), 0
             base = name
-            while claimed(task, base) or task.index in colliding({**ours, task.index: (base, task.paged)}):
+            while claimed(task, base) or task.index in colliding({**ours, task.index: (base, task.paged)}, folded):
                 extra += 1
                 base = f"{name}~{extra}"
             ours[task.index] = (base, task.paged)
             task = replace(task, out_base=base)
         renamed.append(task)
     return renamed
-
-
-def could_be_named(task: Task, path: str) -> bool:
-    """Is `path` a name the naming rule could ever give this input (its stem or full name,
-    `~N` added, a page number, a visualization's key)?"""
-    name = os.path.basename(task.path)
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    candidates = [stem, stem.rpartition("_")[0]]
-    if suffix == ".png":
-        candidates += [p for prefix in underscore_prefixes(stem) for p in (prefix, prefix.rpartition("_")[0])]
-    own = re.compile(rf"(?:{re.escape(os.path.splitext(name)[0])}|{re.escape(name)}(?:~[0-9]+)?)")
-    return any(own.fullmatch(candidate) for candidate in candidates if candidate)
-
-
-def run_tag(shard: tuple[int, int] | None) -> str:
-    """What this run's workers put in their temporaries' names: its shard, or `all`."""
-    return f"s{shard[0]}of{shard[1]}" if shard else "all"
-
-
-def remove_stale_temporaries(tasks: list[Task], shard: tuple[int, int] | None) -> None:
-    """Hidden temporaries that a killed run left in these inputs' folders. A run over all
-    inputs holds the folder alone (see RunLock) and removes any; a shard removes only its
-    own shard's, since other shards may be writing into the same folders right now."""
-    tag = run_tag(shard)
-    for folder in {task.out_dir for task in tasks}:
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            match = TEMPORARY_NAME.fullmatch(name)
-            if match and (shard is None or match.group("tag") == tag):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
-
-
-def discard_partial_outputs(task: Task, token: str | None) -> None:
-    """Remove what a worker (`token`: its temporaries' mark) wrote for an input it did not
-    finish: that worker's temporaries, and any page file or markdown of that input that its
-    last done record does not list (a kill between two renames); never a finished output, nor
-    a file of another input, however alike their names."""
-    try:
-        names = os.listdir(task.out_dir)
-    except OSError:
-        return
-    finished = set(task.earlier)
-    for name in names:
-        stem, suffix = os.path.splitext(name)
-        match = TEMPORARY_NAME.fullmatch(name)
-        own = suffix in (".json", ".md") and task.owns_stem(stem)
-        if own and task.pages is not None:  # a page range: only its own pages (others are other tasks')
-            own = page_of(task, os.path.join(task.out_dir, name)) in task.page_numbers
-        if (own and os.path.join(task.out_dir, name) not in finished) or (match and match.group("token") == token):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(task.out_dir, name))
 
 
 class RunLock:
@@ -2274,8 +2350,8 @@ class RunLock:
 
 
 class RunLog:
-    """Append-only JSON Lines, one record per input and run; written by the coordinator alone
-    and flushed per line, so a kill loses at most the line being written."""
+    """Append-only JSON Lines: the ledger's journal (see Ledger), and a line per run; written by
+    the coordinator alone and flushed per line, so a kill loses at most the line being written."""
 
     def __init__(self, path: Path, output_dir: Path):
         self.path, self.output_dir = path, output_dir
@@ -2293,14 +2369,15 @@ class RunLog:
         except OSError as error:
             raise cannot_write(f"the run log {str(path)!r}", error) from None
 
-    def write(self, task: Task, status: str, *, outputs: Iterable[str] = (), extras: Iterable[str] = (),
-              device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None, failed_pages: dict[int, str] | None = None) -> None:
-        """An input's record; for a document also its page count, and the pages that failed
-        (`error` then says why); for a page range of it, the range, as [start, stop)."""
+    def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
+              extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
+              error: str | None = None, failed_pages: dict[int, str] | None = None) -> dict:
+        """An input's record, as written; for a document also its page count, and the pages that
+        failed (`error` then says why); for a page range of it, the range, as [start, stop)."""
         outputs = [self.relative(o) for o in outputs]
         record = {
             "time": self.now(),
+            "gen": generation,
             "input": task.path,
             "status": status,
             "pages": len(outputs),
@@ -2321,6 +2398,14 @@ class RunLog:
             record["failed_pages"] = sorted(failed_pages)
             record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
         self._append(record)
+        return record
+
+    def write_placing(self, task: Task, generation: int, outputs: Iterable[str], extras: Iterable[str]) -> dict:
+        """The files a task is about to place, under their final names (see Ledger.place)."""
+        record = {"time": self.now(), "gen": generation, "input": task.path, "status": PLACING,
+                  "outputs": [self.relative(o) for o in outputs], "extra_outputs": [self.relative(o) for o in extras]}
+        self._append(record)
+        return record
 
     def write_run(self, counts: dict[str, int], exit_code: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
@@ -2344,8 +2429,13 @@ class RunLog:
         second = int(time.time())
         if second != self.second:
             self.second = second
-            self.stamp = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
+            self.stamp = self.now_iso(second)
         return self.stamp
+
+    @staticmethod
+    def now_iso(second: float | None = None) -> str:
+        second = int(time.time()) if second is None else second
+        return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -2503,7 +2593,8 @@ class WorkerRecycled:
 class TaskDone:
     task: Task
     spec: WorkerSpec
-    outputs: list[str]  # the page JSONs
+    staged: str  # the folder its worker wrote its files into (see Ledger.place)
+    outputs: list[str]  # the page JSONs, as named in it (and under task.out_dir)
     extras: list[str]  # --save files
     seconds: float
     attempts: int
@@ -2516,7 +2607,6 @@ class TaskFailed:
     spec: WorkerSpec | None  # None: failed before reaching a worker (e.g. no such file)
     error: str
     attempts: int = 0
-    by_pipeline: bool = False  # the pipeline raised or gave nothing (not a timeout or a death)
 
 
 @dataclass(frozen=True)
@@ -2584,6 +2674,7 @@ class WorkerOptions:
     max_items: int = 0
     max_memory_mb: int = 0
     run_tag: str = "all"  # see run_tag()
+    staging: str = STAGING_DIR  # the folder workers write into (see Ledger.place)
 
     def retire_reason(self, processed: int) -> str | None:
         if self.max_items and processed >= self.max_items:
@@ -2700,6 +2791,7 @@ def worker_options(pipeline: PipelineRef, config: Config) -> WorkerOptions:
     return WorkerOptions(
         pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
         config.max_items_per_worker, config.max_worker_memory_mb, run_tag(config.shard),
+        str(config.output_dir / STAGING_DIR),
     )
 
 
@@ -2831,20 +2923,25 @@ class Backend:
             self.notes.add(message[1])
             yield Note(message[1])
         elif kind == "done":
-            _, index, outputs, extras, seconds, failed_pages = message
+            _, index, staged, outputs, extras, seconds, failed_pages = message
             task = worker.held.pop(index)
-            yield TaskDone(task, worker.spec, outputs, extras, seconds, self.handed[index], failed_pages)
+            yield TaskDone(task, worker.spec, staged, outputs, extras, seconds, self.handed[index], failed_pages)
         elif kind == "failed":
             _, index, error = message
             task = worker.held.pop(index)
-            yield TaskFailed(task, worker.spec, error, self.handed[index], by_pipeline=True)
+            yield TaskFailed(task, worker.spec, error, self.handed[index])
+
+    def _discard_staged(self, worker: WorkerHandle) -> None:
+        """A gone worker's staging folder: what it wrote for inputs it did not finish. (What it
+        finished has been placed: its reports are handled before its end is.)"""
+        if worker.token:
+            shutil.rmtree(os.path.join(self.options.staging, worker.token), ignore_errors=True)
 
     def _lost(self, worker: WorkerHandle, reason: str, restart: bool) -> Iterator[Event]:
         """A worker is gone (`reason`: how it went): requeue what it still held, and start a
         replacement in its slot (unless it never started, or we are stopping)."""
         del self.workers[worker.spec.slot]
-        for task in worker.held.values():
-            discard_partial_outputs(task, worker.token)
+        self._discard_staged(worker)
         if worker.retiring:  # it never started what it was sent after deciding to retire
             for task in worker.held.values():
                 self.handed[task.index] -= 1
@@ -2957,8 +3054,7 @@ class LocalBackend(Backend):
             worker.process.kill()
         for worker in workers:
             worker.process.join()
-            for task in worker.held.values():
-                discard_partial_outputs(task, worker.token)
+            self._discard_staged(worker)
             worker.conn.close()
 
 
@@ -3216,8 +3312,7 @@ class RayBackend(Backend):
         if busy:
             self.cluster.ray.wait(busy, num_returns=len(busy), timeout=RAY_KILL_WAIT)
         for worker in workers:
-            for task in worker.held.values():
-                discard_partial_outputs(task, worker.token)
+            self._discard_staged(worker)
 
 
 def ray_error_reason(error: BaseException) -> str:
@@ -3308,10 +3403,11 @@ class PipelineWorker:
                 load_pipeline_class(pipeline)
 
     def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
-        """("ready", engine, token) once the pipeline is built, or ("init_failed", why)."""
-        global temporary_token
+        """("ready", engine, token) once the pipeline is built, or ("init_failed", why); the
+        token names this worker's staging folder."""
         self.options = options
-        temporary_token = f"{options.run_tag}-{os.getpid()}-{os.urandom(3).hex()}"
+        token = f"{options.run_tag}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.staging = Staging(os.path.join(options.staging, token))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -3321,11 +3417,11 @@ class PipelineWorker:
         fallback = cpu_fallback(spec, options.init_kwargs)
         if fallback is not None:  # a failed start, before any page: if every worker has it, exit 3
             return ("init_failed", fallback)
-        return ("ready", describe_engine(options.init_kwargs), temporary_token)
+        return ("ready", describe_engine(options.init_kwargs), token)
 
     def run_batch(self, batch: list[Task]) -> list[tuple]:
         """One "reports" message for the batch, then "retiring" if it is time to recycle."""
-        messages = [("reports", list(process_batch(self.pipeline, batch, self.options, self.aliases)))]
+        messages = [("reports", list(process_batch(self.pipeline, batch, self.options, self.aliases, self.staging)))]
         self.processed += len(batch)
         reason = self.options.retire_reason(self.processed)
         if reason:
@@ -3496,7 +3592,8 @@ def window_pages(sampler: Any, path: str, start: int, stop: int) -> Iterator[tup
         image.close()
 
 
-def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, aliases: PathAliases) -> Iterator[tuple]:
+def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, aliases: PathAliases,
+                  staging: Staging) -> Iterator[tuple]:
     """Predict a batch and save its pages. If the batch raises, predict each input alone, and
     a document's pages one by one, so that a corrupt file costs only itself and a bad page
     only itself. Yields one report per task."""
@@ -3506,9 +3603,9 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
     except Exception as error:
         if len(tasks) > 1:
             for task in tasks:
-                yield from process_batch(pipeline, [task], options, aliases)
+                yield from process_batch(pipeline, [task], options, aliases, staging)
         elif len(tasks[0].page_numbers) > 1:
-            yield from process_page_by_page(pipeline, tasks[0], options, aliases)
+            yield from process_page_by_page(pipeline, tasks[0], options, aliases, staging)
         else:
             yield ("failed", tasks[0].index, one_line(error))
         return
@@ -3516,10 +3613,11 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
         yield OUTSIDE_WINDOW
     seconds = (time.monotonic() - started) / len(tasks)
     for task in tasks:
-        yield from save_report(task, pages.get(task.index, []), {}, options, seconds)
+        yield from save_report(task, pages.get(task.index, []), {}, options, staging, seconds)
 
 
-def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, aliases: PathAliases) -> Iterator[tuple]:
+def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, aliases: PathAliases,
+                         staging: Staging) -> Iterator[tuple]:
     """A document or page range whose predict() raised: each of its pages alone."""
     started = time.monotonic()
     results, failed = [], {}
@@ -3533,11 +3631,11 @@ def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, alia
         results += pages.get(task.index, [])
         if outside:
             yield OUTSIDE_WINDOW
-    yield from save_report(task, results, failed, options, time.monotonic() - started)
+    yield from save_report(task, results, failed, options, staging, time.monotonic() - started)
 
 
 def save_report(task: Task, results: list[Any], failed: dict[int, str], options: WorkerOptions,
-                seconds: float) -> Iterator[tuple]:
+                staging: Staging, seconds: float) -> Iterator[tuple]:
     """Save a task's results and say how it went: "done" with its files and the pages that
     failed (a document's page that gave no result fails), else "failed" or "output_failed"."""
     if task.page_numbers:  # a counted document: one result per page of it, numbered as PaddleX does
@@ -3552,76 +3650,59 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
         if not can_save(results[0], save_format):
             yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
     try:
-        outputs, extras = save_results(task, results, options.save)
+        staged, outputs, extras = save_results(task, results, options.save, staging)
     except OSError as error:
-        discard_partial_outputs(task, temporary_token)
         if error.errno in OUTPUT_ERRNOS:
             yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
         else:
             yield ("failed", task.index, f"cannot save output: {one_line(error)}")
     except Exception as error:
-        discard_partial_outputs(task, temporary_token)
         yield ("failed", task.index, f"cannot save output: {one_line(error)}")
     else:
-        yield ("done", task.index, outputs, extras, seconds, failed)
+        yield ("done", task.index, staged, outputs, extras, seconds, failed)
 
 
 # ---------------------------------------------------------------------------------------------
-# Output: one JSON per page, written atomically
+# Output: every file of a task written into the worker's staging folder, placed by the ledger
 # ---------------------------------------------------------------------------------------------
 
 
-temporary_token = f"all-{os.getpid()}-0"  # this worker's mark on its temporaries; see PipelineWorker.start
+class Staging:
+    """A worker's own folder inside the output folder's staging folder (same filesystem, so
+    the coordinator's renames into place are atomic): a folder per task, under the task's
+    final names. A worker that dies leaves only this folder, removed by the coordinator."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.count = itertools.count()
+
+    def new_folder(self) -> str:
+        folder = os.path.join(self.folder, str(next(self.count)))
+        os.makedirs(folder)
+        return folder
 
 
-def temporary_path(final: str) -> str:
-    """A hidden name beside the final one, keeping its suffix (save_to_json needs `.json`),
-    marked with the writing worker's token so that cleanup can tell whose it is."""
-    folder, name = os.path.split(final)
-    return os.path.join(folder, f".{name}.{temporary_token}.tmp{os.path.splitext(name)[1]}")
-
-
-_made_folders: set[str] = set()  # per worker process: one makedirs per output folder, not per file
-
-
-def stage(final: str, write: Any) -> tuple[str, str]:
-    """`write(temporary)` beside `final`: (temporary, final), to be renamed into place."""
-    folder = os.path.dirname(final)
-    if folder not in _made_folders:
-        os.makedirs(folder, exist_ok=True)
-        _made_folders.add(folder)
-    temporary = temporary_path(final)
-    try:
-        write(temporary)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return temporary, final
-
-
-def save_results(task: Task, results: list[Any], formats: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Every file of an input (its pages' JSON, and --save's), written to hidden temporaries
-    first and renamed into place only once all are written: a run killed or failing at any
-    moment leaves no truncated file under a final name, and an input's earlier outputs are
-    replaced together, not page by page."""
-    staged: list[tuple[str, str]] = []
+def save_results(task: Task, results: list[Any], formats: tuple[str, ...], staging: Staging
+                 ) -> tuple[str, list[str], list[str]]:
+    """Every file of an input (its pages' JSON, and --save's, with whatever a writer adds
+    beside them, such as markdown's images) in a new staging folder: (the folder, the JSON
+    names, the other names, relative to it). Nothing is left there if writing fails."""
+    folder = staging.new_folder()
     try:
         pages, extras = [], []
         for result in results:
-            page = task.output_path(page_index_of(result))
-            staged.append(stage(page, result.save_to_json))
-            pages.append(page)
-            for extra in stage_extras(page[: -len(".json")], result, formats, staged):
-                extras.append(extra)
-        for temporary, final in staged:
-            os.replace(temporary, final)
+            name = os.path.basename(task.output_path(page_index_of(result)))
+            result.save_to_json(os.path.join(folder, name))
+            pages.append(name)
+            extras += save_extras(folder, name[: -len(".json")], result, formats)
+        written = set(pages) | set(extras)
+        for parent, _, names in os.walk(folder):
+            extras += sorted(rel for name in names
+                             if (rel := os.path.relpath(os.path.join(parent, name), folder)) not in written)
     except BaseException:
-        for temporary, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    return pages, extras
+    return folder, pages, extras
 
 
 def page_index_of(result: Any) -> int | None:
@@ -3634,18 +3715,18 @@ def can_save(result: Any, save_format: str) -> bool:
     return isinstance(getattr(result, "img", None), dict)
 
 
-def stage_extras(name: str, result: Any, formats: tuple[str, ...], staged: list[tuple[str, str]]) -> list[str]:
+def save_extras(folder: str, name: str, result: Any, formats: tuple[str, ...]) -> list[str]:
     """--save: markdown ({name}.md, by the result's save_to_markdown) and visualizations
     ({name}_{key}.png, from the result's `img` images), beside the JSON."""
-    finals = []
+    names = []
     if "markdown" in formats and can_save(result, "markdown"):
-        staged.append(stage(f"{name}.md", result.save_to_markdown))
-        finals.append(f"{name}.md")
+        result.save_to_markdown(os.path.join(folder, f"{name}.md"))
+        names.append(f"{name}.md")
     if "img" in formats and can_save(result, "img"):
         for key, image in result.img.items():
-            staged.append(stage(f"{name}_{key}.png", lambda path, image=image: image.save(path, format="PNG")))
-            finals.append(f"{name}_{key}.png")
-    return finals
+            image.save(os.path.join(folder, f"{name}_{key}.png"), format="PNG")
+            names.append(f"{name}_{key}.png")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3702,11 +3783,11 @@ class Document:
     outputs: dict[int, str]  # page -> JSON: kept from earlier runs (see Coverage), then this run's
     extras: list[str]
     failed: dict[int, str]  # page -> why: failed in an earlier run (not retried), then in this one
+    standing: set[int] = field(default_factory=set)  # ... of those, failed in a finished run's whole record
     failed_now: int = 0
     seconds: float = 0.0
     attempts: int = 0
     device: str | None = None
-    by_pipeline: bool = True  # every failure of this run was the pipeline's (see Report.finish)
 
 
 def describe_failed_pages(failed: dict[int, str], count: int) -> str:
@@ -3724,11 +3805,10 @@ class Report:
     total: int  # inputs this run had to do
     skipped: int  # already complete
     ignored: int  # matched the pattern but not inputs (directories, other types)
-    run_log: RunLog
+    ledger: Ledger  # records each input, places its files, retires what they supersede
     progress: Progress
     not_selected: int = 0
     standing: int = 0  # failed in an earlier run, unchanged since: not retried
-    retirer: Retirer | None = None  # deletes what new outputs supersede
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     failed: int = 0
@@ -3760,41 +3840,53 @@ class Report:
                               f"{event.requeued} input(s) or page(s) go back to the queue"
                               + ("; starting a replacement" if event.replaced else ""))
         elif isinstance(event, TaskDone):
-            self.pages += len(event.outputs)
-            self.pages_by_device[event.spec.device] += len(event.outputs)
-            if event.task.path in self.documents:
-                self.pages_done(event)
-            else:
-                self.run_log.write(event.task, DONE, outputs=event.outputs, extras=event.extras,
-                                   device=event.spec.device, attempts=event.attempts, seconds=event.seconds)
-                self.done += 1
-                if self.retirer:  # after the record: a kill in between leaves a done input with its files
-                    self.retirer.superseded(event.task, [*event.outputs, *event.extras])
+            self.task_done(event)
         elif isinstance(event, TaskFailed):
             if event.task.path in self.documents and event.task.page_numbers:
                 self.pages_failed(event)
             else:
-                self.failed_pages += 1
-                self.progress.say(f"FAILED {event.task.path}: {event.error}")
-                self.run_log.write(event.task, FAILED, device=event.spec and event.spec.device,
-                                   attempts=event.attempts, error=event.error)
-                self.failed += 1
-                if self.retirer and event.by_pipeline and not event.task.earlier_fits:
-                    # the changed file cannot be read: its old text is not this file's (a timeout or a
-                    # crash says nothing about the file, and a file that is gone keeps its outputs)
-                    self.retirer.superseded(event.task, [])
+                self.input_failed(event.task, event.spec, event.attempts, event.error)
         self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed)
 
-    def pages_done(self, event: TaskDone) -> None:
+    def task_done(self, event: TaskDone) -> None:
+        """Place the task's staged files (see Ledger.place), then record it."""
+        task = event.task
+        try:
+            outputs, extras = self.ledger.place(task, event.staged, event.outputs, event.extras)
+        except OSError as error:
+            if error.errno in OUTPUT_ERRNOS:
+                raise OutputFailed(f"cannot place outputs in {task.out_dir!r}: {error.strerror}") from None
+            failed = TaskFailed(task, event.spec, f"cannot place output: {one_line(error)}", event.attempts)
+            if task.path in self.documents and task.page_numbers:
+                self.pages_failed(failed)
+            else:
+                self.input_failed(task, event.spec, event.attempts, failed.error)
+            return
+        self.pages += len(outputs)
+        self.pages_by_device[event.spec.device] += len(outputs)
+        if task.path in self.documents:
+            self.pages_done(event, outputs, extras)
+        else:
+            self.ledger.write(task, DONE, outputs=outputs, extras=extras, device=event.spec.device,
+                              attempts=event.attempts, seconds=event.seconds)
+            self.done += 1
+
+    def input_failed(self, task: Task, spec: WorkerSpec | None, attempts: int, error: str) -> None:
+        self.failed_pages += 1
+        self.progress.say(f"FAILED {task.path}: {error}")
+        self.ledger.write(task, FAILED, device=spec and spec.device, attempts=attempts, error=error)
+        self.failed += 1
+
+    def pages_done(self, event: TaskDone, outputs: list[str], extras: list[str]) -> None:
         """Some pages of a document, done (and perhaps some failed): a record for a range."""
         task, failed = event.task, event.failed_pages
         if task.pages is not None:
-            self.run_log.write(task, FAILED if failed else DONE, outputs=event.outputs, extras=event.extras,
-                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
-                               failed_pages=failed)
+            self.ledger.write(task, FAILED if failed else DONE, outputs=outputs, extras=extras,
+                              device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
+                              failed_pages=failed)
         document = self.documents[task.path]
-        document.outputs.update((page_of(task, path), path) for path in event.outputs)
-        document.extras += event.extras
+        document.outputs.update((page_of(task, path), path) for path in outputs)
+        document.extras += extras
         self.count_pages(document, task, event.spec, event.attempts, event.seconds, failed)
 
     def pages_failed(self, event: TaskFailed) -> None:
@@ -3802,10 +3894,9 @@ class Report:
         task = event.task
         failed = dict.fromkeys(task.page_numbers, event.error)
         if task.pages is not None:
-            self.run_log.write(task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
-                               error=event.error, failed_pages=failed)
+            self.ledger.write(task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
+                              error=event.error, failed_pages=failed)
         document = self.documents[task.path]
-        document.by_pipeline = document.by_pipeline and event.by_pipeline
         self.count_pages(document, task, event.spec, event.attempts, 0.0, failed)
 
     def count_pages(self, document: Document, task: Task, spec: WorkerSpec | None, attempts: int,
@@ -3829,24 +3920,23 @@ class Report:
         count = task.page_count or 0
         good = bool(document.outputs) and len(failed) <= self.max_page_error_rate * count
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
-        self.run_log.write(task, DONE if good else FAILED, outputs=outputs, extras=document.extras,
-                           device=document.device, attempts=document.attempts, seconds=document.seconds,
-                           failed_pages=failed)
+        self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=document.extras,
+                          device=document.device, attempts=document.attempts, seconds=document.seconds,
+                          failed_pages=failed)
         del self.documents[task.path]
         if failed:
             rate = f" (within --max_page_error_rate {self.max_page_error_rate:g})" if good else ""
             self.progress.say(f"{'' if good else 'FAILED '}{task.path}: {describe_failed_pages(failed, count)}{rate}")
+        # Pages a stopped run failed (range records) are recorded failed for the document now: news.
+        first_time = len(set(failed) - document.standing)
+        self.failed_pages += max(0, first_time - document.failed_now)
         if good:
             self.done += 1
-        elif document.failed_now:
+        elif first_time:
             self.failed += 1
-        else:  # only pages that failed in an earlier run, not retried: a standing failure
+        else:  # only pages that failed in an earlier finished run, not retried: a standing failure
             self.standing += 1
             self.total -= 1
-        if self.retirer and (good or (document.by_pipeline and not task.earlier_fits)):
-            self.retirer.superseded(task, [*outputs, *document.extras])
-        if self.retirer and task.earlier:
-            self.retirer.pages_beyond(task, count)
 
     @property
     def elapsed(self) -> float:
@@ -3864,7 +3954,7 @@ class Report:
 
     @property
     def retired(self) -> int:
-        return self.retirer.retired if self.retirer else 0
+        return self.ledger.retired
 
     def summary(self, stop: Stopper) -> list[str]:
         elapsed = self.elapsed
@@ -3896,7 +3986,7 @@ class Report:
             lines.append(f"{self.standing} input(s) failed in an earlier run and have not changed since: not retried "
                          "(a changed file is); --retry_failed retries them")
         if self.failed or self.failed_pages:
-            lines.append(f"failed inputs are in the run log {str(self.run_log.path)!r} "
+            lines.append(f"failed inputs are in the run log {str(self.ledger.log.path)!r} "
                          '(lines with "status": "failed"; a document\'s failed pages in "failed_pages"); '
                          "--retry_failed retries only them, and only a document's failed pages")
         return lines
@@ -3998,16 +4088,17 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
     selection = find_inputs(config)
-    history = read_history(config)
-    if locked and history.worth_compacting:
-        compact_run_log(config.run_log)
-    planned = plan_tasks(selection.root, config.output_dir, selection.paths)
-    claims = Claims(history, config.output_dir, planned)
-    planned = avoid_claimed_names(planned, claims)
+    folded = locked and case_insensitive(config.output_dir)
+    planned = plan_tasks(selection.root, config.output_dir, selection.paths, folded)
+    ledger = Ledger.read(config, protected=[*selection.paths, *(task.path for task in planned)])
+    if locked:  # finish what a killed run left half-done, then keep the log short
+        ledger.reconcile(ledger.placed if config.shard is None else
+                         [task.path for task in planned if in_shard(task, config.shard)])
+        if ledger.worth_compacting:
+            ledger.compact(config.run_log)
+    planned = avoid_claimed_names(planned, Claims(ledger, planned), folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]
-    work = select_work(tasks, history, config)
-    work.retirer = Retirer(config.output_dir, Owners(planned), claims, set(selection.paths))
-    return selection, tasks, work
+    return selection, tasks, select_work(tasks, ledger, config)
 
 
 def say_no_inputs(config: Config, selection: InputSelection) -> None:
@@ -4096,18 +4187,18 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
 
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], tasks: list[Task], work: WorkSelection,
              ignored: int, warm: WarmPool | None = None, cluster: RayCluster | None = None) -> ExitCode:
-    """Every check has passed: clean up after earlier runs, open the run log, and run."""
-    remove_stale_temporaries(tasks, config.shard)
-    run_log = RunLog(config.run_log, config.output_dir)
+    """Every check has passed: clean up after killed workers, open the run log, and run."""
+    clear_staging(config.output_dir, config.shard)
+    work.ledger.open(config.run_log)
     try:
-        return dispatch_logged(config, pipeline, plan, work, run_log, ignored, warm, cluster)
+        return dispatch_logged(config, pipeline, plan, work, ignored, warm, cluster)
     finally:
-        run_log.close()
+        work.ledger.log.close()
+        clear_staging(config.output_dir, config.shard)
 
 
 def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
-                    run_log: RunLog, ignored: int, warm: WarmPool | None,
-                    cluster: RayCluster | None) -> ExitCode:
+                    ignored: int, warm: WarmPool | None, cluster: RayCluster | None) -> ExitCode:
     readable = [task for task in work.todo if task.index not in work.unreadable]
     todo = split_documents([task for task in readable if needs_worker(task, work)], work.coverage, len(plan),
                            config.pages_per_task, 1 + max((task.index for task in work.todo), default=0))
@@ -4121,18 +4212,18 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
     stop = Stopper()
     stop.install()
     progress = Progress(pages, len(work.todo), config.progress_interval)
-    report = Report(len(work.todo), len(work.complete), ignored, run_log, progress, work.not_selected,
-                    standing=len(work.standing), retirer=work.retirer,
-                    max_page_error_rate=config.max_page_error_rate)
+    report = Report(len(work.todo), len(work.complete), ignored, work.ledger, progress, work.not_selected,
+                    standing=len(work.standing), max_page_error_rate=config.max_page_error_rate)
     try:
         for task in work.todo:
             if task.index in work.unreadable:  # (a file there that cannot be read: the file's fault)
-                report.handle(TaskFailed(task, None, work.unreadable[task.index], by_pipeline=os.path.isfile(task.path)))
+                report.handle(TaskFailed(task, None, work.unreadable[task.index]))
         for task in readable:
             if task.page_count:
                 coverage = work.coverage.get(task.index) or Coverage()
                 report.documents[task.path] = Document(task, len(pages_to_do(task, coverage)), dict(coverage.outputs),
-                                                       list(coverage.extras), dict(coverage.failed))
+                                                       list(coverage.extras), dict(coverage.failed),
+                                                       set(coverage.standing))
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             report.finish(document)
         if todo:
@@ -4147,7 +4238,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
     finally:
         progress.close()
     try:
-        run_log.write_run(report.counts(), int(report.exit_code(stop)))
+        work.ledger.log.write_run(report.counts(), int(report.exit_code(stop)))
     except OutputFailed as error:
         report.output_error = report.output_error or str(error)
     for line in report.summary(stop):

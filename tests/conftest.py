@@ -172,24 +172,34 @@ def outputs(folder: Path) -> dict[str, dict]:
     """Every JSON under folder, by path relative to it."""
     return {
         str(p.relative_to(folder)): json.loads(p.read_text(encoding="utf-8"))
-        for p in sorted(folder.rglob("*.json"))
+        for p in sorted(folder.rglob("*.json")) if not staged(p.relative_to(folder))
     }
+
+
+def staged(path: Path) -> bool:
+    """In the staging folder (a relative path): written by a worker, not placed (see infer_mp.Ledger)."""
+    return path.parts[0] == ".infer_mp.staging"
 
 
 def page_files(folder: Path) -> list[str]:
     """The output JSON files (not the run log, the lock, or hidden temporaries)."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json") if not p.name.startswith("."))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json")
+                  if not p.name.startswith(".") and not staged(p.relative_to(folder)))
 
 
 def temporaries(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp.json"))
+    """Files a worker wrote that were never placed: in the staging folder (see infer_mp.Ledger),
+    or hidden temporaries beside the outputs (older versions)."""
+    staged = [p for p in (folder / ".infer_mp.staging").rglob("*") if p.is_file()]
+    return sorted(str(p.relative_to(folder)) for p in [*staged, *folder.rglob(".*.tmp.json")])
 
 
 def run_log(folder: Path, runs: bool = False) -> list[dict]:
-    """The run log's input records in order (with `runs`, also each run's closing line)."""
+    """The run log's input records in order (with `runs`, also each run's closing line); not
+    the `placing` records that precede a task's files (see infer_mp.Ledger)."""
     path = folder / "infer_mp.runlog.jsonl"
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    return [r for r in records if runs or "input" in r]
+    return [r for r in records if (runs or "input" in r) and r.get("status") != "placing"]
 
 
 @pytest.fixture
@@ -198,42 +208,55 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "in", tmp_path / "out"
 
 
+def run_log_paths(folder: Path) -> list[Path]:
+    """Every run log in the folder, the default one last (it wins a tie, as infer_mp.py reads)."""
+    return sorted(folder.glob("infer_mp*.runlog.jsonl"), key=lambda log: (log.name == "infer_mp.runlog.jsonl", log.name))
+
+
 def all_records(folder: Path) -> list[dict]:
-    """Every input record of every run log in the folder (all shards), in file order."""
+    """Every input record of every run log in the folder (all shards), in the ledger's order:
+    by generation ("gen", one more each run), records without one (older versions) first, by
+    time; then by log and line. Each gets "_order"; `placing` records are left out."""
     records = []
-    for log in sorted(folder.glob("infer_mp*.runlog.jsonl")):
-        for line in log.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+    for index, log in enumerate(run_log_paths(folder)):
+        lines = log.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        for number, line in enumerate(lines):
             try:
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "input" in record:
+            if isinstance(record, dict) and "input" in record and record.get("status") != "placing":
+                gen = record.get("gen") or 0
+                record["_order"] = (gen, "" if gen else record["time"], index, number)
                 records.append(record)
-    return records
+    return sorted(records, key=lambda record: record["_order"])
 
 
 def latest_records(folder: Path) -> dict[str, dict]:
     """The last whole record of each input (not a document's page-range records) over every
     run log in the folder (all shards)."""
-    latest: dict[str, dict] = {}
-    for record in all_records(folder):
-        if "range" not in record:
-            if record["input"] not in latest or record["time"] >= latest[record["input"]]["time"]:
-                latest[record["input"]] = record
-    return latest
+    return {record["input"]: record for record in all_records(folder) if "range" not in record}
 
 
 def held_outputs(folder: Path) -> dict[str, set[str]]:
-    """The files each input's records hold now: those its last whole record lists (a done
-    input's, or the good pages of a document with failed pages), and those of the page ranges
-    recorded since (a document a run did not finish)."""
+    """The files each input's current records hold: those its last whole record lists (a done
+    input's, or the good pages of a document with failed pages), those of its last done record
+    while the failure after it is of the same file version (or of a file that was not there),
+    and those of the page ranges recorded since (a document a run did not finish)."""
+    records = all_records(folder)
     latest = latest_records(folder)
-    held = {key: set(record["outputs"]) for key, record in latest.items()
-            if record["status"] in ("done", "skipped") or record.get("failed_pages")}
-    for record in all_records(folder):
+    last_done = {r["input"]: r for r in records if "range" not in r and r["status"] == "done"}
+    held: dict[str, set[str]] = {}
+    for key, record in latest.items():
+        held[key] = set(record["outputs"]) | set(record.get("extra_outputs") or [])
+        done = last_done.get(key)
+        if done is not None and done is not record and (
+                record.get("size") is None or (record.get("size"), record.get("mtime_ns")) == (done.get("size"), done.get("mtime_ns"))):
+            held[key] |= set(done["outputs"]) | set(done.get("extra_outputs") or [])
+    for record in records:
         key = record["input"]
-        if "range" in record and (key not in latest or record["time"] >= latest[key]["time"]):
-            held.setdefault(key, set()).update(record["outputs"])
+        if "range" in record and (key not in latest or record["_order"] > latest[key]["_order"]):
+            held.setdefault(key, set()).update(record["outputs"], record.get("extra_outputs") or [])
     return held
 
 

@@ -221,7 +221,6 @@ def start_worker(monkeypatch, module, providers: list[list[str]], init_kwargs: d
         return object()
 
     monkeypatch.setattr(infer_mp, "create_pipeline", create_pipeline)
-    monkeypatch.setattr(infer_mp, "temporary_token", infer_mp.temporary_token)  # start() sets it
     worker = infer_mp.PipelineWorker(infer_mp.PipelineRef("json", "JSONDecoder"))
     options = infer_mp.WorkerOptions(infer_mp.PipelineRef("json", "JSONDecoder"), init_kwargs)
     return worker.start(infer_mp.WorkerSpec(0, device, 2), options)

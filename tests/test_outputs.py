@@ -50,7 +50,29 @@ def test_tasks_mirror_folders_and_never_share_a_file(tmp_path):
     assert by_rel["y/deep/c.tiff"].output_path(0) == str(tmp_path / "out" / "y" / "deep" / "c_0.json")
 
 
-def test_temporary_files_are_hidden_and_end_in_json():
-    temporary = Path(infer_mp.temporary_path("/out/a.json"))
-    assert temporary.parent == Path("/out")
-    assert temporary.name.startswith(".a.json.") and temporary.name.endswith(".tmp.json")
+def test_a_worker_stages_every_file_under_its_final_name_and_leaves_nothing_when_saving_fails(tmp_path):
+    """PaddleX's save_to_json needs a `.json` name; a writer's side files (markdown's images)
+    are staged too; a failed save leaves no folder behind."""
+    class Result(dict):
+        def save_to_json(self, path):
+            Path(path).write_text("{}")
+
+        def save_to_markdown(self, path):
+            Path(path).write_text("# md")
+            (Path(path).parent / "imgs").mkdir(exist_ok=True)
+            (Path(path).parent / "imgs" / "fig.jpg").write_text("jpg")
+
+    task = infer_mp.plan_tasks(tmp_path, tmp_path / "out", [str(tmp_path / "doc.pdf")])[0]
+    staging = infer_mp.Staging(str(tmp_path / "staging"))
+    folder, pages, extras = infer_mp.save_results(task, [Result(page_index=0), Result(page_index=1)],
+                                                  ("markdown",), staging)
+    assert pages == ["doc_0.json", "doc_1.json"] and extras == ["doc_0.md", "doc_1.md", "imgs/fig.jpg"]
+    assert sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()) == sorted(pages + extras)
+
+    class Broken(Result):
+        def save_to_json(self, path):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        infer_mp.save_results(task, [Broken(page_index=0)], (), staging)
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["0"]

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import infer_mp
-from conftest import (assert_invariant, latest_records, outputs, page_files, pdf_bytes, run_fake, run_log, start_fake,
+from conftest import (assert_invariant, latest_records, make_config, outputs, page_files, pdf_bytes, run_fake, run_log, start_fake,
                       tiff_bytes, wait_for, write)
 
 RENDERED = ("input_path", "page_index", "page_count", "image_sha1", "text")  # what a page's rendering decides
@@ -213,25 +213,29 @@ def test_compaction_keeps_the_ranges_of_a_document_not_finished(tmp_path):
              {**record, "time": "2026-01-02T00:00:01", "range": [2, 4], "status": "failed", "failed_pages": [3],
               "outputs": ["book_2.json"], "error": "page 3: x"}]
     log.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    infer_mp.compact_run_log(log)
+    config = make_config(output_dir=tmp_path, run_log=log)
+    infer_mp.Ledger.read(config).compact(log)
     kept = [json.loads(line) for line in log.read_text().splitlines()]
     assert kept == lines[1:]  # the range the whole record supersedes goes; the later ones stay
-    history = infer_mp.History()
-    for _, line in infer_mp.read_records(log):
-        history.add(line)
-    assert history.unfinished_ranges("/in/book.pdf") == lines[2:]
-    assert [r["time"] for r in history.held("/in/book.pdf")] == [line["time"] for line in lines[1:]]
+    ledger = infer_mp.Ledger.read(config)
+    assert [r["time"] for r in ledger.unfinished_ranges("/in/book.pdf")] == [line["time"] for line in lines[2:]]
+    assert [r["time"] for r in ledger.held("/in/book.pdf")] == [line["time"] for line in lines[1:]]
 
 
-def test_a_shorter_version_leaves_no_page_of_the_old_one_even_one_never_recorded(tmp_path):
+def test_a_shorter_version_leaves_no_page_of_the_old_one_even_one_placed_without_a_record(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     write(src / "book.pdf", document(10))
     assert run_fake(src, out, "--pages_per_task", "4").code == 0
     stray = write(out / "book_11.json", json.dumps({"input_path": str(src / "book.pdf"), "page_index": 11}))
-    # (what a kill between a range's rename and its record leaves of a longer version)
+    placing = {"time": "2026-01-01T00:00:00", "gen": 1, "input": str(src / "book.pdf"), "status": "placing",
+               "outputs": ["book_11.json"], "extra_outputs": []}
+    with (out / "infer_mp.runlog.jsonl").open("a") as log:  # what a kill between a range's rename and its
+        log.write(json.dumps(placing) + "\n")               # record leaves of a longer version
+    users = write(out / "book_12.json", "{}")  # no record names it: not the tool's to delete
     write(src / "book.pdf", pdf_bytes(["new 0", "new 1", "new 2"]))
     run = run_fake(src, out, "--pages_per_task", "4")
     assert run.code == 0, run.stderr
-    assert page_files(out) == ["book_0.json", "book_1.json", "book_2.json"] and not stray.exists()
+    assert page_files(out) == ["book_0.json", "book_1.json", "book_12.json", "book_2.json"] and not stray.exists()
+    users.unlink()
     assert [outputs(out)[f"book_{i}.json"]["text"] for i in range(3)] == ["new 0", "new 1", "new 2"]
     assert_invariant(src, out)

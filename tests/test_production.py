@@ -104,7 +104,8 @@ def test_run_log_path_can_be_moved(dirs, tmp_path):
     log = tmp_path / "logs" / "run.jsonl"
     assert run_fake(src, out, "--run_log", str(log)).code == 0
     assert not (out / "infer_mp.runlog.jsonl").exists()
-    assert len(log.read_text().splitlines()) == 3  # two inputs and the run's own line
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.get("status") for r in lines] == ["placing", "done"] * 2 + [None]  # two inputs and the run's own line
     run = run_fake(src, out, "--run_log", str(log))
     assert "2 skipped" in run.stderr
 
@@ -115,12 +116,12 @@ def test_a_torn_last_line_is_passed_over(dirs):
     assert run_fake(src, out).code == 0
     log = out / "infer_mp.runlog.jsonl"
     lines = log.read_text().splitlines(keepends=True)
-    log.write_text("".join(lines[:2]) + lines[2][:25])  # as a kill -9 mid-write would leave it
-    run = run_fake(src, out)
+    log.write_text("".join(lines[:4]) + lines[4][:25])  # as a kill -9 mid-write would leave it
+    run = run_fake(src, out)  # (each input: its `placing` record, then its done record)
     assert run.code == 0 and "2 skipped" in run.stderr
     text = log.read_text()
-    assert text.splitlines()[2] == lines[2][:25].rstrip("\n")
-    for line in text.splitlines()[3:]:
+    assert text.splitlines()[4] == lines[4][:25].rstrip("\n")
+    for line in text.splitlines()[5:]:
         json.loads(line)
 
 

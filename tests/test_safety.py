@@ -42,19 +42,21 @@ def shard_of(name: str, count: int) -> int:
     return zlib.crc32(os.fsencode(name)) % count
 
 
-def test_a_shard_removes_only_its_own_stale_temporaries(dirs):
-    """Shards share output folders: one must not delete what another is writing right now."""
+def test_a_shard_removes_only_its_own_stale_staging(dirs):
+    """Shards share the staging folder: one must not delete what another is writing right now.
+    What an older version left beside the outputs is nobody's the ledger knows: it stays."""
     src, out = dirs
     write(src / "x.png", "mine")
     write(src / "x_1.png", "the other shard's")
     assert (shard_of("x.png", 2), shard_of("x_1.png", 2)) == (0, 1)
-    theirs = write(out / ".x_1.json.12345.tmp.json", "{}")  # being written by shard 1's worker
-    theirs_tagged = write(out / ".x_1.json.s1of2-12345-abcdef.tmp.json", "{}")
-    mine = write(out / ".x.json.s0of2-999-abcdef.tmp.json", "{}")  # left by a killed shard-0 run
+    staging = out / ".infer_mp.staging"
+    theirs = write(staging / "s1of2-12345-abcdef" / "0" / "x_1.json", "{}")  # being written by shard 1's worker
+    mine = write(staging / "s0of2-999-abcdef" / "0" / "x.json", "{}")  # left by a killed shard-0 run
+    unknown = write(out / ".x.json.12345.tmp.json", "{}")
     assert run_fake(src, out, "--shard", "0/2").code == 0
-    assert theirs.exists() and theirs_tagged.exists() and not mine.exists()
+    assert theirs.exists() and not mine.exists()
     assert run_fake(src, out).code == 0  # a run over all inputs has the folder alone
-    assert not theirs.exists() and not theirs_tagged.exists()
+    assert not theirs.exists() and not staging.exists() and unknown.exists()
 
 
 # -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
@@ -197,10 +199,10 @@ def test_the_run_log_cannot_make_it_delete_outside_the_output_folder(dirs, tmp_p
     write(src / "a.jpg", "jpeg text")
     assert run_fake(src, out).code == 0
     victim = write(tmp_path / "precious.json", "{}")
-    inside = write(out / "someone_elses.json", "{}")
+    unlisted = write(out / "someone_elses.json", "{}")
     log = out / "infer_mp.runlog.jsonl"
     record = run_log(out)[0]
-    record["outputs"] = ["../precious.json", str(victim), "someone_elses.json", "infer_mp.runlog.jsonl"]
+    record["outputs"] = ["../precious.json", str(victim), "infer_mp.runlog.jsonl", ".infer_mp.lock", "."]
     with log.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     (out / "link").symlink_to(tmp_path)
@@ -208,7 +210,7 @@ def test_the_run_log_cannot_make_it_delete_outside_the_output_folder(dirs, tmp_p
     with log.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     assert run_fake(src, out).code == 0
-    assert victim.exists() and log.exists() and inside.exists()
+    assert victim.exists() and log.exists() and unlisted.exists() and (out / ".infer_mp.lock").exists()
 
 
 # -- write failures and signals --------------------------------------------------------------------

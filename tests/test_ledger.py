@@ -1,0 +1,403 @@
+"""Outputs recorded, not guessed (issue 23): which file is whose is what the run log says, however
+--output_dir or --input_dir is spelled, however alike the names, however a run ended."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from conftest import (all_records, fake_args, latest_records, make_inputs, page_files, pdf_bytes, run_cli, run_fake,
+                      start_fake, wait_for, write)
+
+LOG = "infer_mp.runlog.jsonl"
+
+
+# -- what is on disk, and what the run log says of it ---------------------------------------------
+
+
+def outputs(out: Path) -> dict[str, dict]:
+    """Every JSON file under out, by path relative to it: hidden names too (an input's name may
+    be hidden), not in hidden folders (where a version may stage its files)."""
+    found = {}
+    for path in sorted(out.rglob("*.json")):
+        rel = path.relative_to(out)
+        if not any(part.startswith(".") for part in rel.parts[:-1]):
+            found[str(rel)] = json.loads(path.read_text(encoding="utf-8"))
+    return found
+
+
+def texts(out: Path) -> dict[str, str | None]:
+    """The text of every output JSON under out (see outputs), by path relative to it."""
+    return {name: content.get("text") for name, content in outputs(out).items()}
+
+
+def latest_by_name(out: Path) -> dict[str, dict]:
+    """Each input's last whole record, by the input's file name (however its folder was spelled)."""
+    return {Path(key).name: record for key, record in latest_records(out).items()}
+
+
+def listed(record: dict | None) -> set[str]:
+    """The files (relative to the output folder) that a record lists: outputs and extras."""
+    record = record or {}
+    return {os.path.normpath(rel) for key in ("outputs", "extra_outputs") for rel in record.get(key) or []}
+
+
+def unlisted_outputs(out: Path) -> list[str]:
+    """Output JSON files that the last record of the input they hold the text of does not list:
+    stale copies under an old name, or pages an older version had."""
+    latest = latest_by_name(out)
+    return [name for name, content in outputs(out).items()
+            if name not in listed(latest.get(Path(content["input_path"]).name))]
+
+
+def shared_outputs(out: Path) -> set[str]:
+    """Files that the last done records of two inputs both list."""
+    owners: dict[str, set[str]] = defaultdict(set)
+    for key, record in latest_records(out).items():
+        if record["status"] == "done":
+            for rel in listed(record):
+                owners[rel].add(key)
+    return {rel for rel, keys in owners.items() if len(keys) > 1}
+
+
+def assert_recorded_outputs_kept(out: Path, name: str, record: dict, text: str | None = None) -> None:
+    """Every file the record of input `name` lists is there (and, for its JSON, holds `text`)."""
+    for rel in listed(record):
+        assert (out / rel).is_file(), f"{rel} of {name} is gone"
+        if text is not None and rel.endswith(".json"):
+            assert json.loads((out / rel).read_text())["text"] == text, f"{rel} of {name} was overwritten"
+
+
+def run_from_inside(src: Path, *extra: str):
+    """A run from inside the input folder, with the output folder spelled `../out`."""
+    return run_cli(*fake_args(Path("."), Path("../out"), *extra), cwd=src)
+
+
+def quiet_run(src: Path, out: Path, tmp_path: Path, *extra: str):
+    """A run, and whether any of its processes imported the pipeline (a worker started)."""
+    imports = tmp_path / "imports.log"
+    imports.unlink(missing_ok=True)
+    run = run_fake(src, out, *extra, env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    return run, imports.exists()
+
+
+KILLER = """\
+import os, signal
+NAMES = set(os.environ.get("KILL_ON_DELETE", "").split(","))
+MARKER = os.environ.get("KILL_MARKER", "")
+
+def _armed(call):
+    def wrapper(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) in NAMES:
+            import multiprocessing
+            if multiprocessing.parent_process() is None:  # the coordinator, not a worker
+                open(MARKER, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return call(path, *args, **kwargs)
+    return wrapper
+
+for _name in ("unlink", "remove", "rename", "replace"):
+    setattr(os, _name, _armed(getattr(os, _name)))
+"""
+
+
+def kill_on_delete(folder: Path, names: list[str]) -> tuple[dict[str, str], Path]:
+    """Environment whose coordinator is killed (kill -9) the moment it deletes, or moves away,
+    a file of one of these names (a sitecustomize first on PYTHONPATH); and the marker file it
+    leaves when it did."""
+    write(folder / "sitecustomize.py", KILLER)
+    marker = folder / "killed"
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "KILL_ON_DELETE": ",".join(names), "KILL_MARKER": str(marker)}, marker
+
+
+# -- 1. an output folder spelled with `..` --------------------------------------------------------
+
+
+def test_dotdot_output_dir_a_new_input_does_not_overwrite_a_gone_inputs_output(dirs, tmp_path):
+    src, out = dirs
+    write(src / "a.jpg", "JPG")
+    assert run_from_inside(src).code == 0
+    assert texts(out) == {"a.json": "JPG"}
+    (src / "a.jpg").rename(tmp_path / "a.jpg")  # processed scan moved away: its text is kept
+    write(src / "a.png", "PNG")
+    run = run_from_inside(src)
+    assert run.code == 0, run.stderr
+    found = texts(out)
+    assert found.pop("a.json") == "JPG"
+    assert list(found.values()) == ["PNG"]  # under another name
+    assert not shared_outputs(out) and not unlisted_outputs(out)
+
+
+def test_dotdot_output_dir_a_document_never_deletes_or_overwrites_a_gone_inputs_page_name(dirs, tmp_path):
+    src, out = dirs
+    write(src / "doc_5.png", "GONE")  # alone: named doc_5.json, as page 5 of a doc.pdf would be
+    assert run_from_inside(src).code == 0
+    gone = latest_by_name(out)["doc_5.png"]
+    assert listed(gone) == {"doc_5.json"}
+    (src / "doc_5.png").rename(tmp_path / "doc_5.png")
+    for pages in (8, 3):  # doc.pdf arrives with 8 pages, then is shortened to 3
+        write(src / "doc.pdf", pdf_bytes([f"page {i} of {pages}" for i in range(pages)]))
+        run = run_from_inside(src)
+        assert run.code == 0, run.stderr
+        assert_recorded_outputs_kept(out, "doc_5.png", gone, "GONE")
+        assert not shared_outputs(out)
+        doc = [c for c in outputs(out).values() if Path(c["input_path"]).name == "doc.pdf"]
+        assert sorted((c["page_index"], c["page_count"]) for c in doc) == [(i, pages) for i in range(pages)]
+
+
+# -- 2. names that share an underscore prefix with another input's stem ------------------------
+
+
+def test_an_old_name_beside_an_input_with_a_shorter_stem_is_retired(dirs):
+    src, out = dirs
+    write(src / "scan.png", "SCAN")
+    write(src / "scan_a.jpg", "JPG")
+    assert run_fake(src, out).code == 0
+    write(src / "scan_a.png", "PNG")  # scan_a.jpg's output now has another name
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    assert not unlisted_outputs(out)
+    assert sorted(texts(out).values()) == ["JPG", "PNG", "SCAN"]  # one file each: no stale copy
+
+
+def test_pages_of_a_shortened_document_beside_an_input_with_a_shorter_stem_are_retired(dirs):
+    src, out = dirs
+    write(src / "scan.png", "SCAN")
+    doc = write(src / "scan_batch.pdf", pdf_bytes(["page a", "page b", "page c"]))
+    assert run_fake(src, out).code == 0
+    doc.write_bytes(pdf_bytes(["page NEW"]))
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    assert not (out / "scan_batch_1.json").exists() and not (out / "scan_batch_2.json").exists()
+    assert not unlisted_outputs(out)
+    pages = [c for c in outputs(out).values() if Path(c["input_path"]).name == "scan_batch.pdf"]
+    assert [(c["page_index"], c["page_count"]) for c in pages] == [(0, 1)]
+
+
+# -- 3. a kill between an input's new record and the retirement of its old files ----------------
+
+
+@pytest.mark.parametrize("left", ["nothing left", "old pages copied back", "killed while retiring"])
+def test_pages_a_shorter_version_lacks_do_not_outlive_the_next_run(dirs, tmp_path, left):
+    src, out = dirs
+    doc = write(src / "doc.pdf", pdf_bytes([f"page {i}" for i in range(6)]))
+    assert run_fake(src, out).code == 0
+    old = {name: (out / name).read_bytes() for name in page_files(out)}
+    assert len(old) == 6
+    doc.write_bytes(pdf_bytes(["page new 0", "page new 1", "page new 2"]))
+    if left == "killed while retiring":
+        env, marker = kill_on_delete(tmp_path / "hook", sorted(old)[3:])
+        assert run_fake(src, out, env=env).code == -signal.SIGKILL
+        assert marker.exists()
+    else:
+        assert run_fake(src, out).code == 0
+    if left == "old pages copied back":  # as if the kill came before the deletions
+        for name, data in old.items():
+            if not (out / name).exists():
+                (out / name).write_bytes(data)
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    pages = sorted((c["page_index"], c["page_count"]) for c in outputs(out).values())
+    assert pages == [(0, 3), (1, 3), (2, 3)]
+    assert not unlisted_outputs(out)
+
+
+# -- 4. an input whose output name looks like a temporary ---------------------------------------
+
+
+def test_an_output_named_like_a_temporary_is_not_deleted_on_reruns(dirs, tmp_path):
+    src, out = dirs
+    write(src / ".scan.20240101.tmp.png", "HIDDEN")  # selected: the default pattern takes hidden names
+    for number in range(3):
+        run, started = quiet_run(src, out, tmp_path)
+        assert run.code == 0, run.stderr
+        assert list(texts(out).values()) == ["HIDDEN"], f"after run {number + 1}"
+        assert not unlisted_outputs(out)
+    assert not started and "0 input(s) to do" in run.stderr
+
+
+# -- 5. a subfolder of the output folder that links elsewhere -----------------------------------
+
+
+@pytest.mark.parametrize("ending", ["crashed page", "kill -9"])
+def test_nothing_outside_the_output_folder_is_deleted_through_a_linked_subfolder(dirs, tmp_path, ending):
+    src, out = dirs
+    elsewhere = tmp_path / "elsewhere"
+    names = ("doc_7.json", "notes.txt", ".doc_0.json.4242.tmp.json")  # a page's name, none, a temporary's
+    precious = [write(elsewhere / name, "precious") for name in names]
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    write(src / "sub" / "ok.png", "fine")
+    args = ("--recursive", "--max_attempts", "1")
+    if ending == "crashed page":  # the worker dies on the document's only page
+        write(src / "sub" / "doc.pdf", pdf_bytes(["CRASH"]))
+        assert "Traceback" not in run_fake(src, out, *args).stderr
+    else:  # the coordinator is killed while the worker is on the document
+        write(src / "sub" / "doc.pdf", pdf_bytes(["page 0"]))
+        init = tmp_path / "init.log"
+        process = start_fake(src, out, *args, env={"FAKE_PIPELINE_DELAY": "60", "FAKE_PIPELINE_INIT_LOG": str(init)})
+        wait_for(init.exists)
+        process.kill()
+        process.communicate(timeout=60)
+    for extra in (("--retry_failed",), ()):
+        assert "Traceback" not in run_fake(src, out, *args, *extra).stderr
+    assert [p.read_text() if p.exists() else None for p in precious] == ["precious"] * len(precious)
+
+
+# -- 6. --save pictures of a gone input ----------------------------------------------------------
+
+
+def test_shortening_a_document_keeps_the_pictures_of_a_gone_input(dirs, tmp_path):
+    src, out = dirs
+    doc = write(src / "a.pdf", pdf_bytes(["page 0", "page 1", "page 2"]))
+    write(src / "a_1.pdf", pdf_bytes(["another document"]))
+    assert run_fake(src, out, "--save", "img").code == 0
+    gone = latest_by_name(out)["a_1.pdf"]
+    assert any(rel.endswith(".png") for rel in listed(gone))
+    (src / "a_1.pdf").rename(tmp_path / "a_1.pdf")
+    doc.write_bytes(pdf_bytes(["page new"]))
+    run = run_fake(src, out, "--save", "img")
+    assert run.code == 0, run.stderr
+    for record in (gone, latest_by_name(out)["a_1.pdf"]):  # its last done record, then and now
+        assert_recorded_outputs_kept(out, "a_1.pdf", record)
+
+
+# -- 7. exit codes: a failure recorded for the first time fails that run -----------------------
+
+
+def failed_lines(stderr: str, name: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "FAILED" in line and name in line]
+
+
+def test_a_plain_rerun_that_first_records_a_document_as_failed_exits_1(dirs):
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["RAISE", *(f"page {i}" for i in range(1, 6))]))
+    args = ("--pages_per_task", "1", "--instances_per_device", "1")
+    process = start_fake(src, out, *args, env={"FAKE_PIPELINE_DELAY": "4"})
+    wait_for(lambda: any(r.get("failed_pages") for r in all_records(out)))
+    process.send_signal(signal.SIGTERM)  # page 0 recorded failed, the document not finished
+    process.communicate(timeout=60)
+    assert len(page_files(out)) < 5, "the stopped run finished the document: no first failure left to record"
+    run = run_fake(src, out, *args)
+    assert run.code == 1, run.stderr
+    assert failed_lines(run.stderr, "doc.pdf")
+    again = run_fake(src, out, *args)
+    assert again.code == 0, again.stderr  # a failure of an earlier run: reported once
+    assert not failed_lines(again.stderr, "doc.pdf")
+
+
+# -- 8. the input folder reached through a link --------------------------------------------------
+
+
+def test_the_input_folder_through_a_link_holds_the_same_inputs(dirs, tmp_path):
+    src, out = dirs
+    image = write(src / "a.png", "old text")
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    assert run_fake(src, out).code == 0
+    run, started = quiet_run(link, out, tmp_path)
+    assert run.code == 0 and not started, run.stderr
+    assert texts(out) == {"a.json": "old text"}
+    image.write_text("new text, and longer")
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    run = run_fake(link, out)
+    assert run.code == 0, run.stderr
+    assert texts(out) == {"a.json": "new text, and longer"}
+
+
+# -- 10. the run log stays bounded under no-op reruns --------------------------------------------
+
+
+def test_run_lines_of_no_op_reruns_are_compacted(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 3)
+    assert run_fake(src, out).code == 0
+    log = out / LOG
+    lines = log.read_text().splitlines()
+    run_line = next(line for line in reversed(lines) if "run" in json.loads(line))
+    log.write_text("".join(line + "\n" for line in lines + [run_line] * 1500))  # 1,500 cron ticks
+    before = outputs(out)
+    run, started = quiet_run(src, out, tmp_path)
+    assert run.code == 0 and not started, run.stderr
+    assert len(log.read_text().splitlines()) < 100
+    run, started = quiet_run(src, out, tmp_path)  # the records survived compaction
+    assert run.code == 0 and not started and "0 input(s) to do" in run.stderr
+    assert outputs(out) == before
+
+
+# -- 11. run logs written by today's version keep working ---------------------------------------
+
+TODAYS_FIELDS = ("time", "input", "status", "pages", "outputs", "extra_outputs", "device", "attempts", "seconds",
+                 "error", "size", "mtime_ns", "page_count", "range", "failed_pages")
+
+
+def test_a_run_log_in_todays_format_counts_its_inputs_done(dirs, tmp_path):
+    src, out = dirs
+    make_inputs(src, 2, pdf_pages=2)
+    assert run_fake(src, out).code == 0
+    log = out / LOG
+    kept = []
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if "input" in record and record.get("status") in ("done", "failed"):  # today's statuses
+            kept.append({key: record[key] for key in TODAYS_FIELDS if key in record})
+        elif "run" in record:
+            kept.append({"time": record["time"], "run": record["run"]})
+    log.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.json")}
+    run, started = quiet_run(src, out, tmp_path)
+    assert run.code == 0 and not started, run.stderr
+    assert "0 input(s) to do" in run.stderr
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.json")} == before
+
+
+# -- merging shards without trusting clocks; case-insensitive filesystems -------------------------
+
+
+def test_a_shard_machine_whose_clock_was_ahead_does_not_outvote_a_later_run(dirs):
+    """Records merge by generation (one more each run), not by wall-clock strings: a shard's
+    record dated in the future must not make a later run's record of the same input lose."""
+    src, out = dirs
+    write(src / "a.png", "version 1")
+    assert run_fake(src, out, "--shard", "0/1").code == 0
+    shard_log = out / "infer_mp.shard-0-of-1.runlog.jsonl"
+    lines = [json.loads(line) for line in shard_log.read_text().splitlines()]
+    shard_log.write_text("".join(json.dumps({**line, "time": "2099-01-01T00:00:00+00:00"}) + "\n" for line in lines))
+    write(src / "a.png", "version 2, longer")
+    assert run_fake(src, out).code == 0  # redoes the changed file
+    again = run_fake(src, out, env={"FAKE_PIPELINE_IMPORT_LOG": str(out.parent / "imports")})
+    assert again.code == 0 and "0 input(s) to do" in again.stderr, again.stderr
+    assert not (out.parent / "imports").exists()
+    assert texts(out) == {"a.json": "version 2, longer"}
+
+
+def test_names_that_differ_only_by_case_clash_on_a_case_insensitive_filesystem(tmp_path):
+    import infer_mp
+
+    paths = sorted(str(tmp_path / name) for name in ("Scan.png", "scan.jpg", "doc.pdf", "DOC_1.png"))
+    sensitive = [t.out_base for t in infer_mp.plan_tasks(tmp_path, tmp_path / "out", paths)]
+    folded = [t.out_base for t in infer_mp.plan_tasks(tmp_path, tmp_path / "out", paths, folded=True)]
+    assert sensitive == ["DOC_1", "Scan", "doc", "scan"]
+    assert folded == ["DOC_1.png", "Scan.png", "doc.pdf", "scan.jpg"]
+    assert infer_mp.case_insensitive(tmp_path) is False  # (Linux filesystems here are case-sensitive)
+    assert not list(tmp_path.iterdir())  # the probe leaves nothing
+
+
+def test_a_linked_output_subfolder_is_refused_and_named(dirs, tmp_path):
+    src, out = dirs
+    write(src / "sub" / "a.png", "text")
+    write(src / "b.png", "text")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere)
+    run = run_fake(src, out, "--recursive")
+    assert run.code == 1 and "leads outside --output_dir" in run.stderr and "sub/a.png" in run.stderr
+    assert not list(elsewhere.iterdir()) and (out / "b.json").is_file()
