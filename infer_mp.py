@@ -12,7 +12,9 @@ Runs are made to be left alone: a JSON Lines run log, resume, crash recovery, ti
 recycling, progress, clean stops on Ctrl-C/SIGTERM and one run per output folder at a time.
 
 The file reads top to bottom in the order data flows:
-CLI -> devices -> pipeline -> inputs -> resume -> dispatch -> worker -> output -> report.
+CLI -> devices -> pipeline -> inputs -> ledger (run logs) -> selection -> documents -> dispatch
+-> worker -> output (staging) -> report. Workers write into a staging folder; the coordinator
+alone places files under their final names, recording them in the ledger first.
 """
 
 from __future__ import annotations
@@ -2696,7 +2698,7 @@ class WorkerHandle:
     held: dict[int, Task] = field(default_factory=dict)
     busy_since: float = 0.0
     retiring: str | None = None  # why it said it will exit (recycling), if it did
-    token: str | None = None  # the mark on its temporaries, from its "ready" message
+    token: str | None = None  # names its staging folder (see Staging), from its "ready" message
     timed_out: float | None = None  # the limit it passed, if it was killed for it
 
 
