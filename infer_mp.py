@@ -1679,6 +1679,7 @@ DONE, FAILED, PLACING = "done", "failed", "placing"
 RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
 BOOKKEEPING_PREFIX = ".infer_mp"  # the lock files, the staging folder: never outputs
 STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here; only the coordinator places files
+LOG_FLUSH_SECONDS = 1.0  # records not followed by a placement reach the run log's file within this
 COMPACT_MIN_LINES = 1000  # a run log shorter than this is never compacted
 COMPACT_RATIO = 3  # ... a longer one is, once it has this many lines per input it describes
 STATUSES = frozenset({DONE, FAILED, PLACING})
@@ -1893,17 +1894,18 @@ class Ledger:
             return
         held = self.held_files(key)
         candidates = [raw for raw in placed if raw not in held]
-        if not candidates:
-            return
-        holders = self.holders()
-        for raw in candidates:
-            rel = self.normal(raw)
-            if rel is not None and (rel in held or rel in holders):
-                continue
-            if rel is None or self.remove(rel):
-                placed.discard(raw)
-            else:
-                self.leftovers.setdefault(key, []).append(rel)
+        if candidates:
+            holders = self.holders()
+            for raw in candidates:
+                rel = self.normal(raw)
+                if rel is not None and (rel in held or rel in holders):
+                    continue
+                if rel is None or self.remove(rel):
+                    placed.discard(raw)
+                else:
+                    self.leftovers.setdefault(key, []).append(rel)
+        if all(raw in held for raw in placed):  # what it holds says the rest: see add()
+            del self.placed[key]
 
     def remove(self, rel: str) -> bool:
         """Delete one placed file; True once it is gone. Only a regular file, really inside the
@@ -1952,7 +1954,8 @@ class Ledger:
         if status != PLACING and task.pages is None:
             self.retire(task.path)
 
-    def place(self, task: Task, staged: str, pages: list[str], extras: list[str]) -> tuple[list[str], list[str]]:
+    def place(self, task: Task, staged: str, prefix: str, pages: list[str], extras: list[str]
+              ) -> tuple[list[str], list[str]]:
         """Move a task's files from the worker's staging folder to their final names, recorded
         first (unless the ledger has every one of them for this input already): a kill at any
         instant leaves no file that the ledger cannot attribute. Raises OSError (the folder
@@ -1968,9 +1971,11 @@ class Ledger:
             self.check_folder(folder)
         if not known.issuperset(rels):
             self.write(task, PLACING, outputs=outputs, extras=others)
+        self.log.flush()  # the record, and any before it, in the file before a file is placed
         for name, final in zip([*pages, *extras], [*outputs, *others]):
-            os.replace(os.path.join(staged, name), final)
-        shutil.rmtree(staged, ignore_errors=True)
+            os.replace(os.path.join(staged, prefix + name), final)
+        if not prefix:  # a folder of the task's own (see save_results)
+            shutil.rmtree(staged, ignore_errors=True)
         return outputs, others
 
     def check_folder(self, folder: str) -> None:
@@ -2359,6 +2364,7 @@ class RunLog:
         self.path, self.output_dir = path, output_dir
         self.prefix = os.path.join(str(output_dir), "")
         self.second, self.stamp = -1, ""
+        self.flushed = time.monotonic()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(path, "ab")
@@ -2413,15 +2419,26 @@ class RunLog:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
         what it counted and how it ended. Resume passes it over: it names no input."""
         self._append({"time": self.now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
+        self.flush()
 
     def _append(self, record: dict) -> None:
-        """A failed write is the disk's fault, not an input's: stop as for an output (exit 74)."""
+        """Buffered; flushed before any file is placed (see Ledger.place) and at least every
+        LOG_FLUSH_SECONDS otherwise: a kill loses only records whose work is then redone."""
         # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
         try:
             self.handle.write(json.dumps(record).encode("ascii") + b"\n")
+        except OSError as error:
+            raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
+        if time.monotonic() - self.flushed > LOG_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """A failed write is the disk's fault, not an input's: stop as for an output (exit 74)."""
+        try:
             self.handle.flush()
         except OSError as error:
             raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
+        self.flushed = time.monotonic()
 
     def relative(self, path: str) -> str:
         return path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.output_dir)
@@ -2440,7 +2457,7 @@ class RunLog:
         return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # (a full disk: the stop has been reported already)
             self.handle.close()
 
 
@@ -2596,7 +2613,8 @@ class TaskDone:
     task: Task
     spec: WorkerSpec
     staged: str  # the folder its worker wrote its files into (see Ledger.place)
-    outputs: list[str]  # the page JSONs, as named in it (and under task.out_dir)
+    prefix: str  # ... and what their names there start with (see save_results)
+    outputs: list[str]  # the page JSONs, as named under task.out_dir
     extras: list[str]  # --save files
     seconds: float
     attempts: int
@@ -2925,9 +2943,9 @@ class Backend:
             self.notes.add(message[1])
             yield Note(message[1])
         elif kind == "done":
-            _, index, staged, outputs, extras, seconds, failed_pages = message
+            _, index, staged, prefix, outputs, extras, seconds, failed_pages = message
             task = worker.held.pop(index)
-            yield TaskDone(task, worker.spec, staged, outputs, extras, seconds, self.handed[index], failed_pages)
+            yield TaskDone(task, worker.spec, staged, prefix, outputs, extras, seconds, self.handed[index], failed_pages)
         elif kind == "failed":
             _, index, error = message
             task = worker.held.pop(index)
@@ -3652,7 +3670,7 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
         if not can_save(results[0], save_format):
             yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
     try:
-        staged, outputs, extras = save_results(task, results, options.save, staging)
+        staged, prefix, outputs, extras = save_results(task, results, options.save, staging)
     except OSError as error:
         if error.errno in OUTPUT_ERRNOS:
             yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
@@ -3661,7 +3679,7 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
     except Exception as error:
         yield ("failed", task.index, f"cannot save output: {one_line(error)}")
     else:
-        yield ("done", task.index, staged, outputs, extras, seconds, failed)
+        yield ("done", task.index, staged, prefix, outputs, extras, seconds, failed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3671,40 +3689,55 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
 
 class Staging:
     """A worker's own folder inside the output folder's staging folder (same filesystem, so
-    the coordinator's renames into place are atomic): a folder per task, under the task's
-    final names. A worker that dies leaves only this folder, removed by the coordinator."""
+    the coordinator's renames into place are atomic). A worker that dies leaves only this
+    folder, removed by the coordinator."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self.count = itertools.count()
 
-    def new_folder(self) -> str:
-        folder = os.path.join(self.folder, str(next(self.count)))
-        os.makedirs(folder)
-        return folder
+    def place_for(self, formats: tuple[str, ...]) -> tuple[str, str]:
+        """(folder, prefix) for a task's files: a prefix unique in the worker's folder (one
+        folder made per worker, not per task: 100,000 of them cost the coordinator seconds to
+        remove), or, where a writer may add files of its own beside them (markdown's images),
+        a folder of the task's own, under the final names."""
+        number = next(self.count)
+        if "markdown" in formats:
+            folder = os.path.join(self.folder, str(number))
+            os.makedirs(folder)
+            return folder, ""
+        if number == 0:
+            os.makedirs(self.folder, exist_ok=True)
+        return self.folder, f"{number}-"
 
 
 def save_results(task: Task, results: list[Any], formats: tuple[str, ...], staging: Staging
-                 ) -> tuple[str, list[str], list[str]]:
+                 ) -> tuple[str, str, list[str], list[str]]:
     """Every file of an input (its pages' JSON, and --save's, with whatever a writer adds
-    beside them, such as markdown's images) in a new staging folder: (the folder, the JSON
-    names, the other names, relative to it). Nothing is left there if writing fails."""
-    folder = staging.new_folder()
+    beside them, such as markdown's images) staged: (the folder, the prefix of the names there,
+    the JSON names, the other names). Nothing is left there if writing fails."""
+    folder, prefix = staging.place_for(formats)
+    pages, extras = [], []
     try:
-        pages, extras = [], []
         for result in results:
             name = os.path.basename(task.output_path(page_index_of(result)))
-            result.save_to_json(os.path.join(folder, name))
             pages.append(name)
-            extras += save_extras(folder, name[: -len(".json")], result, formats)
-        written = set(pages) | set(extras)
-        for parent, _, names in os.walk(folder):
-            extras += sorted(rel for name in names
-                             if (rel := os.path.relpath(os.path.join(parent, name), folder)) not in written)
+            result.save_to_json(os.path.join(folder, prefix + name))
+            extras += save_extras(folder, prefix, name[: -len(".json")], result, formats)
+        if not prefix:
+            written = set(pages) | set(extras)
+            for parent, _, names in os.walk(folder):
+                extras += sorted(rel for name in names
+                                 if (rel := os.path.relpath(os.path.join(parent, name), folder)) not in written)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        if prefix:
+            for name in [*pages, *extras]:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, prefix + name))
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    return folder, pages, extras
+    return folder, prefix, pages, extras
 
 
 def page_index_of(result: Any) -> int | None:
@@ -3717,17 +3750,17 @@ def can_save(result: Any, save_format: str) -> bool:
     return isinstance(getattr(result, "img", None), dict)
 
 
-def save_extras(folder: str, name: str, result: Any, formats: tuple[str, ...]) -> list[str]:
+def save_extras(folder: str, prefix: str, name: str, result: Any, formats: tuple[str, ...]) -> list[str]:
     """--save: markdown ({name}.md, by the result's save_to_markdown) and visualizations
     ({name}_{key}.png, from the result's `img` images), beside the JSON."""
     names = []
     if "markdown" in formats and can_save(result, "markdown"):
-        result.save_to_markdown(os.path.join(folder, f"{name}.md"))
         names.append(f"{name}.md")
+        result.save_to_markdown(os.path.join(folder, prefix + names[-1]))
     if "img" in formats and can_save(result, "img"):
         for key, image in result.img.items():
-            image.save(os.path.join(folder, f"{name}_{key}.png"), format="PNG")
             names.append(f"{name}_{key}.png")
+            image.save(os.path.join(folder, prefix + names[-1]), format="PNG")
     return names
 
 
@@ -3854,7 +3887,7 @@ class Report:
         """Place the task's staged files (see Ledger.place), then record it."""
         task = event.task
         try:
-            outputs, extras = self.ledger.place(task, event.staged, event.outputs, event.extras)
+            outputs, extras = self.ledger.place(task, event.staged, event.prefix, event.outputs, event.extras)
         except OSError as error:
             if error.errno in OUTPUT_ERRNOS:
                 raise OutputFailed(f"cannot place outputs in {task.out_dir!r}: {error.strerror}") from None
@@ -3877,6 +3910,7 @@ class Report:
         self.failed_pages += 1
         self.progress.say(f"FAILED {task.path}: {error}")
         self.ledger.write(task, FAILED, device=spec and spec.device, attempts=attempts, error=error)
+        self.ledger.log.flush()
         self.failed += 1
 
     def pages_done(self, event: TaskDone, outputs: list[str], extras: list[str]) -> None:
@@ -4048,6 +4082,7 @@ def run(config: Config) -> ExitCode:
     lock = RunLock(config)
     try:
         selection, tasks, work = choose_work(config, locked=True)
+        gc.freeze()  # the ledger lives as long as the run: a million records, never garbage
         if not tasks:
             parse_device_arg(config.device)
             say_no_inputs(config, selection)

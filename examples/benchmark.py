@@ -5,6 +5,7 @@
     python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
     python examples/benchmark.py --backends --pages 40    # the Ray backend against the local one
     python examples/benchmark.py --run_log_records 1000000  # start-up of a rerun over a long run log
+    python examples/benchmark.py --orchestration 100000 --baseline old/infer_mp.py  # old and new, same rounds
     python examples/benchmark.py --big_pdf 300        # long PDFs: worker memory, balance, --pages_per_task
 
 Every figure is a whole process (start-up and model load included), the median of --rounds
@@ -363,11 +364,56 @@ def peak_memory_mb(process: subprocess.Popen, result: dict) -> None:
     result["peak_mb"] = peak
 
 
+@dataclass
+class Contender:
+    """One row of a side-by-side benchmark: the floor (script None) or an infer_mp.py script."""
+
+    name: str
+    script: Path | None
+    seconds: list[float] = field(default_factory=list)
+    memory_mb: list[int] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def contenders(args: argparse.Namespace) -> list[Contender]:
+    """With --baseline: that script, then this checkout's infer_mp.py (the new one); else it alone."""
+    current = Contender("infer_mp.py", ROOT / "infer_mp.py")
+    if not args.baseline:
+        return [current]
+    baseline = Path(args.baseline).resolve()
+    if not baseline.is_file():
+        raise SystemExit(f"--baseline {args.baseline}: no such file")
+    return [Contender(f"baseline {args.baseline}", baseline), current]
+
+
+def versus_baseline(scripts: list[Contender], what: str, higher_is_better: bool, goal: float) -> str:
+    """The new script against the baseline: the ratio of the medians, each round's paired
+    ratio (the same round saw the same machine load), and the goal."""
+    baseline, new = scripts
+
+    def ratio(old_seconds: float, new_seconds: float) -> float:
+        return old_seconds / new_seconds if higher_is_better else new_seconds / old_seconds
+
+    overall = ratio(baseline.median, new.median)
+    rounds = ", ".join(f"{ratio(o, n):.2f}x" for o, n in zip(baseline.seconds, new.seconds))
+    met = overall >= goal if higher_is_better else overall <= goal
+    return (f"new vs baseline: {overall:.2f}x the {what} (rounds: {rounds}); goal "
+            f"{'>=' if higher_is_better else '<='} {goal:.2f}x {'(met)' if met else '(NOT met)'}")
+
+
+def load_note(before: float) -> str:
+    """The machine's load over a benchmark: above the core count, other work shared it."""
+    return (f"1-minute load average {before:.1f} before, {os.getloadavg()[0]:.1f} after, on {cores()} cores"
+            f"{cpu_pressure()}")
+
+
 def orchestration_benchmark(args: argparse.Namespace, work: Path) -> None:
     count = args.orchestration
     inputs = work / "tiny"
     paths = write_tiny_inputs(inputs, count)
-    out = work / "tiny-out"
     writer = work / "bare_writer.py"
     writer.write_text(BARE_WRITER)
     half = count // 2
@@ -376,75 +422,79 @@ def orchestration_benchmark(args: argparse.Namespace, work: Path) -> None:
         list_file = work / f"share{i}.txt"
         list_file.write_text("\n".join(share))
         list_files.append(list_file)
-    floor_cmd = [["sh", "-c", f'xargs -a {lf} {sys.executable} {writer} {out}'] for lf in list_files]
-    infer_cmd = python(str(ROOT / "infer_mp.py"), "--pipeline", FAKE, "--input_dir", str(inputs),
-                       "--input_glob_pattern", "**/*.png", "--device", "cpu", "--instances_per_device", "2",
-                       "--batch_size", "64", "--output_dir", str(out), "--progress_interval", "3600")
-    floor, infer = [], []
-    memory = []
     env = {**os.environ, "BENCH_INPUT_DIR": str(inputs)}
+    floor = Contender("floor", None)
+    scripts = contenders(args)
+    runs = [floor, *scripts]
+    load = os.getloadavg()[0]
     for round_index in range(args.rounds):
-        for name in ("floor", "infer"):
+        for index, run in enumerate(runs):  # interleaved: floor, baseline, new, floor, ...
             # A fresh folder per run; deleting 100,000 files between runs makes the disk's
             # timings swing far more than anything measured here.
-            out = work / f"tiny-out-{name}-{round_index}"
-            floor_cmd = [["sh", "-c", f'xargs -a {lf} {sys.executable} {writer} {out}'] for lf in list_files]
-            infer_cmd[infer_cmd.index("--output_dir") + 1] = str(out)
+            out = work / f"tiny-out-{index}-{round_index}"
+            if run.script is None:
+                commands = [["sh", "-c", f"xargs -a {lf} {sys.executable} {writer} {out}"] for lf in list_files]
+            else:
+                commands = [python(str(run.script), "--pipeline", FAKE, "--input_dir", str(inputs),
+                                   "--input_glob_pattern", "**/*.png", "--device", "cpu", "--instances_per_device",
+                                   "2", "--batch_size", "64", "--output_dir", str(out), "--progress_interval", "3600")]
             os.sync()
             started = time.perf_counter()
-            if name == "floor":
-                processes = [subprocess.Popen(c, env=env) for c in floor_cmd]
-                for p in processes:
-                    p.wait()
-                floor.append(time.perf_counter() - started)
-            else:
-                process = subprocess.Popen(infer_cmd, stderr=subprocess.DEVNULL)
-                result: dict = {}
-                watcher = threading.Thread(target=peak_memory_mb, args=(process, result))
-                watcher.start()
+            processes = [subprocess.Popen(c, env=env, stderr=None if run.script is None else subprocess.DEVNULL)
+                         for c in commands]
+            result: dict = {}
+            watcher = threading.Thread(target=peak_memory_mb, args=(processes[0], result))
+            watcher.start()
+            for process in processes:
                 process.wait()
-                infer.append(time.perf_counter() - started)
-                watcher.join()
-                memory.append(result.get("peak_mb", 0))
-                if process.returncode != 0:
-                    raise SystemExit(f"infer_mp.py failed with {process.returncode}")
+            run.seconds.append(time.perf_counter() - started)
+            watcher.join()
+            run.memory_mb.append(result.get("peak_mb", 0))
+            failed = [p.returncode for p in processes if p.returncode != 0]
+            if failed:
+                raise SystemExit(f"{run.name} failed with {failed[0]}")
             produced = sum(1 for _ in out.rglob("*.json"))
             if produced != count:
-                raise SystemExit(f"{name}: {produced} JSON files for {count} inputs")
-            print(f"  round {round_index + 1}: {name}: {(floor if name == 'floor' else infer)[-1]:.1f} s",
-                  file=sys.stderr, flush=True)
+                raise SystemExit(f"{run.name}: {produced} JSON files for {count} inputs")
+            print(f"  round {round_index + 1}: {run.name}: {run.seconds[-1]:.1f} s", file=sys.stderr, flush=True)
     for round_index in range(args.rounds):
-        for name in ("floor", "infer"):
-            shutil.rmtree(work / f"tiny-out-{name}-{round_index}", ignore_errors=True)
-    floor_rate, infer_rate = count / statistics.median(floor), count / statistics.median(infer)
+        for index in range(len(runs)):
+            shutil.rmtree(work / f"tiny-out-{index}-{round_index}", ignore_errors=True)
+    floor_rate = count / floor.median
     print("\n" + header(f"{count} tiny inputs in nested folders, model-free test pipeline", args.rounds) + "\n")
     print("| configuration | seconds | inputs/s | vs floor |\n| --- | --- | --- | --- |")
-    print(f"| bare-write floor (2 processes, atomic JSON writes, no dispatch) | {statistics.median(floor):.1f} | "
+    print(f"| bare-write floor (2 processes, atomic JSON writes, no dispatch) | {floor.median:.1f} | "
           f"{floor_rate:.0f} | 1.00x |")
-    print(f"| infer_mp.py, 2 instances, batch 64 (dispatch, JSON, run log) | {statistics.median(infer):.1f} | "
-          f"{infer_rate:.0f} | {infer_rate / floor_rate:.2f}x |")
-    print(f"\ncoordinator peak resident memory: {max(memory)} MB")
+    for run in scripts:
+        rate = count / run.median
+        print(f"| {run.name}, 2 instances, batch 64 (dispatch, JSON, run log) | {run.median:.1f} | "
+              f"{rate:.0f} | {rate / floor_rate:.2f}x |")
+    print()
+    for run in scripts:
+        print(f"{run.name}: coordinator peak resident memory {max(run.memory_mb)} MB")
+    if len(scripts) == 2:
+        print(versus_baseline(scripts, "inputs/s", higher_is_better=True, goal=0.9))
+    print(load_note(load))
 
 
-def log_start_up(log: Path, lines: list[bytes], inputs: Path, out: Path, rounds: int) -> list[float]:
-    """Seconds of whole no-op reruns (everything done) with `lines` as the run log."""
-    seconds = []
-    for _ in range(rounds):
-        log.write_bytes(b"".join(lines))
-        command = python(str(ROOT / "infer_mp.py"), "--pipeline", FAKE, "--input_dir", str(inputs), "--device", "cpu",
-                         "--output_dir", str(out))
-        started = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
-        seconds.append(time.perf_counter() - started)
-        if done.returncode != 0 or "0 input(s) to do" not in done.stderr:
-            raise SystemExit(f"the rerun did not find everything done: {done.stderr[-500:]}")
+def log_start_up(script: Path, log: Path, lines: list[bytes], inputs: Path, out: Path, count: int) -> float:
+    """Seconds of one whole no-op rerun (everything done) of `script` with `lines` as the run log."""
+    log.write_bytes(b"".join(lines))
+    command = python(str(script), "--pipeline", FAKE, "--input_dir", str(inputs), "--device", "cpu",
+                     "--output_dir", str(out))
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0 or f"0 input(s) to do, {count} already done" not in done.stderr:
+        raise SystemExit(f"{script}: the rerun did not find everything done: {done.stderr[-500:]}")
     return seconds
 
 
 def run_log_benchmark(args: argparse.Namespace, work: Path) -> None:
     """A cron rerun with nothing to do, over 1,000 inputs, with run logs of growing length:
-    the live records alone (the baseline), a long history of other inputs (an archive of
-    past scans), and the same inputs redone many times (compacted by the first rerun)."""
+    the live records alone, a long history of other inputs (an archive of past scans), and the
+    same inputs redone many times (compacted by the first rerun). With --baseline, each round
+    runs the baseline script and this one on the same log, one after the other."""
     count, records = 1000, args.run_log_records
     inputs, out = work / "log-inputs", work / "log-out"
     shutil.rmtree(out, ignore_errors=True)
@@ -456,25 +506,46 @@ def run_log_benchmark(args: argparse.Namespace, work: Path) -> None:
     if first.returncode != 0:
         raise SystemExit(first.stderr)
     log = out / "infer_mp.runlog.jsonl"
-    live = [line for line in log.read_bytes().splitlines(keepends=True) if b'"input"' in line]
+    # Done records only (not `placing` records or a run's closing line): the same bytes for
+    # every script; an older one passes over fields it does not know (`gen`).
+    live = [line for line in log.read_bytes().splitlines(keepends=True) if json.loads(line).get("status") == "done"]
+    if len(live) != count:
+        raise SystemExit(f"the first run wrote {len(live)} done records for {count} inputs")
     template = json.loads(live[0])
     old = {**template, "time": "2020-01-01T00:00:00+00:00"}
     archive = [json.dumps({**old, "input": f"/archive/{i:07d}.png", "outputs": [f"archive/{i:07d}.json"]}).encode()
                + b"\n" for i in range(records - count)]
     superseded = [json.dumps({**json.loads(line), "time": old["time"]}).encode() + b"\n" for line in live]
     redone = superseded * (records // count - 1)
-    rows = [("live records only (baseline)", live), (f"{records:,} records: {records - count:,} of inputs no longer "
+    rows = [("live records only", live), (f"{records:,} records: {records - count:,} of inputs no longer "
             "there + the live ones", archive + live),
             (f"{records:,} records: the same {count:,} inputs redone {records // count} times (compacted on the run)",
              redone + live)]
+    scripts = contenders(args)
+    compare = len(scripts) == 2
+    load = os.getloadavg()[0]
     print("\n" + header(f"a rerun with nothing to do over {count:,} inputs, by run-log length", args.rounds) + "\n")
-    print("| run log | lines | seconds | vs baseline | lines after |\n| --- | --- | --- | --- | --- |")
-    baseline = None
+    print("| run log | lines | script | seconds | vs live only, same script |"
+          + (" new vs baseline |" if compare else "") + " lines after |\n| --- | --- | --- | --- | --- |"
+          + (" --- |" if compare else "") + " --- |", flush=True)
+    live_only: dict[str, float] = {}
+    summary = []
     for name, lines in rows:
-        seconds = statistics.median(log_start_up(log, lines, inputs, out, args.rounds))
-        baseline = baseline or seconds
-        after = sum(1 for _ in open(log, "rb"))
-        print(f"| {name} | {len(lines):,} | {seconds:.2f} | {seconds / baseline:.2f}x | {after:,} |", flush=True)
+        runs = [Contender(script.name, script.script) for script in scripts]
+        after = {}
+        for _ in range(args.rounds):
+            for run in runs:  # interleaved: baseline, new, baseline, new, ...
+                run.seconds.append(log_start_up(run.script, log, lines, inputs, out, count))
+                after[run.name] = sum(1 for _ in open(log, "rb"))
+        for run in runs:
+            live_only.setdefault(run.name, run.median)
+            cells = [name, f"{len(lines):,}", run.name, f"{run.median:.2f}", f"{run.median / live_only[run.name]:.2f}x"]
+            if compare:
+                cells.append(f"{run.median / runs[0].median:.2f}x" if run is runs[1] else "")
+            print("| " + " | ".join([*cells, f"{after[run.name]:,}"]) + " |", flush=True)
+        if compare:
+            summary.append(f"{name}: " + versus_baseline(runs, "seconds", higher_is_better=False, goal=1.0))
+    print("\n" + "\n".join([*summary, load_note(load)]))
 
 
 # -- big PDFs -----------------------------------------------------------------------------------
@@ -760,11 +831,19 @@ def main() -> None:
     parser.add_argument("--big_pdf", type=int, default=0, metavar="N",
                         help="instead: long PDFs (N pages) against images and whole-file runs, and a "
                         "--pages_per_task sweep: worker memory, balance, CPU seconds")
-    parser.add_argument("--work_dir", help="where inputs and outputs go (default: a temporary folder)")
+    parser.add_argument("--baseline", metavar="SCRIPT",
+                        help="with --orchestration or --run_log_records: another infer_mp.py (e.g. an earlier "
+                        "commit's) run in the same rounds, interleaved, beside this one, with a new-vs-baseline ratio")
+    parser.add_argument("--work_dir", help="where inputs and outputs go (default: a new temporary folder, "
+                        "named on stderr and kept)")
     args = parser.parse_args()
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-bench-"))
+    if args.baseline and not (args.orchestration or args.run_log_records):
+        parser.error("--baseline goes with --orchestration or --run_log_records")
+    # Resolved: infer_mp.py keys inputs on their folder's real path, and old and new must agree.
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}", file=sys.stderr)
     if args.big_pdf:
         big_pdf_benchmark(args, work)
     elif args.orchestration:

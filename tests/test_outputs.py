@@ -50,11 +50,12 @@ def test_tasks_mirror_folders_and_never_share_a_file(tmp_path):
     assert by_rel["y/deep/c.tiff"].output_path(0) == str(tmp_path / "out" / "y" / "deep" / "c_0.json")
 
 
-def test_a_worker_stages_every_file_under_its_final_name_and_leaves_nothing_when_saving_fails(tmp_path):
+def test_a_worker_stages_every_file_and_leaves_nothing_when_saving_fails(tmp_path):
     """PaddleX's save_to_json needs a `.json` name; a writer's side files (markdown's images)
-    are staged too; a failed save leaves no folder behind."""
+    are staged too, in a folder of the task's own; a failed save leaves nothing behind."""
     class Result(dict):
         def save_to_json(self, path):
+            assert path.endswith(".json")
             Path(path).write_text("{}")
 
         def save_to_markdown(self, path):
@@ -64,15 +65,21 @@ def test_a_worker_stages_every_file_under_its_final_name_and_leaves_nothing_when
 
     task = infer_mp.plan_tasks(tmp_path, tmp_path / "out", [str(tmp_path / "doc.pdf")])[0]
     staging = infer_mp.Staging(str(tmp_path / "staging"))
-    folder, pages, extras = infer_mp.save_results(task, [Result(page_index=0), Result(page_index=1)],
-                                                  ("markdown",), staging)
-    assert pages == ["doc_0.json", "doc_1.json"] and extras == ["doc_0.md", "doc_1.md", "imgs/fig.jpg"]
+    results = [Result(page_index=0), Result(page_index=1)]
+    folder, prefix, pages, extras = infer_mp.save_results(task, results, ("markdown",), staging)
+    assert pages == ["doc_0.json", "doc_1.json"] and extras == ["doc_0.md", "doc_1.md", "imgs/fig.jpg"] and not prefix
     assert sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()) == sorted(pages + extras)
+    folder, prefix, pages, extras = infer_mp.save_results(task, results, (), staging)
+    assert folder == str(tmp_path / "staging") and prefix and not extras
+    assert sorted(p.name for p in Path(folder).iterdir() if p.is_file()) == [prefix + name for name in pages]
 
     class Broken(Result):
         def save_to_json(self, path):
-            raise OSError(28, "No space left on device")
+            if path.endswith("_1.json"):
+                raise OSError(28, "No space left on device")
+            super().save_to_json(path)
 
-    with pytest.raises(OSError):
-        infer_mp.save_results(task, [Broken(page_index=0)], (), staging)
-    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["0"]
+    for formats in ((), ("markdown",)):
+        with pytest.raises(OSError):
+            infer_mp.save_results(task, [Broken(page_index=0), Broken(page_index=1)], formats, staging)
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["0", *(prefix + name for name in pages)]
