@@ -1758,6 +1758,8 @@ class Ledger:
         self.inputs = 0  # ... and the inputs it describes
         self.protected = set(protected)  # never deleted: inputs, run logs
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
+        self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
+        self.last_placing: dict[str, dict] = {}  # input -> its last `placing` record
         self.retired = 0
         self.log: RunLog | None = None
         self._holders: dict[str, set[str]] | None = None  # file -> inputs that hold it (built when needed)
@@ -1773,7 +1775,7 @@ class Ledger:
         """Every run log in --output_dir (all shards) then this run's own, which wins a tie.
         (With the garbage collector paused: a million records are a million new dicts, and
         its passes over them cost more than reading them.)"""
-        ledger = cls(config.output_dir, [*protected, str(config.run_log)])
+        ledger = cls(config.output_dir, [*protected, str(config.run_log), os.path.realpath(config.run_log)])
         others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
         paths = [*others, config.run_log]
         ledger.protected.update(map(str, paths))
@@ -1807,6 +1809,9 @@ class Ledger:
         if placed is not None:
             placed.update(files_of(record))
         if status == PLACING:
+            self.last_placing[key] = record
+            for raw in files_of(record):
+                self.placements[raw] = (order, key)
             return
         if "range" in record:
             self.ranges[key].append(record)
@@ -1847,6 +1852,12 @@ class Ledger:
         if latest is not None:
             records.append(latest)
         return records + self.unfinished_ranges(key)
+
+    def overwritten(self, rel: str, record: dict) -> bool:
+        """Has another input placed this file since `record` listed it? (A run killed between
+        the rename and that input's record: the file holds the other input's text now.)"""
+        placement = self.placements.get(rel)
+        return placement is not None and placement[1] != record["input"] and placement[0] > record["_order"]
 
     def held_files(self, key: str) -> set[str]:
         return {rel for record in self.held(key) for raw in files_of(record) if (rel := self.normal(raw))}
@@ -1895,6 +1906,8 @@ class Ledger:
         held = self.held_files(key)
         candidates = [raw for raw in placed if raw not in held]
         if candidates:
+            if self.log is not None:  # the record that supersedes them in the file before they go
+                self.log.flush()
             holders = self.holders()
             for raw in candidates:
                 rel = self.normal(raw)
@@ -1969,6 +1982,9 @@ class Ledger:
             known = self.held_files(task.path)
         for folder in dict.fromkeys(os.path.dirname(path) for path in [*outputs, *others]):
             self.check_folder(folder)
+        for path in [*outputs, *others]:
+            if path in self.protected:
+                raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         if not known.issuperset(rels):
             self.write(task, PLACING, outputs=outputs, extras=others)
         self.log.flush()  # the record, and any before it, in the file before a file is placed
@@ -1983,6 +1999,9 @@ class Ledger:
         subfolder): nothing is written, renamed or deleted outside --output_dir."""
         if folder in self._folders:
             return
+        if folder != self.root and os.path.relpath(folder, self.root).startswith(BOOKKEEPING_PREFIX):
+            raise OSError(errno.EINVAL, f"{folder!r}: names starting {BOOKKEEPING_PREFIX!r} are infer_mp.py's "
+                          "own in --output_dir; rename that input folder")
         os.makedirs(folder, exist_ok=True)
         if not within(os.path.realpath(folder), self.root):
             raise OSError(errno.EXDEV, f"{folder!r} leads outside --output_dir (a link?); not written there")
@@ -1997,7 +2016,11 @@ class Ledger:
         own = self.own_index
         wanted = set()
         for key in self.keys():
-            for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key)]:
+            placing = self.last_placing.get(key)
+            latest = self.latest.get(key)
+            if placing is not None and latest is not None and placing["_order"] < latest["_order"]:
+                placing = None  # (followed by a whole record, which says what the input holds)
+            for record in [latest, self.last_done.get(key), *self.unfinished_ranges(key), placing]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
         extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "input": key, "status": PLACING,
@@ -2111,14 +2134,15 @@ def belongs_to(task: Task, path: str) -> bool:
     return task.owns_stem(name[: -len(".json")])
 
 
-def is_complete(task: Task, record: dict | None, root: str) -> bool:
+def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
-    lists is there, under today's names. A crash between writing outputs and logging them
-    resolves to "redo", never to "skip"."""
+    lists is there, under today's names, and no other input placed it since. A crash between
+    writing outputs and logging them resolves to "redo", never to "skip"."""
     if not record or record.get("status") != DONE or not unchanged(task, record):
         return False
-    outputs = [os.path.join(root, rel) for rel in record.get("outputs") or []]
-    return bool(outputs) and all(belongs_to(task, o) and os.path.isfile(o) for o in outputs)
+    outputs = record.get("outputs") or []
+    return bool(outputs) and all(belongs_to(task, path := os.path.join(ledger.root, rel)) and os.path.isfile(path)
+                                 and not ledger.overwritten(rel, record) for rel in outputs)
 
 
 @dataclass
@@ -2158,7 +2182,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         if config.overwrite:
             selection.todo.append(task)
             continue
-        complete = is_complete(task, record, root) or is_complete(task, done, root)
+        complete = is_complete(task, record, ledger) or is_complete(task, done, ledger)
         if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
             selection.complete.append((task, done))                   # counts as done, unless retried)
             continue

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (all_records, fake_args, latest_records, make_inputs, page_files, pdf_bytes, run_cli, run_fake,
+from conftest import (all_records, fake_args, latest_records, make_config, make_inputs, page_files, pdf_bytes, run_cli, run_fake,
                       start_fake, wait_for, write)
 
 LOG = "infer_mp.runlog.jsonl"
@@ -401,3 +401,73 @@ def test_a_linked_output_subfolder_is_refused_and_named(dirs, tmp_path):
     run = run_fake(src, out, "--recursive")
     assert run.code == 1 and "leads outside --output_dir" in run.stderr and "sub/a.png" in run.stderr
     assert not list(elsewhere.iterdir()) and (out / "b.json").is_file()
+
+
+# -- found by a hostile review of the ledger ------------------------------------------------------
+
+
+def test_a_supersedes_record_is_in_the_file_before_any_old_file_is_deleted(tmp_path, monkeypatch):
+    """A kill between retiring old files and writing the record that supersedes them would
+    leave the last record on disk listing deleted files."""
+    import infer_mp
+
+    out = tmp_path / "out"
+    write(out / "a.json", "old name")
+    config = make_config(output_dir=out, run_log=out / LOG)
+    task = infer_mp.plan_tasks(tmp_path, out, [str(tmp_path / "a.jpg")])[0]
+    ledger = infer_mp.Ledger.read(config)
+    ledger.open(config.run_log)
+    ledger.write(task, "done", outputs=[str(out / "a.json")])
+    ledger.log.flush()
+    seen = []
+    real_unlink = os.unlink
+    monkeypatch.setattr(infer_mp.os, "unlink", lambda path: (seen.append((out / LOG).read_text()), real_unlink(path)))
+    ledger.write(task, "done", outputs=[str(out / "a.jpg.json")])
+    assert not (out / "a.json").exists() and len(seen) == 1 and "a.jpg.json" in seen[0]
+
+
+def test_a_file_another_input_placed_since_is_not_complete(tmp_path):
+    """J's done record lists a.json; K placed a.json later (killed before its own record):
+    the file holds K's text, so J is not done."""
+    import infer_mp
+
+    out = tmp_path / "out"
+    write(out / "a.json", "K's text")
+    write(tmp_path / "a.bmp", "J")
+    j, k = str(tmp_path / "a.bmp"), str(tmp_path / "a.png")
+    size, mtime = (tmp_path / "a.bmp").stat().st_size, (tmp_path / "a.bmp").stat().st_mtime_ns
+    done = {"time": "t", "gen": 1, "input": j, "status": "done", "outputs": ["a.json"], "size": size, "mtime_ns": mtime}
+    placing = {"time": "t", "gen": 2, "input": k, "status": "placing", "outputs": ["a.json"]}
+    (out / LOG).write_text(json.dumps(done) + "\n")
+    config = make_config(output_dir=out, run_log=out / LOG)
+    task = infer_mp.plan_tasks(tmp_path, out, [j])[0]
+    task = infer_mp.Task(task.index, task.path, task.rel, task.out_dir, "a", (size, mtime))
+    ledger = infer_mp.Ledger.read(config)
+    assert infer_mp.is_complete(task, ledger.latest[j], ledger)
+    with (out / LOG).open("a") as log:
+        log.write(json.dumps(placing) + "\n")
+    ledger = infer_mp.Ledger.read(config)
+    assert not infer_mp.is_complete(task, ledger.latest[j], ledger)
+
+
+def test_an_input_or_the_run_log_is_never_overwritten_by_an_output(tmp_path):
+    out = tmp_path / "out"
+    write(out / "scans" / "a_vis.png", "an input, not a picture")
+    write(out / "scans" / "scans" / "a.png", "text")  # -> out/scans/a.json, out/scans/a_vis.png
+    run = run_cli(*fake_args(out / "scans", out, "--recursive", "--save", "img"))
+    assert run.code == 1 and "is an input or a run log" in run.stderr, run.stderr
+    assert (out / "scans" / "a_vis.png").read_text() == "an input, not a picture"
+    src = tmp_path / "in"
+    write(src / "scan.png", "text")
+    run = run_cli(*fake_args(src, tmp_path / "out2", "--run_log", str(tmp_path / "out2" / "scan.json")))
+    assert run.code == 1 and "is an input or a run log" in run.stderr
+    assert all(json.loads(line).get("input") or "run" in json.loads(line)
+               for line in (tmp_path / "out2" / "scan.json").read_text().splitlines())
+
+
+def test_an_input_folder_named_like_the_staging_folder_is_refused(dirs):
+    src, out = dirs
+    write(src / ".infer_mp.staging" / "a.png", "text")
+    write(src / "b.png", "text")
+    run = run_fake(src, out, "--recursive")
+    assert run.code == 1 and "are infer_mp.py's own" in run.stderr and (out / "b.json").is_file()
