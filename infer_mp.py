@@ -1802,9 +1802,11 @@ class Ledger:
         """One record, at its place in the merged order (see read_log)."""
         record["_order"] = order
         key, status = record["input"], record["status"]
-        self.generation = max(self.generation, order[0])
+        if order[0] > self.generation:
+            self.generation = order[0]
+        previous = self.latest.get(key)
         placed = self.placed.get(key)
-        if placed is None and (status == PLACING or key in self.latest or key in self.ranges):
+        if placed is None and (status == PLACING or previous is not None or key in self.ranges):
             placed = self.placed[key] = {rel for r in self.held(key) for rel in files_of(r)}
         if placed is not None:
             placed.update(files_of(record))
@@ -1816,7 +1818,6 @@ class Ledger:
         if "range" in record:
             self.ranges[key].append(record)
         else:
-            previous = self.latest.get(key)
             if previous is None or order >= previous["_order"]:
                 self.latest[key] = record
             if status == DONE:
@@ -2253,9 +2254,13 @@ class Claims:
         wanted = {os.path.normpath(task.out_dir) for task in tasks}
         for source in ledger.keys():
             for raw in (raw for record in ledger.held(source) for raw in record.get("outputs") or []):
-                rel = ledger.normal(raw) if raw.endswith(".json") else None
-                if rel is None:
+                if not raw.endswith(".json"):
                     continue
+                if raw.startswith(("/", ".")) or "/." in raw or "//" in raw:  # (rare: spelled oddly)
+                    raw = ledger.normal(raw)
+                    if raw is None:
+                        continue
+                rel = raw
                 head, _, name = os.path.join(ledger.root, rel).rpartition(os.sep)
                 if head in wanted:
                     stem = name[: -len(".json")]

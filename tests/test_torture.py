@@ -1,0 +1,15 @@
+"""Crash torture, short: random input changes and kill -9s, the output invariant checked after
+every run (see torture.py; a long sweep: `python tests/torture.py --rounds 200 --seed 7`).
+
+Seed 1 meets, among others, a name that looks like another input's page (page_0.png beside
+page.pdf, doc_1.jpg beside doc.pdf), so that inputs change output names while runs are killed."""
+
+from __future__ import annotations
+
+from torture import torture
+
+SEED, ROUNDS = 1, 18
+
+
+def test_outputs_stay_owned_and_current_through_random_changes_and_kills(tmp_path):
+    torture(SEED, ROUNDS, tmp_path, say=lambda line: None)
