@@ -1759,7 +1759,7 @@ class Ledger:
         self.protected = set(protected)  # never deleted: inputs, run logs
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
         self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
-        self.last_placing: dict[str, dict] = {}  # input -> its last `placing` record
+        self.last_placing: dict[str, dict] = {}  # input -> its `placing` record no whole record followed
         self.retired = 0
         self.log: RunLog | None = None
         self._holders: dict[str, set[str]] | None = None  # file -> inputs that hold it (built when needed)
@@ -1818,6 +1818,9 @@ class Ledger:
         if "range" in record:
             self.ranges[key].append(record)
         else:
+            placing = self.last_placing.get(key)
+            if placing is not None and placing["_order"] < order:  # (see compact)
+                del self.last_placing[key]
             if previous is None or order >= previous["_order"]:
                 self.latest[key] = record
             if status == DONE:
@@ -2017,11 +2020,8 @@ class Ledger:
         own = self.own_index
         wanted = set()
         for key in self.keys():
-            placing = self.last_placing.get(key)
-            latest = self.latest.get(key)
-            if placing is not None and latest is not None and placing["_order"] < latest["_order"]:
-                placing = None  # (followed by a whole record, which says what the input holds)
-            for record in [latest, self.last_done.get(key), *self.unfinished_ranges(key), placing]:
+            placing = self.last_placing.get(key)  # (kept only while no whole record followed it)
+            for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key), placing]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
         extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "input": key, "status": PLACING,
