@@ -1782,6 +1782,7 @@ class Ledger:
         with collector_paused():
             for index, path in enumerate(paths):
                 ledger.read_log(path, index, own=path == config.run_log)
+            gc.freeze()  # the ledger lives as long as the run: a million records, never garbage
         ledger.own_index = len(paths) - 1
         return ledger
 
@@ -4111,7 +4112,6 @@ def run(config: Config) -> ExitCode:
     lock = RunLock(config)
     try:
         selection, tasks, work = choose_work(config, locked=True)
-        gc.freeze()  # the ledger lives as long as the run: a million records, never garbage
         if not tasks:
             parse_device_arg(config.device)
             say_no_inputs(config, selection)
