@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (all_records, fake_args, latest_records, make_config, make_inputs, page_files, pdf_bytes, run_cli, run_fake,
+from conftest import (all_records, fake_args, latest_records, make_config, make_inputs, outputs, page_files, pdf_bytes, run_cli, run_fake,
                       start_fake, wait_for, write)
 
 LOG = "infer_mp.runlog.jsonl"
@@ -20,19 +20,9 @@ LOG = "infer_mp.runlog.jsonl"
 # -- what is on disk, and what the run log says of it ---------------------------------------------
 
 
-def outputs(out: Path) -> dict[str, dict]:
-    """Every JSON file under out, by path relative to it: hidden names too (an input's name may
-    be hidden), not in hidden folders (where a version may stage its files)."""
-    found = {}
-    for path in sorted(out.rglob("*.json")):
-        rel = path.relative_to(out)
-        if not any(part.startswith(".") for part in rel.parts[:-1]):
-            found[str(rel)] = json.loads(path.read_text(encoding="utf-8"))
-    return found
-
-
 def texts(out: Path) -> dict[str, str | None]:
-    """The text of every output JSON under out (see outputs), by path relative to it."""
+    """The text of every output JSON under out (conftest.outputs: hidden names too, not what is
+    staged), by path relative to it."""
     return {name: content.get("text") for name, content in outputs(out).items()}
 
 
