@@ -1678,13 +1678,16 @@ def input_key(path: str, real_folders: dict[str, str]) -> str:
 DONE, FAILED, PLACING = "done", "failed", "placing"
 RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
 BOOKKEEPING_PREFIX = ".infer_mp"  # the lock files, the staging folder: never outputs
-STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here; only the coordinator places files
+STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here, and rename into place when told
 LOG_FLUSH_SECONDS = 1.0  # records not followed by a placement reach the run log's file within this
 COMPACT_MIN_LINES = 1000  # a run log shorter than this is never compacted
 COMPACT_RATIO = 3  # ... a longer one is, once it has this many lines per input it describes
 STATUSES = frozenset({DONE, FAILED, PLACING})
 ONLY_STRINGS = frozenset({str})
 ONLY_INTS = frozenset({int})
+
+
+Moves = tuple[str | None, list[tuple[str, str]]]  # a task's (own staging folder, [(staged, final)])
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
@@ -1972,32 +1975,27 @@ class Ledger:
         if status != PLACING and task.pages is None:
             self.retire(task.path)
 
-    def place(self, task: Task, staged: str, prefix: str, pages: list[str], extras: list[str]
-              ) -> tuple[list[str], list[str]]:
-        """Move a task's files from the worker's staging folder to their final names, recorded
-        first (unless the ledger has every one of them for this input already): a kill at any
-        instant leaves no file that the ledger cannot attribute. Raises OSError (the folder
-        lies outside the root, the disk fails); then what was placed is retired on the next
-        run, as the task is not done."""
-        outputs = [os.path.join(task.out_dir, name) for name in pages]
-        others = [os.path.join(task.out_dir, name) for name in extras]
-        rels = [self.log.relative(path) for path in [*outputs, *others]]
+    def prepare(self, task: Task, staged: str, prefix: str, pages: list[str], extras: list[str]) -> Moves:
+        """Where a task's staged files go, recorded first (unless the ledger has every one of
+        them for this input already); its worker renames them once the record is in the file
+        (see Staged), so a kill at any instant leaves no file that the ledger cannot
+        attribute. Raises OSError for a folder that lies outside the root, or a name that is
+        an input or a run log; then the task fails and nothing is placed."""
+        names = [*pages, *extras]
+        finals = [os.path.join(task.out_dir, name) for name in names]
+        for folder in dict.fromkeys(map(os.path.dirname, finals)):
+            self.check_folder(folder)
+        for path in finals:
+            if path in self.protected:
+                raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
+        rels = [self.log.relative(path) for path in finals]
         known = self.placed.get(task.path)
         if known is None:
             known = self.held_files(task.path)
-        for folder in dict.fromkeys(os.path.dirname(path) for path in [*outputs, *others]):
-            self.check_folder(folder)
-        for path in [*outputs, *others]:
-            if path in self.protected:
-                raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         if not known.issuperset(rels):
-            self.write(task, PLACING, outputs=outputs, extras=others)
-        self.log.flush()  # the record, and any before it, in the file before a file is placed
-        for name, final in zip([*pages, *extras], [*outputs, *others]):
-            os.replace(os.path.join(staged, prefix + name), final)
-        if not prefix:  # a folder of the task's own (see save_results)
-            shutil.rmtree(staged, ignore_errors=True)
-        return outputs, others
+            self.write(task, PLACING, outputs=rels[:len(pages)], extras=rels[len(pages):])
+        renames = [(os.path.join(staged, prefix + name), final) for name, final in zip(names, finals)]
+        return (None if prefix else staged), renames
 
     def check_folder(self, folder: str) -> None:
         """Create an output folder; refuse one whose real path leads out of the root (a linked
@@ -2438,10 +2436,10 @@ class RunLog:
         self._append(record)
         return record
 
-    def write_placing(self, task: Task, generation: int, outputs: Iterable[str], extras: Iterable[str]) -> dict:
-        """The files a task is about to place, under their final names (see Ledger.place)."""
+    def write_placing(self, task: Task, generation: int, outputs: list[str], extras: list[str]) -> dict:
+        """The files a task is about to place, relative to the output folder (see Ledger.prepare)."""
         record = {"time": self.now(), "gen": generation, "input": task.path, "status": PLACING,
-                  "outputs": [self.relative(o) for o in outputs], "extra_outputs": [self.relative(o) for o in extras]}
+                  "outputs": outputs, "extra_outputs": extras}
         self._append(record)
         return record
 
@@ -2452,7 +2450,7 @@ class RunLog:
         self.flush()
 
     def _append(self, record: dict) -> None:
-        """Buffered; flushed before any file is placed (see Ledger.place) and at least every
+        """Buffered; flushed before any file is placed (see Ledger.prepare) and at least every
         LOG_FLUSH_SECONDS otherwise: a kill loses only records whose work is then redone."""
         # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
         try:
@@ -2642,13 +2640,25 @@ class WorkerRecycled:
 class TaskDone:
     task: Task
     spec: WorkerSpec
-    staged: str  # the folder its worker wrote its files into (see Ledger.place)
+    staged: str  # the folder its worker wrote its files into (see Staged)
     prefix: str  # ... and what their names there start with (see save_results)
     outputs: list[str]  # the page JSONs, as named under task.out_dir
     extras: list[str]  # --save files
     seconds: float
     attempts: int
     failed_pages: dict[int, str] = field(default_factory=dict)  # pages of a document that failed alone
+
+
+@dataclass
+class Staged:
+    """A worker's batch, saved in its staging folder. The coordinator records where each
+    task's files go (see Ledger.prepare) and fills `moves`; the worker then renames them
+    into place, and each task is done once it says so. A task left out of `moves` was
+    refused (and recorded failed)."""
+
+    spec: WorkerSpec
+    done: list[TaskDone]
+    moves: dict[int, Moves] = field(default_factory=dict)  # by task index
 
 
 @dataclass(frozen=True)
@@ -2673,7 +2683,8 @@ class Note:
     text: str
 
 
-Event = WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | TaskDone | TaskFailed | OutputError | Note
+Event = (WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | Staged | TaskDone | TaskFailed | OutputError
+         | Note)
 
 
 class Stopper:
@@ -2724,7 +2735,7 @@ class WorkerOptions:
     max_items: int = 0
     max_memory_mb: int = 0
     run_tag: str = "all"  # see run_tag()
-    staging: str = STAGING_DIR  # the folder workers write into (see Ledger.place)
+    staging: str = STAGING_DIR  # the folder workers write into (see Staged)
 
     def retire_reason(self, processed: int) -> str | None:
         if self.max_items and processed >= self.max_items:
@@ -2747,6 +2758,7 @@ class WorkerHandle:
     busy_since: float = 0.0
     retiring: str | None = None  # why it said it will exit (recycling), if it did
     token: str | None = None  # names its staging folder (see Staging), from its "ready" message
+    placing: dict[int, TaskDone] = field(default_factory=dict)  # staged, told where to: see Staged
     timed_out: float | None = None  # the limit it passed, if it was killed for it
 
 
@@ -2897,6 +2909,10 @@ class Backend:
     def _send(self, worker: WorkerHandle, batch: list[Task]) -> None:
         raise NotImplementedError
 
+    def _send_moves(self, worker: WorkerHandle, moves: dict[int, Moves]) -> None:
+        """Tell a worker where its staged files go (see Staged); it answers "placed"."""
+        raise NotImplementedError
+
     def _wait(self, restart: bool) -> Iterator[Event]:
         """Wait up to POLL_SECONDS for workers' messages or deaths, and handle them."""
         raise NotImplementedError
@@ -2959,8 +2975,36 @@ class Backend:
             self._shutdown([worker])
             yield from self._failed_start(worker.spec, message[1])
         elif kind == "reports":  # one message per batch: one report per input, in order
+            staged = Staged(worker.spec, [])
             for report in message[1]:
-                yield from self._handle(worker, report)
+                if report[0] == "done":
+                    _, index, folder, prefix, outputs, extras, seconds, failed_pages = report
+                    staged.done.append(TaskDone(worker.held[index], worker.spec, folder, prefix, outputs, extras,
+                                                seconds, self.handed[index], failed_pages))
+                else:
+                    yield from self._handle(worker, report)
+            if staged.done:
+                yield staged  # the coordinator records the files' final names, then ...
+            for done in staged.done:
+                if done.task.index in staged.moves:
+                    worker.placing[done.task.index] = done
+                else:  # refused: recorded failed already
+                    worker.held.pop(done.task.index)
+            self._send_moves(worker, staged.moves)  # ... the worker renames them (always answers)
+        elif kind == "placed":
+            _, placed, errors = message
+            for index in placed:
+                worker.held.pop(index)
+                yield worker.placing.pop(index)
+            for index, (number, error) in errors.items():
+                task = worker.held.pop(index)
+                worker.placing.pop(index)
+                if number in OUTPUT_ERRNOS:
+                    self.handed[index] -= 1  # not the input's fault: it stays to do
+                    self.output_failed = True
+                    yield OutputError(f"cannot place outputs in {task.out_dir!r}: {error}")
+                else:
+                    yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index])
         elif kind == "retiring":
             worker.retiring = message[1]
         elif kind == "output_failed":
@@ -2972,10 +3016,6 @@ class Backend:
         elif kind == "note" and message[1] not in self.notes:
             self.notes.add(message[1])
             yield Note(message[1])
-        elif kind == "done":
-            _, index, staged, prefix, outputs, extras, seconds, failed_pages = message
-            task = worker.held.pop(index)
-            yield TaskDone(task, worker.spec, staged, prefix, outputs, extras, seconds, self.handed[index], failed_pages)
         elif kind == "failed":
             _, index, error = message
             task = worker.held.pop(index)
@@ -3063,6 +3103,10 @@ class LocalBackend(Backend):
             worker.conn.send(("batch", batch))
         except OSError:
             pass  # it died; its sentinel fires next and what it held is requeued
+
+    def _send_moves(self, worker: LocalWorker, moves: dict[int, Moves]) -> None:
+        with contextlib.suppress(OSError):  # (as in _send)
+            worker.conn.send(("place", moves))
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         handles = {w.conn: w for w in self.workers.values()}
@@ -3294,6 +3338,9 @@ class RayBackend(Backend):
     def _send(self, worker: RayWorker, batch: list[Task]) -> None:
         worker.call = worker.actor.run_batch.remote(batch)
 
+    def _send_moves(self, worker: RayWorker, moves: dict[int, Moves]) -> None:
+        worker.call = worker.actor.place.remote(moves)
+
     def _wait(self, restart: bool) -> Iterator[Event]:
         ray = self.cluster.ray
         yield from self._give_up_on_placement()
@@ -3470,9 +3517,25 @@ class PipelineWorker:
         return ("ready", describe_engine(options.init_kwargs), token)
 
     def run_batch(self, batch: list[Task]) -> list[tuple]:
-        """One "reports" message for the batch, then "retiring" if it is time to recycle."""
-        messages = [("reports", list(process_batch(self.pipeline, batch, self.options, self.aliases, self.staging)))]
+        """One "reports" message for the batch; the coordinator answers with where its files go."""
         self.processed += len(batch)
+        return [("reports", list(process_batch(self.pipeline, batch, self.options, self.aliases, self.staging)))]
+
+    def place(self, moves: dict[int, Moves]) -> list[tuple]:
+        """Rename the batch's staged files into place (see Staged): one "placed" message, then
+        "retiring" if it is time to recycle."""
+        placed, errors = [], {}
+        for index, (folder, renames) in moves.items():
+            try:
+                for staged, final in renames:
+                    os.replace(staged, final)
+            except OSError as error:
+                errors[index] = (error.errno, error.strerror or one_line(error))
+            else:
+                placed.append(index)
+            if folder is not None:  # a task's own folder (see Staging.place_for)
+                shutil.rmtree(folder, ignore_errors=True)
+        messages = [("placed", placed, errors)]
         reason = self.options.retire_reason(self.processed)
         if reason:
             messages.append(("retiring", reason))
@@ -3511,8 +3574,8 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
         conn.send(reply)
         if reply[0] == "init_failed":
             return  # the coordinator decides
-        while (message := conn.recv())[0] == "batch":
-            for reply in worker.run_batch(message[1]):
+        while (message := conn.recv())[0] in ("batch", "place"):
+            for reply in worker.run_batch(message[1]) if message[0] == "batch" else worker.place(message[1]):
                 conn.send(reply)
                 if reply[0] == "retiring":
                     return
@@ -3719,7 +3782,7 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
 
 class Staging:
     """A worker's own folder inside the output folder's staging folder (same filesystem, so
-    the coordinator's renames into place are atomic). A worker that dies leaves only this
+    the renames into place are atomic). A worker that dies leaves only this
     folder, removed by the coordinator."""
 
     def __init__(self, folder: str):
@@ -3904,29 +3967,33 @@ class Report:
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
                               f"{event.requeued} input(s) or page(s) go back to the queue"
                               + ("; starting a replacement" if event.replaced else ""))
+        elif isinstance(event, Staged):
+            self.staged(event)
         elif isinstance(event, TaskDone):
             self.task_done(event)
         elif isinstance(event, TaskFailed):
-            if event.task.path in self.documents and event.task.page_numbers:
-                self.pages_failed(event)
-            else:
-                self.input_failed(event.task, event.spec, event.attempts, event.error)
+            self.task_failed(event)
         self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed)
 
+    def staged(self, event: Staged) -> None:
+        """Record where a batch's staged files go (see Ledger.prepare), in the file before
+        its worker renames them."""
+        for done in event.done:
+            try:
+                event.moves[done.task.index] = self.ledger.prepare(done.task, done.staged, done.prefix, done.outputs,
+                                                                   done.extras)
+            except OSError as error:
+                if error.errno in OUTPUT_ERRNOS:
+                    raise OutputFailed(f"cannot place outputs in {done.task.out_dir!r}: {error.strerror}") from None
+                self.task_failed(TaskFailed(done.task, done.spec, f"cannot place output: {one_line(error)}",
+                                            done.attempts))
+        self.ledger.log.flush()
+
     def task_done(self, event: TaskDone) -> None:
-        """Place the task's staged files (see Ledger.place), then record it."""
+        """The task's files are in place: its record."""
         task = event.task
-        try:
-            outputs, extras = self.ledger.place(task, event.staged, event.prefix, event.outputs, event.extras)
-        except OSError as error:
-            if error.errno in OUTPUT_ERRNOS:
-                raise OutputFailed(f"cannot place outputs in {task.out_dir!r}: {error.strerror}") from None
-            failed = TaskFailed(task, event.spec, f"cannot place output: {one_line(error)}", event.attempts)
-            if task.path in self.documents and task.page_numbers:
-                self.pages_failed(failed)
-            else:
-                self.input_failed(task, event.spec, event.attempts, failed.error)
-            return
+        outputs = [os.path.join(task.out_dir, name) for name in event.outputs]
+        extras = [os.path.join(task.out_dir, name) for name in event.extras]
         self.pages += len(outputs)
         self.pages_by_device[event.spec.device] += len(outputs)
         if task.path in self.documents:
@@ -3935,6 +4002,12 @@ class Report:
             self.ledger.write(task, DONE, outputs=outputs, extras=extras, device=event.spec.device,
                               attempts=event.attempts, seconds=event.seconds)
             self.done += 1
+
+    def task_failed(self, event: TaskFailed) -> None:
+        if event.task.path in self.documents and event.task.page_numbers:
+            self.pages_failed(event)
+        else:
+            self.input_failed(event.task, event.spec, event.attempts, event.error)
 
     def input_failed(self, task: Task, spec: WorkerSpec | None, attempts: int, error: str) -> None:
         self.failed_pages += 1
