@@ -1349,6 +1349,10 @@ class Task:
         name = self.out_base if page_index is None else f"{self.out_base}_{page_index}"
         return os.path.join(self.out_dir, name + ".json")
 
+    def output_file(self, name: str) -> str:
+        """One of its files, named relative to out_dir (os.path.join's result, faster)."""
+        return f"{self.out_dir.rstrip(os.sep)}{os.sep}{name}"
+
     def owns_stem(self, stem: str) -> bool:
         """Is `stem` (a file name in out_dir without its suffix) one this input writes? Exactly
         its own names: image `scan` owns `scan`, not `scan_1` (image scan_1.png's); paged `b`
@@ -1967,13 +1971,18 @@ class Ledger:
         """An input's record (see RunLog.write), taken into the ledger; a whole record then
         retires what the input no longer holds. (After the record: a kill in between leaves
         a done input with its files, and the next run's reconcile retires them.)"""
-        if status == PLACING:
+        key = task.path
+        if status == PLACING:  # in this run it matters only to what retire() may delete: see add()
             record = self.log.write_placing(task, self.generation, **fields)
-        else:
-            record = self.log.write(task, status, generation=self.generation, **fields)
+            placed = self.placed.get(key)
+            if placed is None:
+                placed = self.placed[key] = {rel for r in self.held(key) for rel in files_of(r)}
+            placed.update(files_of(record))
+            return
+        record = self.log.write(task, status, generation=self.generation, **fields)
         self.add(record, (self.generation, "", math.inf, next(self._written)))
-        if status != PLACING and task.pages is None:
-            self.retire(task.path)
+        if task.pages is None:
+            self.retire(key)
 
     def prepare(self, task: Task, staged: str, prefix: str, pages: list[str], extras: list[str]) -> Moves:
         """Where a task's staged files go, recorded first (unless the ledger has every one of
@@ -1982,8 +1991,9 @@ class Ledger:
         attribute. Raises OSError for a folder that lies outside the root, or a name that is
         an input or a run log; then the task fails and nothing is placed."""
         names = [*pages, *extras]
-        finals = [os.path.join(task.out_dir, name) for name in names]
-        for folder in dict.fromkeys(map(os.path.dirname, finals)):
+        finals = [task.output_file(name) for name in names]
+        self.check_folder(task.out_dir)
+        for folder in {os.path.dirname(final) for name, final in zip(names, finals) if os.sep in name}:
             self.check_folder(folder)
         for path in finals:
             if path in self.protected:
@@ -1994,7 +2004,7 @@ class Ledger:
             known = self.held_files(task.path)
         if not known.issuperset(rels):
             self.write(task, PLACING, outputs=rels[:len(pages)], extras=rels[len(pages):])
-        renames = [(os.path.join(staged, prefix + name), final) for name, final in zip(names, finals)]
+        renames = [(f"{staged}{os.sep}{prefix}{name}", final) for name, final in zip(names, finals)]
         return (None if prefix else staged), renames
 
     def check_folder(self, folder: str) -> None:
@@ -2929,11 +2939,17 @@ class Backend:
     def _busy(self) -> bool:
         return any(w.held for w in self.workers.values())
 
+    def _idle(self, worker: WorkerHandle) -> bool:
+        """Ready for a batch: it holds nothing, or only files it has been told where to put,
+        which it renames before it starts the next batch (see Staged)."""
+        return len(worker.held) == len(worker.placing)
+
     def _feed(self, worker: WorkerHandle) -> None:
         """Give an idle worker its next batch. An input that was in a worker that died goes
         alone, so that it cannot take others down with it again; so does a page range (it is
         a predict() call of its own: see predict_pages)."""
-        if not worker.ready or worker.held or worker.retiring or worker.timed_out is not None or not self.pending:
+        if (not worker.ready or not self._idle(worker) or worker.retiring or worker.timed_out is not None
+                or not self.pending):
             return
         batch = [self.pending.popleft()]
         if not self.handed[batch[0].index] and batch[0].pages is None:
@@ -3340,6 +3356,9 @@ class RayBackend(Backend):
 
     def _send_moves(self, worker: RayWorker, moves: dict[int, Moves]) -> None:
         worker.call = worker.actor.place.remote(moves)
+
+    def _idle(self, worker: RayWorker) -> bool:
+        return not worker.held  # one call at a time: its "placed" reply first
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         ray = self.cluster.ray
@@ -3992,8 +4011,8 @@ class Report:
     def task_done(self, event: TaskDone) -> None:
         """The task's files are in place: its record."""
         task = event.task
-        outputs = [os.path.join(task.out_dir, name) for name in event.outputs]
-        extras = [os.path.join(task.out_dir, name) for name in event.extras]
+        outputs = [task.output_file(name) for name in event.outputs]
+        extras = [task.output_file(name) for name in event.extras]
         self.pages += len(outputs)
         self.pages_by_device[event.spec.device] += len(outputs)
         if task.path in self.documents:
