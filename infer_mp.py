@@ -3085,8 +3085,14 @@ class Backend:
         pages of a document or range that dies are retried one by one, uncharged, so that a
         page that kills its worker costs only itself."""
         requeue = []
-        alone = len(worker.held) == 1
-        for task in worker.held.values():
+        suspects = [worker.held[index] for index in worker.placing] or list(worker.held.values())
+        if worker.placing:  # it died renaming them: the batch sent behind them was not begun
+            for index, task in worker.held.items():
+                if index not in worker.placing:
+                    self.handed[index] -= 1
+                    requeue.append(task)
+        alone = len(suspects) == 1
+        for task in suspects:
             if len(task.page_numbers) > 1:
                 requeue += [replace(task, index=next(self.fresh), pages=(page, page + 1)) for page in task.page_numbers]
                 continue

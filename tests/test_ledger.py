@@ -8,6 +8,7 @@ import os
 import signal
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -461,3 +462,26 @@ def test_an_input_folder_named_like_the_staging_folder_is_refused(dirs):
     write(src / "b.png", "text")
     run = run_fake(src, out, "--recursive")
     assert run.code == 1 and "are infer_mp.py's own" in run.stderr and (out / "b.json").is_file()
+
+
+def test_a_worker_that_dies_while_renaming_is_charged_to_what_it_was_renaming():
+    """Review finding: a worker holds the input whose files it is renaming and, behind it, its
+    next batch (see Backend._idle). If renaming kills it (a stalled disk past --task_timeout,
+    the OOM killer), the input being renamed dies alone and is charged; the batch behind it was
+    not begun and goes back uncharged. (Charging neither looped for ever.)"""
+    import infer_mp
+    config = SimpleNamespace(batch_size=4, max_attempts=2, task_timeout=1.0, start_timeout=60.0)
+    backend = infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+    spec = infer_mp.WorkerSpec(0, "cpu", 1)
+    renaming, behind = (infer_mp.Task(i, f"/in/{i}.png", f"{i}.png", "/out", str(i)) for i in (1, 2))
+    for attempt in (1, 2):
+        worker = infer_mp.WorkerHandle(spec, 0.0, ready=True)
+        worker.held = {1: renaming, 2: behind}
+        worker.placing = {1: infer_mp.TaskDone(renaming, spec, "/out/.infer_mp.staging/w", "0-", ["1.json"], [], 0.1,
+                                               attempt)}
+        backend.handed.update({1: attempt, 2: 1})
+        events = list(backend._requeue_or_fail(worker, "timed out", replaced=True))
+        assert backend.handed[2] == 0  # the batch behind: handed back, as never begun
+    failed = [e for e in events if isinstance(e, infer_mp.TaskFailed)]
+    assert [e.task.index for e in failed] == [1] and "2 times while running this input alone" in failed[0].error
+    assert [task.index for task in backend.pending].count(2) == 2  # handed back after each death
