@@ -13,8 +13,8 @@ recycling, progress, clean stops on Ctrl-C/SIGTERM and one run per output folder
 
 The file reads top to bottom in the order data flows:
 CLI -> devices -> pipeline -> inputs -> ledger (run logs) -> selection -> documents -> dispatch
--> worker -> output (staging) -> report. Workers write into a staging folder; the coordinator
-alone places files under their final names, recording them in the ledger first.
+-> worker -> output (staging) -> report. Workers write into a staging folder and rename their
+files into place only once the coordinator has recorded their final names in the ledger.
 """
 
 from __future__ import annotations
@@ -1743,8 +1743,8 @@ class Ledger:
     """Which files under --output_dir the tool placed, for which input, and which of them each
     input holds now: the run logs, read as a journal (SQLite's, git's index: written down
     before it is done). A task's files are written by its worker into a staging folder; the
-    coordinator records their final names (a `placing` record), renames them into place, then
-    writes the task's done record. So every file the tool ever placed is attributed to one
+    coordinator records their final names (a `placing` record), the worker renames them into
+    place, then the coordinator writes the task's done record. So every file the tool ever placed is attributed to one
     input, and a file is deleted only when the ledger says the tool placed it for an input and
     no current record of any input lists it; a file nobody recorded stays where it is.
 
@@ -1813,11 +1813,8 @@ class Ledger:
         if order[0] > self.generation:
             self.generation = order[0]
         previous = self.latest.get(key)
-        placed = self.placed.get(key)
-        if placed is None and (status == PLACING or previous is not None or key in self.ranges):
-            placed = self.placed[key] = {rel for r in self.held(key) for rel in files_of(r)}
-        if placed is not None:
-            placed.update(files_of(record))
+        if status == PLACING or key in self.placed or previous is not None or key in self.ranges:
+            self.placed_by(key).update(files_of(record))
         if status == PLACING:
             self.last_placing[key] = record
             for raw in files_of(record):
@@ -1837,6 +1834,14 @@ class Ledger:
                     self.last_done[key] = record
         if self._holders is not None:
             self._index(key)
+
+    def placed_by(self, key: str) -> set[str]:
+        """Every file placed for the input, as recorded; started, the first time the input has
+        a second record, from what it holds (its one record's files)."""
+        placed = self.placed.get(key)
+        if placed is None:
+            placed = self.placed[key] = {rel for record in self.held(key) for rel in files_of(record)}
+        return placed
 
     @property
     def worth_compacting(self) -> bool:
@@ -1974,10 +1979,7 @@ class Ledger:
         key = task.path
         if status == PLACING:  # in this run it matters only to what retire() may delete: see add()
             record = self.log.write_placing(task, self.generation, **fields)
-            placed = self.placed.get(key)
-            if placed is None:
-                placed = self.placed[key] = {rel for r in self.held(key) for rel in files_of(r)}
-            placed.update(files_of(record))
+            self.placed_by(key).update(files_of(record))
             return
         record = self.log.write(task, status, generation=self.generation, **fields)
         self.add(record, (self.generation, "", math.inf, next(self._written)))
@@ -3038,8 +3040,8 @@ class Backend:
             yield TaskFailed(task, worker.spec, error, self.handed[index])
 
     def _discard_staged(self, worker: WorkerHandle) -> None:
-        """A gone worker's staging folder: what it wrote for inputs it did not finish. (What it
-        finished has been placed: its reports are handled before its end is.)"""
+        """A gone worker's staging folder: what it wrote for inputs it did not finish, or did not
+        finish renaming (those are requeued). What it renamed, it reported before its end."""
         if worker.token:
             shutil.rmtree(os.path.join(self.options.staging, worker.token), ignore_errors=True)
 
@@ -3049,9 +3051,7 @@ class Backend:
         del self.workers[worker.spec.slot]
         self._discard_staged(worker)
         if worker.retiring:  # it never started what it was sent after deciding to retire
-            for task in worker.held.values():
-                self.handed[task.index] -= 1
-            self.pending.extendleft(reversed(worker.held.values()))
+            self._hand_back(list(worker.held.values()))
             yield WorkerRecycled(worker.spec, worker.retiring)
         elif not worker.ready:
             if worker.timed_out is not None:
@@ -3086,11 +3086,9 @@ class Backend:
         page that kills its worker costs only itself."""
         requeue = []
         suspects = [worker.held[index] for index in worker.placing] or list(worker.held.values())
-        if worker.placing:  # it died renaming them: the batch sent behind them was not begun
-            for index, task in worker.held.items():
-                if index not in worker.placing:
-                    self.handed[index] -= 1
-                    requeue.append(task)
+        # Dying while renaming those, it had not begun the batch sent behind them.
+        unstarted = [task for index, task in worker.held.items() if index not in worker.placing] if worker.placing else []
+        self._hand_back(unstarted)
         alone = len(suspects) == 1
         for task in suspects:
             if len(task.page_numbers) > 1:
@@ -3103,7 +3101,14 @@ class Backend:
             else:
                 requeue.append(task)
         self.pending.extendleft(reversed(requeue))
-        yield WorkerLost(worker.spec, reason, len(requeue), replaced)
+        yield WorkerLost(worker.spec, reason, len(requeue) + len(unstarted), replaced)
+
+    def _hand_back(self, tasks: list[Task]) -> None:
+        """Tasks sent to a worker that never began them: back to the front of the queue, as if
+        never handed out (not the inputs' doing)."""
+        for task in tasks:
+            self.handed[task.index] -= 1
+        self.pending.extendleft(reversed(tasks))
 
 
 class LocalBackend(Backend):
@@ -3958,7 +3963,7 @@ class Report:
     total: int  # inputs this run had to do
     skipped: int  # already complete
     ignored: int  # matched the pattern but not inputs (directories, other types)
-    ledger: Ledger  # records each input, places its files, retires what they supersede
+    ledger: Ledger  # records each input and where its files go, retires what they supersede
     progress: Progress
     not_selected: int = 0
     standing: int = 0  # failed in an earlier run, unchanged since: not retried
