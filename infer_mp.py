@@ -2019,7 +2019,7 @@ class Ledger:
                           "own in --output_dir; rename that input folder")
         os.makedirs(folder, exist_ok=True)
         if not within(os.path.realpath(folder), self.root):
-            raise OSError(errno.EXDEV, f"{folder!r} leads outside --output_dir (a link?); not written there")
+            raise leads_outside(folder)
         self._folders[folder] = True
 
     def compact(self, path: Path) -> None:
@@ -2056,6 +2056,19 @@ class Ledger:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
+
+
+def leads_outside(folder: str) -> OSError:
+    return OSError(errno.EXDEV, f"{folder!r} leads outside --output_dir (a link?); not written there")
+
+
+def open_output_folder(folder: str, root: str) -> int:
+    """A descriptor of an output folder whose real path is inside `root`, to rename into: the
+    file lands in the folder checked, even if a link takes the folder's name meanwhile."""
+    real = os.path.realpath(folder)
+    if not within(real, root):
+        raise leads_outside(folder)
+    return os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
 
 
 @contextlib.contextmanager
@@ -2748,6 +2761,11 @@ class WorkerOptions:
     max_memory_mb: int = 0
     run_tag: str = "all"  # see run_tag()
     staging: str = STAGING_DIR  # the folder workers write into (see Staged)
+
+    @property
+    def root(self) -> str:
+        """--output_dir, as its real path (the staging folder is in it)."""
+        return os.path.dirname(self.staging)
 
     def retire_reason(self, processed: int) -> str | None:
         if self.max_items and processed >= self.max_items:
@@ -3555,16 +3573,24 @@ class PipelineWorker:
         """Rename the batch's staged files into place (see Staged): one "placed" message, then
         "retiring" if it is time to recycle."""
         placed, errors = [], {}
-        for index, (folder, renames) in moves.items():
-            try:
-                for staged, final in renames:
-                    os.replace(staged, final)
-            except OSError as error:
-                errors[index] = (error.errno, error.strerror or one_line(error))
-            else:
-                placed.append(index)
-            if folder is not None:  # a task's own folder (see Staging.place_for)
-                shutil.rmtree(folder, ignore_errors=True)
+        folders: dict[str, int] = {}  # final folder -> its descriptor, checked each batch: a link
+        try:                          # may replace it mid-run (see open_output_folder)
+            for index, (folder, renames) in moves.items():
+                try:
+                    for staged, final in renames:
+                        parent, name = os.path.split(final)
+                        if parent not in folders:
+                            folders[parent] = open_output_folder(parent, self.options.root)
+                        os.rename(staged, name, dst_dir_fd=folders[parent])  # (POSIX: replaces)
+                except OSError as error:
+                    errors[index] = (error.errno, error.strerror or one_line(error))
+                else:
+                    placed.append(index)
+                if folder is not None:  # a task's own folder (see Staging.place_for)
+                    shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            for descriptor in folders.values():
+                os.close(descriptor)
         messages = [("placed", placed, errors)]
         reason = self.options.retire_reason(self.processed)
         if reason:

@@ -241,6 +241,26 @@ def test_nothing_outside_the_output_folder_is_deleted_through_a_linked_subfolder
     assert [p.read_text() if p.exists() else None for p in precious] == ["precious"] * len(precious)
 
 
+def test_a_subfolder_swapped_for_a_link_during_a_run_is_not_written_through(dirs, tmp_path):
+    """Review finding: the output folders were checked once per run, so a subfolder replaced by
+    a link to elsewhere after its first file was placed took the rest of the run's files (and
+    the next run counted them as done, through the link). Each placement checks it now."""
+    src, out = dirs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i in range(4):
+        write(src / "sub" / f"s{i}.png", f"scan {i}")
+    process = start_fake(src, out, "--recursive", "--batch_size", "1", "--instances_per_device", "1",
+                         env={"FAKE_PIPELINE_DELAY": "0.5"})
+    wait_for((out / "sub" / "s0.json").exists)
+    (out / "sub").rename(out / "sub.real")
+    (out / "sub").symlink_to(elsewhere)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == [], stderr
+    assert "leads outside --output_dir (a link?)" in stderr and "Traceback" not in stderr
+
+
 # -- 6. --save pictures of a gone input ----------------------------------------------------------
 
 
