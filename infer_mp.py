@@ -1698,7 +1698,8 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
     """(line number, record) of every line; None for a line that is not an input's record:
     a run's closing line, a line cut short by a kill -9, a hand edit (its input then counts
     as not done), or a `skipped` line of an earlier version (it only repeated a done record,
-    at a later time that would hide a change made before it)."""
+    at a later time that would hide a change made before it). A batch's `placing` line gives
+    a record per input, all with its line number."""
     try:
         with open(path, "rb") as handle:
             for number, line in enumerate(handle):
@@ -1706,6 +1707,10 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
                     record = None
+                if type(record) is dict and type(record.get("placing")) is list:
+                    for entry in placing_records(record):
+                        yield number, entry if well_formed(entry) else None
+                    continue
                 yield number, record if well_formed(record) else None
     except FileNotFoundError:
         return
@@ -1724,6 +1729,14 @@ def well_formed(record: Any) -> bool:
     pages, failed = record.get("range"), record.get("failed_pages") or []
     return ((pages is None or (type(pages) is list and len(pages) == 2 and set(map(type, pages)) == ONLY_INTS))
             and type(failed) is list and set(map(type, failed)) <= ONLY_INTS and type(record.get("gen", 0)) is int)
+
+
+def placing_records(line: dict) -> Iterator[dict]:
+    """A `placing` line's records, one per input: [input, outputs, extra outputs] each."""
+    for entry in line["placing"]:
+        if type(entry) is list and len(entry) == 3:
+            yield {"time": line.get("time"), "gen": line.get("gen", 0), "input": entry[0], "status": PLACING,
+                   "outputs": entry[1], "extra_outputs": entry[2]}
 
 
 def files_of(record: dict) -> list[str]:
@@ -1773,6 +1786,7 @@ class Ledger:
         self._held: dict[str, set[str]] = {}  # input -> files it holds, as indexed in _holders
         self._written = itertools.count()
         self._folders: dict[str, bool] = {}  # output folders checked this run: inside the root?
+        self._placing: list[list] = []  # [input, outputs, extras] of a batch's new names: see prepare
         self.own_index = 0  # this run's log among those read (see read)
 
     # -- reading --------------------------------------------------------------------------
@@ -1920,6 +1934,10 @@ class Ledger:
         placed = self.placed.get(key)
         if not placed:
             return
+        latest = self.latest.get(key)
+        if latest is not None and placed.issubset(files_of(latest)):  # (most often: it holds them all)
+            del self.placed[key]
+            return
         held = self.held_files(key)
         candidates = [raw for raw in placed if raw not in held]
         if candidates:
@@ -1976,15 +1994,10 @@ class Ledger:
         """An input's record (see RunLog.write), taken into the ledger; a whole record then
         retires what the input no longer holds. (After the record: a kill in between leaves
         a done input with its files, and the next run's reconcile retires them.)"""
-        key = task.path
-        if status == PLACING:  # in this run it matters only to what retire() may delete: see add()
-            record = self.log.write_placing(task, self.generation, **fields)
-            self.placed_by(key).update(files_of(record))
-            return
         record = self.log.write(task, status, generation=self.generation, **fields)
         self.add(record, (self.generation, "", math.inf, next(self._written)))
         if task.pages is None:
-            self.retire(key)
+            self.retire(task.path)
 
     def prepare(self, task: Task, staged: str, prefix: str, pages: list[str], extras: list[str]) -> Moves:
         """Where a task's staged files go, recorded first (unless the ledger has every one of
@@ -2005,9 +2018,20 @@ class Ledger:
         if known is None:
             known = self.held_files(task.path)
         if not known.issuperset(rels):
-            self.write(task, PLACING, outputs=rels[:len(pages)], extras=rels[len(pages):])
+            self._placing.append([task.path, rels[:len(pages)], rels[len(pages):]])
         renames = [(f"{staged}{os.sep}{prefix}{name}", final) for name, final in zip(names, finals)]
         return (None if prefix else staged), renames
+
+    def record_placing(self) -> None:
+        """One `placing` line for the new names of a batch's tasks (see prepare), and the log
+        flushed: in the file before any of them is renamed. In this run it matters only to
+        what retire() may delete (see add)."""
+        if self._placing:
+            self.log.write_placing(self._placing, self.generation)
+            for key, outputs, extras in self._placing:
+                self.placed_by(key).update(outputs, extras)
+            self._placing = []
+        self.log.flush()
 
     def check_folder(self, folder: str) -> None:
         """Create an output folder; refuse one whose real path leads out of the root (a linked
@@ -2035,9 +2059,9 @@ class Ledger:
             for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key), placing]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
-        extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "input": key, "status": PLACING,
-                             "outputs": rels, "extra_outputs": []}).encode("ascii") + b"\n"
-                 for key, rels in self.leftovers.items()]
+        extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "status": PLACING,
+                             "placing": [[key, rels, []] for key, rels in self.leftovers.items()]}).encode("ascii") + b"\n"
+                 ] if self.leftovers else []
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -2461,12 +2485,10 @@ class RunLog:
         self._append(record)
         return record
 
-    def write_placing(self, task: Task, generation: int, outputs: list[str], extras: list[str]) -> dict:
-        """The files a task is about to place, relative to the output folder (see Ledger.prepare)."""
-        record = {"time": self.now(), "gen": generation, "input": task.path, "status": PLACING,
-                  "outputs": outputs, "extra_outputs": extras}
-        self._append(record)
-        return record
+    def write_placing(self, entries: list[list], generation: int) -> None:
+        """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
+        relative to the output folder (see Ledger.prepare)."""
+        self._append({"time": self.now(), "gen": generation, "status": PLACING, "placing": entries})
 
     def write_run(self, counts: dict[str, int], exit_code: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
@@ -4043,7 +4065,7 @@ class Report:
                     raise OutputFailed(f"cannot place outputs in {done.task.out_dir!r}: {error.strerror}") from None
                 self.task_failed(TaskFailed(done.task, done.spec, f"cannot place output: {one_line(error)}",
                                             done.attempts))
-        self.ledger.log.flush()
+        self.ledger.record_placing()
 
     def task_done(self, event: TaskDone) -> None:
         """The task's files are in place: its record."""

@@ -505,3 +505,22 @@ def test_a_worker_that_dies_while_renaming_is_charged_to_what_it_was_renaming():
     failed = [e for e in events if isinstance(e, infer_mp.TaskFailed)]
     assert [e.task.index for e in failed] == [1] and "2 times while running this input alone" in failed[0].error
     assert [task.index for task in backend.pending].count(2) == 2  # handed back after each death
+
+
+def test_a_batch_placing_line_attributes_each_of_its_files(dirs):
+    """One `placing` line per batch names each input's new files. A run killed after the
+    renames and before the done records leaves files that the next run attributes from that
+    line, input by input: every one of them is retired (no record holds it), and the inputs
+    still there are redone; without the line, the files of inputs gone since would stay,
+    nobody's."""
+    src, out = dirs
+    make_inputs(src, 4)
+    assert run_fake(src, out, "--batch_size", "4", "--instances_per_device", "1").code == 0
+    placing = [r for r in map(json.loads, (out / LOG).read_text().splitlines()) if r.get("status") == "placing"]
+    assert len(placing) == 1 and sorted(entry[1] for entry in placing[0]["placing"]) == [[f"p0{i}.json"] for i in range(4)]
+    (out / LOG).write_text(json.dumps(placing[0]) + "\n")  # as that kill leaves it
+    (src / "p01.png").unlink()
+    (src / "p02.png").unlink()
+    run = run_fake(src, out)
+    assert run.code == 0 and "2 input(s) to do" in run.stderr and "retired 4 stale output file(s)" in run.stderr, run.stderr
+    assert page_files(out) == ["p00.json", "p03.json"]
