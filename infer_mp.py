@@ -1656,23 +1656,16 @@ def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str], folde
     folders: dict[str, list[int]] = defaultdict(list)
     for i, rel in enumerate(rels):
         folders[os.path.dirname(rel)].append(i)
-    real_folders: dict[str, str] = {}
     tasks: list[Task | None] = [None] * len(paths)
     for folder, members in folders.items():
         out_dir = os.path.join(output_dir, folder) if folder else output_dir
+        # An input's key: its name in its folder's real path, so that it is one input however
+        # the folder is reached (a linked folder, `..`, another spelling); a linked file keeps
+        # its own name. (One folder here: one relative folder is one folder of inputs.)
+        real = os.path.join(os.path.realpath(os.path.dirname(str(paths[members[0]]))), "")
         for i, base in zip(members, output_bases([os.path.basename(rels[i]) for i in members], folded)):
-            tasks[i] = Task(i, input_key(str(paths[i]), real_folders), rels[i], out_dir, base)
+            tasks[i] = Task(i, real + os.path.basename(rels[i]), rels[i], out_dir, base)
     return tasks
-
-
-def input_key(path: str, real_folders: dict[str, str]) -> str:
-    """The path in its folder's real path: one input however its folder is reached (a linked
-    folder, `..`, another spelling), while a linked file keeps its own name."""
-    folder, name = os.path.split(path)
-    real = real_folders.get(folder)
-    if real is None:
-        real = real_folders[folder] = os.path.realpath(folder)
-    return os.path.join(real, name)
 
 
 # ---------------------------------------------------------------------------------------------
