@@ -2001,15 +2001,15 @@ class Ledger:
         names = [*pages, *extras]
         finals = [task.output_file(name) for name in names]
         self.check_folder(task.out_dir)
-        for folder in {os.path.dirname(final) for name, final in zip(names, finals) if os.sep in name}:
-            self.check_folder(folder)
+        for folder in {os.path.dirname(final) for name, final in zip(extras, finals[len(pages):]) if os.sep in name}:
+            self.check_folder(folder)  # (a page's JSON is named in out_dir; what a writer adds may not be)
         for path in finals:
             if path in self.protected:
                 raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         rels = [self.log.relative(path) for path in finals]
         known = self.placed.get(task.path)
-        if known is None:
-            known = self.held_files(task.path)
+        if known is None:  # (an input no record names yet holds nothing)
+            known = self.held_files(task.path) if task.path in self.latest or task.path in self.ranges else set()
         if not known.issuperset(rels):
             self._placing.append([task.path, rels[:len(pages)], rels[len(pages):]])
         renames = [(f"{staged}{os.sep}{prefix}{name}", final) for name, final in zip(names, finals)]
