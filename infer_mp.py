@@ -1700,11 +1700,13 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
                     record = None
-                if type(record) is dict and type(record.get("placing")) is list:
+                if well_formed(record):
+                    yield number, record
+                elif type(record) is dict and type(record.get("placing")) is list:
                     for entry in placing_records(record):
                         yield number, entry if well_formed(entry) else None
-                    continue
-                yield number, record if well_formed(record) else None
+                else:
+                    yield number, None
     except FileNotFoundError:
         return
     except OSError as error:
