@@ -1702,7 +1702,8 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
                     record = None
                 if well_formed(record):
                     yield number, record
-                elif type(record) is dict and type(record.get("placing")) is list:
+                elif (type(record) is dict and record.get("status") == PLACING and "input" not in record
+                      and type(record.get("placing")) is list):
                     for entry in placing_records(record):
                         yield number, entry if well_formed(entry) else None
                 else:
@@ -2037,8 +2038,7 @@ class Ledger:
             raise OSError(errno.EINVAL, f"{folder!r}: names starting {BOOKKEEPING_PREFIX!r} are infer_mp.py's "
                           "own in --output_dir; rename that input folder")
         os.makedirs(folder, exist_ok=True)
-        if not within(os.path.realpath(folder), self.root):
-            raise leads_outside(folder)
+        real_output_folder(folder, self.root)
         self._folders[folder] = True
 
     def compact(self, path: Path) -> None:
@@ -2077,17 +2077,23 @@ class Ledger:
             raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
 
 
-def leads_outside(folder: str) -> OSError:
-    return OSError(errno.EXDEV, f"{folder!r} leads outside --output_dir (a link?); not written there")
+def real_output_folder(folder: str, root: str) -> str:
+    """The real path of an output folder, which must be the folder itself: no link on the way
+    (one that leads outside `root`, or to another folder inside it, where two folders' outputs
+    would mix, or into the staging folder). Raises OSError naming the link."""
+    real = os.path.realpath(folder)
+    if not within(real, root):
+        raise OSError(errno.EXDEV, f"{folder!r} leads outside --output_dir (a link?); not written there")
+    if real != os.path.normpath(folder):
+        raise OSError(errno.ELOOP, f"{folder!r} is a link to {real!r}, inside --output_dir; not written through "
+                      "it (two folders' outputs would mix there)")
+    return real
 
 
 def open_output_folder(folder: str, root: str) -> int:
-    """A descriptor of an output folder whose real path is inside `root`, to rename into: the
+    """A descriptor of a checked output folder (see real_output_folder), to rename into: the
     file lands in the folder checked, even if a link takes the folder's name meanwhile."""
-    real = os.path.realpath(folder)
-    if not within(real, root):
-        raise leads_outside(folder)
-    return os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    return os.open(real_output_folder(folder, root), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
 
 
 @contextlib.contextmanager

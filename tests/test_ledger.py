@@ -524,3 +524,39 @@ def test_a_batch_placing_line_attributes_each_of_its_files(dirs):
     run = run_fake(src, out)
     assert run.code == 0 and "2 input(s) to do" in run.stderr and "retired 4 stale output file(s)" in run.stderr, run.stderr
     assert page_files(out) == ["p00.json", "p03.json"]
+
+
+@pytest.mark.parametrize("line", [
+    {"time": "2026-12-02T00:00:00+00:00", "gen": 1, "status": "done", "outputs": [5], "placing": "ENTRIES"},
+    {"time": "2026-12-02T00:00:00+00:00", "gen": 1, "input": 5, "status": "placing", "placing": "ENTRIES"},
+])
+def test_a_malformed_line_that_carries_a_placing_list_is_passed_over(dirs, line):
+    """Review finding: only a `placing` line without an `input` is a batch's; any other line
+    that is not a record is passed over, even with a `placing` list in it, and deletes nothing."""
+    src, out = dirs
+    make_inputs(src, 1)
+    user = write(out / "user.json", "the user's own file")
+    line = {**line, "placing": [[str(src / "gone.png"), ["user.json"], []]]}
+    (out / LOG).write_text(json.dumps(line) + "\n")
+    run = run_fake(src, out)
+    assert run.code == 0 and "retired" not in run.stderr, run.stderr
+    assert user.read_text() == "the user's own file"
+
+
+@pytest.mark.parametrize("target", [".", ".infer_mp.staging"])
+def test_a_subfolder_linked_to_another_place_in_the_output_folder_is_not_written_through(dirs, target):
+    """Review finding: `out/sub -> .` put sub/a.png's text in a.json, which a.png's record
+    held (a.png then skipped for ever); `out/sub -> .infer_mp.staging` had outputs renamed into
+    the staging folder and wiped with it, every run. Such a folder is refused, like one that
+    leads outside."""
+    src, out = dirs
+    write(src / "a.png", "top a")
+    write(src / "sub" / "a.png", "sub a")
+    write(src / "sub" / "b.png", "sub b")
+    out.mkdir()
+    (out / ".infer_mp.staging").mkdir()
+    (out / "sub").symlink_to(target)
+    for extra in ((), ("--retry_failed",)):
+        run = run_fake(src, out, "--recursive", *extra)
+        assert "Traceback" not in run.stderr and "is a link to" in run.stderr, run.stderr
+    assert texts(out) == {"a.json": "top a"}
