@@ -1886,6 +1886,27 @@ class Ledger:
         placement = self.placements.get(rel)
         return placement is not None and placement[1] != record["input"] and placement[0] > record["_order"]
 
+    def json_owners(self, folders: set[str]) -> dict[str, dict[str, str]]:
+        """Folder -> JSON name stem -> the input that placed that file last, of the files in
+        these folders that current records hold (a gone input's record may still list a file
+        that a later input placed under its freed name: the later one's)."""
+        last: dict[str, tuple[tuple, str]] = {}  # file -> (order, input)
+        for key in self.keys():
+            for record in self.held(key):
+                for raw in record.get("outputs") or ():
+                    if raw.endswith(".json") and (raw not in last or record["_order"] > last[raw][0]):
+                        last[raw] = (record["_order"], key)
+        owners: dict[str, dict[str, str]] = defaultdict(dict)
+        for raw, (order, key) in last.items():
+            placement = self.placements.get(raw)
+            if placement is not None and placement[0] > order:
+                key = placement[1]
+            rel = self.normal(raw)
+            head, _, name = os.path.join(self.root, rel or "").rpartition(os.sep)
+            if rel is not None and head in folders:
+                owners[head][name[: -len(".json")]] = key
+        return owners
+
     def held_files(self, key: str) -> set[str]:
         return {rel for record in self.held(key) for raw in files_of(record) if (rel := self.normal(raw))}
 
@@ -2292,44 +2313,24 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
     return coverage
 
 
-class Claims:
-    """The output files that current records hold, by folder and name stem: whose they are,
-    for inputs selected in this run or not."""
-
-    def __init__(self, ledger: Ledger, tasks: list[Task]):
-        """Only the folders of `tasks` matter: names are taken there."""
-        self.stems: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
-        self.heads: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # head -> page stems
-        wanted = {os.path.normpath(task.out_dir) for task in tasks}
-        for source in ledger.keys():
-            for raw in (raw for record in ledger.held(source) for raw in record.get("outputs") or []):
-                if not raw.endswith(".json"):
-                    continue
-                if raw.startswith(("/", ".")) or "/." in raw or "//" in raw:  # (rare: spelled oddly)
-                    raw = ledger.normal(raw)
-                    if raw is None:
-                        continue
-                rel = raw
-                head, _, name = os.path.join(ledger.root, rel).rpartition(os.sep)
-                if head in wanted:
-                    stem = name[: -len(".json")]
-                    self.stems[head][stem].add(source)
-                    if (page := PAGE_NAME.fullmatch(stem)) is not None:
-                        self.heads[head][page.group(1)].add(stem)
-
-
-def avoid_claimed_names(tasks: list[Task], claims: Claims, folded: bool = False) -> list[Task]:
-    """An input must not take a name that another input's current record holds and that is
-    still on disk: an input this run did not select (a list of new files, a narrower pattern,
-    a scan moved away after processing). It uses its full file name instead (`~N` added if
-    need be), as when two current inputs clash; the other's finished output stays as it is."""
-    if not claims.stems:
+def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False) -> list[Task]:
+    """An input must not take a name that another input placed last and that is still on
+    disk: an input this run did not select (a list of new files, a narrower pattern, a scan
+    moved away after processing). It uses its full file name instead (`~N` added if need be),
+    as when two current inputs clash; the other's finished output stays as it is."""
+    owners = ledger.json_owners({os.path.normpath(task.out_dir) for task in tasks})
+    if not owners:
         return tasks
+    heads: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))  # folder -> head -> page stems
+    for folder, stems in owners.items():
+        for stem in stems:
+            if (page := PAGE_NAME.fullmatch(stem)) is not None:
+                heads[folder][page.group(1)].append(stem)
 
     def claimed(task: Task, base: str) -> bool:
         folder = os.path.normpath(task.out_dir)
-        stems = claims.heads.get(folder, {}).get(base, set()) if task.paged else {base}
-        return any(claims.stems.get(folder, {}).get(stem, set()) - {task.path}
+        stems = heads[folder].get(base, ()) if task.paged else (base,)
+        return any(owners[folder].get(stem, task.path) != task.path
                    and os.path.isfile(os.path.join(folder, f"{stem}.json")) for stem in stems)
 
     folders: dict[str, dict[int, tuple[str, bool]]] = defaultdict(dict)  # the claims colliding() weighs
@@ -2337,7 +2338,7 @@ def avoid_claimed_names(tasks: list[Task], claims: Claims, folded: bool = False)
         folders[os.path.normpath(task.out_dir)][task.index] = (task.out_base, task.paged)
     renamed = []
     for task in tasks:
-        if claimed(task, task.out_base):
+        if os.path.normpath(task.out_dir) in owners and claimed(task, task.out_base):
             ours = folders[os.path.normpath(task.out_dir)]
             name, extra = os.path.basename(task.rel), 0
             base = name
@@ -4314,7 +4315,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
                          [task.path for task in planned if in_shard(task, config.shard)])
         if ledger.worth_compacting:
             ledger.compact(config.run_log)
-    planned = avoid_claimed_names(planned, Claims(ledger, planned), folded)
+    planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]
     return selection, tasks, select_work(tasks, ledger, config)
 

@@ -560,3 +560,20 @@ def test_a_subfolder_linked_to_another_place_in_the_output_folder_is_not_written
         run = run_fake(src, out, "--recursive", *extra)
         assert "Traceback" not in run.stderr and "is a link to" in run.stderr, run.stderr
     assert texts(out) == {"a.json": "top a"}
+
+
+def test_a_name_freed_by_a_gone_input_stays_with_the_input_that_took_it(dirs, tmp_path):
+    """a.png done as a.json, then moved away and its a.json deleted by hand: a new a.jpg takes
+    the free name. The gone input's record still lists a.json, but a.jpg placed it last: a
+    rerun leaves it a.jpg's (no flip to a.jpg.json leaving a.jpg's text under a.png's name)."""
+    src, out = dirs
+    write(src / "a.png", "PNG")
+    assert run_fake(src, out).code == 0
+    (src / "a.png").rename(tmp_path / "a.png")
+    (out / "a.json").unlink()
+    write(src / "a.jpg", "JPG")
+    for _ in range(2):
+        run = run_fake(src, out)
+        assert run.code == 0, run.stderr
+        assert texts(out) == {"a.json": "JPG"}
+        assert listed(latest_by_name(out)["a.jpg"]) == {"a.json"}
