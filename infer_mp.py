@@ -2112,9 +2112,34 @@ def real_output_folder(folder: str, root: str) -> str:
 
 
 def open_output_folder(folder: str, root: str) -> int:
-    """A descriptor of a checked output folder (see real_output_folder), to rename into: the
-    file lands in the folder checked, even if a link takes the folder's name meanwhile."""
-    return os.open(real_output_folder(folder, root), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    """A descriptor of an output folder to rename into, opened one part at a time from the
+    root, none of them through a link: the file lands in the folder checked (see
+    real_output_folder), whatever link takes a name on the way meanwhile. A part deleted
+    during the run (`rm -r` of a subfolder) is made again."""
+    descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in os.path.relpath(folder, root).split(os.sep) if folder != root else ():
+            try:
+                inner = os.open(part, FOLDER_FLAGS, dir_fd=descriptor)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=descriptor)
+                inner = os.open(part, FOLDER_FLAGS, dir_fd=descriptor)
+            except OSError as error:
+                if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                real_output_folder(folder, root)  # (names where the link leads)
+                raise OSError(error.errno, f"{folder!r} has a link or a file on the way (at {part!r}); "
+                              "not written through it") from None
+            os.close(descriptor)
+            descriptor = inner
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 @contextlib.contextmanager

@@ -577,3 +577,37 @@ def test_a_name_freed_by_a_gone_input_stays_with_the_input_that_took_it(dirs, tm
         assert run.code == 0, run.stderr
         assert texts(out) == {"a.json": "JPG"}
         assert listed(latest_by_name(out)["a.jpg"]) == {"a.json"}
+
+
+def placing_worker(root: Path):
+    """A worker with only what placing files needs (see PipelineWorker.place)."""
+    import infer_mp
+    worker = object.__new__(infer_mp.PipelineWorker)
+    worker.processed = 0
+    worker.options = SimpleNamespace(root=str(root), retire_reason=lambda processed: None)
+    return worker
+
+
+def test_an_output_subfolder_deleted_during_a_run_is_made_again(tmp_path):
+    """Review finding: `rm -r out/sub` while a run writes there failed every later input of
+    that folder ("cannot place output: No such file or directory"), run after run."""
+    out = tmp_path / "out"
+    staged = write(out / ".infer_mp.staging" / "w" / "0-a.json", '{"text": "A"}')
+    moves = {0: (None, [(str(staged), str(out / "sub" / "deep" / "a.json"))])}
+    assert placing_worker(out).place(moves) == [("placed", [0], {})]
+    assert json.loads((out / "sub" / "deep" / "a.json").read_text()) == {"text": "A"}
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_linked_folder_on_the_way_is_not_written_through_nor_made_again(tmp_path, inside):
+    """A link anywhere on the way to the folder (not only its last part) is refused, and no
+    folder is made at the link's end."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    target = out / "other" if inside else elsewhere
+    target.mkdir(parents=True)
+    out.mkdir(exist_ok=True)
+    (out / "sub").symlink_to(target)
+    staged = write(out / ".infer_mp.staging" / "w" / "0-a.json", "{}")
+    [(message, placed, errors)] = placing_worker(out).place({0: (None, [(str(staged), str(out / "sub" / "deep" / "a.json"))])})
+    assert placed == [] and 0 in errors
+    assert list(target.iterdir()) == [] and staged.exists()
