@@ -1353,15 +1353,6 @@ class Task:
         """One of its files, named relative to out_dir (os.path.join's result, faster)."""
         return f"{self.out_dir.rstrip(os.sep)}{os.sep}{name}"
 
-    def owns_stem(self, stem: str) -> bool:
-        """Is `stem` (a file name in out_dir without its suffix) one this input writes? Exactly
-        its own names: image `scan` owns `scan`, not `scan_1` (image scan_1.png's); paged `b`
-        owns `b_0`, `b_1`..., not `b` (image b.png's)."""
-        if not self.paged:
-            return stem == self.out_base
-        head, sep, page = stem.rpartition("_")
-        return bool(sep) and head == self.out_base and PAGE_NUMBER.fullmatch(page) is not None
-
 
 @dataclass
 class InputSelection:
@@ -2222,23 +2213,32 @@ def unchanged(task: Task, record: dict) -> bool:
     return task.source[1] // 10**9 < int(recorded)
 
 
-def belongs_to(task: Task, path: str) -> bool:
-    """Is `path` one of the JSON files `task` writes under today's names?"""
-    folder, name = os.path.split(os.path.normpath(path))
-    if folder != os.path.normpath(task.out_dir) or not name.endswith(".json"):
-        return False
-    return task.owns_stem(name[: -len(".json")])
+def output_pages(record: dict) -> list[int] | None:
+    """The page each JSON file a document's record lists is of, in the order listed: the pages
+    of its range (or of the whole document) that did not fail, as the tool writes them (see
+    save_report; a document whose pages were not counted: its first pages). None where the
+    record cannot say (not one file a page)."""
+    outputs = record.get("outputs") or ()
+    span = record.get("range") or [0, record.get("page_count", len(outputs))]
+    if type(span[1]) is not int:
+        return None
+    failed = set(record.get("failed_pages") or ())
+    pages = [page for page in range(*span) if page not in failed]
+    return pages if len(pages) == len(outputs) else None
 
 
 def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
-    lists is there, under today's names, and no other input placed it since. A crash between
-    writing outputs and logging them resolves to "redo", never to "skip"."""
+    lists is there, under the name the input's page has today, and no other input placed it
+    since. A crash between writing outputs and logging them resolves to "redo", never to "skip"."""
     if not record or record.get("status") != DONE or not unchanged(task, record):
         return False
     outputs = record.get("outputs") or []
-    return bool(outputs) and all(belongs_to(task, path := os.path.join(ledger.root, rel)) and os.path.isfile(path)
-                                 and not ledger.overwritten(rel, record) for rel in outputs)
+    pages = output_pages(record) if task.paged else [None]
+    return (bool(outputs) and pages is not None and len(pages) == len(outputs)
+            and all(os.path.normpath(path := os.path.join(ledger.root, rel)) == os.path.normpath(task.output_path(page))
+                    and os.path.isfile(path) and not ledger.overwritten(rel, record)
+                    for page, rel in zip(pages, outputs)))
 
 
 @dataclass
@@ -2296,41 +2296,29 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
     return selection
 
 
-PAGE_FILE = re.compile(rf"_({PAGE_NUMBER.pattern})(?:\.json|\.md|_[^{re.escape(os.sep)}]*\.png)")
-
-
-def page_of(task: Task, path: str) -> int | None:
-    """The page of a document that an output file (`{base}_{page}.json`, `.md`, `_{key}.png`)
-    is of; None if it is none of this task's."""
-    folder, name = os.path.split(os.path.normpath(path))
-    if folder != os.path.normpath(task.out_dir) or not name.startswith(task.out_base):
-        return None
-    match = PAGE_FILE.fullmatch(name, len(task.out_base))
-    return int(match.group(1)) if match else None
-
-
 def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -> Coverage:
     """The pages of `task` that its records of the file as it is now hold: done where the
-    file is still there (whatever a later record says), else failed (not with --retry_failed)."""
+    file is still there, under the page's name today (whatever a later record says), else
+    failed (not with --retry_failed). A record's --save files stay with it while any of its
+    pages does."""
     coverage = Coverage()
     for record in held:
         if not unchanged(task, record):
             continue
-        for rel in record.get("outputs") or []:
+        kept = False
+        for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
             path = os.path.join(root, rel)
-            page = page_of(task, path)
-            if page is not None and path.endswith(".json") and os.path.isfile(path):
+            if os.path.normpath(path) == os.path.normpath(task.output_path(page)) and os.path.isfile(path):
                 coverage.outputs[page] = path
+                kept = True
+        if kept:
+            coverage.extras += [path for rel in record.get("extra_outputs") or []
+                                if os.path.isfile(path := os.path.join(root, rel))]
         if not retry_failed:
             for page in record.get("failed_pages") or []:
                 coverage.failed[page] = record.get("error") or "failed"
                 if "range" not in record:
                     coverage.standing.add(page)
-    for record in held:
-        for rel in record.get("extra_outputs") or []:
-            path = os.path.join(root, rel)
-            if page_of(task, path) in coverage.outputs and os.path.isfile(path):
-                coverage.extras.append(path)
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
         coverage.standing.discard(page)
@@ -3858,6 +3846,8 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
     failed (a document's page that gave no result fails), else "failed" or "output_failed"."""
     if task.page_numbers:  # a counted document: one result per page of it, numbered as PaddleX does
         results = [result for result in results if page_index_of(result) in task.page_numbers]
+    if task.paged and all(type(page_index_of(result)) is int for result in results):  # in page order: see
+        results = sorted({page_index_of(r): r for r in results}.values(), key=page_index_of)  # output_pages
     got = {page_index_of(result) for result in results}
     failed.update({page: "no result for this page" for page in task.page_numbers if page not in got and page not in failed})
     if not results:
@@ -4129,7 +4119,7 @@ class Report:
                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
                               failed_pages=failed)
         document = self.documents[task.path]
-        document.outputs.update((page_of(task, path), path) for path in outputs)
+        document.outputs.update(zip([page for page in task.page_numbers if page not in failed], outputs))
         document.extras += extras
         self.count_pages(document, task, event.spec, event.attempts, event.seconds, failed)
 
