@@ -2089,6 +2089,109 @@ class Ledger:
             raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
 
 
+class RunLog:
+    """Append-only JSON Lines: the ledger's journal (see Ledger), and a line per run; written by
+    the coordinator alone and flushed per line, so a kill loses at most the line being written."""
+
+    def __init__(self, path: Path, output_dir: Path):
+        self.path, self.output_dir = path, output_dir
+        self.prefix = os.path.join(str(output_dir), "")
+        self.second, self.stamp = -1, ""
+        self.flushed = time.monotonic()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(path, "ab")
+            if self.handle.tell() > 0:  # start on a line of our own after a torn last line
+                with open(path, "rb") as reader:
+                    reader.seek(-1, os.SEEK_END)
+                    if reader.read(1) != b"\n":
+                        self.handle.write(b"\n")
+                        self.handle.flush()
+        except OSError as error:
+            raise cannot_write(f"the run log {str(path)!r}", error) from None
+
+    def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
+              extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
+              error: str | None = None, failed_pages: dict[int, str] | None = None) -> dict:
+        """An input's record, as written; for a document also its page count, and the pages that
+        failed (`error` then says why); for a page range of it, the range, as [start, stop)."""
+        outputs = [self.relative(o) for o in outputs]
+        record = {
+            "time": self.now(),
+            "gen": generation,
+            "input": task.path,
+            "status": status,
+            "pages": len(outputs),
+            "outputs": outputs,
+            "extra_outputs": [self.relative(o) for o in extras],
+            "device": device,
+            "attempts": attempts,
+            "seconds": round(seconds, 3),
+            "error": error,
+        }
+        # None for a file that was not there: whatever is there next is a change.
+        record["size"], record["mtime_ns"] = task.source or (None, None)
+        if task.page_count is not None:
+            record["page_count"] = task.page_count
+        if task.pages is not None:
+            record["range"] = list(task.pages)
+        if failed_pages:
+            record["failed_pages"] = sorted(failed_pages)
+            record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
+        self._append(record)
+        return record
+
+    def write_placing(self, entries: list[list], generation: int) -> None:
+        """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
+        relative to the output folder (see Ledger.prepare)."""
+        self._append({"time": self.now(), "gen": generation, "status": PLACING, "placing": entries})
+
+    def write_run(self, counts: dict[str, int], exit_code: int) -> None:
+        """One line per run, whatever it did (a cron tick with nothing to do adds only this):
+        what it counted and how it ended. Resume passes it over: it names no input."""
+        self._append({"time": self.now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
+        self.flush()
+
+    def _append(self, record: dict) -> None:
+        """Buffered; flushed before any file is placed (see Ledger.prepare) and at least every
+        LOG_FLUSH_SECONDS otherwise: a kill loses only records whose work is then redone."""
+        # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
+        try:
+            self.handle.write(json.dumps(record).encode("ascii") + b"\n")
+        except OSError as error:
+            raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
+        if time.monotonic() - self.flushed > LOG_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """A failed write is the disk's fault, not an input's: stop as for an output (exit 74)."""
+        try:
+            self.handle.flush()
+        except OSError as error:
+            raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
+        self.flushed = time.monotonic()
+
+    def relative(self, path: str) -> str:
+        return path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.output_dir)
+
+    def now(self) -> str:
+        """UTC time to the second, formatted once per second (100,000 records add up)."""
+        second = int(time.time())
+        if second != self.second:
+            self.second = second
+            self.stamp = self.now_iso(second)
+        return self.stamp
+
+    @staticmethod
+    def now_iso(second: float | None = None) -> str:
+        second = int(time.time()) if second is None else second
+        return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # (a full disk: the stop has been reported already)
+            self.handle.close()
+
+
 def real_output_folder(folder: str, root: str) -> str:
     """The real path of an output folder, which must be the folder itself: no link on the way
     (one that leads outside `root`, or to another folder inside it, where two folders' outputs
@@ -2446,109 +2549,6 @@ class RunLock:
             with contextlib.suppress(OSError):  # closing flushes; a full disk must not hide the cause
                 handle.close()
         self.handles = []
-
-
-class RunLog:
-    """Append-only JSON Lines: the ledger's journal (see Ledger), and a line per run; written by
-    the coordinator alone and flushed per line, so a kill loses at most the line being written."""
-
-    def __init__(self, path: Path, output_dir: Path):
-        self.path, self.output_dir = path, output_dir
-        self.prefix = os.path.join(str(output_dir), "")
-        self.second, self.stamp = -1, ""
-        self.flushed = time.monotonic()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(path, "ab")
-            if self.handle.tell() > 0:  # start on a line of our own after a torn last line
-                with open(path, "rb") as reader:
-                    reader.seek(-1, os.SEEK_END)
-                    if reader.read(1) != b"\n":
-                        self.handle.write(b"\n")
-                        self.handle.flush()
-        except OSError as error:
-            raise cannot_write(f"the run log {str(path)!r}", error) from None
-
-    def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
-              extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None, failed_pages: dict[int, str] | None = None) -> dict:
-        """An input's record, as written; for a document also its page count, and the pages that
-        failed (`error` then says why); for a page range of it, the range, as [start, stop)."""
-        outputs = [self.relative(o) for o in outputs]
-        record = {
-            "time": self.now(),
-            "gen": generation,
-            "input": task.path,
-            "status": status,
-            "pages": len(outputs),
-            "outputs": outputs,
-            "extra_outputs": [self.relative(o) for o in extras],
-            "device": device,
-            "attempts": attempts,
-            "seconds": round(seconds, 3),
-            "error": error,
-        }
-        # None for a file that was not there: whatever is there next is a change.
-        record["size"], record["mtime_ns"] = task.source or (None, None)
-        if task.page_count is not None:
-            record["page_count"] = task.page_count
-        if task.pages is not None:
-            record["range"] = list(task.pages)
-        if failed_pages:
-            record["failed_pages"] = sorted(failed_pages)
-            record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
-        self._append(record)
-        return record
-
-    def write_placing(self, entries: list[list], generation: int) -> None:
-        """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
-        relative to the output folder (see Ledger.prepare)."""
-        self._append({"time": self.now(), "gen": generation, "status": PLACING, "placing": entries})
-
-    def write_run(self, counts: dict[str, int], exit_code: int) -> None:
-        """One line per run, whatever it did (a cron tick with nothing to do adds only this):
-        what it counted and how it ended. Resume passes it over: it names no input."""
-        self._append({"time": self.now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
-        self.flush()
-
-    def _append(self, record: dict) -> None:
-        """Buffered; flushed before any file is placed (see Ledger.prepare) and at least every
-        LOG_FLUSH_SECONDS otherwise: a kill loses only records whose work is then redone."""
-        # ensure_ascii: a file name that is not UTF-8 still makes a valid, round-tripping line.
-        try:
-            self.handle.write(json.dumps(record).encode("ascii") + b"\n")
-        except OSError as error:
-            raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
-        if time.monotonic() - self.flushed > LOG_FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        """A failed write is the disk's fault, not an input's: stop as for an output (exit 74)."""
-        try:
-            self.handle.flush()
-        except OSError as error:
-            raise OutputFailed(f"cannot write the run log {str(self.path)!r}: {error.strerror}") from None
-        self.flushed = time.monotonic()
-
-    def relative(self, path: str) -> str:
-        return path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.output_dir)
-
-    def now(self) -> str:
-        """UTC time to the second, formatted once per second (100,000 records add up)."""
-        second = int(time.time())
-        if second != self.second:
-            self.second = second
-            self.stamp = self.now_iso(second)
-        return self.stamp
-
-    @staticmethod
-    def now_iso(second: float | None = None) -> str:
-        second = int(time.time()) if second is None else second
-        return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # (a full disk: the stop has been reported already)
-            self.handle.close()
 
 
 # ---------------------------------------------------------------------------------------------
