@@ -54,7 +54,7 @@ import zlib
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -2949,9 +2949,13 @@ class Backend:
         self.stopping = False  # a signal or an output failure: no new starts either
         self.pipeline_works = False  # some worker of this run has started its pipeline
         self.start_failures: dict[int, int] = defaultdict(int)  # per slot, since it last had a worker up
+        self.reads_windows: bool | None = None  # does the pipeline read only a range's pages? (see _next)
+        self.probe: int | None = None  # the one page range out while that is not known
+        self.ranges: set[int] = set()  # the page ranges split_documents made (see _whole_documents)
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
         self.pending = deque(tasks)
+        self.ranges = {task.index for task in tasks if task.pages is not None}
         self.fresh = itertools.count(max((task.index for task in tasks), default=0) + 1)  # see _requeue_or_fail
         self.workers = {spec.slot: self._start(spec) for spec in plan}
         try:
@@ -3008,7 +3012,10 @@ class Backend:
         if (not worker.ready or not self._idle(worker) or worker.retiring or worker.timed_out is not None
                 or not self.pending):
             return
-        batch = [self.pending.popleft()]
+        first = self._next()
+        if first is None:
+            return
+        batch = [first]
         if not self.handed[batch[0].index] and batch[0].pages is None:
             while (self.pending and len(batch) < self.batch_size and not self.handed[self.pending[0].index]
                    and self.pending[0].pages is None):
@@ -3018,6 +3025,54 @@ class Backend:
             worker.held[task.index] = task
         worker.busy_since = time.monotonic()
         self._send(worker, batch)
+
+    def _next(self) -> Task | None:
+        """The next task to hand out. While no page range has shown whether the pipeline reads
+        only a range's pages, one page range is out at a time (the probe: one page), with whole
+        inputs beside it: a pipeline that reads each document whole then pays one extra read,
+        not one a range; one that does not, one page's wait for the other workers at start."""
+        if self.reads_windows is not None or self.pending[0].pages is None:
+            return self.pending.popleft()
+        if not any(self.probe in worker.held for worker in self.workers.values()):  # (none yet, or it
+            task = self.pending[0]                                              # failed, or its worker died)
+            if len(task.page_numbers) == 1:
+                self.probe = self.pending.popleft().index
+                return task
+            start, stop = task.pages
+            self.pending[0] = replace(task, pages=(start + 1, stop))  # the probe: its first page alone
+            self.probe = next(self.fresh)
+            return replace(task, index=self.probe, pages=(start, start + 1))
+        for position, task in enumerate(self.pending):
+            if task.pages is None:
+                del self.pending[position]
+                return task
+        return None
+
+    def _whole_documents(self) -> None:
+        """The pipeline reads a document whole whatever range it is given: the ranges of each
+        document still in the queue, where they follow each other, become one task (the whole
+        document where they cover it), so each document is read once more at most. (Pages
+        retried one by one after a worker's death stay apart.)"""
+        runs: dict[str, list[Task]] = defaultdict(list)
+        rest = []
+        for task in self.pending:
+            if task.index in self.ranges and not self.handed[task.index]:
+                runs[task.path].append(task)
+            else:
+                rest.append(task)
+        merged = []
+        for tasks in runs.values():
+            tasks.sort(key=attrgetter("pages"))
+            run = tasks[0]
+            for task in tasks[1:]:
+                if task.pages[0] == run.pages[1]:
+                    run = replace(run, pages=(run.pages[0], task.pages[1]))
+                else:
+                    merged.append(run)
+                    run = task
+            merged.append(run)
+        whole = [replace(task, pages=None) if task.pages == (0, task.page_count) else task for task in merged]
+        self.pending = deque(sorted(whole, key=attrgetter("weight"), reverse=True) + rest)
 
     def _kill_overdue_workers(self) -> None:
         """--task_timeout: a worker gets that many seconds per page of its batch.
@@ -3040,6 +3095,8 @@ class Backend:
         kind = message[0]
         if kind == "ready":
             worker.ready, worker.token = True, message[2]
+            if message[3]:
+                self.reads_windows = True
             self.pipeline_works = True
             self.start_failures[worker.spec.slot] = 0
             yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message[1])
@@ -3066,6 +3123,8 @@ class Backend:
             self._send_moves(worker, staged.moves)  # ... the worker renames them (always answers)
         elif kind == "placed":
             _, placed, errors = message
+            if self.probe in placed and self.reads_windows is None:  # no page outside it came back
+                self.reads_windows = True
             for index in placed:
                 worker.held.pop(index)
                 yield worker.placing.pop(index)
@@ -3078,6 +3137,14 @@ class Backend:
                     yield OutputError(f"cannot place outputs in {task.out_dir!r}: {error}")
                 else:
                     yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index])
+        elif kind == "outside_window":
+            if self.reads_windows is not False:
+                self.reads_windows = False
+                self._whole_documents()
+                yield Note("this pipeline reads documents itself, not through PaddleX's page reader: a page range "
+                           "came back with pages outside it, so the other documents go whole, not in ranges (a "
+                           f"predict() that takes `{PAGE_WINDOWS_KEYWORD}` reads only a range's pages; README, "
+                           "'Big documents')")
         elif kind == "retiring":
             worker.retiring = message[1]
         elif kind == "output_failed":
@@ -3449,7 +3516,7 @@ class RayBackend(Backend):
                 continue
             for message in result if worker.ready else [result]:  # start() replies with one message
                 if message[0] == "ready":
-                    worker.spec = replace(worker.spec, device=message[3])
+                    worker.spec = replace(worker.spec, device=message[-1])
                 yield from self._handle(worker, message)
             if worker.retiring and self.workers.get(worker.spec.slot) is worker:
                 self._kill(worker)
@@ -3585,8 +3652,8 @@ class PipelineWorker:
                 load_pipeline_class(pipeline)
 
     def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
-        """("ready", engine, token) once the pipeline is built, or ("init_failed", why); the
-        token names this worker's staging folder."""
+        """("ready", engine, token, whether it reads only a page range's pages) once the
+        pipeline is built, or ("init_failed", why); the token names this worker's staging folder."""
         self.options = options
         token = f"{options.run_tag}-{os.getpid()}-{os.urandom(3).hex()}"
         self.staging = Staging(os.path.join(options.staging, token))
@@ -3599,7 +3666,7 @@ class PipelineWorker:
         fallback = cpu_fallback(spec, options.init_kwargs)
         if fallback is not None:  # a failed start, before any page: if every worker has it, exit 3
             return ("init_failed", fallback)
-        return ("ready", describe_engine(options.init_kwargs), token)
+        return ("ready", describe_engine(options.init_kwargs), token, reads_page_windows(self.pipeline))
 
     def run_batch(self, batch: list[Task]) -> list[tuple]:
         """One "reports" message for the batch; the coordinator answers with where its files go."""
@@ -3695,8 +3762,17 @@ def one_line(error: BaseException) -> str:
 
 
 PAGE_WINDOWS: dict[str, tuple[int, int]] = {}  # in a worker: path given to predict() -> its pages to render
-OUTSIDE_WINDOW = ("note", "this pipeline reads documents itself, not through PaddleX's page reader: each page range "
-                  "was read whole and the pages outside it dropped; --pages_per_task 0 saves that work")
+OUTSIDE_WINDOW = ("outside_window",)  # a range's predict() gave pages outside it: see Backend._whole_documents
+PAGE_WINDOWS_KEYWORD = "page_windows"  # a predict() that takes it is given {path: (start, stop)}: see README
+
+
+def reads_page_windows(pipeline: Any) -> bool:
+    """Does the pipeline read only a page range's pages of a document? Yes if its predict()
+    takes `page_windows` (the way for a class that reads documents itself), or is PaddleOCR's
+    or PaddleX's own, which read them through PaddleX's page reader (see install_page_windows)."""
+    predict = getattr(type(pipeline), "predict", None)
+    return (PAGE_WINDOWS_KEYWORD in keyword_parameters(predict)[0]
+            or getattr(predict, "__module__", "").partition(".")[0] in ("paddleocr", "paddlex"))
 
 
 def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
@@ -3710,6 +3786,8 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
     PAGE_WINDOWS.update(windows)
     pages: dict[int, list[Any]] = defaultdict(list)
     outside = 0
+    if windows and PAGE_WINDOWS_KEYWORD in keyword_parameters(type(pipeline).predict)[0]:
+        predict_kwargs = {**predict_kwargs, PAGE_WINDOWS_KEYWORD: windows}
     results = pipeline.predict(list(by_path), **predict_kwargs)
     try:
         for result in results:

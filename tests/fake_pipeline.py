@@ -245,3 +245,42 @@ class StrictPipeline(FakePipeline):
 
     def predict(self, inputs, *, flavor: str | None = None):
         return super().predict(inputs, flavor=flavor)
+
+
+class SelfReadingPipeline(FakePipeline):
+    """Reads a PDF itself, with pypdfium2, not through PaddleX's page reader: every page of it,
+    whatever page range infer_mp.py wants (as many users' own pipelines do)."""
+
+    def predict(self, inputs, **predict_options):
+        return [result for path in inputs for result in self.read_pages(path, None)]
+
+    def read_pages(self, path: str, window: tuple[int, int] | None) -> list:
+        import pypdfium2
+
+        if not path.lower().endswith(".pdf"):
+            return FakePipeline.predict(self, [path])
+        document = pypdfium2.PdfDocument(path)
+        try:
+            count = len(document)
+            results = []
+            for index in range(*(window or (0, count))):
+                start = time.time()
+                page = document[index]
+                textpage = page.get_textpage()
+                text = textpage.get_text_range()
+                textpage.close()
+                page.close()
+                results.append(self.result_type({"input_path": path, "pid": os.getpid()}, page_index=index,
+                                                page_count=count, text=text))
+                self.log_page(path, index, start)
+            return results
+        finally:
+            document.close()
+
+
+class WindowedPipeline(SelfReadingPipeline):
+    """The same, told the pages to read: a predict() that takes `page_windows` (path -> [start,
+    stop) of the pages wanted) reads only those (the documented way, see README)."""
+
+    def predict(self, inputs, page_windows=None, **predict_options):
+        return [result for path in inputs for result in self.read_pages(path, (page_windows or {}).get(path))]

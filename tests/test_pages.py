@@ -7,9 +7,11 @@ import signal
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 import infer_mp
-from conftest import (assert_invariant, latest_records, make_config, outputs, page_files, pdf_bytes, run_fake, run_log, start_fake,
-                      tiff_bytes, wait_for, write)
+from conftest import (FAKE, assert_invariant, latest_records, make_config, outputs, page_files, pdf_bytes, run_cli, run_fake, run_log,
+                      start_fake, tiff_bytes, wait_for, write)
 
 RENDERED = ("input_path", "page_index", "page_count", "image_sha1", "text")  # what a page's rendering decides
 
@@ -72,7 +74,10 @@ def test_a_split_run_writes_what_a_whole_file_run_writes(tmp_path):
     assert len({runs["split"][f"book_{i}.json"]["image_sha1"] for i in range(7)}) == 7
     records = run_log(tmp_path / "split")
     ranges = sorted(tuple(r["range"]) for r in records if r["input"].endswith("book.pdf") and "range" in r)
-    assert ranges == [(0, 1), (1, 3), (3, 5), (5, 7)]  # at most --pages_per_task 2, as even as can be
+    # At most --pages_per_task 2, as even as can be: (0, 1), (1, 3), (3, 5), (5, 7); one of them
+    # less its first page, which went alone first (this pipeline may read documents itself).
+    assert [page for start, stop in ranges for page in range(start, stop)] == list(range(7))
+    assert len(ranges) == 5 and max(stop - start for start, stop in ranges) == 2
     [book] = [r for r in records if r["input"].endswith("book.pdf") and "range" not in r]
     assert book["status"] == "done" and book["outputs"] == [f"book_{i}.json" for i in range(7)]
     assert book["page_count"] == 7
@@ -130,7 +135,8 @@ def test_kill_9_in_the_middle_of_a_document_redoes_only_the_pages_not_recorded(t
     env = {"FAKE_PIPELINE_DELAY": "0.1", "FAKE_PIPELINE_PRELOAD": "1"}
     process = start_fake(src, out, "--instances_per_device", "2", "--pages_per_task", "4", env=env)
     log = out / "infer_mp.runlog.jsonl"
-    wait_for(lambda: log.exists() and log.read_text().count('"range"') >= 3)
+    # 4 ranges recorded: 12 pages at least (the first page goes alone, then the rest of its range).
+    wait_for(lambda: log.exists() and log.read_text().count('"range"') >= 4)
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = {page for r in run_log(out) if r["status"] == "done" for page in range(*r["range"])}
@@ -239,3 +245,22 @@ def test_a_shorter_version_leaves_no_page_of_the_old_one_even_one_placed_without
     users.unlink()
     assert [outputs(out)[f"book_{i}.json"]["text"] for i in range(3)] == ["new 0", "new 1", "new 2"]
     assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("pipeline, most", [("SelfReadingPipeline", 54 + 30), ("WindowedPipeline", 54)])
+def test_a_pipeline_that_reads_documents_itself_reads_each_at_most_once_more(tmp_path, pipeline, most):
+    """Issue 28: a pipeline class that reads PDFs itself got a whole document for each page
+    range (246 pages predicted for 54 saved here). Now the first range that comes back with
+    pages outside it makes the other documents' ranges whole documents (one extra whole read at
+    most), and a predict() that takes `page_windows` reads only the range's pages."""
+    src, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "pages.jsonl"
+    for name, count in (("a.pdf", 24), ("b.pdf", 30)):
+        write(src / name, pdf_bytes([f"{name} page {i}" for i in range(count)]))
+    run = run_cli("--pipeline", FAKE.replace("FakePipeline", pipeline), "--input_dir", str(src), "--device", "cpu",
+                  "--output_dir", str(out), "--instances_per_device", "4", env={"FAKE_PIPELINE_PAGE_LOG": str(log)})
+    assert run.code == 0, run.stderr
+    assert len(page_log(log)) <= most, run.stderr
+    found = {name: result["text"] for name, result in outputs(out).items()}
+    assert found == {f"{stem}_{i}.json": f"{stem}.pdf page {i}" for stem, count in (("a", 24), ("b", 30))
+                     for i in range(count)}
+    assert run.stderr.count("reads documents itself") == (pipeline == "SelfReadingPipeline")
