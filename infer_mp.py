@@ -567,6 +567,10 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:
         raise UsageError("--max_worker_memory_mb needs /proc (Linux) or psutil: pip install psutil")
+    if "img" in args.save and offline_font() is None:
+        say(f"note: --save img draws text with a font that PaddleX downloads when it has none (offline, each "
+            f"picture's text half stays blank): pip install {FONT_PACKAGE} (in requirements.txt), or set "
+            f"{FONT_VARIABLE} to a .ttf/.ttc file")
     return Config(
         pipeline=args.pipeline.strip(),
         input_dir=input_dir.absolute() if input_dir is not None else None,
@@ -3663,6 +3667,7 @@ class PipelineWorker:
                 self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # reported; the coordinator decides
             return ("init_failed", one_line(error))
+        use_offline_font()
         fallback = cpu_fallback(spec, options.init_kwargs)
         if fallback is not None:  # a failed start, before any page: if every worker has it, exit 3
             return ("init_failed", fallback)
@@ -4014,6 +4019,34 @@ def can_save(result: Any, save_format: str) -> bool:
     if save_format == "markdown":
         return callable(getattr(result, "save_to_markdown", None))
     return isinstance(getattr(result, "img", None), dict)
+
+
+FONT_VARIABLE = "PADDLE_PDX_LOCAL_FONT_FILE_PATH"  # PaddleX draws text (--save img) with this font file
+FONT_PACKAGE = "noto-cjk-sans-otc==0.0.1"  # Noto Sans CJK (Latin, Chinese, Japanese, Korean; OFL), in requirements.txt
+
+
+def offline_font() -> str | None:
+    """The font PaddleX is to draw text with: the user's (FONT_VARIABLE), else FONT_PACKAGE's;
+    None if neither is there (PaddleX then downloads its fonts at run time, once per page
+    where there is no network, and draws no text)."""
+    if os.environ.get(FONT_VARIABLE):
+        return os.environ[FONT_VARIABLE]
+    try:
+        from noto_cjk_sans_otc import FONT_PATH
+    except ImportError:
+        return None
+    return str(FONT_PATH)
+
+
+def use_offline_font() -> None:
+    """Give PaddleX's fonts, which it would download when first drawn with, the offline font
+    (as FONT_VARIABLE would, without the warning PaddleX then prints in every worker)."""
+    fonts, path = sys.modules.get("paddlex.utils.fonts"), offline_font()
+    if fonts is None or path is None:
+        return
+    for font in vars(fonts).values():
+        if isinstance(font, fonts.Font) and not getattr(font, "_local_path", None):
+            font._local_path = path
 
 
 def save_extras(folder: str, prefix: str, name: str, result: Any, formats: tuple[str, ...]) -> list[str]:

@@ -87,3 +87,39 @@ def test_many_pages_single_instance(dirs):
     run = run_ocr(src, out, "--batch_size", "4")
     assert run.code == 0, run.stderr
     assert_text_matches(out, truth)
+
+
+NO_NETWORK = """\
+import os, socket
+
+def _refuse(*args, **kwargs):
+    with open(os.environ["NETWORK_LOG"], "a") as log:
+        log.write(f"{os.getpid()} {args[1:] if len(args) > 1 else args}\\n")
+    raise OSError("no network in this test")
+
+socket.socket.connect = socket.socket.connect_ex = _refuse
+socket.getaddrinfo = _refuse
+"""
+
+
+def test_save_img_draws_the_text_with_no_network_connection(tmp_path):
+    """--save img: PaddleX fetched a font at run time, once per page (offline the text half
+    of each picture came out blank). With the font from requirements.txt, a run in which every
+    process is refused the network draws the text and tries no connection."""
+    guard = write(tmp_path / "guard" / "sitecustomize.py", NO_NETWORK)
+    log = tmp_path / "network.log"
+    src = tmp_path / "in"
+    src.mkdir()
+    write_document(src / "note.png", [["Harbor Supply 2041"]])
+    env = {"PYTHONPATH": str(guard.parent), "NETWORK_LOG": str(log), "PADDLE_PDX_CACHE_HOME": str(tmp_path / "cache")}
+    run = run_cli("--pipeline", OFFLINE_OCR, "--input_dir", str(src), "--device", "cpu", "--output_dir",
+                  str(tmp_path / "out"), "--save", "img", env=env)
+    assert run.code == 0, run.stderr
+    assert not log.exists(), log.read_text()
+    from PIL import Image
+
+    [picture] = (tmp_path / "out").glob("note_*ocr_res_img.png")
+    with Image.open(picture) as image:
+        gray = image.convert("L")
+        text_half = gray.crop((gray.width // 2, 0, gray.width, gray.height))
+        assert text_half.getextrema()[0] < 128, "the recognized text was not drawn"
