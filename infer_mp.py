@@ -88,16 +88,21 @@ PADDLEX_LOG_LEVEL = "WARNING"  # in workers: PaddleX's per-model INFO lines, tim
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes; documented in --help and the README."""
+    """Process exit codes, each with what it means: --help lists them from here."""
 
-    OK = 0  # every input was processed
-    INPUTS_FAILED = 1  # the run finished, but some inputs failed (named on stderr)
-    USAGE = 2  # bad command line or environment; nothing was processed
-    NO_WORKERS = 3  # no worker could create its pipeline; nothing more could be processed
-    OUTPUT_FAILED = 74  # writing outputs failed (disk full, read-only): stopped (sysexits EX_IOERR)
-    LOCKED = 75  # another run is using --output_dir (sysexits EX_TEMPFAIL: try again later)
-    INTERRUPTED = 130  # Ctrl-C (SIGINT)
-    TERMINATED = 143  # SIGTERM
+    OK = 0, "every input was processed"
+    INPUTS_FAILED = 1, "the run finished, but some inputs or pages failed (each is named on stderr)"
+    USAGE = 2, "usage error (flag, path, device, pipeline); nothing was processed"
+    NO_WORKERS = 3, "no worker could create its pipeline; nothing more could be processed"
+    OUTPUT_FAILED = 74, "writing outputs failed (disk full, read-only filesystem): stopped; fix it and rerun"
+    LOCKED = 75, "another run is using --output_dir (try again later)"
+    INTERRUPTED = 130, "interrupted (Ctrl-C, SIGINT)"
+    TERMINATED = 143, "stopped by SIGTERM"
+
+    def __new__(cls, value: int, meaning: str) -> ExitCode:
+        code = int.__new__(cls, value)
+        code._value_, code.meaning = value, meaning
+        return code
 
 
 class UserError(Exception):
@@ -144,16 +149,7 @@ def say(message: str) -> None:
 # CLI -> Config
 # ---------------------------------------------------------------------------------------------
 
-EPILOG = """\
-exit codes:
-  0    every input was processed
-  1    the run finished, but some inputs or pages failed (each is named on stderr)
-  2    usage error (flag, path, device, pipeline); nothing was processed
-  3    no worker could create its pipeline
-  74   writing outputs failed (disk full, read-only filesystem): stopped; fix it and rerun
-  75   another run is using --output_dir (try again later)
-  130  interrupted (Ctrl-C); 143: stopped by SIGTERM
-
+EPILOG = "exit codes:\n" + "".join(f"  {code.value:<4} {code.meaning}\n" for code in ExitCode) + """
 resume: every run appends one JSON line per input it did, and one about itself, to the run log
 (default OUTPUT_DIR/infer_mp.runlog.jsonl). Rerunning the same command skips inputs whose last
 record is done, whose file has not changed (size, modification time) and whose outputs exist;

@@ -121,7 +121,9 @@ def test_help_lists_every_seed_flag_and_exit_codes():
     for flag in ("--pipeline", "--input_dir", "--device", "--output_dir", "--instances_per_device",
                  "--batch_size", "--input_glob_pattern"):
         assert flag in run.stdout
-    assert "exit codes" in run.stdout
+    import infer_mp
+    listed = run.stdout.split("exit codes:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert listed == [f"  {code.value:<4} {code.meaning}" for code in infer_mp.ExitCode]  # one list, the enum's
 
 
 # -- the seed page's two example commands parse and reach the device check -------------------
