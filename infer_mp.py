@@ -42,10 +42,10 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
-import shutil
 import sys
 import tempfile
 import time
@@ -446,7 +446,8 @@ def build_parser() -> ArgumentParser:
         type=whole_number,
         default=DEFAULT_PAGES_PER_TASK,
         help="A PDF or TIFF with more pages than this is split into page ranges that workers take like "
-        "inputs (fewer pages per range when the run has too few pages for two ranges per worker); outputs are the same. "
+        "inputs (fewer pages per range when the run has too few pages for two ranges per worker); "
+        "outputs are the same. "
         f"0: never split (default: {DEFAULT_PAGES_PER_TASK}).",
     )
     runs.add_argument(
@@ -541,7 +542,8 @@ def parse_config(argv: list[str] | None) -> Config:
     folder_patterns = [p for p in args.input_glob_pattern or [] if "/" in p or "**" in p or p in (".", "..")]
     if args.recursive and folder_patterns:
         raise UsageError(f"--recursive takes file-name patterns such as '*.pdf', matched in every subfolder; "
-                         f"{folder_patterns[0]!r} has a folder part: leave out --recursive (e.g. 'x/**/*.pdf' recurses below x)")
+                         f"{folder_patterns[0]!r} has a folder part: leave out --recursive "
+                         "(e.g. 'x/**/*.pdf' recurses below x)")
     input_dir = Path(args.input_dir) if args.input_dir is not None else None
     if input_dir is not None and not input_dir.exists():
         raise UsageError(f"the input directory does not exist: {str(input_dir)!r}")
@@ -556,9 +558,11 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"--output_dir is --input_dir ({str(input_dir)!r}): a rerun would take the outputs for "
                          "inputs; give an --output_dir outside it, or a folder inside it")
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
-    run_log = Path(args.run_log) if args.run_log else output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
+    default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
+    run_log = Path(args.run_log) if args.run_log else default_log
     if run_log.exists() and not run_log.is_file():
-        raise UsageError(f"--run_log {str(run_log)!r} is not a regular file; give a file path (it is read and appended to)")
+        raise UsageError(f"--run_log {str(run_log)!r} is not a regular file; give a file path "
+                         "(it is read and appended to)")
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:
@@ -1973,7 +1977,8 @@ class Ledger:
                 or fnmatch.fnmatch(name, RUN_LOG_PATTERN)):
             return False
         real_folder = os.path.realpath(folder)
-        if not within(real_folder, self.root) or os.path.join(real_folder, name) in self.protected or path in self.protected:
+        if (not within(real_folder, self.root) or os.path.join(real_folder, name) in self.protected
+                or path in self.protected):
             return False
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
@@ -2066,9 +2071,9 @@ class Ledger:
             for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key), placing]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
+        placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "status": PLACING,
-                             "placing": [[key, rels, []] for key, rels in self.leftovers.items()]}).encode("ascii") + b"\n"
-                 ] if self.leftovers else []
+                             "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -2503,7 +2508,8 @@ class RunLock:
         count = config.shard[1]
         self._take(self.output_dir / SHARD_COUNT_LOCK.format(count=count), fcntl.LOCK_SH, "")
         self._refuse_other_counts(count)
-        self._take(config.lock_file, fcntl.LOCK_EX, f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
+        self._take(config.lock_file, fcntl.LOCK_EX,
+                   f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
         self._write_pid(self.handles[-1])
 
     def _take(self, path: Path, mode: int, refusal: str, where: str | None = None) -> None:
@@ -2745,8 +2751,8 @@ class Note:
     text: str
 
 
-Event = (WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | Staged | TaskDone | TaskFailed | OutputError
-         | Note)
+Event = (WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | Staged | TaskDone | TaskFailed
+         | OutputError | Note)
 
 
 class Stopper:
@@ -3209,7 +3215,8 @@ class Backend:
         requeue = []
         suspects = [worker.held[index] for index in worker.placing] or list(worker.held.values())
         # Dying while renaming those, it had not begun the batch sent behind them.
-        unstarted = [task for index, task in worker.held.items() if index not in worker.placing] if worker.placing else []
+        unstarted = ([task for index, task in worker.held.items() if index not in worker.placing]
+                     if worker.placing else [])
         self._hand_back(unstarted)
         alone = len(suspects) == 1
         for task in suspects:
@@ -3928,7 +3935,8 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
     if task.paged and all(type(page_index_of(result)) is int for result in results):  # in page order: see
         results = sorted({page_index_of(r): r for r in results}.values(), key=page_index_of)  # output_pages
     got = {page_index_of(result) for result in results}
-    failed.update({page: "no result for this page" for page in task.page_numbers if page not in got and page not in failed})
+    failed.update({page: "no result for this page" for page in task.page_numbers
+                   if page not in got and page not in failed})
     if not results:
         yield ("failed", task.index, "; ".join(dict.fromkeys(failed.values()))
                or "no result: not a readable image or PDF for this pipeline")
@@ -4163,8 +4171,8 @@ class Report:
                 self.output_error = event.text
                 self.progress.say(f"error: {event.text}; starting no new inputs")
         elif isinstance(event, WorkerFailedToStart):
-            self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: {event.error}"
-                              + (f"; starting another (try {event.retry})" if event.retry else ""))
+            self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) could not start its pipeline: "
+                              f"{event.error}" + (f"; starting another (try {event.retry})" if event.retry else ""))
         elif isinstance(event, WorkerLost):
             self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) {event.reason}; "
                               f"{event.requeued} input(s) or page(s) go back to the queue"
@@ -4315,7 +4323,8 @@ class Report:
         lines = [f"inputs: {', '.join(counts)}; {self.pages} page(s){failed_pages} in {elapsed:.1f} s, "
                  f"{rate:.2f} pages/s" + (f" (per device: {per_device})" if per_device else "")]
         if self.engines:
-            lines.append("engines: " + ", ".join(f"{engine} on {n} worker start(s)" for engine, n in self.engines.items()))
+            lines.append("engines: " + ", ".join(f"{engine} on {n} worker start(s)"
+                                                 for engine, n in self.engines.items()))
         if self.output_error:
             lines.append(f"stopped: {self.output_error}; fix that (free space, make it writable) "
                          "and rerun the same command to do the rest")
@@ -4476,7 +4485,8 @@ def start_and_dispatch(config: Config, pipeline: PipelineRef, tasks: list[Task],
 
 def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
     """--dry_run: no lock (it writes nothing), no worker, no model."""
-    cluster = RayCluster(config.ray_address, config.instances_per_device, config.start_timeout) if config.backend == "ray" else None
+    cluster = (RayCluster(config.ray_address, config.instances_per_device, config.start_timeout)
+               if config.backend == "ray" else None)
     try:
         plan = plan_ray_workers(config, cluster) if cluster else plan_workers(config)
         check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
@@ -4506,7 +4516,8 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
     ]
     engine = config.pipeline_kwargs.get("engine")
     providers = (config.pipeline_kwargs.get("engine_config") or {}).get("providers")
-    lines.append(f"engine: {engine or 'the pipeline default'}" + (f", providers {', '.join(providers)}" if providers else "")
+    lines.append(f"engine: {engine or 'the pipeline default'}"
+                 + (f", providers {', '.join(providers)}" if providers else "")
                  + " (each worker reports what it really runs on when it starts)")
     if config.pipeline_kwargs or config.predict_kwargs:
         lines.append(f"options: pipeline {config.pipeline_kwargs}, predict {config.predict_kwargs}")

@@ -1,6 +1,6 @@
 """GPU throughput of infer_mp.py on whatever NVIDIA GPUs this machine has, beside the bare loop.
 
-    python examples/bench_gpu.py                                    # every GPU; 1, 2, 4, 8 instances per GPU x batch 1, 4
+    python examples/bench_gpu.py                              # every GPU; 1, 2, 4, 8 instances per GPU x batch 1, 4
     python examples/bench_gpu.py --devices gpu:0 --instances 4,8 --batch_sizes 1 --pages 240
     python examples/bench_gpu.py --variant exhaustive='{"provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}'
 
@@ -42,8 +42,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import infer_mp  # noqa: E402  (standard library only at import: the driver query below)
 from benchmark import PIPELINE, write_pages  # noqa: E402
+
+import infer_mp  # noqa: E402  (standard library only at import: the driver query below)
 
 PROG = "bench_gpu.py"
 USAGE_ERROR = 2
@@ -89,7 +90,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--pages", type=int, default=120, help="dense pages to OCR in every row (default 120)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are printed (default 1)")
     parser.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "paddle_static"],
-                        help="onnxruntime (ONNX Runtime's CUDA provider; default) or paddle_static (Paddle's GPU build)")
+                        help="onnxruntime (ONNX Runtime's CUDA provider; default) "
+                             "or paddle_static (Paddle's GPU build)")
     parser.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=JSON",
                         help="also sweep with this --engine_config (e.g. ONNX Runtime's own cuDNN search, above)")
     parser.add_argument("--no_planned", action="store_true",
@@ -214,14 +216,16 @@ class GpuSampler:
             try:
                 self.smi = subprocess.Popen(
                     ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                     "-lms", str(int(self.interval * 1000))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                     "-lms", str(int(self.interval * 1000))],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 threading.Thread(target=self._read_smi, daemon=True).start()
             except OSError:  # no nvidia-smi either: the row shows '-'
                 pass
         while not self.stopping.wait(self.interval):
             if nvml is not None:
                 for index, handle in nvml[1].items():
-                    rates, memory = nvml[0].nvmlDeviceGetUtilizationRates(handle), nvml[0].nvmlDeviceGetMemoryInfo(handle)
+                    rates = nvml[0].nvmlDeviceGetUtilizationRates(handle)
+                    memory = nvml[0].nvmlDeviceGetMemoryInfo(handle)
                     self.samples.append((index, float(rates.gpu), memory.used // 2**20))
             if self.first_output is None and any(p.suffix == ".json" and not p.name.startswith(".")
                                                  for p in self.out.glob("*.json")):

@@ -107,7 +107,8 @@ def ocr_configs(pages: list[Path], input_dir: Path, out: Path, device: str, grid
         Config(f"{label}PaddleOCR predict(dir), {cores()} threads (= cores)",
                [python(worker, "builtin", str(out), str(input_dir), "--threads", str(cores()), "--device", device)], n),
         Config(f"{label}partition limit ({cores()} bare 1-thread processes, fixed shares)",
-               [python(worker, "bare", str(out), *half, "--threads", "1", "--device", first_device) for half in halves], n),
+               [python(worker, "bare", str(out), *half, "--threads", "1", "--device", first_device)
+                for half in halves], n),
     ]
     for instances, threads in grid:
         configs.append(Config(
@@ -194,11 +195,13 @@ def ocr_benchmark(args: argparse.Namespace, work: Path) -> None:
     mixed_infer = min((c for c in mixed_configs if "infer_mp" in c.name), key=lambda c: c.median)
     checks = [
         ("infer_mp.py, 1 instance x 1 thread, vs the bare loop (1 thread)", bare.median / one_instance.median, 0.95),
-        (f"infer_mp.py, best ({best.name.split('py ')[1]}), vs the partition limit", partition.median / best.median, 0.95),
+        (f"infer_mp.py, best ({best.name.split('py ')[1]}), vs the partition limit",
+         partition.median / best.median, 0.95),
         ("infer_mp.py, best, vs built-in at its default threads", builtin_default.median / best.median, 1.0),
         ("infer_mp.py, best, vs built-in at threads = cores", builtin_cores.median / best.median, 1.0),
         ("infer_mp.py, mixed set, vs the partition limit", mixed_partition.median / mixed_infer.median, 1.0),
-        ("infer_mp.py, default multi-instance plan, vs the partition limit", partition.median / default_multi.median, 0.95),
+        ("infer_mp.py, default multi-instance plan, vs the partition limit",
+         partition.median / default_multi.median, 0.95),
     ]
     print("\n| target | ratio | goal |\n| --- | --- | --- |")
     for name, ratio, goal in checks:
@@ -225,8 +228,9 @@ def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
     the peer rapidocr-openvino, on the same dense pages."""
     pages = write_pages(work / "dense", args.pages, mixed=False)
     out = work / "out"
-    engines = {"Paddle (paddle_static, oneDNN)": [], "ONNX Runtime (CPU provider)": ["--engine", "onnxruntime", "--engine_config",
-                                                                   json.dumps({"providers": ["CPUExecutionProvider"]})],
+    engines = {"Paddle (paddle_static, oneDNN)": [],
+               "ONNX Runtime (CPU provider)": ["--engine", "onnxruntime", "--engine_config",
+                                               json.dumps({"providers": ["CPUExecutionProvider"]})],
                "ONNX Runtime + OpenVINO provider": ["--engine", "onnxruntime", "--engine_config", OPENVINO]}
     configs = []
     for label, extra in engines.items():
@@ -291,7 +295,8 @@ def backend_benchmark(args: argparse.Namespace, work: Path) -> None:
             plan = f"{instances} x {threads}"
             configs += [
                 Config(f"local backend, {plan}", [base], len(pages)),
-                Config(f"Ray backend, existing cluster, {plan}", [base + ["--backend", "ray", "--ray_address", address]],
+                Config(f"Ray backend, existing cluster, {plan}",
+                       [base + ["--backend", "ray", "--ray_address", address]],
                        len(pages)),
                 Config(f"Ray backend, local cluster started by the run, {plan}", [base + ["--backend", "ray"]],
                        len(pages)),

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +42,7 @@ def main() -> None:
 
     started = time.perf_counter()
     import cv2
+
     from offline_ocr import OfflineOCR
     stages["start-up and imports (paddle, paddlex, paddleocr)"] = time.perf_counter() - started
 

@@ -114,7 +114,8 @@ def pdf_bytes(pages: list[str], size: tuple[int, int] = (60, 40)) -> bytes:
     count = len(pages)
     font = 3 + 2 * count
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(count)), count)]
+               b"<< /Type /Pages /Kids [%s] /Count %d >>"
+               % (b" ".join(b"%d 0 R" % (3 + 2 * i) for i in range(count)), count)]
     for i, text in enumerate(pages):
         stream = b"BT /F1 8 Tf 2 %d Td (%s) Tj ET" % (max(2, height // 2 - 3), pdf_escape(text))
         objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Resources << /Font << /F1 %d 0 R >> >> "
@@ -210,7 +211,8 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_log_paths(folder: Path) -> list[Path]:
     """Every run log in the folder, the default one last (it wins a tie, as infer_mp.py reads)."""
-    return sorted(folder.glob("infer_mp*.runlog.jsonl"), key=lambda log: (log.name == "infer_mp.runlog.jsonl", log.name))
+    return sorted(folder.glob("infer_mp*.runlog.jsonl"),
+                  key=lambda log: (log.name == "infer_mp.runlog.jsonl", log.name))
 
 
 def all_records(folder: Path) -> list[dict]:
@@ -251,7 +253,8 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
         held[key] = set(record["outputs"]) | set(record.get("extra_outputs") or [])
         done = last_done.get(key)
         if done is not None and done is not record and (
-                record.get("size") is None or (record.get("size"), record.get("mtime_ns")) == (done.get("size"), done.get("mtime_ns"))):
+                record.get("size") is None
+                or (record.get("size"), record.get("mtime_ns")) == (done.get("size"), done.get("mtime_ns"))):
             held[key] |= set(done["outputs"]) | set(done.get("extra_outputs") or [])
     for record in records:
         key = record["input"]

@@ -221,7 +221,8 @@ class FakePipeline:
                         digest = hashlib.sha1(image.tobytes())
                         digest.update(repr(image.shape).encode())
                         results.append(self.result_type(common, input_path=batch.input_paths[i], page_index=page_index,
-                                                        page_count=page_count, image_sha1=digest.hexdigest(), text=text))
+                                                        page_count=page_count, image_sha1=digest.hexdigest(),
+                                                        text=text))
                     self.log_page(path, page_index, start)
                     start = time.time()
         finally:

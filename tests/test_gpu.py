@@ -72,7 +72,8 @@ def test_onnxruntime_gpus_are_counted_by_the_driver_not_paddle(monkeypatch, no_p
 @pytest.mark.parametrize("count, why, device, fragments", [
     (None, "no NVIDIA driver found (libcuda.so.1: cannot open shared object file)", "gpu:0",
      ["asks for a GPU", "no NVIDIA driver found", "--device cpu"]),
-    (0, "", "gpu", ["gpu:0", "only 0 gpu device(s) are visible to the NVIDIA driver (none; check CUDA_VISIBLE_DEVICES)"]),
+    (0, "", "gpu", ["gpu:0",
+                    "only 0 gpu device(s) are visible to the NVIDIA driver (none; check CUDA_VISIBLE_DEVICES)"]),
     (1, "", "gpu:0,1", ["gpu:1", "only 1 gpu device(s) are visible to the NVIDIA driver (ids 0..0"]),
 ])
 def test_absent_gpu_without_paddle_is_one_usage_error(monkeypatch, no_paddle, count, why, device, fragments):

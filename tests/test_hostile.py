@@ -14,8 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (OFFLINE_OCR, ROOT, make_inputs, outputs, page_files, run_cli, run_fake, run_log, start_fake,
-                      temporaries, wait_for, write)
+from conftest import (
+    OFFLINE_OCR,
+    ROOT,
+    make_inputs,
+    outputs,
+    page_files,
+    run_cli,
+    run_fake,
+    run_log,
+    start_fake,
+    temporaries,
+    wait_for,
+    write,
+)
 
 
 @pytest.fixture
@@ -163,7 +175,8 @@ def test_any_file_name(dirs):
     produced = sorted(os.listdir(os.fsencode(out)))
     expected = sorted(name[: -len(b".png")] + b".json" for name in ODD_NAMES)
     assert [n for n in produced if n.endswith(b".json")] == expected
-    raw_lines = [line for line in (out / "infer_mp.runlog.jsonl").read_bytes().split(b"\n")[:-1] if b'"input"' in line and b'"placing"' not in line]
+    raw_lines = [line for line in (out / "infer_mp.runlog.jsonl").read_bytes().split(b"\n")[:-1]
+                 if b'"input"' in line and b'"placing"' not in line]
     assert len(raw_lines) == len(ODD_NAMES)
     inputs = {os.fsencode(json.loads(line)["input"]) for line in raw_lines}  # round-trips to the bytes
     assert inputs == {os.path.join(os.fsencode(src), name) for name in ODD_NAMES}

@@ -12,8 +12,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import (all_records, fake_args, latest_records, make_config, make_inputs, outputs, page_files, pdf_bytes, run_cli, run_fake,
-                      start_fake, wait_for, write)
+from conftest import (
+    all_records,
+    fake_args,
+    latest_records,
+    make_config,
+    make_inputs,
+    outputs,
+    page_files,
+    pdf_bytes,
+    run_cli,
+    run_fake,
+    start_fake,
+    wait_for,
+    write,
+)
 
 LOG = "infer_mp.runlog.jsonl"
 
@@ -517,12 +530,14 @@ def test_a_batch_placing_line_attributes_each_of_its_files(dirs):
     make_inputs(src, 4)
     assert run_fake(src, out, "--batch_size", "4", "--instances_per_device", "1").code == 0
     placing = [r for r in map(json.loads, (out / LOG).read_text().splitlines()) if r.get("status") == "placing"]
-    assert len(placing) == 1 and sorted(entry[1] for entry in placing[0]["placing"]) == [[f"p0{i}.json"] for i in range(4)]
+    assert len(placing) == 1
+    assert sorted(entry[1] for entry in placing[0]["placing"]) == [[f"p0{i}.json"] for i in range(4)]
     (out / LOG).write_text(json.dumps(placing[0]) + "\n")  # as that kill leaves it
     (src / "p01.png").unlink()
     (src / "p02.png").unlink()
     run = run_fake(src, out)
-    assert run.code == 0 and "2 input(s) to do" in run.stderr and "retired 4 stale output file(s)" in run.stderr, run.stderr
+    assert run.code == 0, run.stderr
+    assert "2 input(s) to do" in run.stderr and "retired 4 stale output file(s)" in run.stderr, run.stderr
     assert page_files(out) == ["p00.json", "p03.json"]
 
 
@@ -608,6 +623,7 @@ def test_a_linked_folder_on_the_way_is_not_written_through_nor_made_again(tmp_pa
     out.mkdir(exist_ok=True)
     (out / "sub").symlink_to(target)
     staged = write(out / ".infer_mp.staging" / "w" / "0-a.json", "{}")
-    [(message, placed, errors)] = placing_worker(out).place({0: (None, [(str(staged), str(out / "sub" / "deep" / "a.json"))])})
+    moves = {0: (None, [(str(staged), str(out / "sub" / "deep" / "a.json"))])}
+    [(message, placed, errors)] = placing_worker(out).place(moves)
     assert placed == [] and 0 in errors
     assert list(target.iterdir()) == [] and staged.exists()

@@ -10,8 +10,22 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import (FAKE, assert_invariant, latest_records, make_config, outputs, page_files, pdf_bytes, run_cli, run_fake, run_log,
-                      start_fake, tiff_bytes, wait_for, write)
+from conftest import (
+    FAKE,
+    assert_invariant,
+    latest_records,
+    make_config,
+    outputs,
+    page_files,
+    pdf_bytes,
+    run_cli,
+    run_fake,
+    run_log,
+    start_fake,
+    tiff_bytes,
+    wait_for,
+    write,
+)
 
 RENDERED = ("input_path", "page_index", "page_count", "image_sha1", "text")  # what a page's rendering decides
 

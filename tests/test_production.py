@@ -13,8 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SCRIPT, fake_args, make_inputs, outputs, page_files, run_fake, run_log, start_fake,
-                      temporaries, wait_for, write)
+from conftest import (
+    SCRIPT,
+    fake_args,
+    make_inputs,
+    outputs,
+    page_files,
+    run_fake,
+    run_log,
+    start_fake,
+    temporaries,
+    wait_for,
+    write,
+)
 
 
 def last_status(out: Path) -> dict[str, str]:

@@ -16,10 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import OFFLINE_OCR, ROOT, make_inputs, outputs, page_files, run_cli, run_fake, run_log, start_fake, \
-    temporaries, wait_for, write
 from test_real_ocr import assert_text_matches
+
+from conftest import (
+    OFFLINE_OCR,
+    ROOT,
+    make_inputs,
+    outputs,
+    page_files,
+    run_cli,
+    run_fake,
+    run_log,
+    start_fake,
+    temporaries,
+    wait_for,
+    write,
+)
 
 pytest.importorskip("ray", reason="the Ray backend needs: pip install -r requirements-ray.txt")
 

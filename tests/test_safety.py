@@ -14,12 +14,22 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-import infer_mp
-from conftest import (assert_invariant, latest_records, make_inputs, page_files, pdf_bytes, run_fake, run_log, start_fake,
-                      tiff_bytes, wait_for, write)
 from test_hostile import remount, small_disk  # noqa: F401 (a fixture)
 
+import infer_mp
+from conftest import (
+    assert_invariant,
+    latest_records,
+    make_inputs,
+    page_files,
+    pdf_bytes,
+    run_fake,
+    run_log,
+    start_fake,
+    tiff_bytes,
+    wait_for,
+    write,
+)
 
 # -- cleanup deletes only what the input itself wrote ---------------------------------------------
 

@@ -35,7 +35,8 @@ SPELLINGS = {  # (input folder, output folder) relative to tmp_path; every one i
 }
 
 
-@pytest.mark.parametrize("patterns", [("**/*",), ("**/*.png", "*"), ("*/*", "*/*/*")], ids=["walk", "walk-names", "pathlib"])
+@pytest.mark.parametrize("patterns", [("**/*",), ("**/*.png", "*"), ("*/*", "*/*/*")],
+                         ids=["walk", "walk-names", "pathlib"])
 @pytest.mark.parametrize("spelling", SPELLINGS)
 def test_the_output_folder_is_never_input_however_spelled(scans_with_outputs, tmp_path, spelling, patterns):
     os.symlink("scans", tmp_path / "scans-link")
@@ -139,7 +140,8 @@ def run_list(source: str, cwd: Path):
     return run_cli("--pipeline", FAKE, "--device", "cpu", "--input_list", source, "--output_dir", "out", cwd=cwd)
 
 
-def listed(tmp_path: Path, *paths: str | Path, input_dir: Path | None = None, output: str = "out") -> infer_mp.InputSelection:
+def listed(tmp_path: Path, *paths: str | Path, input_dir: Path | None = None,
+           output: str = "out") -> infer_mp.InputSelection:
     """read_input_list on these paths, run from tmp_path, and the relative paths it places them at."""
     (tmp_path / "list").write_text("".join(f"{p}\n" for p in paths))
     return infer_mp.read_input_list(str(tmp_path / "list"), None if input_dir is None else str(input_dir),
@@ -159,7 +161,8 @@ def test_two_lists_never_share_an_output(tmp_path):
         run = run_list(f"{folder}.list", cwd=tmp_path)
         assert run.code == 0, run.stderr
     assert page_files(tmp_path / "out") == ["x/a.json", "y/a.json"]
-    assert "X" in (tmp_path / "out" / "x" / "a.json").read_text() and "Y" in (tmp_path / "out" / "y" / "a.json").read_text()
+    assert "X" in (tmp_path / "out" / "x" / "a.json").read_text()
+    assert "Y" in (tmp_path / "out" / "y" / "a.json").read_text()
 
 
 def test_a_listed_path_is_placed_by_itself_relative_to_the_current_folder(tmp_path, monkeypatch):
