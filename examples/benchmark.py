@@ -1,6 +1,6 @@
 """Throughput of infer_mp.py beside the ways it replaces, on the same pages, in one run.
 
-    python examples/benchmark.py                      # real OCR, CPU: the README's table
+    python examples/benchmark.py                      # real OCR, CPU: the table in docs/performance.md
     python examples/benchmark.py --orchestration 100000   # dispatch cost, model-free
     python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
     python examples/benchmark.py --backends --pages 40    # the Ray backend against the local one

@@ -443,7 +443,7 @@ def test_a_listed_file_that_stays_missing_fails_once(dirs, tmp_path):
 
 def test_retirement_never_deletes_an_input(tmp_path):
     out = tmp_path / "out"
-    src = out / "scans"  # inputs inside the output folder, as the README allows
+    src = out / "scans"  # inputs inside the output folder, as docs/usage.md allows
     write(src / "a.png", "A")
     write(src / "b.png", "B")
     assert run_fake(src, out).code == 0
