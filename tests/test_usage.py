@@ -212,3 +212,21 @@ def test_gpu_on_cpu_build_is_refused(monkeypatch):
     monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(False, 0))
     with pytest.raises(infer_mp.UsageError, match="cannot use it"):
         infer_mp.plan_workers(config(device="gpu:0"))
+
+
+def test_the_readme_has_every_section_the_script_cites_and_every_exit_code():
+    """Messages say "README, 'GPU install'": a user who copied only the script opens the README
+    and finds a heading of that name; its exit-code table has every code the script uses."""
+    import re
+
+    import infer_mp
+    readme = (ROOT / "README.md").read_text()
+    headings = [line.lstrip("#").strip() for line in readme.splitlines() if line.startswith("#")]
+    cited = set()
+    for path in [ROOT / "infer_mp.py", *ROOT.glob("requirements*.txt"), *ROOT.glob("examples/*.py")]:
+        cited |= set(re.findall(r"""README, ['"]([^'"\n]+)['"]""", path.read_text()))
+    assert cited >= {"GPU install", "GPU from PyPI", "Big documents", "Fast CPU engine", "GPU benchmark"}
+    for name in cited:
+        assert any(heading.startswith(name) for heading in headings), name
+    table = set(re.findall(r"^\| (\d+) \|", readme, re.MULTILINE))
+    assert table == {str(code.value) for code in infer_mp.ExitCode}
