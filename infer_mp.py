@@ -11,10 +11,40 @@ included), collision-free outputs, failure isolation and clear exit codes.
 Runs are made to be left alone: a JSON Lines run log, resume, crash recovery, timeouts, worker
 recycling, progress, clean stops on Ctrl-C/SIGTERM and one run per output folder at a time.
 
-The file reads top to bottom in the order data flows:
-CLI -> devices -> pipeline -> inputs -> ledger (run logs) -> selection -> documents -> dispatch
--> worker -> output (staging) -> report. Workers write into a staging folder and rename their
-files into place only once the coordinator has recorded their final names in the ledger.
+The file reads top to bottom in the order data flows; each section opens with a banner:
+
+    CLI -> Config                 the flags, checked into one Config
+    Devices -> worker plan        one WorkerSpec per instance: device, threads
+    Pipeline                      resolved without importing it; engines and their settings
+    Inputs -> tasks               the input files, each a Task with its output names
+    Ledger                        the run logs: what is done, every file placed, for which input
+    Selection                     what this run does (the rest is complete or a standing failure)
+    Documents                     page counts, and page ranges as tasks of their own
+    Dispatch (local, Ray)         the coordinator's side of the workers: queue, batches, deaths
+    Worker                        a process (or Ray actor) with one pipeline, predicting batches
+    Output                        a task's files, written into the worker's staging folder
+    Report                        records, progress, summary and exit code, from the events
+    main                          run(): lock, read the ledger, select, dispatch, report
+
+The coordinator (one process) and its workers (a process or a Ray actor each) exchange:
+
+    coordinator                                      worker (PipelineWorker)
+    ("start", WorkerSpec, WorkerOptions)   ----->    builds the pipeline
+                                           <-----    ("ready", engine, token, reads page windows)
+                                                     | ("init_failed", why)
+    ("batch", [Task, ...])                 ----->    predicts, writes files into staging
+                                           <-----    ("reports", [("done", index, staged folder,
+                                                        prefix, outputs, extras, seconds, failed
+                                                        pages) | ("failed", index, why) |
+                                                        ("output_failed", index, why) |
+                                                        ("note", text) | ("outside_window",)])
+    records a `placing` line, then
+    ("place", {index: Moves})              ----->    renames its files into place
+                                           <-----    ("placed", [index, ...], {index: error})
+                                                     [+ ("retiring", why): it then exits]
+
+The coordinator turns these messages into events (TaskDone, TaskFailed, WorkerLost, ...) that
+the Report records: a task's `done` record is written only after its files are in place.
 """
 
 from __future__ import annotations
