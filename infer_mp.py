@@ -112,6 +112,7 @@ LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
+PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
 STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
 PADDLEX_LOG_LEVEL = "WARNING"  # in workers: PaddleX's per-model INFO lines, times N workers, are noise
@@ -1933,7 +1934,10 @@ class Ledger:
         return owners
 
     def held_files(self, key: str) -> set[str]:
-        return {rel for record in self.held(key) for raw in files_of(record) if (rel := self.normal(raw))}
+        """The files the input's records hold, less those another input placed since (a name
+        a gone input freed: see overwritten)."""
+        return {rel for record in self.held(key) for raw in files_of(record)
+                if (rel := self.normal(raw)) and not self.overwritten(raw, record)}
 
     def keys(self) -> set[str]:
         return {*self.latest, *self.ranges}
@@ -2360,9 +2364,10 @@ def output_pages(record: dict) -> list[int] | None:
     span = record.get("range") or [0, record.get("page_count", len(outputs))]
     if type(span[1]) is not int:
         return None
-    failed = set(record.get("failed_pages") or ())
-    pages = [page for page in range(*span) if page not in failed]
-    return pages if len(pages) == len(outputs) else None
+    failed = {page for page in record.get("failed_pages") or () if span[0] <= page < span[1]}
+    if span[1] - span[0] - len(failed) != len(outputs):  # (before a range is built: a hand edit may say 10**12)
+        return None
+    return [page for page in range(*span) if page not in failed]
 
 
 def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
@@ -2987,6 +2992,7 @@ class Backend:
         self.start_failures: dict[int, int] = defaultdict(int)  # per slot, since it last had a worker up
         self.reads_windows: bool | None = None  # does the pipeline read only a range's pages? (see _next)
         self.probe: int | None = None  # the one page range out while that is not known
+        self.probe_since = 0.0  # ... handed out then (see PROBE_PATIENCE_SECONDS)
         self.ranges: set[int] = set()  # the page ranges split_documents made (see _whole_documents)
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
@@ -3067,10 +3073,14 @@ class Backend:
         only a range's pages, one page range is out at a time (the probe: one page), with whole
         inputs beside it: a pipeline that reads each document whole then pays one extra read,
         not one a range; one that does not, one page's wait for the other workers at start."""
+        if self.reads_windows is None and time.monotonic() - self.probe_since > PROBE_PATIENCE_SECONDS:
+            if any(self.probe in worker.held for worker in self.workers.values()):  # a page that hangs
+                self.reads_windows = True  # (assumed: pages outside a range still merge the rest)
         if self.reads_windows is not None or self.pending[0].pages is None:
             return self.pending.popleft()
         if not any(self.probe in worker.held for worker in self.workers.values()):  # (none yet, or it
             task = self.pending[0]                                              # failed, or its worker died)
+            self.probe_since = time.monotonic()
             if len(task.page_numbers) == 1:
                 self.probe = self.pending.popleft().index
                 return task
@@ -3171,7 +3181,9 @@ class Backend:
                     self.handed[index] -= 1  # not the input's fault: it stays to do
                     self.output_failed = True
                     yield OutputError(f"cannot place outputs in {task.out_dir!r}: {error}")
-                else:
+                elif number == errno.ENOENT and self.handed[index] < self.max_attempts:
+                    self.pending.appendleft(task)  # its staged files were removed (an `rm -r` of the
+                else:                              # staging folder): done again
                     yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index])
         elif kind == "outside_window":
             if self.reads_windows is not False:
@@ -4011,8 +4023,7 @@ class Staging:
             folder = os.path.join(self.folder, str(number))
             os.makedirs(folder)
             return folder, ""
-        if number == 0:
-            os.makedirs(self.folder, exist_ok=True)
+        os.makedirs(self.folder, exist_ok=True)  # (each time: an `rm -r` of it mid-run is made good)
         return self.folder, f"{number}-"
 
 

@@ -244,7 +244,8 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
     """The files each input's current records hold: those its last whole record lists (a done
     input's, or the good pages of a document with failed pages), those of its last done record
     while the failure after it is of the same file version (or of a file that was not there),
-    and those of the page ranges recorded since (a document a run did not finish)."""
+    and those of the page ranges recorded since (a document a run did not finish); less the
+    files that another input recorded since (a name a gone input freed, taken by another)."""
     records = all_records(folder)
     latest = latest_records(folder)
     last_done = {r["input"]: r for r in records if "range" not in r and r["status"] == "done"}
@@ -260,7 +261,9 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
         key = record["input"]
         if "range" in record and (key not in latest or record["_order"] > latest[key]["_order"]):
             held.setdefault(key, set()).update(record["outputs"], record.get("extra_outputs") or [])
-    return held
+    last_listed = {rel: record["input"] for record in records
+                   for rel in [*record["outputs"], *(record.get("extra_outputs") or [])]}
+    return {key: {rel for rel in files if last_listed.get(rel, key) == key} for key, files in held.items()}
 
 
 def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = ()) -> None:

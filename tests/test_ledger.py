@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import (
     all_records,
+    assert_invariant,
     fake_args,
     latest_records,
     make_config,
@@ -627,3 +629,63 @@ def test_a_linked_folder_on_the_way_is_not_written_through_nor_made_again(tmp_pa
     [(message, placed, errors)] = placing_worker(out).place(moves)
     assert placed == [] and 0 in errors
     assert list(target.iterdir()) == [] and staged.exists()
+
+
+def test_a_freed_name_left_behind_by_its_taker_is_retired(dirs, tmp_path):
+    """Review finding: a.jpg took the name a.json that a gone a.png freed; a new a.bmp then
+    moves a.jpg to a.jpg.json. a.json held a.jpg's text under a.png's record for good: a
+    record no longer holds a file another input placed since, so it is retired."""
+    src, out = dirs
+    write(src / "a.png", "PNG")
+    assert run_fake(src, out).code == 0
+    (src / "a.png").rename(tmp_path / "a.png")
+    (out / "a.json").unlink()
+    write(src / "a.jpg", "JPG")
+    assert run_fake(src, out).code == 0
+    write(src / "a.bmp", "BMP")
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    assert sorted(texts(out).values()) == ["BMP", "JPG"] and "a.json" not in texts(out)
+    assert_invariant(src, out, gone=("a.png",))
+
+
+def test_the_staging_folder_removed_during_a_run_is_made_again(tmp_path):
+    """Review finding: `rm -r OUTPUT/.infer_mp.staging` mid-run failed every later input for
+    good ("cannot save output: FileNotFoundError"). Each task makes its worker's folder again."""
+    import infer_mp
+    staging = infer_mp.Staging(str(tmp_path / "out" / ".infer_mp.staging" / "w"))
+    assert staging.place_for(())[0] == staging.folder
+    shutil.rmtree(tmp_path / "out" / ".infer_mp.staging")
+    folder, prefix = staging.place_for(())
+    (Path(folder) / f"{prefix}a.json").write_text("{}")
+
+
+def test_a_hand_edited_page_count_costs_nothing(tmp_path):
+    """Review finding: a record saying page_count 10**12 made start-up build that list."""
+    import infer_mp
+    record = {"page_count": 10**12, "outputs": ["d_0.json"], "failed_pages": [5]}
+    assert infer_mp.output_pages(record) is None
+    assert infer_mp.output_pages({"range": [0, 10**12], "outputs": []}) is None
+    assert infer_mp.output_pages({"page_count": 3, "outputs": ["a", "b"], "failed_pages": [1, 7]}) == [0, 2]
+
+
+def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
+    """Its files were removed before they were renamed (`rm -r` of the staging folder): the
+    input is not at fault, so it goes back to the queue (up to --max_attempts handings)."""
+    import errno
+
+    import infer_mp
+    config = SimpleNamespace(batch_size=4, max_attempts=2, task_timeout=None, start_timeout=60.0)
+    backend = infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+    spec = infer_mp.WorkerSpec(0, "cpu", 1)
+    task = infer_mp.Task(1, "/in/a.png", "a.png", "/out", "a")
+    events = []
+    for handed in (1, 2):
+        worker = infer_mp.WorkerHandle(spec, 0.0, ready=True)
+        worker.held = {1: task}
+        worker.placing = {1: infer_mp.TaskDone(task, spec, "/out/.infer_mp.staging/w", "0-", ["a.json"], [], 0.1, 1)}
+        backend.handed[1] = handed
+        events = list(backend._handle(worker, ("placed", [], {1: (errno.ENOENT, "No such file or directory")})))
+        if handed == 1:
+            assert events == [] and list(backend.pending) == [task]
+    assert [type(event) for event in events] == [infer_mp.TaskFailed]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 
 import pytest
@@ -278,3 +278,29 @@ def test_a_pipeline_that_reads_documents_itself_reads_each_at_most_once_more(tmp
     assert found == {f"{stem}_{i}.json": f"{stem}.pdf page {i}" for stem, count in (("a", 24), ("b", 30))
                      for i in range(count)}
     assert run.stderr.count("reads documents itself") == (pipeline == "SelfReadingPipeline")
+
+
+def test_a_probe_page_that_hangs_does_not_hold_the_other_documents_back(monkeypatch):
+    """Review finding: while one range's first page shows whether the pipeline reads only its
+    pages, other ranges wait; a page that hangs there held every other document for ever (no
+    --task_timeout). Past PROBE_PATIENCE_SECONDS the other ranges go out anyway."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(batch_size=1, max_attempts=2, task_timeout=None, start_timeout=60.0)
+    backend = infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+    spec = infer_mp.WorkerSpec(0, "cpu", 1)
+    ranges = [infer_mp.Task(i, f"/in/{name}.pdf", f"{name}.pdf", "/out", name, page_count=8, pages=(0, 4))
+              for i, name in enumerate("ab")]
+    backend.pending = deque(ranges)
+    backend.ranges = {0, 1}
+    backend.fresh = iter(range(10, 20))
+    now = [1000.0]
+    monkeypatch.setattr(infer_mp.time, "monotonic", lambda: now[0])
+    probe = backend._next()
+    assert probe.pages == (0, 1) and probe.path == "/in/a.pdf"
+    backend.workers = {0: infer_mp.WorkerHandle(spec, 0.0, ready=True)}
+    backend.workers[0].held = {probe.index: probe}
+    assert backend._next() is None  # only whole inputs may go beside the probe: there are none
+    now[0] += infer_mp.PROBE_PATIENCE_SECONDS + 1
+    assert backend._next().pages == (1, 4)  # the probe's page hangs: the rest goes out
+    assert backend._next().path == "/in/b.pdf"
