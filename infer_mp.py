@@ -3661,10 +3661,11 @@ def resident_memory_mb() -> int | None:
 class PathAliases:
     """What the pipeline is given for each input: its path, or, for a name that is not valid
     UTF-8 (which OpenCV and PaddleX's JSON writer cannot take), a symlink with a plain name in
-    a private folder."""
+    a folder of the worker's staging folder (removed with it, however the worker ends)."""
 
     def __init__(self) -> None:
         self.folder: str | None = None
+        self.parent: str | None = None  # the worker's staging folder, once it has one
 
     def __call__(self, task: Task) -> str:
         try:
@@ -3673,7 +3674,9 @@ class PathAliases:
         except UnicodeEncodeError:
             pass
         if self.folder is None:
-            self.folder = tempfile.mkdtemp(prefix="infer_mp-links-")
+            if self.parent is not None:
+                os.makedirs(self.parent, exist_ok=True)
+            self.folder = tempfile.mkdtemp(prefix="links-", dir=self.parent)
         suffix = Path(task.path).suffix.encode("utf-8", "replace").decode("utf-8")
         alias = os.path.join(self.folder, f"{task.index}{suffix}")
         if not os.path.lexists(alias):
@@ -3706,6 +3709,7 @@ class PipelineWorker:
         self.options = options
         token = f"{options.run_tag}-{os.getpid()}-{os.urandom(3).hex()}"
         self.staging = Staging(os.path.join(options.staging, token))
+        self.aliases.parent = self.staging.folder
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
