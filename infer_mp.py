@@ -160,6 +160,9 @@ class OutputFailed(UserError):
 
 # Errors writing an output that are the environment's, not the input's: stop, do not fail inputs.
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+# An output folder that is a link (or a file) where a folder should be: refused, and the input
+# recorded failed, but as the folder's fault: the next run tries it again (see select_work).
+FOLDER_ERRNOS = frozenset({errno.EXDEV, errno.ELOOP, errno.ENOTDIR})
 
 
 def cannot_write(what: str, error: OSError) -> UserError:
@@ -2151,7 +2154,7 @@ class RunLog:
 
     def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
               extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None, failed_pages: dict[int, str] | None = None) -> dict:
+              error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool = False) -> dict:
         """An input's record, as written; for a document also its page count, and the pages that
         failed (`error` then says why); for a page range of it, the range, as [start, stop)."""
         outputs = [self.relative(o) for o in outputs]
@@ -2174,6 +2177,8 @@ class RunLog:
             record["page_count"] = task.page_count
         if task.pages is not None:
             record["range"] = list(task.pages)
+        if retry:  # (see FOLDER_ERRNOS)
+            record["retry"] = True
         if failed_pages:
             record["failed_pages"] = sorted(failed_pages)
             record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
@@ -2429,7 +2434,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
             if not failed_before:
                 selection.not_selected += 1
                 continue
-        elif failed_before and record is not None and unchanged(task, record):
+        elif failed_before and record is not None and not record.get("retry") and unchanged(task, record):
             selection.standing.append((task, record))
             continue
         selection.todo.append(task)
@@ -2770,6 +2775,7 @@ class TaskFailed:
     spec: WorkerSpec | None  # None: failed before reaching a worker (e.g. no such file)
     error: str
     attempts: int = 0
+    retry: bool = False  # the output folder's fault (FOLDER_ERRNOS): tried again on the next run
 
 
 @dataclass(frozen=True)
@@ -3184,7 +3190,8 @@ class Backend:
                 elif number == errno.ENOENT and self.handed[index] < self.max_attempts:
                     self.pending.appendleft(task)  # its staged files were removed (an `rm -r` of the
                 else:                              # staging folder): done again
-                    yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index])
+                    yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index],
+                                     retry=number in FOLDER_ERRNOS)
         elif kind == "outside_window":
             if self.reads_windows is not False:
                 self.reads_windows = False
@@ -4241,7 +4248,7 @@ class Report:
                 if error.errno in OUTPUT_ERRNOS:
                     raise OutputFailed(f"cannot place outputs in {done.task.out_dir!r}: {error.strerror}") from None
                 self.task_failed(TaskFailed(done.task, done.spec, f"cannot place output: {one_line(error)}",
-                                            done.attempts))
+                                            done.attempts, retry=error.errno in FOLDER_ERRNOS))
         self.ledger.record_placing()
 
     def task_done(self, event: TaskDone) -> None:
@@ -4262,12 +4269,13 @@ class Report:
         if event.task.path in self.documents and event.task.page_numbers:
             self.pages_failed(event)
         else:
-            self.input_failed(event.task, event.spec, event.attempts, event.error)
+            self.input_failed(event.task, event.spec, event.attempts, event.error, event.retry)
 
-    def input_failed(self, task: Task, spec: WorkerSpec | None, attempts: int, error: str) -> None:
+    def input_failed(self, task: Task, spec: WorkerSpec | None, attempts: int, error: str, retry: bool = False
+                     ) -> None:
         self.failed_pages += 1
         self.progress.say(f"FAILED {task.path}: {error}")
-        self.ledger.write(task, FAILED, device=spec and spec.device, attempts=attempts, error=error)
+        self.ledger.write(task, FAILED, device=spec and spec.device, attempts=attempts, error=error, retry=retry)
         self.ledger.log.flush()
         self.failed += 1
 

@@ -427,6 +427,12 @@ def test_a_linked_output_subfolder_is_refused_and_named(dirs, tmp_path):
     run = run_fake(src, out, "--recursive")
     assert run.code == 1 and "leads outside --output_dir" in run.stderr and "sub/a.png" in run.stderr
     assert not list(elsewhere.iterdir()) and (out / "b.json").is_file()
+    again = run_fake(src, out, "--recursive")  # still linked: refused again, and said (exit 1)
+    assert again.code == 1 and "sub/a.png" in again.stderr and "failed before" not in again.stderr
+    (out / "sub").unlink()  # the folder's fault, not the input's: once fixed, a plain rerun does it
+    fixed = run_fake(src, out, "--recursive")
+    assert fixed.code == 0, fixed.stderr
+    assert texts(out) == {"b.json": "text", "sub/a.json": "text"}
 
 
 # -- found by a hostile review of the ledger ------------------------------------------------------
