@@ -2249,6 +2249,9 @@ def real_output_folder(folder: str, root: str) -> str:
     return real
 
 
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW  # one part of an output folder: no link
+
+
 def open_output_folder(folder: str, root: str) -> int:
     """A descriptor of an output folder to rename into, opened one part at a time from the
     root, none of them through a link: the file lands in the folder checked (see
@@ -2275,9 +2278,6 @@ def open_output_folder(folder: str, root: str) -> int:
         os.close(descriptor)
         raise
     return descriptor
-
-
-FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 
 
 @contextlib.contextmanager
@@ -2360,19 +2360,24 @@ def unchanged(task: Task, record: dict) -> bool:
     return task.source[1] // 10**9 < int(recorded)
 
 
+def listed_pages(pages: range, failed: Iterable[int], files: int) -> list[int] | None:
+    """The page each of a document task's `files` JSON files is of, in order: its `pages` that
+    did not fail, as the tool lists them (see save_report). None where they are not one file a
+    page (counted first: a hand-edited record may say 10**12 pages)."""
+    failed = {page for page in failed if page in pages}
+    if len(pages) - len(failed) != files:
+        return None
+    return [page for page in pages if page not in failed]
+
+
 def output_pages(record: dict) -> list[int] | None:
-    """The page each JSON file a document's record lists is of, in the order listed: the pages
-    of its range (or of the whole document) that did not fail, as the tool writes them (see
-    save_report; a document whose pages were not counted: its first pages). None where the
-    record cannot say (not one file a page)."""
+    """The page each JSON file a document's record lists is of (see listed_pages): those of
+    its range, or of the whole document (one whose pages were not counted: its first pages)."""
     outputs = record.get("outputs") or ()
     span = record.get("range") or [0, record.get("page_count", len(outputs))]
     if type(span[1]) is not int:
         return None
-    failed = {page for page in record.get("failed_pages") or () if span[0] <= page < span[1]}
-    if span[1] - span[0] - len(failed) != len(outputs):  # (before a range is built: a hand edit may say 10**12)
-        return None
-    return [page for page in range(*span) if page not in failed]
+    return listed_pages(range(*span), record.get("failed_pages") or (), len(outputs))
 
 
 def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
@@ -2384,9 +2389,17 @@ def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
     outputs = record.get("outputs") or []
     pages = output_pages(record) if task.paged else [None]
     return (bool(outputs) and pages is not None and len(pages) == len(outputs)
-            and all(os.path.normpath(path := os.path.join(ledger.root, rel)) == os.path.normpath(task.output_path(page))
-                    and os.path.isfile(path) and not ledger.overwritten(rel, record)
+            and all(at_todays_name(task, page, ledger.root, rel) and not ledger.overwritten(rel, record)
                     for page, rel in zip(pages, outputs)))
+
+
+def at_todays_name(task: Task, page: int | None, root: str, rel: str) -> str | None:
+    """The path of a recorded JSON file (`rel`, under `root`) if it is there, under the name
+    the input's page has today; else None."""
+    path = os.path.join(root, rel)
+    if os.path.normpath(path) == os.path.normpath(task.output_path(page)) and os.path.isfile(path):
+        return path
+    return None
 
 
 @dataclass
@@ -2455,8 +2468,7 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
             continue
         kept = False
         for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
-            path = os.path.join(root, rel)
-            if os.path.normpath(path) == os.path.normpath(task.output_path(page)) and os.path.isfile(path):
+            if path := at_todays_name(task, page, root, rel):
                 coverage.outputs[page] = path
                 kept = True
         if kept:
@@ -3079,13 +3091,14 @@ class Backend:
         only a range's pages, one page range is out at a time (the probe: one page), with whole
         inputs beside it: a pipeline that reads each document whole then pays one extra read,
         not one a range; one that does not, one page's wait for the other workers at start."""
-        if self.reads_windows is None and time.monotonic() - self.probe_since > PROBE_PATIENCE_SECONDS:
-            if any(self.probe in worker.held for worker in self.workers.values()):  # a page that hangs
-                self.reads_windows = True  # (assumed: pages outside a range still merge the rest)
         if self.reads_windows is not None or self.pending[0].pages is None:
             return self.pending.popleft()
-        if not any(self.probe in worker.held for worker in self.workers.values()):  # (none yet, or it
-            task = self.pending[0]                                              # failed, or its worker died)
+        probe_out = any(self.probe in worker.held for worker in self.workers.values())
+        if probe_out and time.monotonic() - self.probe_since > PROBE_PATIENCE_SECONDS:  # a page that hangs:
+            self.reads_windows = True  # (assumed: pages outside a range still merge the rest)
+            return self.pending.popleft()
+        if not probe_out:  # (none yet, or it failed, or its worker died)
+            task = self.pending[0]
             self.probe_since = time.monotonic()
             if len(task.page_numbers) == 1:
                 self.probe = self.pending.popleft().index
@@ -4287,7 +4300,7 @@ class Report:
                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
                               failed_pages=failed)
         document = self.documents[task.path]
-        document.outputs.update(zip([page for page in task.page_numbers if page not in failed], outputs))
+        document.outputs.update(zip(listed_pages(task.page_numbers, failed, len(outputs)) or (), outputs))
         document.extras += extras
         self.count_pages(document, task, event.spec, event.attempts, event.seconds, failed)
 
