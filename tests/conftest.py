@@ -57,6 +57,15 @@ def make_config(**overrides):
     return infer_mp.Config(**values)
 
 
+def bare_backend():
+    """A Backend with no worker started, for tests of its bookkeeping (queue, handings, deaths)."""
+    from types import SimpleNamespace
+
+    import infer_mp
+    config = SimpleNamespace(batch_size=1, max_attempts=2, task_timeout=None, start_timeout=60.0)
+    return infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+
+
 def fake_args(src: Path, out: Path, *extra: str) -> list[str]:
     """The command line of a run of the model-free test pipeline on src -> out, on the CPU."""
     return ["--pipeline", FAKE, "--input_dir", str(src), "--device", "cpu", "--output_dir", str(out), *extra]

@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     all_records,
     assert_invariant,
+    bare_backend,
     fake_args,
     latest_records,
     make_config,
@@ -511,8 +512,7 @@ def test_a_worker_that_dies_while_renaming_is_charged_to_what_it_was_renaming():
     the OOM killer), the input being renamed dies alone and is charged; the batch behind it was
     not begun and goes back uncharged. (Charging neither looped for ever.)"""
     import infer_mp
-    config = SimpleNamespace(batch_size=4, max_attempts=2, task_timeout=1.0, start_timeout=60.0)
-    backend = infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+    backend = bare_backend()
     spec = infer_mp.WorkerSpec(0, "cpu", 1)
     renaming, behind = (infer_mp.Task(i, f"/in/{i}.png", f"{i}.png", "/out", str(i)) for i in (1, 2))
     for attempt in (1, 2):
@@ -585,16 +585,22 @@ def test_a_subfolder_linked_to_another_place_in_the_output_folder_is_not_written
     assert texts(out) == {"a.json": "top a"}
 
 
+def free_a_name(src: Path, out: Path, away: Path) -> None:
+    """a.png done as a.json, then moved away and its a.json deleted by hand; then a new a.jpg,
+    which may take the freed name."""
+    write(src / "a.png", "PNG")
+    assert run_fake(src, out).code == 0
+    (src / "a.png").rename(away / "a.png")
+    (out / "a.json").unlink()
+    write(src / "a.jpg", "JPG")
+
+
 def test_a_name_freed_by_a_gone_input_stays_with_the_input_that_took_it(dirs, tmp_path):
     """a.png done as a.json, then moved away and its a.json deleted by hand: a new a.jpg takes
     the free name. The gone input's record still lists a.json, but a.jpg placed it last: a
     rerun leaves it a.jpg's (no flip to a.jpg.json leaving a.jpg's text under a.png's name)."""
     src, out = dirs
-    write(src / "a.png", "PNG")
-    assert run_fake(src, out).code == 0
-    (src / "a.png").rename(tmp_path / "a.png")
-    (out / "a.json").unlink()
-    write(src / "a.jpg", "JPG")
+    free_a_name(src, out, tmp_path)
     for _ in range(2):
         run = run_fake(src, out)
         assert run.code == 0, run.stderr
@@ -642,11 +648,7 @@ def test_a_freed_name_left_behind_by_its_taker_is_retired(dirs, tmp_path):
     moves a.jpg to a.jpg.json. a.json held a.jpg's text under a.png's record for good: a
     record no longer holds a file another input placed since, so it is retired."""
     src, out = dirs
-    write(src / "a.png", "PNG")
-    assert run_fake(src, out).code == 0
-    (src / "a.png").rename(tmp_path / "a.png")
-    (out / "a.json").unlink()
-    write(src / "a.jpg", "JPG")
+    free_a_name(src, out, tmp_path)
     assert run_fake(src, out).code == 0
     write(src / "a.bmp", "BMP")
     run = run_fake(src, out)
@@ -681,8 +683,7 @@ def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
     import errno
 
     import infer_mp
-    config = SimpleNamespace(batch_size=4, max_attempts=2, task_timeout=None, start_timeout=60.0)
-    backend = infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+    backend = bare_backend()
     spec = infer_mp.WorkerSpec(0, "cpu", 1)
     task = infer_mp.Task(1, "/in/a.png", "a.png", "/out", "a")
     events = []

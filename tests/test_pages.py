@@ -13,6 +13,7 @@ import infer_mp
 from conftest import (
     FAKE,
     assert_invariant,
+    bare_backend,
     latest_records,
     make_config,
     outputs,
@@ -284,10 +285,7 @@ def test_a_probe_page_that_hangs_does_not_hold_the_other_documents_back(monkeypa
     """Review finding: while one range's first page shows whether the pipeline reads only its
     pages, other ranges wait; a page that hangs there held every other document for ever (no
     --task_timeout). Past PROBE_PATIENCE_SECONDS the other ranges go out anyway."""
-    from types import SimpleNamespace
-
-    config = SimpleNamespace(batch_size=1, max_attempts=2, task_timeout=None, start_timeout=60.0)
-    backend = infer_mp.Backend(infer_mp.WorkerOptions(pipeline=None), config)
+    backend = bare_backend()
     spec = infer_mp.WorkerSpec(0, "cpu", 1)
     ranges = [infer_mp.Task(i, f"/in/{name}.pdf", f"{name}.pdf", "/out", name, page_count=8, pages=(0, 4))
               for i, name in enumerate("ab")]
