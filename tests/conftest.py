@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long real-OCR runs; run them with `python -m pytest -m slow`")
     if not config.option.markexpr:
         config.option.markexpr = "not slow"
+
+
+TEST_TIMEOUT_SECONDS = 300  # a hung test fails alone, named, instead of holding CI until it is killed
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets a timeout (pytest-timeout), unless it names its own."""
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TEST_TIMEOUT_SECONDS))
 
 
 @dataclass
@@ -75,11 +89,58 @@ def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None, **kwarg
     return run_cli(*fake_args(src, out, *extra), env=env, **kwargs)
 
 
-def start_fake(src: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+class Background(subprocess.Popen):
+    """A run of infer_mp.py in the background, in a process group of its own (as a terminal
+    starts a command: os.killpg is the terminal's Ctrl-C), its stdout and stderr in files that a
+    test can watch while it runs (wait_for_stderr). Killed, with whatever it started, when the
+    test ends however it ends (see stop_background_runs)."""
+
+    running: list[Background] = []
+
+    def __init__(self, command: list[str], env: dict):
+        self.logs = Path(tempfile.mkdtemp(prefix="infer_mp-test-"))
+        with open(self.logs / "stdout", "wb") as stdout, open(self.logs / "stderr", "wb") as stderr:
+            super().__init__(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        Background.running.append(self)
+
+    def stdout_text(self) -> str:
+        return (self.logs / "stdout").read_text(encoding="utf-8", errors="surrogateescape")
+
+    def stderr_text(self) -> str:
+        return (self.logs / "stderr").read_text(encoding="utf-8", errors="surrogateescape")
+
+    def communicate(self, input=None, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end; (stdout, stderr) as text."""
+        self.wait(timeout)
+        return self.stdout_text(), self.stderr_text()
+
+    def wait_for_stderr(self, text: str, timeout: float = 60.0) -> None:
+        """Until `text` is on its stderr (a state the run has reached, not a time)."""
+        wait_for(lambda: text in self.stderr_text() or self.poll() is not None, timeout)
+        assert text in self.stderr_text(), f"{text!r} not said; stderr:\n{self.stderr_text()}"
+
+    def signal_group(self, signum: int) -> None:
+        """The signal to the whole process group, as a terminal sends Ctrl-C."""
+        os.killpg(self.pid, signum)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.wait(60)
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def stop_background_runs():
+    """No run a test started in the background outlives the test, whether it passed or not."""
+    yield
+    while Background.running:
+        Background.running.pop().stop()
+
+
+def start_fake(src: Path, out: Path, *extra: str, env: dict | None = None) -> Background:
     """The same run in the background, for tests that signal or race it."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *fake_args(src, out, *extra)], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Background([sys.executable, str(SCRIPT), *fake_args(src, out, *extra)], {**os.environ, **(env or {})})
 
 
 # A stand-in for the `paddle` module: only the device queries infer_mp.py makes, answered as a
@@ -224,6 +285,13 @@ def run_log_paths(folder: Path) -> list[Path]:
                   key=lambda log: (log.name == "infer_mp.runlog.jsonl", log.name))
 
 
+def well_formed(record: object) -> bool:
+    """An input record as infer_mp.py writes them (hand-edited ones are passed over, there too)."""
+    return (isinstance(record, dict) and isinstance(record.get("input"), str)
+            and all(isinstance(files, list) and all(isinstance(f, str) for f in files)
+                    for files in (record.get("outputs"), record.get("extra_outputs") or [])))
+
+
 def all_records(folder: Path) -> list[dict]:
     """Every input record of every run log in the folder (all shards), in the ledger's order:
     by generation ("gen", one more each run), records without one (older versions) first, by
@@ -234,9 +302,9 @@ def all_records(folder: Path) -> list[dict]:
         for number, line in enumerate(lines):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # a torn or hand-made line, as infer_mp.py passes over
                 continue
-            if isinstance(record, dict) and "input" in record and record.get("status") != "placing":
+            if well_formed(record) and record.get("status") != "placing":
                 gen = record.get("gen") or 0
                 record["_order"] = (gen, "" if gen else record["time"], index, number)
                 records.append(record)
@@ -275,11 +343,13 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
     return {key: {rel for rel in files if last_listed.get(rel, key) == key} for key, files in held.items()}
 
 
-def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = ()) -> None:
+def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: bool = False) -> None:
     """What must hold after any run, however it ended: every file a record holds exists, and
     every output JSON was written for exactly one current input (the one the fake pipeline
-    names in it), which holds it (see held_outputs). `gone`: names of inputs moved away on
-    purpose, whose outputs are kept."""
+    names in it), from its current content (an image's), and that input holds it (see
+    held_outputs). `gone`: names of inputs moved away on purpose, whose outputs are kept.
+    `killed`: the run was just killed (kill -9): a task's files placed before its done record
+    was written are not held yet, and its staging folder is left to the next run; the rest holds."""
     held = held_outputs(out)
     for key, names in held.items():
         for name in names:
@@ -290,5 +360,10 @@ def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = ()) -> None:
         if source.name in gone:
             continue
         assert source.is_file() and src in source.parents, f"{name} belongs to no current input"
-        assert name in held.get(str(source), set()), f"{name} is not an output its input {source.name} is recorded with"
-    assert not temporaries(out)
+        if content.get("page_index") is None and "text" in content:
+            current = source.read_bytes().decode("utf-8", "replace")
+            assert content["text"] == current, f"{name} holds an older version of {source.name}"
+        if not killed:
+            assert name in held.get(str(source), set()), f"{name} is not an output {source.name} is recorded with"
+    if not killed:
+        assert not temporaries(out)

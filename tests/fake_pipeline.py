@@ -12,6 +12,10 @@ its pid, device and threads;
 ``FAKE_PIPELINE_BARRIER=path:N`` makes N constructors wait for each other (see wait_for_each_other);
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
+``FAKE_PIPELINE_BUSY_LOG`` names a file where each predict() call logs, as it starts, its pid
+and inputs (a JSON line): a test waits for it to know that a batch is in a worker's hands;
+``FAKE_PIPELINE_GATE`` names a file that every predict() call then waits for (up to 10 minutes)
+before it reads its inputs: a test creates it when the batches may go on.
 A real PDF or TIFF (a ``.pdf``/``.tif``/``.tiff`` whose bytes start with ``%PDF`` or a TIFF
 magic) is read through PaddleX's own ``ImageBatchSampler`` (imported only then: PaddleX takes
 seconds to import), so that whatever replaces ``ImageBatchSampler.sample`` at run time (a
@@ -108,6 +112,18 @@ def wait_for_each_other(barrier: str) -> None:
         time.sleep(0.02)
 
 
+def log_busy(inputs: list[str]) -> None:
+    """FAKE_PIPELINE_BUSY_LOG, then FAKE_PIPELINE_GATE (see the module's docstring)."""
+    if os.environ.get("FAKE_PIPELINE_BUSY_LOG"):
+        with open(os.environ["FAKE_PIPELINE_BUSY_LOG"], "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(json.dumps({"pid": os.getpid(), "inputs": list(inputs)}) + "\n")
+    gate = os.environ.get("FAKE_PIPELINE_GATE")
+    deadline = time.monotonic() + 600
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 class FakePipeline:
     result_type = FakeResult
 
@@ -171,6 +187,7 @@ class FakePipeline:
     def predict(self, inputs, **predict_options):
         if isinstance(inputs, str):
             inputs = [inputs]
+        log_busy(inputs)
         results = []
         for path in inputs:
             common = {"input_path": path, "device": self.device, "pid": os.getpid(),

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import time
 import zlib
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from conftest import (
     assert_invariant,
     latest_records,
     make_inputs,
+    outputs,
     page_files,
     pdf_bytes,
     run_fake,
@@ -345,15 +345,19 @@ def test_every_done_output_exists_and_every_output_has_one_input(dirs, ending):
         wait_for(lambda: len(page_files(out)) >= 3)
         process.send_signal(signal.SIGTERM) if ending == "sigterm" else process.kill()
         process.communicate(timeout=60)
-    if ending == "kill -9":  # its temporaries are removed by the next run, checked below
-        assert all(name.endswith(".json") for name in page_files(out))
-    else:
-        assert_invariant(src, out)
-    assert run_fake(src, out, *args, "--retry_failed", env=preload, timeout=120).code in (0, 1)
-    assert run_fake(src, out, *args, env=preload, timeout=120).code in (0, 1)
+    assert_invariant(src, out, killed=ending == "kill -9")  # its staging folder: removed by the next run
+    failing = {"scan.png", "b_1.pdf", "d.png"}
+    failed_before = {Path(r["input"]).name for r in latest_records(out).values() if r["status"] == "failed"}
+    rest = run_fake(src, out, *args, env=preload, timeout=120)  # exit 1 exactly when it finds a new failure
+    assert rest.code == (0 if failed_before == failing else 1), rest.stderr
     assert_invariant(src, out)
+    retried = run_fake(src, out, *args, "--retry_failed", env=preload, timeout=120)
+    assert retried.code == 1 and retried.stderr.count("FAILED") == 3, retried.stderr  # the same three fail again
+    assert_invariant(src, out)
+    again = run_fake(src, out, *args, env=preload, timeout=120)
+    assert again.code == 0 and "0 input(s) to do" in again.stderr and "3 failed before" in again.stderr, again.stderr
     done = {Path(r["input"]).name for r in latest_records(out).values() if r["status"] == "done"}
-    assert done == set(LOOKALIKES) - {"scan.png", "b_1.pdf", "d.png"}
+    assert done == set(LOOKALIKES) - failing
 
 
 # -- review findings: partial selections, shrinking inputs, hand-edited logs -----------------------
@@ -403,17 +407,21 @@ def test_a_changed_input_that_fails_keeps_no_old_text(dirs):
     assert_invariant(src, out)
 
 
-def test_a_stop_during_overwrite_keeps_the_finished_pages(dirs):
+def test_a_stop_during_overwrite_keeps_the_finished_pages(dirs, tmp_path):
     src, out = dirs
     write(src / "d.pdf", pdf_bytes(["page 1", "page 2"]))
     assert run_fake(src, out).code == 0
-    process = start_fake(src, out, "--overwrite", env={"FAKE_PIPELINE_DELAY": "30"})
-    time.sleep(4)  # the worker is busy on the pages
+    before = outputs(out)
+    busy = tmp_path / "busy.jsonl"
+    process = start_fake(src, out, "--overwrite", env={"FAKE_PIPELINE_BUSY_LOG": str(busy),
+                                                       "FAKE_PIPELINE_GATE": str(tmp_path / "never")})
+    wait_for(busy.exists)  # the worker holds the document's pages, and will not let go
     process.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    process.wait_for_stderr("starting no new inputs")
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=60)
-    assert page_files(out) == ["d_0.json", "d_1.json"]
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "1 not processed (interrupted)" in stderr, stderr
+    assert outputs(out) == before
     assert_invariant(src, out)
 
 
@@ -422,9 +430,9 @@ def test_hand_edited_records_are_passed_over(dirs):
     make_inputs(src, 2)
     assert run_fake(src, out).code == 0
     log = out / "infer_mp.runlog.jsonl"
-    for outputs in (5, [5], [{"a": 1}]):
+    for listed in (5, [5], [{"a": 1}]):
         record = {"time": "2030-01-01T00:00:00+00:00", "input": str(src / "p01.png"), "status": "done",
-                  "outputs": outputs}
+                  "outputs": listed}
         with log.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
     run = run_fake(src, out)
@@ -452,8 +460,10 @@ def test_retirement_never_deletes_an_input(tmp_path):
     record["input"] = str(src / "a.png")
     with (out / "infer_mp.runlog.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n")
-    run_fake(src, out, "--overwrite")
-    assert (src / "a.png").exists() and (src / "b.png").exists()
+    run = run_fake(src, out, "--overwrite")
+    assert run.code == 0 and "2 done" in run.stderr, run.stderr
+    assert (src / "a.png").read_text() == "A" and (src / "b.png").read_text() == "B"
+    assert_invariant(src, out)
 
 
 def test_a_failed_replacement_start_is_tried_again_even_with_one_attempt(dirs, tmp_path):
@@ -462,7 +472,9 @@ def test_a_failed_replacement_start_is_tried_again_even_with_one_attempt(dirs, t
     env = {"FAKE_PIPELINE_STARTS": str(tmp_path / "starts"), "FAKE_PIPELINE_FAIL_STARTS": "2"}
     run = run_fake(src, out, "--max_items_per_worker", "3", "--max_attempts", "1", env=env)
     assert run.code == 0, run.stderr
-    assert len(page_files(out)) == 12
+    assert "start 2 fails (FAKE_PIPELINE_FAIL_STARTS)" in run.stderr  # the first replacement's start failed
+    assert len((tmp_path / "starts").read_text().splitlines()) == 5  # 4 workers of 3 inputs each, 1 failed start
+    assert len(page_files(out)) == 12 and {r["attempts"] for r in run_log(out)} == {1}
 
 
 def test_a_file_changed_before_an_upgrade_is_redone(dirs):
@@ -528,7 +540,8 @@ def test_a_deleted_output_subfolder_is_no_crash(dirs, tmp_path):
     write(src / "sub" / "doc.pdf", pdf_bytes(["page PDF"]))
     shutil.rmtree(out / "sub")
     run = run_fake(src, out, "--recursive")
-    assert run.code == 0 and "Traceback" not in run.stderr
+    assert run.code == 0 and "1 done" in run.stderr and "Traceback" not in run.stderr
+    assert_invariant(src, out, gone=("doc.tif",))
 
 
 def test_odd_records_are_no_crash(dirs):
@@ -539,7 +552,8 @@ def test_odd_records_are_no_crash(dirs):
     with (out / "infer_mp.runlog.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\n" + "[" * 200000 + "\n")
     run = run_fake(src, out)
-    assert run.code == 0 and "Traceback" not in run.stderr
+    assert run.code == 0 and "1 done" in run.stderr and "Traceback" not in run.stderr  # redone: its record says nothing
+    assert_invariant(src, out)
 
 
 def test_a_run_log_named_from_another_folder_is_locked(dirs, tmp_path):
