@@ -213,15 +213,21 @@ def test_device_id_in_provider_options_is_refused(monkeypatch, options):
 
 
 def start_worker(monkeypatch, module, providers: list[list[str]], init_kwargs: dict, device: str = "gpu:0"):
-    """A worker's start() on `device`, its pipeline holding sessions with these providers."""
-    made = []
+    """A worker's start() on `device`. Its pipeline is made by infer_mp.py's create_pipeline,
+    with the engine settings infer_mp.py plans, and holds one session per entry of `providers`;
+    a session with the CUDA provider gets the CUDA options PaddleX's engine would give it: the
+    planned provider_options and gpu:N's id. So what the ready report says comes from the plan."""
 
-    def create_pipeline(ref, spec, kwargs):
-        made.extend(module.InferenceSession(p, {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC"}
-                                            if CUDA in p else None) for p in providers)
-        return object()
+    class Pipeline:
+        def __init__(self, device=None, cpu_threads=None, engine=None, engine_config=None):
+            engine_config = engine_config or {}
+            options = engine_config.get("provider_options") or {}
+            if isinstance(options, list):  # one dict per provider listed
+                options = dict(zip(engine_config.get("providers") or [], options)).get(CUDA) or {}
+            cuda = {**options, "device_id": device.partition(":")[2] or "0"}
+            self.sessions = [module.InferenceSession(p, cuda if CUDA in p else None) for p in providers]
 
-    monkeypatch.setattr(infer_mp, "create_pipeline", create_pipeline)
+    monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: Pipeline)
     worker = infer_mp.PipelineWorker(infer_mp.PipelineRef("json", "JSONDecoder"))
     options = infer_mp.WorkerOptions(infer_mp.PipelineRef("json", "JSONDecoder"), init_kwargs)
     return worker.start(infer_mp.WorkerSpec(0, device, 2), options)

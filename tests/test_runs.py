@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import infer_mp
 from conftest import FAKE, outputs, page_files, pdf_bytes, run_cli, run_fake, temporaries, tiff_bytes, write
 
 
@@ -66,8 +66,9 @@ def test_two_cpu_instances_share_the_work_with_split_threads(dirs):
     src, out = dirs
     for i in range(8):
         write(src / f"p{i}.png")
-    cores = len(os.sched_getaffinity(0))
-    run = run_fake(src, out, "--instances_per_device", "2", env={"FAKE_PIPELINE_DELAY": "0.3"})
+    cores = infer_mp.available_cores()  # affinity, capped by a cgroup CPU quota (a `--cpus 2` container)
+    barrier = {"FAKE_PIPELINE_BARRIER": f"{src.parent / 'ready'}:2", "FAKE_PIPELINE_DELAY": "0.3"}
+    run = run_fake(src, out, "--instances_per_device", "2", env=barrier)  # both ready before the first input
     assert run.code == 0, run.stderr
     results = outputs(out).values()
     assert len(results) == 8
@@ -132,8 +133,9 @@ def test_no_temporary_files_are_left(dirs):
     write(src / "doc.pdf", pdf_bytes(["page", "page"]))
     assert run_fake(src, out, "--instances_per_device", "2", "--batch_size", "2").code == 0
     assert not temporaries(out)
-    for result in outputs(out).values():
-        assert json.dumps(result)
+    named = {name: (Path(r["input_path"]).name, r["page_index"]) for name, r in outputs(out).items()}
+    assert named == {**{f"p{i}.json": (f"p{i}.png", None) for i in range(10)},
+                     "doc_0.json": ("doc.pdf", 0), "doc_1.json": ("doc.pdf", 1)}  # whole, each its own
 
 
 def test_empty_selection_is_not_an_error(dirs):
