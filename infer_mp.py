@@ -2817,6 +2817,8 @@ class Stopper:
         self.signum: int | None = None
         self.deadline = math.inf
         self.announced = False
+        self.forced = False  # a second signal: stop now
+        self.announced_forced = False
 
     @property
     def requested(self) -> bool:
@@ -2830,18 +2832,26 @@ class Stopper:
         """Sets flags only: the dispatch loop, which wakes at least every POLL_SECONDS, acts
         on them. (An exception raised here would be swallowed inside ray.wait.)"""
         if self.signum is not None:
-            self.deadline = -math.inf
+            self.deadline, self.forced = -math.inf, True
             return
         self.signum, self.deadline = signum, time.monotonic() + self.grace
 
     def announcement(self) -> str | None:
         """What to tell the user about a stop, once, from the dispatch loop (printing inside a
         signal handler can deadlock on the stream it interrupted)."""
-        if self.signum is None or self.announced:
+        if self.signum is None or (self.announced and self.announced_forced):
             return None
-        self.announced = True
-        return (f"{signal.Signals(self.signum).name}: starting no new inputs; finishing those in progress "
-                f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
+        if not self.announced:
+            self.announced = True
+            return (f"{signal.Signals(self.signum).name}: starting no new inputs; finishing those in progress "
+                    f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
+        if self.forced:
+            self.announced_forced = True
+            return "second signal: stopping now; the inputs in progress are left for the next run"
+        return None
+
+    def grace_over(self) -> str:
+        return f"{self.grace:.0f} s of grace over: stopping; the inputs still in progress are left for the next run"
 
 
 @dataclass(frozen=True)
@@ -3024,7 +3034,11 @@ class Backend:
                     yield Note(announcement)
                 self.stopping = stop.requested or self.output_failed
                 if self.stopping:
-                    if not self._busy() or time.monotonic() > stop.deadline:
+                    if not self._busy():
+                        break
+                    if time.monotonic() > stop.deadline:
+                        if not stop.forced:
+                            yield Note(stop.grace_over())
                         break
                 else:
                     for worker in list(self.workers.values()):

@@ -1,7 +1,7 @@
 """A model-free pipeline with PaddleOCR's predict()/result interface, for orchestration tests.
 
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
-the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB more resident memory, and
+the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
 ``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
 actors on any node, as environment variables may not), makes every input take that long;
@@ -112,6 +112,12 @@ def wait_for_each_other(barrier: str) -> None:
         time.sleep(0.02)
 
 
+def resident_mb() -> int:
+    """This process's resident memory (as infer_mp.py's recycling reads it), in MB."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
 def log_busy(inputs: list[str]) -> None:
     """FAKE_PIPELINE_BUSY_LOG, then FAKE_PIPELINE_GATE (see the module's docstring)."""
     if os.environ.get("FAKE_PIPELINE_BUSY_LOG"):
@@ -177,7 +183,8 @@ class FakePipeline:
         if b"HANG" in text:
             time.sleep(3600)
         if b"GROW" in text:
-            _held_memory.append(bytearray(os.urandom(1)) * (100 * 2**20))
+            grow_mb = int(os.environ.get("FAKE_PIPELINE_GROW_MB", "100"))
+            _held_memory.append(bytearray(os.urandom(1)) * (grow_mb * 2**20))
         if b"EMPTY" in text:
             return False
         if self.delay:
@@ -190,7 +197,7 @@ class FakePipeline:
         log_busy(inputs)
         results = []
         for path in inputs:
-            common = {"input_path": path, "device": self.device, "pid": os.getpid(),
+            common = {"input_path": path, "device": self.device, "pid": os.getpid(), "resident_mb": resident_mb(),
                       "cpu_threads": self.cpu_threads, "batch": len(inputs), "options": self.options,
                       "predict_options": predict_options}
             with open(path, "rb") as handle:

@@ -208,14 +208,23 @@ def test_recycling_after_n_items(dirs):
     assert "go back to the queue" not in run.stderr
 
 
-def test_recycling_on_memory(dirs):
-    src, out = dirs
+def test_recycling_on_memory(tmp_path):
+    """A limit 50 MB above the most a worker holds on plain inputs: plain inputs never reach it,
+    and each input that keeps more than that limit makes its worker retire (a fresh one for the
+    next)."""
+    make_inputs(tmp_path / "plain", 4)
+    assert run_fake(tmp_path / "plain", tmp_path / "measured").code == 0
+    most = max(r["resident_mb"] for r in outputs(tmp_path / "measured").values())
+    limit = str(most + 50)
+    run = run_fake(tmp_path / "plain", tmp_path / "control", "--max_worker_memory_mb", limit)
+    assert run.code == 0 and len({r["pid"] for r in outputs(tmp_path / "control").values()}) == 1, run.stderr
     for i in range(4):
-        write(src / f"big{i}.png", "GROW")
-    run = run_fake(src, out, "--max_worker_memory_mb", "100")
+        write(tmp_path / "growing" / f"big{i}.png", "GROW")
+    run = run_fake(tmp_path / "growing", tmp_path / "out", "--max_worker_memory_mb", limit,
+                   env={"FAKE_PIPELINE_GROW_MB": str(most + 100)})
     assert run.code == 0, run.stderr
-    assert len({r["pid"] for r in outputs(out).values()}) == 4
-    assert {r["attempts"] for r in run_log(out)} == {1}
+    assert len({r["pid"] for r in outputs(tmp_path / "out").values()}) == 4
+    assert {r["attempts"] for r in run_log(tmp_path / "out")} == {1}
 
 
 # -- progress and summary ---------------------------------------------------------------------
@@ -281,18 +290,45 @@ def test_signal_stops_cleanly_and_a_rerun_finishes(dirs, signum, code):
 def test_second_ctrl_c_stops_at_once(dirs):
     src, out = dirs
     make_inputs(src, 2)
-    write(src / "hang.png", "HANG")
+    write(src / "hang.png", "HANG")  # would hold the run for the whole grace period
     process = start_fake(src, out, "--instances_per_device", "2")
     wait_for(lambda: len(page_files(out)) >= 2)
     process.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    sent = time.monotonic()
+    process.wait_for_stderr("starting no new inputs")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert time.monotonic() - sent < 5  # not the 10 s grace period
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr
+    assert "second signal: stopping now" in stderr and "grace over" not in stderr
     assert "Traceback" not in stderr
     assert_only_complete_outputs(out)
+
+
+@pytest.mark.parametrize("to_the_group", [False, True])
+def test_after_a_first_signal_the_inputs_in_progress_finish_and_are_done(dirs, tmp_path, to_the_group):
+    """SIGTERM to the coordinator, or Ctrl-C in a terminal (SIGINT to the whole process group,
+    workers included): the inputs the workers hold finish, are recorded done, and nothing
+    else starts; exit 143 / 130; the rerun does the rest."""
+    src, out = dirs
+    make_inputs(src, 8)
+    busy, gate = tmp_path / "busy.jsonl", tmp_path / "gate"
+    process = start_fake(src, out, "--instances_per_device", "2", "--batch_size", "2",
+                         env={"FAKE_PIPELINE_BUSY_LOG": str(busy), "FAKE_PIPELINE_GATE": str(gate)})
+    wait_for(lambda: busy.exists() and len(busy.read_text().splitlines()) == 2)  # both workers hold a batch
+    if to_the_group:
+        process.signal_group(signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    process.wait_for_stderr("starting no new inputs")
+    gate.touch()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == (130 if to_the_group else 143), stderr
+    held = sorted(Path(name).name for line in busy.read_text().splitlines() for name in json.loads(line)["inputs"])
+    assert len(held) == 4 and sorted(Path(r["input"]).name for r in run_log(out)) == held
+    assert {r["status"] for r in run_log(out)} == {"done"} and "4 not processed (interrupted)" in stderr
+    assert page_files(out) == sorted(name.replace(".png", ".json") for name in held)
+    assert "Traceback" not in stderr and process.stdout_text() == ""
+    run = run_fake(src, out)
+    assert run.code == 0 and "4 input(s) to do, 4 already done" in run.stderr and len(page_files(out)) == 8
 
 
 def test_a_second_run_on_the_same_output_dir_is_refused(dirs):
@@ -309,22 +345,25 @@ def test_a_second_run_on_the_same_output_dir_is_refused(dirs):
 
 
 def test_worker_killed_from_outside_mid_batch(dirs, tmp_path):
-    """kill -9 of a worker (as the OOM killer would): its batch is redone elsewhere, once."""
+    """kill -9 of a worker (as the OOM killer would) while it holds a batch: that batch is
+    redone by another worker, once, and nothing is lost."""
     src, out = dirs
     make_inputs(src, 10)
-    init_log = tmp_path / "init.jsonl"
+    busy, gate = tmp_path / "busy.jsonl", tmp_path / "gate"
     process = start_fake(src, out, "--instances_per_device", "2", "--batch_size", "3",
-                         env={"FAKE_PIPELINE_DELAY": "0.3", "FAKE_PIPELINE_INIT_LOG": str(init_log)})
-    wait_for(lambda: init_log.exists() and len(init_log.read_text().splitlines()) == 2)
-    wait_for(lambda: len(page_files(out)) >= 1)
-    victim = json.loads(init_log.read_text().splitlines()[0])["pid"]
-    os.kill(victim, signal.SIGKILL)
+                         env={"FAKE_PIPELINE_BUSY_LOG": str(busy), "FAKE_PIPELINE_GATE": str(gate)})
+    wait_for(lambda: busy.exists() and len(busy.read_text().splitlines()) == 2)  # both hold a batch
+    victim = json.loads(busy.read_text().splitlines()[0])
+    os.kill(victim["pid"], signal.SIGKILL)
+    process.wait_for_stderr("was killed by SIGKILL")
+    gate.touch()
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    assert "was killed by SIGKILL" in stderr and "starting a replacement" in stderr
+    assert "starting a replacement" in stderr
     done = Counter(Path(r["input"]).name for r in run_log(out) if r["status"] == "done")
     assert done == {f"p{i:02d}.png": 1 for i in range(10)}
-    assert len(init_log.read_text().splitlines()) == 3  # the replacement
+    results = outputs(out)
+    assert all(results[Path(name).stem + ".json"]["pid"] != victim["pid"] for name in victim["inputs"])
     assert len(page_files(out)) == 10 and not temporaries(out)
 
 
