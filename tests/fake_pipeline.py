@@ -15,7 +15,8 @@ its pid, device and threads;
 ``FAKE_PIPELINE_BUSY_LOG`` names a file where each predict() call logs, as it starts, its pid
 and inputs (a JSON line): a test waits for it to know that a batch is in a worker's hands;
 ``FAKE_PIPELINE_GATE`` names a file that every predict() call then waits for (up to 10 minutes)
-before it reads its inputs: a test creates it when the batches may go on.
+before it reads its inputs: a test creates it when the batches may go on (both also as the
+options ``busy_log`` and ``gate``, for Ray actors).
 A real PDF or TIFF (a ``.pdf``/``.tif``/``.tiff`` whose bytes start with ``%PDF`` or a TIFF
 magic) is read through PaddleX's own ``ImageBatchSampler`` (imported only then: PaddleX takes
 seconds to import), so that whatever replaces ``ImageBatchSampler.sample`` at run time (a
@@ -118,13 +119,12 @@ def resident_mb() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
 
 
-def log_busy(inputs: list[str]) -> None:
+def log_busy(inputs: list[str], busy_log: str | None, gate: str | None) -> None:
     """FAKE_PIPELINE_BUSY_LOG, then FAKE_PIPELINE_GATE (see the module's docstring)."""
-    if os.environ.get("FAKE_PIPELINE_BUSY_LOG"):
-        with open(os.environ["FAKE_PIPELINE_BUSY_LOG"], "a", encoding="utf-8") as handle:
+    if busy_log:
+        with open(busy_log, "a", encoding="utf-8") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             handle.write(json.dumps({"pid": os.getpid(), "inputs": list(inputs)}) + "\n")
-    gate = os.environ.get("FAKE_PIPELINE_GATE")
     deadline = time.monotonic() + 600
     while gate and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -146,6 +146,8 @@ class FakePipeline:
         self.options = options
         self.delay = float(options.get("delay", os.environ.get("FAKE_PIPELINE_DELAY", "0")))
         self.page_log = options.get("page_log", os.environ.get("FAKE_PIPELINE_PAGE_LOG"))
+        self.busy_log = options.get("busy_log", os.environ.get("FAKE_PIPELINE_BUSY_LOG"))
+        self.gate = options.get("gate", os.environ.get("FAKE_PIPELINE_GATE"))
         self._sampler = None
         if options.get("preload", os.environ.get("FAKE_PIPELINE_PRELOAD")):
             self.sampler()
@@ -194,7 +196,7 @@ class FakePipeline:
     def predict(self, inputs, **predict_options):
         if isinstance(inputs, str):
             inputs = [inputs]
-        log_busy(inputs)
+        log_busy(inputs, self.busy_log, self.gate)
         results = []
         for path in inputs:
             common = {"input_path": path, "device": self.device, "pid": os.getpid(), "resident_mb": resident_mb(),

@@ -6,6 +6,7 @@ real fleet); one real-OCR run lets infer_mp.py start its own local cluster.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -33,7 +34,10 @@ from conftest import (
     write,
 )
 
-pytest.importorskip("ray", reason="the Ray backend needs: pip install -r requirements-ray.txt")
+# Only the tests that run Ray need it installed; the others (refusals, planning) run anywhere.
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="the Ray backend needs: pip install -r requirements-ray.txt")
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, wherever pip put it
 
 # A cluster without token authentication, and no inherited address: every run says where to go.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -54,10 +58,11 @@ def ray_env() -> dict:
 @pytest.fixture(scope="module")
 def cluster() -> str:
     """A 2-CPU Ray cluster, as `ray start --head` makes one; its address."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("the Ray backend needs: pip install -r requirements-ray.txt")
     port = free_port()
-    ray_cli = Path(sys.executable).with_name("ray")
     head = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
+        [*RAY_CLI, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
          "--include-dashboard", "false", "--disable-usage-stats"],
         env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -72,7 +77,7 @@ def cluster() -> str:
 
 
 def cluster_answers(address: str) -> bool:
-    status = subprocess.run([str(Path(sys.executable).with_name("ray")), "status", "--address", address],
+    status = subprocess.run([*RAY_CLI, "status", "--address", address],
                             env=ray_env(), capture_output=True, text=True)
     return status.returncode == 0
 
@@ -109,6 +114,7 @@ def test_ray_address_needs_the_ray_backend(dirs):
     assert run.code == 2 and "--backend ray" in run.stderr
 
 
+@needs_ray
 def test_unreachable_cluster_is_one_line_and_exit_3(dirs):
     src, out = dirs
     make_inputs(src, 1)
@@ -151,20 +157,23 @@ def test_same_outputs_and_run_log_as_local_and_backends_resume_each_other(cluste
 def test_an_actor_killed_mid_run_loses_nothing_and_writes_nothing_twice(cluster, dirs, tmp_path):
     src, out = dirs
     make_inputs(src, 12)
-    init_log = tmp_path / "actors.jsonl"
-    process = start_on_ray(src, out, cluster, "--instances_per_device", "2", "--pipeline_arg", "delay=0.4",
-                           "--pipeline_arg", f"init_log={init_log}")
-    wait_for(lambda: len(page_files(out)) >= 2 if out.exists() else False)
-    victim = json.loads(init_log.read_text().splitlines()[0])["pid"]
-    os.kill(victim, signal.SIGKILL)
+    busy, gate = tmp_path / "busy.jsonl", tmp_path / "gate"
+    process = start_on_ray(src, out, cluster, "--instances_per_device", "2", "--pipeline_arg", f"busy_log={busy}",
+                           "--pipeline_arg", f"gate={gate}")
+    wait_for(lambda: busy.exists() and len(busy.read_text().splitlines()) == 2)  # both actors hold an input
+    victim = json.loads(busy.read_text().splitlines()[0])
+    os.kill(victim["pid"], signal.SIGKILL)
+    process.wait_for_stderr("go back to the queue")
+    gate.touch()
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
-    assert "died" in stderr and "go back to the queue" in stderr
+    assert "died" in stderr
     assert page_files(out) == [f"p{i:02d}.json" for i in range(12)] and temporaries(out) == []
     records = run_log(out)
     assert sorted(r["input"] for r in records) == sorted(str(src / f"p{i:02d}.png") for i in range(12))
     assert all(r["status"] == "done" for r in records)
-    assert len(init_log.read_text().splitlines()) == 3  # two actors, one replacement
+    results = outputs(out)
+    assert all(results[Path(name).stem + ".json"]["pid"] != victim["pid"] for name in victim["inputs"])
 
 
 def test_crashing_raising_and_hanging_inputs_fail_alone(cluster, dirs):
@@ -207,6 +216,7 @@ def test_dry_run_names_the_cluster_and_starts_no_actor(cluster, dirs):
     assert not out.exists()
 
 
+@needs_ray
 def test_real_ocr_on_a_local_cluster_started_for_the_run(tmp_path):
     """No address: infer_mp.py starts a local Ray cluster, runs the offline OCR pipeline on
     it, and stops it."""
@@ -230,15 +240,13 @@ def test_actors_beyond_free_resources_wait_and_the_others_do_the_work(cluster, d
 
 
 def test_a_cluster_busy_with_another_job_is_exit_3_not_a_hang(cluster, tmp_path):
-    src = tmp_path / "in"
+    src, busy = tmp_path / "in", tmp_path / "busy.jsonl"
     make_inputs(src, 8)
-    busy = start_on_ray(src, tmp_path / "first", cluster, "--instances_per_device", "2", "--pipeline_arg", "delay=2")
-    try:
-        wait_for(lambda: len(page_files(tmp_path / "first")) >= 1 if (tmp_path / "first").exists() else False)
-        run = on_ray(src, tmp_path / "second", cluster, "--start_timeout", "3")
-    finally:
-        busy.kill()
-        busy.communicate()
+    first = start_on_ray(src, tmp_path / "first", cluster, "--instances_per_device", "2", "--pipeline_arg",
+                         f"busy_log={busy}", "--pipeline_arg", f"gate={tmp_path / 'never'}")
+    wait_for(lambda: busy.exists() and len(busy.read_text().splitlines()) == 2)  # its actors hold both CPUs
+    run = on_ray(src, tmp_path / "second", cluster, "--start_timeout", "3")
+    first.stop()
     assert run.code == 3, run.stderr
     assert "not started within 3 s: no node had 2 CPU free" in run.stderr
     assert "8 not processed (no worker could run)" in run.stderr
@@ -291,6 +299,7 @@ def test_devices_map_onto_cluster_resources():
         infer_mp.plan_ray_workers(ray_config("xpu:0", 1), gpus)
 
 
+@needs_ray
 def test_a_node_lost_mid_run_has_its_inputs_retried_on_another(monkeypatch, dirs):
     """Two worker nodes (Ray's own test cluster: separate raylets on this machine); one is
     removed mid-run, killing the actor on it. Its inputs are done on the other node."""
