@@ -55,54 +55,68 @@ def word_recall(out: Path, truth: dict[str, list[str]]) -> float:
 BF16_WORD_RECALL_FLOOR = 0.9
 
 
-def test_onnxruntime_text_equals_the_paddle_engine_in_float32(tmp_path):
-    """Same text, to the character, on the Paddle engine, ONNX Runtime's CPU provider and
-    OpenVINO held at float32; and plain `--engine onnxruntime` runs OpenVINO where installed
-    (and says why), bf16 where the CPU computes it natively: there, the known text within the
-    measured floor (bf16 rounds differently; it is not less accurate over many pages)."""
+@pytest.fixture(scope="module")
+def paddle_reference(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """The sample pages, their known text, and what the Paddle engine reads on them (once for
+    the tests that compare an engine with it)."""
     require_onnx_models()
     from samples import write_samples
 
-    src = tmp_path / "in"
-    truth = write_samples(src)
-    runs = {
-        "paddle": run_engine(src, tmp_path / "paddle"),
-        "ort": run_engine(src, tmp_path / "ort", "--engine", "onnxruntime", "--engine_config",
-                          json.dumps({"providers": [CPU]})),
-    }
+    work = tmp_path_factory.mktemp("engines")
+    truth = write_samples(work / "in")
+    run = run_engine(work / "in", work / "paddle")
+    assert run.code == 0, run.stderr
+    reference = texts(work / "paddle")
+    assert set(reference) == set(truth) and word_recall(work / "paddle", truth) == 1.0
+    return work / "in", truth, reference
+
+
+def require_openvino() -> None:
     import onnxruntime
 
-    openvino = OPENVINO in onnxruntime.get_available_providers()
-    if openvino:
-        runs["openvino-f32"] = run_engine(src, tmp_path / "openvino-f32", "--engine", "onnxruntime",
-                                          "--engine_config", openvino_config("f32"))
-        runs["openvino"] = run_engine(src, tmp_path / "openvino", "--engine", "onnxruntime")
-    for name, run in runs.items():
-        assert run.code == 0, (name, run.stderr)
-    assert "engine: onnxruntime (CPUExecutionProvider)\n" in runs["ort"].stderr
-    reference = texts(tmp_path / "paddle")
-    assert set(reference) == set(truth)
-    assert word_recall(tmp_path / "paddle", truth) == 1.0
-    for name in ("ort", "openvino-f32") if openvino else ("ort",):
-        assert texts(tmp_path / name) == reference, name
-    if openvino:
-        stderr = runs["openvino"].stderr
-        assert f"engine: onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default" in stderr
-        assert f"engines: onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default" in stderr
-        if infer_mp.cpu_flags() & infer_mp.NATIVE_BF16_FLAGS:
-            assert word_recall(tmp_path / "openvino", truth) >= BF16_WORD_RECALL_FLOOR
-        else:
-            assert texts(tmp_path / "openvino") == reference
+    if OPENVINO not in onnxruntime.get_available_providers():
+        pytest.skip("the OpenVINO provider is not installed (pip install -r requirements-onnx.txt)")
+
+
+def test_onnxruntime_cpu_provider_text_equals_the_paddle_engine(paddle_reference, tmp_path):
+    src, truth, reference = paddle_reference
+    providers = json.dumps({"providers": [CPU]})
+    run = run_engine(src, tmp_path / "ort", "--engine", "onnxruntime", "--engine_config", providers)
+    assert run.code == 0, run.stderr
+    assert "engine: onnxruntime (CPUExecutionProvider)\n" in run.stderr
+    assert texts(tmp_path / "ort") == reference
+
+
+def test_openvino_in_float32_text_equals_the_paddle_engine(paddle_reference, tmp_path):
+    """Same text, to the character, with OpenVINO held at float32."""
+    require_openvino()
+    src, truth, reference = paddle_reference
+    run = run_engine(src, tmp_path / "f32", "--engine", "onnxruntime", "--engine_config", openvino_config("f32"))
+    assert run.code == 0, run.stderr
+    assert texts(tmp_path / "f32") == reference
+
+
+def test_plain_onnxruntime_runs_openvino_and_says_why(paddle_reference, tmp_path):
+    """Plain `--engine onnxruntime` runs OpenVINO where installed (and says why), bf16 where the
+    CPU computes it natively: there, the known text within the measured floor (bf16 rounds
+    differently; it is not less accurate over many pages); elsewhere the same text."""
+    require_openvino()
+    src, truth, reference = paddle_reference
+    run = run_engine(src, tmp_path / "openvino", "--engine", "onnxruntime")
+    assert run.code == 0, run.stderr
+    assert f"engine: onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default" in run.stderr
+    assert f"engines: onnxruntime ({OPENVINO}, {CPU}) [OpenVINO chosen by default" in run.stderr
+    if infer_mp.cpu_flags() & infer_mp.NATIVE_BF16_FLAGS:
+        assert word_recall(tmp_path / "openvino", truth) >= BF16_WORD_RECALL_FLOOR
+    else:
+        assert texts(tmp_path / "openvino") == reference
 
 
 def test_openvino_bf16_reads_the_known_text_on_any_cpu(tmp_path):
     """The bf16 path that native-bf16 CPUs run by default, forced on this one (OpenVINO
     emulates it on a CPU without bf16 instructions): the known text, within the floor."""
     require_onnx_models()
-    import onnxruntime
-
-    if OPENVINO not in onnxruntime.get_available_providers():
-        pytest.skip("the OpenVINO provider is not installed (pip install -r requirements-onnx.txt)")
+    require_openvino()
     from samples import write_samples
 
     src = tmp_path / "in"

@@ -145,8 +145,10 @@ def test_seed_commands_are_valid(tmp_path, argv):
     assert_usage_error(run, "GPU", "cannot use it")
 
 
-@pytest.mark.parametrize("argv, workers", zip(SEED_COMMANDS, ["4 worker(s) on gpu:0 x1, gpu:1 x1, gpu:2 x1, gpu:3 x1",
-                                                              "4 worker(s) on gpu:0 x2, gpu:2 x2"]))
+SEED_WORKERS = ["4 worker(s) on gpu:0 x1, gpu:1 x1, gpu:2 x1, gpu:3 x1", "4 worker(s) on gpu:0 x2, gpu:2 x2"]
+
+
+@pytest.mark.parametrize("argv, workers", list(zip(SEED_COMMANDS, SEED_WORKERS)))  # (a list: pytest 10 takes no zip)
 def test_seed_commands_plan_their_gpus(tmp_path, argv, workers):
     """On a box with 4 GPUs (a stand-in Paddle) the same commands pass every check and plan one
     worker per GPU and instance; --dry_run loads no model."""
