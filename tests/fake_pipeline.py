@@ -2,7 +2,8 @@
 
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
-``EMPTY`` yields no result (as PaddleX does for a type it cannot read).
+``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
+until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists.
 ``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
 actors on any node, as environment variables may not), makes every input take that long;
 ``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
@@ -125,8 +126,13 @@ def log_busy(inputs: list[str], busy_log: str | None, gate: str | None) -> None:
         with open(busy_log, "a", encoding="utf-8") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             handle.write(json.dumps({"pid": os.getpid(), "inputs": list(inputs)}) + "\n")
+    wait_for_file(gate)
+
+
+def wait_for_file(path: str | None) -> None:
+    """Until the file exists (a test's go-ahead), or 10 minutes."""
     deadline = time.monotonic() + 600
-    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+    while path and not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -184,6 +190,8 @@ class FakePipeline:
             raise ValueError(f"cannot decode {what}")
         if b"HANG" in text:
             time.sleep(3600)
+        if b"WAIT" in text:
+            wait_for_file(os.environ.get("FAKE_PIPELINE_WAIT_FILE"))
         if b"GROW" in text:
             grow_mb = int(os.environ.get("FAKE_PIPELINE_GROW_MB", "100"))
             _held_memory.append(bytearray(os.urandom(1)) * (grow_mb * 2**20))

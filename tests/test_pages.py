@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections import defaultdict, deque
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,12 @@ RENDERED = ("input_path", "page_index", "page_count", "image_sha1", "text")  # w
 def document(count: int, marks: dict[int, str] | None = None) -> bytes:
     """A real PDF of `count` pages, page i showing `page i` and any steering word in `marks`."""
     return pdf_bytes([f"page {i} {(marks or {}).get(i, '')}".strip() for i in range(count)])
+
+
+def ranges_done(run_log_path: Path) -> list[list[int]]:
+    """The page ranges a run log records done so far (read while the run writes it)."""
+    records = [json.loads(line) for line in run_log_path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    return [r["range"] for r in records if "range" in r and r.get("status") == "done"]
 
 
 def page_log(path: Path) -> list[dict]:
@@ -102,43 +108,37 @@ def test_a_split_run_writes_what_a_whole_file_run_writes(tmp_path):
 # -- balance ------------------------------------------------------------------------------------
 
 
-def makespan(log: list[dict]) -> float:
-    return max(entry["end"] for entry in log) - min(entry["start"] for entry in log)
+def test_one_document_is_split_over_every_worker(tmp_path):
+    """A 24-page document on 4 workers: in page ranges of at most a quarter of it, which every
+    worker takes a share of, as it would its pages as single files. (What that gains in time is
+    measured by `examples/benchmark.py --big_pdf`: one PDF against the same pages as images.)"""
+    src, log = tmp_path / "in", tmp_path / "pages.log"
+    write(src / "book.pdf", document(24))
+    env = {"FAKE_PIPELINE_DELAY": "0.1", "FAKE_PIPELINE_PAGE_LOG": str(log), "FAKE_PIPELINE_PRELOAD": "1",
+           "FAKE_PIPELINE_BARRIER": f"{tmp_path / 'ready'}:4"}  # all 4 ready before the first range
+    run = run_fake(src, tmp_path / "out", "--instances_per_device", "4", env=env)
+    assert run.code == 0, run.stderr
+    entries = page_log(log)
+    assert sorted(e["page_index"] for e in entries) == list(range(24))  # each page once
+    assert len({e["pid"] for e in entries}) == 4
+    ranges = [r["range"] for r in run_log(tmp_path / "out") if "range" in r]
+    assert len(ranges) >= 4 and max(stop - start for start, stop in ranges) <= 6
 
 
-def test_one_document_finishes_as_fast_as_its_pages_as_single_files(tmp_path):
-    write(tmp_path / "doc" / "book.pdf", document(24))
-    for i in range(24):
-        write(tmp_path / "pages" / f"p{i:02d}.png", f"page {i}")
-    spans = {}
-    for name in ("doc", "pages"):
-        log = tmp_path / f"{name}.log"
-        env = {"FAKE_PIPELINE_DELAY": "0.25", "FAKE_PIPELINE_PAGE_LOG": str(log),
-               "FAKE_PIPELINE_BARRIER": f"{tmp_path / name}.ready:4"}
-        if name == "doc":  # (PaddleX's reader imported at start, not inside the timed pages)
-            env["FAKE_PIPELINE_PRELOAD"] = "1"
-        run = run_fake(tmp_path / name, tmp_path / f"{name}-out", "--instances_per_device", "4", env=env)
-        assert run.code == 0, run.stderr
-        entries = page_log(log)
-        assert len(entries) == 24 and len({e["pid"] for e in entries}) == 4
-        spans[name] = makespan(entries)
-    assert spans["doc"] <= 1.25 * spans["pages"], spans  # whole, the document would take 4x
-
-
-def test_a_document_queued_after_many_images_leaves_no_worker_idle_at_the_end(tmp_path):
+def test_a_document_queued_after_many_images_goes_first(tmp_path):
+    """Longest first: a document last in input order is the first task a worker gets, so that
+    no worker is left idle at the end while another reads the document."""
     src, log = tmp_path / "in", tmp_path / "pages.log"
     for i in range(12):
         write(src / f"a{i:02d}.png", f"image {i}")
     write(src / "z.pdf", document(4))  # last in input order; 16 pages on 2 workers: whole (ranges of 4)
-    env = {"FAKE_PIPELINE_DELAY": "0.3", "FAKE_PIPELINE_PRELOAD": "1", "FAKE_PIPELINE_PAGE_LOG": str(log),
-           "FAKE_PIPELINE_BARRIER": f"{tmp_path / 'ready'}:2"}
+    env = {"FAKE_PIPELINE_PRELOAD": "1", "FAKE_PIPELINE_PAGE_LOG": str(log)}
     run = run_fake(src, tmp_path / "out", "--instances_per_device", "2", env=env)
     assert run.code == 0, run.stderr
-    last_end: dict[int, float] = defaultdict(float)
-    for entry in page_log(log):
-        last_end[entry["pid"]] = max(last_end[entry["pid"]], entry["end"])
-    assert len(last_end) == 2
-    assert abs(last_end.popitem()[1] - last_end.popitem()[1]) < 0.75  # the document (1.2 s) went first
+    first: dict[int, dict] = {}
+    for entry in sorted(page_log(log), key=lambda e: e["start"]):
+        first.setdefault(entry["pid"], entry)
+    assert any(entry["input"].endswith("z.pdf") for entry in first.values()), first
 
 
 # -- resume at the page -------------------------------------------------------------------------
@@ -146,16 +146,19 @@ def test_a_document_queued_after_many_images_leaves_no_worker_idle_at_the_end(tm
 
 def test_kill_9_in_the_middle_of_a_document_redoes_only_the_pages_not_recorded(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
-    write(src / "book.pdf", document(40))
-    env = {"FAKE_PIPELINE_DELAY": "0.1", "FAKE_PIPELINE_PRELOAD": "1"}
+    write(src / "book.pdf", document(40, {21: "WAIT"}))  # its range, pages 20-23, waits for `go`
+    go = tmp_path / "go"
+    env = {"FAKE_PIPELINE_PRELOAD": "1", "FAKE_PIPELINE_WAIT_FILE": str(go)}
     process = start_fake(src, out, "--instances_per_device", "2", "--pages_per_task", "4", env=env)
     log = out / "infer_mp.runlog.jsonl"
-    # 4 ranges recorded: 12 pages at least (the first page goes alone, then the rest of its range).
-    wait_for(lambda: log.exists() and log.read_text().count('"range"') >= 4)
+    # Every range but the one that waits, and one its worker may hold queued: 9 of the 11 at least
+    # (the first page goes alone, then the rest of its range).
+    wait_for(lambda: log.exists() and len(ranges_done(log)) >= 9)
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = {page for r in run_log(out) if r["status"] == "done" for page in range(*r["range"])}
-    assert 12 <= len(done) < 40
+    assert len(done) in (32, 36) and not done & {20, 21, 22, 23}
+    go.touch()
     pages = tmp_path / "rerun.log"
     run = run_fake(src, out, "--instances_per_device", "2", "--pages_per_task", "4",
                    env={**env, "FAKE_PIPELINE_PAGE_LOG": str(pages)})
