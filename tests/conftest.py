@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +160,35 @@ device = types.SimpleNamespace(
     cuda=types.SimpleNamespace(device_count=lambda: GPUS or 0),
 )
 """
+
+
+def fake_paddle(gpus: int | None) -> types.ModuleType:
+    """The same stand-in, in this process (for infer_mp.import_paddle_quietly)."""
+    module = types.ModuleType("paddle")
+    exec(FAKE_PADDLE.format(gpus=gpus), module.__dict__)
+    return module
+
+
+def fake_onnxruntime(monkeypatch, available: list[str]) -> types.ModuleType:
+    """An `onnxruntime` whose build has `available` providers, so that no test depends on the
+    install; its sessions are made with InferenceSession(providers, cuda_options) and report
+    them as ONNX Runtime's do."""
+    module = types.ModuleType("onnxruntime")
+    module.get_available_providers = lambda: list(available)
+
+    class InferenceSession:
+        def __init__(self, providers: list[str], cuda_options: dict | None = None):
+            self.providers, self.cuda_options = providers, cuda_options
+
+        def get_providers(self) -> list[str]:
+            return self.providers
+
+        def get_provider_options(self) -> dict:
+            return {"CUDAExecutionProvider": self.cuda_options} if self.cuda_options else {}
+
+    module.InferenceSession = InferenceSession
+    monkeypatch.setitem(sys.modules, "onnxruntime", module)
+    return module
 
 
 def fake_paddle_env(folder: Path, gpus: int | None) -> dict[str, str]:
@@ -367,3 +398,35 @@ def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: b
             assert name in held.get(str(source), set()), f"{name} is not an output {source.name} is recorded with"
     if not killed:
         assert not temporaries(out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 KiB tmpfs (a real ENOSPC), or a skip where this machine refuses the mount."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; test_disk_full_injected covers the same path")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def remount(mount_point: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
+
+
+MIN_SIMILARITY = 0.95  # real OCR against known text: character-level, whitespace removed
+
+
+def similarity(expected: list[str], recognized: list[str]) -> float:
+    truth, seen = "".join("".join(expected).split()), "".join("".join(recognized).split())
+    return difflib.SequenceMatcher(None, truth, seen, autojunk=False).ratio()
+
+
+def assert_text_matches(out: Path, truth: dict[str, list[str]]) -> None:
+    results = outputs(out)
+    assert sorted(results) == sorted(truth)
+    for name, lines in truth.items():
+        score = similarity(lines, results[name]["rec_texts"])
+        assert score >= MIN_SIMILARITY, (name, lines, results[name]["rec_texts"], score)

@@ -5,15 +5,13 @@ cgroup quota leaves, and clear refusals before any worker starts."""
 from __future__ import annotations
 
 import json
-import sys
-import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 import infer_mp
-from conftest import OFFLINE_OCR, outputs, run_cli
+from conftest import OFFLINE_OCR, fake_onnxruntime, make_config, outputs, run_cli
 
 OPENVINO, CPU = "OpenVINOExecutionProvider", "CPUExecutionProvider"
 
@@ -140,9 +138,7 @@ def test_missing_provider_is_refused_before_workers_start(tmp_path):
 
 
 def config(**pipeline_kwargs) -> infer_mp.Config:
-    return infer_mp.Config(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device="cpu",
-                           instances_per_device=1, batch_size=1, input_glob_patterns=("*",), cpu_threads=None,
-                           run_log=Path("log"), lock_file=Path("lock"), pipeline_kwargs=pipeline_kwargs)
+    return make_config(pipeline_kwargs=pipeline_kwargs)
 
 
 def test_two_onnxruntime_builds_are_refused(monkeypatch):
@@ -161,24 +157,6 @@ def test_no_onnxruntime_is_refused(monkeypatch):
 class Takes:
     def __init__(self, device=None, cpu_threads=None, engine=None, engine_config=None):
         pass
-
-
-def fake_onnxruntime(monkeypatch, available: list[str]) -> types.ModuleType:
-    """An `onnxruntime` module whose build has `available` providers, and whose sessions are
-    made with `module.InferenceSession(providers)`, so no test here depends on the install."""
-    module = types.ModuleType("onnxruntime")
-    module.get_available_providers = lambda: list(available)
-
-    class InferenceSession:
-        def __init__(self, providers: list[str]):
-            self.providers = providers
-
-        def get_providers(self) -> list[str]:
-            return self.providers
-
-    module.InferenceSession = InferenceSession
-    monkeypatch.setitem(sys.modules, "onnxruntime", module)
-    return module
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import types
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, make_config, run_cli, write
+from conftest import FAKE, ROOT, fake_onnxruntime, fake_paddle, make_config, run_cli, write
 
 CUDA, CPU, TENSORRT = "CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"
 
@@ -163,27 +163,6 @@ def test_provider_library_that_will_not_load_is_named(monkeypatch, tmp_path):
 # -- check_engine on a GPU ---------------------------------------------------------------------
 
 
-def fake_onnxruntime(monkeypatch, available: list[str]) -> types.ModuleType:
-    """An `onnxruntime` whose build has `available` providers; its sessions are made with
-    InferenceSession(providers, cuda_options) and report them as ONNX Runtime's do."""
-    module = types.ModuleType("onnxruntime")
-    module.get_available_providers = lambda: list(available)
-
-    class InferenceSession:
-        def __init__(self, providers: list[str], cuda_options: dict | None = None):
-            self.providers, self.cuda_options = providers, cuda_options
-
-        def get_providers(self) -> list[str]:
-            return self.providers
-
-        def get_provider_options(self) -> dict:
-            return {CUDA: self.cuda_options} if self.cuda_options else {}
-
-    module.InferenceSession = InferenceSession
-    monkeypatch.setitem(sys.modules, "onnxruntime", module)
-    return module
-
-
 def test_gpu_without_onnxruntime_points_to_the_gpu_requirements(monkeypatch):
     monkeypatch.setattr(infer_mp, "installed_version", lambda name: None)
     with pytest.raises(infer_mp.UsageError, match="requirements-gpu-onnx.txt"):
@@ -324,10 +303,7 @@ def test_gpu_thread_plan_splits_the_cores_among_all_instances(monkeypatch, engin
     session of every instance); Paddle's engine on a GPU is left as it was."""
     driver_sees(monkeypatch, 1)
     monkeypatch.setattr(infer_mp, "available_cores", lambda: 16)
-    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: types.SimpleNamespace(
-        __version__="fake", device=types.SimpleNamespace(is_compiled_with_cuda=lambda: True,
-                                                         is_compiled_with_rocm=lambda: False,
-                                                         cuda=types.SimpleNamespace(device_count=lambda: 1))))
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(1))
     kwargs = {"engine": engine} if engine else {}
     plan_ = infer_mp.plan_workers(config(instances_per_device=8, cpu_threads=cpu_threads, pipeline_kwargs=kwargs))
     assert {s.cpu_threads for s in plan_} == {threads}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -16,44 +15,18 @@ import pytest
 from conftest import (
     OFFLINE_OCR,
     ROOT,
+    assert_invariant,
     make_inputs,
     outputs,
     page_files,
+    remount,
     run_cli,
     run_fake,
     run_log,
     start_fake,
-    temporaries,
     wait_for,
     write,
 )
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KiB tmpfs (a real ENOSPC), or a skip where this machine refuses the mount."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_disk_full_injected covers the same path")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def remount(mount_point: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
-
-
-def assert_valid_log_and_outputs(out: Path) -> None:
-    lines = (out / "infer_mp.runlog.jsonl").read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if "input" in r]  # every line whole
-    done = {o for r in records if r["status"] in ("done", "skipped") for o in r["outputs"]}
-    assert set(page_files(out)) <= done
-    for name in page_files(out):
-        json.loads((out / name).read_text())  # no truncated JSON
-    assert not temporaries(out)
-
 
 # -- 1. disk full -----------------------------------------------------------------------------------
 
@@ -69,7 +42,7 @@ def test_disk_full_stops_promptly_and_a_rerun_finishes(small_disk, tmp_path):
     assert "not processed (writing outputs failed)" in run.stderr
     done_first = len(page_files(out))
     assert 0 < done_first < 60
-    assert_valid_log_and_outputs(out)
+    assert_invariant(src, out)
     remount(small_disk, "size=32m")
     run = run_fake(src, out)
     assert run.code == 0, run.stderr
@@ -263,4 +236,4 @@ def test_sigterm_leaves_no_process_behind(dirs, tmp_path, twice):
     # hang.png holds its worker: the grace period ends the run, or the second signal at once
     assert ("second signal: stopping now" in stderr) == twice and ("s of grace over" in stderr) != twice
     wait_for(lambda: not any(alive(pid) for pid in worker_pids(init_log)), timeout=5)
-    assert_valid_log_and_outputs(out)
+    assert_invariant(src, out)

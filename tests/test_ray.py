@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_real_ocr import assert_text_matches
 
 from conftest import (
     OFFLINE_OCR,
     ROOT,
+    assert_text_matches,
+    make_config,
     make_inputs,
     outputs,
     page_files,
@@ -276,11 +277,7 @@ class FakeCluster:
 
 
 def ray_config(device: str, instances: int, threads: int | None = None):
-    import infer_mp
-
-    return infer_mp.Config(pipeline="P", input_dir=Path("."), output_dir=Path("out"), device=device,
-                           instances_per_device=instances, batch_size=1, input_glob_patterns=("*",),
-                           cpu_threads=threads, run_log=Path("log"), lock_file=Path("lock"), backend="ray")
+    return make_config(device=device, instances_per_device=instances, cpu_threads=threads, backend="ray")
 
 
 def test_devices_map_onto_cluster_resources():

@@ -6,29 +6,13 @@ similarity >= 0.95 after removing whitespace: this Chinese/English model drops w
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_OCR, ROOT, outputs, run_cli, temporaries, write
+from conftest import OFFLINE_OCR, ROOT, assert_text_matches, run_cli, temporaries, write
 from samples import expected_outputs, write_document, write_samples
-
-MIN_SIMILARITY = 0.95
-
-
-def similarity(expected: list[str], recognized: list[str]) -> float:
-    truth, seen = "".join("".join(expected).split()), "".join("".join(recognized).split())
-    return difflib.SequenceMatcher(None, truth, seen, autojunk=False).ratio()
-
-
-def assert_text_matches(out: Path, truth: dict[str, list[str]]) -> None:
-    results = outputs(out)
-    assert sorted(results) == sorted(truth)
-    for name, lines in truth.items():
-        score = similarity(lines, results[name]["rec_texts"])
-        assert score >= MIN_SIMILARITY, (name, lines, results[name]["rec_texts"], score)
 
 
 def run_ocr(src: Path, out: Path, *extra: str):

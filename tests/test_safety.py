@@ -13,7 +13,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_hostile import remount, small_disk  # noqa: F401 (a fixture)
 
 import infer_mp
 from conftest import (
@@ -23,6 +22,7 @@ from conftest import (
     outputs,
     page_files,
     pdf_bytes,
+    remount,
     run_fake,
     run_log,
     start_fake,

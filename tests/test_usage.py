@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, fake_paddle_env, make_config, run_cli, write
+from conftest import FAKE, ROOT, fake_paddle, fake_paddle_env, make_config, run_cli, write
 
 
 def assert_usage_error(run, *fragments: str) -> None:
@@ -184,15 +183,8 @@ def test_cpu_threads_given_by_user_win(monkeypatch):
     assert {s.cpu_threads for s in plan} == {4}
 
 
-def fake_paddle(cuda: bool, gpus: int):
-    cuda_module = types.SimpleNamespace(device_count=lambda: gpus)
-    device = types.SimpleNamespace(is_compiled_with_cuda=lambda: cuda,
-                                   is_compiled_with_rocm=lambda: False, cuda=cuda_module)
-    return types.SimpleNamespace(device=device, __version__="fake")
-
-
 def test_gpu_plan_one_worker_per_device_instance(monkeypatch):
-    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(True, 4))
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(4))
     plan = infer_mp.plan_workers(config(device="gpu:0,2", instances_per_device=2))
     assert [s.device for s in plan] == ["gpu:0", "gpu:0", "gpu:2", "gpu:2"]
     assert [s.slot for s in plan] == [0, 1, 2, 3]
@@ -200,18 +192,18 @@ def test_gpu_plan_one_worker_per_device_instance(monkeypatch):
 
 @pytest.mark.parametrize("device", ["gpu", "gpu:0"])
 def test_single_gpu_works(monkeypatch, device):
-    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(True, 1))
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(1))
     assert [s.device for s in infer_mp.plan_workers(config(device=device))] == ["gpu:0"]
 
 
 def test_gpu_id_beyond_visible_devices_is_refused(monkeypatch):
-    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(True, 2))
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(2))
     with pytest.raises(infer_mp.UsageError, match=r"gpu:3.*only 2 gpu device"):
         infer_mp.plan_workers(config(device="gpu:0,3"))
 
 
 def test_gpu_on_cpu_build_is_refused(monkeypatch):
-    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(False, 0))
+    monkeypatch.setattr(infer_mp, "import_paddle_quietly", lambda: fake_paddle(None))
     with pytest.raises(infer_mp.UsageError, match="cannot use it"):
         infer_mp.plan_workers(config(device="gpu:0"))
 
