@@ -132,6 +132,20 @@ class Background(subprocess.Popen):
         shutil.rmtree(self.logs, ignore_errors=True)
 
 
+ENVIRONMENT_AT_START = dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def restore_environment():
+    """What a test imports into this process does not reach later tests' runs: PaddleX, on
+    import, sets LD_LIBRARY_PATH, AISTUDIO_LOG and Qt's paths in os.environ, which every
+    run_cli after it would pass on."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def stop_background_runs():
     """No run a test started in the background outlives the test, whether it passed or not."""
@@ -379,8 +393,9 @@ def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: b
     every output JSON was written for exactly one current input (the one the fake pipeline
     names in it), from its current content (an image's), and that input holds it (see
     held_outputs). `gone`: names of inputs moved away on purpose, whose outputs are kept.
-    `killed`: the run was just killed (kill -9): a task's files placed before its done record
-    was written are not held yet, and its staging folder is left to the next run; the rest holds."""
+    `killed`: the run was just killed (kill -9), or could not write its run log: a task's files
+    placed before its done record was written are not held yet, and its staging folder is left
+    to the next run; the rest holds."""
     held = held_outputs(out)
     for key, names in held.items():
         for name in names:
@@ -400,20 +415,30 @@ def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: b
         assert not temporaries(out)
 
 
+class FaultyDisk:
+    """A folder that fails as a full, read-only or forbidden disk would, in the runs given
+    env(...) (see tests/faulty_disk/sitecustomize.py): no root and no mount, so these tests run
+    the same on every machine, as root or not."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def env(self, error: str, capacity: int | None = None, after: Path | None = None) -> dict[str, str]:
+        """error: "ENOSPC" (full past `capacity` bytes), "EROFS" or "EACCES"; `after`: only
+        once that file exists."""
+        settings = {"folder": str(self.path), "error": error, "capacity": capacity,
+                    "after": str(after) if after else None}
+        path = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faulty_disk"), os.environ.get("PYTHONPATH")]))
+        return {"PYTHONPATH": path, "FAULTY_DISK": json.dumps(settings)}
+
+    def fill(self, size: int) -> None:
+        write(self.path / "filler", b"\0" * size)
+
+
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 400 KiB tmpfs (a real ENOSPC), or a skip where this machine refuses the mount."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount_point)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here; test_disk_full_injected covers the same path")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def remount(mount_point: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
+def faulty_disk(tmp_path) -> FaultyDisk:
+    (tmp_path / "disk").mkdir()
+    return FaultyDisk(tmp_path / "disk")
 
 
 MIN_SIMILARITY = 0.95  # real OCR against known text: character-level, whitespace removed

@@ -296,6 +296,15 @@ def test_what_paddlex_forwards_keeps_its_device_id():
         assert engine_config["intra_op_num_threads"] == engine_config["inter_op_num_threads"] == 2
 
 
+def test_importing_paddlex_here_left_the_environment_of_later_runs_as_it_was():
+    """(Runs after the test above, which imports PaddleX into this process.)"""
+    import conftest
+
+    changed = {k: v for k, v in os.environ.items()
+               if conftest.ENVIRONMENT_AT_START.get(k) != v and k != "PYTEST_CURRENT_TEST"}  # (pytest's own)
+    assert changed == {} and set(conftest.ENVIRONMENT_AT_START) <= set(os.environ)
+
+
 @pytest.mark.parametrize("engine, cpu_threads, threads", [("onnxruntime", None, 2), ("onnxruntime", 5, 5),
                                                           (None, None, None)])
 def test_gpu_thread_plan_splits_the_cores_among_all_instances(monkeypatch, engine, cpu_threads, threads):

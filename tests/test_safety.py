@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -22,7 +21,6 @@ from conftest import (
     outputs,
     page_files,
     pdf_bytes,
-    remount,
     run_fake,
     run_log,
     start_fake,
@@ -226,18 +224,14 @@ def test_the_run_log_cannot_make_it_delete_outside_the_output_folder(dirs, tmp_p
 # -- write failures and signals --------------------------------------------------------------------
 
 
-def test_a_run_log_that_cannot_be_written_stops_like_an_output(dirs, small_disk):
+def test_a_run_log_that_cannot_be_written_stops_like_an_output(dirs, faulty_disk):
     src, out = dirs
     make_inputs(src, 3)
-    with open(small_disk / "filler", "wb", buffering=0) as filler:  # the run log's disk is full
-        with contextlib.suppress(OSError):
-            while True:
-                filler.write(b"x" * 4096)
-    run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"))
+    faulty_disk.fill(4096)  # the run log's disk is full
+    run = run_fake(src, out, "--run_log", str(faulty_disk.path / "log.jsonl"), env=faulty_disk.env("ENOSPC", 4096))
     assert run.code == 74, run.stderr
     assert "cannot write the run log" in run.stderr and "inputs: " in run.stderr and "0 failed" in run.stderr
-    (small_disk / "filler").unlink()
-    run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"))
+    run = run_fake(src, out, "--run_log", str(faulty_disk.path / "log.jsonl"))  # room made
     assert run.code == 0 and "3 done" in run.stderr
 
 
@@ -504,12 +498,12 @@ def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
     assert run_fake(src, out, "--run_log", str(log)).code == 0
 
 
-def test_an_unwritable_run_log_is_refused_before_any_worker(dirs, small_disk, tmp_path):
+def test_an_unwritable_run_log_is_refused_before_any_worker(dirs, faulty_disk, tmp_path):
     src, out = dirs
     make_inputs(src, 1)
-    remount(small_disk, "ro")
     imports = tmp_path / "imports.log"
-    run = run_fake(src, out, "--run_log", str(small_disk / "log.jsonl"), env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    run = run_fake(src, out, "--run_log", str(faulty_disk.path / "log.jsonl"),
+                   env={**faulty_disk.env("EROFS"), "FAKE_PIPELINE_IMPORT_LOG": str(imports)})
     assert run.code == 2 and "cannot write the run log" in run.stderr and "Read-only file system" in run.stderr
     assert not imports.exists()
 

@@ -1,0 +1,161 @@
+"""A disk that fails, for the tests, without root or a mount: every Python process whose
+PYTHONPATH starts with this folder (infer_mp.py and its workers) sees the folder named in
+FAULTY_DISK fail as a real one would, with the error the kernel gives:
+
+    FAULTY_DISK='{"folder": "/tmp/x/disk", "error": "ENOSPC", "capacity": 409600}'
+        writes fail once the files in the folder would hold more than `capacity` bytes (a full disk);
+    FAULTY_DISK='{"folder": "/tmp/x/disk", "error": "EROFS"}'   (or "EACCES")
+        anything that would change the folder fails: opening a file to write, making or removing
+        a file or folder, renaming (a read-only mount, or no permission, even for root);
+    "after": "/tmp/x/trigger" in either makes the folder fail only once that file exists
+        (a disk that fills or is remounted read-only in the middle of a run).
+
+The error is raised where the change is attempted, as OSError(errno, strerror, path), so the
+code under test meets exactly what it would meet on a real disk. Without FAULTY_DISK, nothing
+is changed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+
+_SETTINGS = json.loads(os.environ.get("FAULTY_DISK") or "null")
+
+
+def _inside(path, dir_fd=None) -> bool:
+    """Is this path (possibly relative to dir_fd) in the faulty folder?"""
+    if isinstance(path, int):
+        return False
+    path = os.fsdecode(path)
+    if dir_fd is not None and not os.path.isabs(path):
+        path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    real = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(path)), ""))
+    real = os.path.join(real, os.path.basename(path))
+    folder = os.path.realpath(_SETTINGS["folder"])
+    return real == folder or real.startswith(folder + os.sep)
+
+
+def _failing() -> bool:
+    return _SETTINGS["after"] is None or os.path.exists(_SETTINGS["after"])
+
+
+def _refuse(path) -> None:
+    code = getattr(errno, _SETTINGS["error"])
+    raise OSError(code, os.strerror(code), os.fsdecode(path) if not isinstance(path, int) else path)
+
+
+def _used() -> int:
+    total = 0
+    for folder, _, names in os.walk(_SETTINGS["folder"]):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _check_space(path, more: int) -> None:
+    if more and _failing() and _used() + more > _SETTINGS["capacity"]:
+        _refuse(path)
+
+
+class _FullDiskFile:
+    """A file object whose writes fail once the folder is full."""
+
+    def __init__(self, handle, path):
+        self._handle, self._path = handle, path
+
+    def write(self, data):
+        encoded = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+        _check_space(self._path, len(encoded))
+        return self._handle.write(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+    def __iter__(self):
+        return iter(self._handle)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_full_fds: set[int] = set()
+
+
+def _install() -> None:
+    real_open, real_os_open, real_write = builtins.open, os.open, os.write
+    full = _SETTINGS["error"] == "ENOSPC"
+    _SETTINGS.setdefault("after", None)
+
+    def open_(file, mode="r", *args, **kwargs):
+        writing = any(flag in mode for flag in "wax+")
+        if writing and _inside(file):
+            if not full and _failing():
+                _refuse(file)
+            if full:
+                return _FullDiskFile(real_open(file, mode, *args, **kwargs), file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & _WRITE_FLAGS and _inside(path, dir_fd):
+            if not full and _failing():
+                _refuse(path)
+            descriptor = real_os_open(path, flags, mode, dir_fd=dir_fd)
+            if full:
+                _full_fds.add(descriptor)
+            return descriptor
+        return real_os_open(path, flags, mode, dir_fd=dir_fd)
+
+    def os_write(fd, data):
+        if fd in _full_fds:
+            _check_space(fd, len(data))
+        return real_write(fd, data)
+
+    builtins.open = io.open = open_
+    os.open, os.write = os_open, os_write
+    if full:
+        return
+
+    def refusing(function, *arguments):
+        """`function`, refused where a path argument ((position, its dir_fd keyword)) is inside."""
+
+        def wrapper(*args, **kwargs):
+            for position, fd_keyword in arguments:
+                if position < len(args) and _inside(args[position], kwargs.get(fd_keyword)) and _failing():
+                    _refuse(args[position])
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    one = ((0, "dir_fd"),)
+    two = ((0, "src_dir_fd"), (1, "dst_dir_fd"))
+    for name, arguments in (("mkdir", one), ("rmdir", one), ("remove", one), ("unlink", one), ("chmod", one),
+                            ("utime", one), ("rename", two), ("replace", two), ("link", two),
+                            ("symlink", ((1, "dir_fd"),))):
+        setattr(os, name, refusing(getattr(os, name), *arguments))
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and _inside(path) and _failing():
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    os.access = access
+
+
+if _SETTINGS:
+    _install()
