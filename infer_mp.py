@@ -106,6 +106,10 @@ DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before i
 DEFAULT_START_TIMEOUT = 1800.0
 START_TRIES = 3  # starts in a row a worker slot gets once the pipeline has started in the run
 DEFAULT_PAGES_PER_TASK = 10  # pages of a document one task renders at most: see README, "Big documents"
+# Pixels an image may have (width x height) before it is refused, and a PDF page rendered
+# smaller: Pillow's error threshold (twice its warning at 89 MP), PaddleX's own PDF cap. A
+# 30000 x 30000 PNG of 150 KB took a worker to 5.4 GB; large-format scans stay under it.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
@@ -493,6 +497,14 @@ def build_parser() -> ArgumentParser:
         "(default: 0, any failed page fails the document).",
     )
     runs.add_argument(
+        "--max_image_pixels",
+        type=whole_number,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="An image with more pixels (width x height) fails alone, named, before it is decoded; a PDF "
+        "page is rendered smaller to stay under it. 0: no limit "
+        f"(default: {DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's: a 13,000 x 13,000 scan).",
+    )
+    runs.add_argument(
         "--max_items_per_worker",
         type=positive_int,
         default=0,
@@ -542,6 +554,7 @@ class Config:
     pages_per_task: int = DEFAULT_PAGES_PER_TASK
     max_page_error_rate: float = 0.0
     start_timeout: float = DEFAULT_START_TIMEOUT
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_items_per_worker: int = 0
     max_worker_memory_mb: int = 0
     progress_interval: float = DEFAULT_PROGRESS_SECONDS
@@ -630,6 +643,7 @@ def parse_config(argv: list[str] | None) -> Config:
         pages_per_task=args.pages_per_task,
         max_page_error_rate=args.max_page_error_rate,
         start_timeout=args.start_timeout,
+        max_image_pixels=args.max_image_pixels,
         max_items_per_worker=args.max_items_per_worker,
         max_worker_memory_mb=args.max_worker_memory_mb,
         progress_interval=args.progress_interval,
@@ -2867,6 +2881,7 @@ class WorkerOptions:
     max_memory_mb: int = 0
     run_tag: str = "all"  # see run_tag()
     staging: str = STAGING_DIR  # the folder workers write into (see Staged)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # 0: no limit (see oversized)
 
     @property
     def root(self) -> str:
@@ -2989,7 +3004,7 @@ def worker_options(pipeline: PipelineRef, config: Config) -> WorkerOptions:
     return WorkerOptions(
         pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
         config.max_items_per_worker, config.max_worker_memory_mb, run_tag(config.shard),
-        str(config.output_dir / STAGING_DIR),
+        str(config.output_dir / STAGING_DIR), config.max_image_pixels,
     )
 
 
@@ -3869,7 +3884,7 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
     number of results dropped for lying outside a page range (see OUTSIDE_WINDOW)."""
     by_path = {aliases(task): task for task in tasks}
     windows = {path: task.pages for path, task in by_path.items() if task.pages is not None}
-    if windows:
+    if any(task.paged for task in tasks):  # (also for PDF pages' pixel cap: see limit_pixels)
         install_page_windows()
     PAGE_WINDOWS.update(windows)
     pages: dict[int, list[Any]] = defaultdict(list)
@@ -3908,6 +3923,7 @@ def install_page_windows() -> None:
     whole_file = sampler.sample
 
     def sample(self: Any, inputs: Any) -> Iterator[Any]:
+        limit_pixels(self)
         items = inputs if isinstance(inputs, list) else [inputs]
         if not any(isinstance(item, str) and item in PAGE_WINDOWS for item in items):
             yield from whole_file(self, inputs)
@@ -3929,6 +3945,25 @@ def install_page_windows() -> None:
 
     sample.page_windows = True  # type: ignore[attr-defined]
     sampler.sample = sample
+
+
+PIXEL_LIMIT = [DEFAULT_MAX_IMAGE_PIXELS]  # this worker's --max_image_pixels (see limit_pixels)
+
+
+def limit_pixels(sampler: Any) -> None:
+    """--max_image_pixels for PaddleX's document readers: PDF pages rendered smaller to stay
+    under it (PaddleX's own PDF cap, off by default), TIFF frames past it refused."""
+    limit = PIXEL_LIMIT[0] or None
+    backend = getattr(getattr(sampler, "pdf_reader", None), "_backend", None)
+    if backend is not None and hasattr(backend, "_max_pixels"):
+        backend._max_pixels = limit
+
+
+def check_frame(size: tuple[int, int], index: int) -> None:
+    """A TIFF frame past --max_image_pixels fails (its page alone), before it is converted."""
+    width, height = size
+    if PIXEL_LIMIT[0] and width * height > PIXEL_LIMIT[0]:
+        raise ValueError(pixels_refusal(f"frame {index}: {width} x {height} pixels", width * height, PIXEL_LIMIT[0]))
 
 
 def window_pages(sampler: Any, path: str, start: int, stop: int) -> Iterator[tuple[Any, str, int, int]]:
@@ -3959,6 +3994,7 @@ def window_pages(sampler: Any, path: str, start: int, stop: int) -> Iterator[tup
         count = getattr(image, "n_frames", 1)
         for index in range(start, min(stop, count)):
             image.seek(index)
+            check_frame(image.size, index)
             yield cv2.cvtColor(numpy.array(image.convert("RGB")), cv2.COLOR_RGB2BGR), path, index, count
     finally:
         image.close()
@@ -3969,6 +4005,14 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
     """Predict a batch and save its pages. If the batch raises, predict each input alone, and
     a document's pages one by one, so that a corrupt file costs only itself and a bad page
     only itself. Yields one report per task."""
+    refused = {task.index: why for task in tasks if (why := oversized(task, options.max_image_pixels))}
+    for task in tasks:
+        if task.index in refused:
+            yield ("failed", task.index, refused[task.index])
+    tasks = [task for task in tasks if task.index not in refused]
+    if not tasks:
+        return
+    PIXEL_LIMIT[0] = options.max_image_pixels
     started = time.monotonic()
     try:
         pages, outside = predict_pages(pipeline, tasks, options.predict_kwargs, aliases)
@@ -3986,6 +4030,44 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
     seconds = (time.monotonic() - started) / len(tasks)
     for task in tasks:
         yield from save_report(task, pages.get(task.index, []), {}, options, staging, seconds)
+
+
+def oversized(task: Task, limit: int) -> str | None:
+    """Why an image is refused before it is decoded: more pixels than --max_image_pixels, as its
+    header says (Pillow reads only the header here). A PDF's pages are rendered smaller instead,
+    a TIFF's frames checked one by one (see limit_pixels); a file Pillow cannot read is left
+    to the pipeline, which says why."""
+    if not limit or task.path.lower().endswith(".pdf") or (task.paged and task.pages is not None):
+        return None
+    for frame, (width, height) in enumerate(frame_sizes(task.path)):
+        if width * height > limit:
+            where = f"frame {frame}: " if task.paged else ""
+            return pixels_refusal(f"{where}{width} x {height} pixels", width * height, limit)
+    return None
+
+
+def frame_sizes(path: str) -> Iterator[tuple[int, int]]:
+    """(width, height) of an image, or of each frame of a TIFF, from the headers alone; nothing
+    if Pillow is absent or cannot read it (the pipeline will say why)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # (Pillow refuses to open past 179 MP)
+    try:
+        with Image.open(path) as image:
+            for frame in range(getattr(image, "n_frames", 1)):
+                image.seek(frame)
+                yield image.size
+    except Exception:  # Pillow's plugins raise many kinds for a file they cannot read
+        return
+    finally:
+        Image.MAX_IMAGE_PIXELS = ceiling
+
+
+def pixels_refusal(what: str, pixels: int, limit: int) -> str:
+    return (f"{what} ({pixels / 1e6:.0f} MP) is more than --max_image_pixels {limit:,} ({limit / 1e6:.0f} MP): "
+            f"decoding it would take about {pixels * 3 / 2**30:.1f} GB; raise the limit to read it")
 
 
 def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, aliases: PathAliases,

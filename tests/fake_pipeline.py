@@ -256,6 +256,7 @@ class FakePipeline:
                         digest.update(repr(image.shape).encode())
                         results.append(self.result_type(common, input_path=batch.input_paths[i], page_index=page_index,
                                                         page_count=page_count, image_sha1=digest.hexdigest(),
+                                                        image_shape=list(image.shape[:2]),
                                                         text=text))
                     self.log_page(path, page_index, start)
                     start = time.time()

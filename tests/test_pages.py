@@ -16,6 +16,7 @@ from conftest import (
     bare_backend,
     latest_records,
     make_config,
+    make_inputs,
     outputs,
     page_files,
     pdf_bytes,
@@ -305,3 +306,55 @@ def test_a_probe_page_that_hangs_does_not_hold_the_other_documents_back(monkeypa
     now[0] += infer_mp.PROBE_PATIENCE_SECONDS + 1
     assert backend._next().pages == (1, 4)  # the probe's page hangs: the rest goes out
     assert backend._next().path == "/in/b.pdf"
+
+
+# -- pixels: a decompression bomb costs only itself --------------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width x height (its header), with no pixel data: what a worker
+    would have to decode is known from the first 33 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_an_image_past_the_pixel_limit_fails_alone_before_it_is_decoded(tmp_path):
+    """A 30000 x 30000 PNG (900 MP: a worker decoding one went to 5.4 GB) fails, named, with the
+    flag that raises the limit; the other inputs are done; raising the limit lets it through."""
+    src, out, busy = tmp_path / "in", tmp_path / "out", tmp_path / "busy.jsonl"
+    make_inputs(src, 2)
+    write(src / "bomb.png", png_header(30000, 30000))
+    run = run_fake(src, out, "--batch_size", "3", env={"FAKE_PIPELINE_BUSY_LOG": str(busy)})
+    assert run.code == 1, run.stderr
+    [failed] = [line for line in run.stderr.splitlines() if "FAILED" in line]
+    assert "bomb.png" in failed and "30000 x 30000 pixels (900 MP)" in failed and "--max_image_pixels" in failed
+    assert page_files(out) == ["p00.json", "p01.json"]
+    assert not any("bomb.png" in line for line in busy.read_text().splitlines())  # never handed to predict()
+    again = run_fake(src, out, "--retry_failed", "--max_image_pixels", "0")  # no limit: the pipeline reads it
+    assert again.code == 0, again.stderr
+    assert page_files(out) == ["bomb.json", "p00.json", "p01.json"]
+
+
+def test_pdf_pages_render_under_the_pixel_limit_and_tiff_frames_past_it_fail(tmp_path):
+    """A 60 x 40 pt PDF page renders at 120 x 80 (PaddleX's scale 2); under a limit of 2,400
+    pixels, at 60 x 40 instead. A TIFF's 60 x 60 frames, past that limit, fail, named."""
+    src = tmp_path / "in"
+    write(src / "doc.pdf", pdf_bytes(["page one", "page two"]))
+    write(src / "scan.tif", tiff_bytes(2, size=(60, 60)))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    assert run_fake(src, tmp_path / "plain", env=env).code == 0
+    assert outputs(tmp_path / "plain")["doc_0.json"]["image_shape"] == [80, 120]
+    run = run_fake(src, tmp_path / "capped", "--max_image_pixels", "2400", env=env)
+    assert run.code == 1, run.stderr
+    assert [r["image_shape"] for r in outputs(tmp_path / "capped").values()] == [[40, 60], [40, 60]]
+    [failed] = [line for line in run.stderr.splitlines() if "FAILED" in line]
+    assert "scan.tif" in failed and "frame 0: 60 x 60 pixels" in failed and "--max_image_pixels 2,400" in failed
+    ranges = run_fake(src, tmp_path / "ranges", "--max_image_pixels", "2400", "--pages_per_task", "1", env=env)
+    assert ranges.code == 1 and "frame 1: 60 x 60 pixels" in ranges.stderr, ranges.stderr  # each range's frame
+    assert [r["image_shape"] for r in outputs(tmp_path / "ranges").values()] == [[40, 60], [40, 60]]
