@@ -512,9 +512,12 @@ def build_parser() -> ArgumentParser:
     )
     runs.add_argument(
         "--max_worker_memory_mb",
-        type=positive_int,
-        default=0,
-        help="Restart a worker, between batches, once its resident memory passes this many MB.",
+        type=whole_number,
+        default=None,
+        help="Restart a worker, between batches, once its resident memory passes this many MB; 0: never. "
+        f"Default: {MEMORY_SHARE * 100:.0f}%% of this machine's memory (or its cgroup's limit) shared among the "
+        "workers, so that workers whose memory grows over a long run are recycled before the machine "
+        "runs out (said in the summary; Ray: never).",
     )
     runs.add_argument(
         "--progress_interval",
@@ -556,7 +559,7 @@ class Config:
     start_timeout: float = DEFAULT_START_TIMEOUT
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_items_per_worker: int = 0
-    max_worker_memory_mb: int = 0
+    max_worker_memory_mb: int | None = None  # None: a share of the machine's memory (see memory_limit)
     progress_interval: float = DEFAULT_PROGRESS_SECONDS
     backend: str = "local"
     ray_address: str | None = None
@@ -612,7 +615,7 @@ def parse_config(argv: list[str] | None) -> Config:
                          "(it is read and appended to)")
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
-    if args.max_worker_memory_mb and resident_memory_mb() is None:
+    if args.max_worker_memory_mb and resident_memory_mb() is None:  # (the default is off without it)
         raise UsageError("--max_worker_memory_mb needs /proc (Linux) or psutil: pip install psutil")
     if "img" in args.save and offline_font() is None:
         say(f"note: --save img draws text with a font that PaddleX downloads when it has none (offline, each "
@@ -671,6 +674,10 @@ class WorkerSpec:
 CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # "max 100000" (no quota) or "200000 100000"
 CGROUP_V1_CPU_QUOTA = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"  # -1: no quota
 CGROUP_V1_CPU_PERIOD = "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
+MEMINFO = "/proc/meminfo"  # "MemTotal:  24576000 kB"
+CGROUP_V2_MEMORY_MAX = "/sys/fs/cgroup/memory.max"  # "max" (no limit) or bytes
+CGROUP_V1_MEMORY_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"  # a huge number: no limit
+MEMORY_SHARE = 0.8  # of the machine's memory, shared among the workers: the default recycling limit
 
 
 def read_text(path: str) -> str | None:
@@ -694,6 +701,33 @@ def cgroup_cpu_quota() -> float | None:
     except ValueError:  # "max", or unreadable
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def machine_memory_mb() -> int | None:
+    """Memory this process's machine has, capped by its cgroup's limit; None if unknown."""
+    limits = []
+    meminfo = read_text(MEMINFO) or ""
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            with contextlib.suppress(ValueError, IndexError):
+                limits.append(int(line.split()[1]) // 1024)
+    for path in (CGROUP_V2_MEMORY_MAX, CGROUP_V1_MEMORY_LIMIT):
+        with contextlib.suppress(ValueError):  # "max", or no such file
+            limits.append(int((read_text(path) or "").strip()) // 2**20)
+    return min(limits) if limits else None
+
+
+def memory_limit(config: Config, workers: int) -> tuple[int, str]:
+    """The resident memory (MB) past which a worker is recycled, 0 for none, and where it comes
+    from: --max_worker_memory_mb, else MEMORY_SHARE of the machine's memory over the workers
+    on it (local backend; a Ray cluster's nodes are not this machine)."""
+    if config.max_worker_memory_mb is not None:
+        return config.max_worker_memory_mb, "--max_worker_memory_mb"
+    total = machine_memory_mb()
+    if config.backend != "local" or total is None or resident_memory_mb() is None:
+        return 0, "no default here"
+    return int(total * MEMORY_SHARE) // max(1, workers), (
+        f"default: {MEMORY_SHARE:.0%} of {total:,} MB over {workers} worker(s); --max_worker_memory_mb sets it")
 
 
 def available_cores() -> int:
@@ -2868,6 +2902,9 @@ class Stopper:
         return f"{self.grace:.0f} s of grace over: stopping; the inputs still in progress are left for the next run"
 
 
+RECYCLED_FOR_MEMORY = "resident memory"  # how a worker's reason to retire starts when memory is why
+
+
 @dataclass(frozen=True)
 class WorkerOptions:
     """What every worker is told besides its device: the pipeline, its options, what to save,
@@ -2894,7 +2931,7 @@ class WorkerOptions:
         if self.max_memory_mb:
             resident = resident_memory_mb()
             if resident is not None and resident > self.max_memory_mb:
-                return f"resident memory {resident} MB (--max_worker_memory_mb {self.max_memory_mb})"
+                return f"{RECYCLED_FOR_MEMORY} {resident} MB, past {self.max_memory_mb} MB"
         return None
 
 
@@ -3000,10 +3037,10 @@ def expected_workers(config: Config) -> int:
     return min(len(ids) * config.instances_per_device, 64)
 
 
-def worker_options(pipeline: PipelineRef, config: Config) -> WorkerOptions:
+def worker_options(pipeline: PipelineRef, config: Config, max_memory_mb: int) -> WorkerOptions:
     return WorkerOptions(
         pipeline, config.pipeline_kwargs, config.predict_kwargs, config.save,
-        config.max_items_per_worker, config.max_worker_memory_mb, run_tag(config.shard),
+        config.max_items_per_worker, max_memory_mb, run_tag(config.shard),
         str(config.output_dir / STAGING_DIR), config.max_image_pixels,
     )
 
@@ -4318,10 +4355,14 @@ class Report:
     engines: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # workers per engine
     documents: dict[str, Document] = field(default_factory=dict)  # by input path
     max_page_error_rate: float = 0.0
+    memory_limit: tuple[int, str] = (0, "")  # per worker, MB (0: none), and where it comes from
+    recycled_for_memory: int = 0
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Note):
             self.progress.say(event.text)
+        elif isinstance(event, WorkerRecycled):
+            self.recycled_for_memory += event.reason.startswith(RECYCLED_FOR_MEMORY)
         elif isinstance(event, WorkerStarted):
             if event.engine not in self.engines:
                 self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) ready in {event.seconds:.1f} s; "
@@ -4487,6 +4528,10 @@ class Report:
         if self.engines:
             lines.append("engines: " + ", ".join(f"{engine} on {n} worker start(s)"
                                                  for engine, n in self.engines.items()))
+        limit, source = self.memory_limit
+        if limit:
+            lines.append(f"memory: a worker is recycled past {limit:,} MB resident ({source}): "
+                         f"{self.recycled_for_memory} time(s) in this run")
         if self.output_error:
             lines.append(f"stopped: {self.output_error}; fix that (free space, make it writable) "
                          "and rerun the same command to do the rest")
@@ -4741,7 +4786,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             report.finish(document)
         if todo:
-            options = worker_options(pipeline, config)
+            report.memory_limit = memory_limit(config, len(plan))
+            options = worker_options(pipeline, config, report.memory_limit[0])
             backend = RayBackend(options, config, cluster) if cluster else LocalBackend(options, config, warm)
             events = backend.run(todo, plan, stop)
             with contextlib.closing(events):

@@ -415,9 +415,16 @@ def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: b
         assert not temporaries(out)
 
 
+def injected() -> dict[str, str]:
+    """The environment that puts tests/injected/sitecustomize.py into every process of a run
+    (it does nothing until one of its variables is set too)."""
+    folder = str(ROOT / "tests" / "injected")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [folder, os.environ.get("PYTHONPATH")]))}
+
+
 class FaultyDisk:
     """A folder that fails as a full, read-only or forbidden disk would, in the runs given
-    env(...) (see tests/faulty_disk/sitecustomize.py): no root and no mount, so these tests run
+    env(...) (see tests/injected/sitecustomize.py): no root and no mount, so these tests run
     the same on every machine, as root or not."""
 
     def __init__(self, path: Path):
@@ -428,8 +435,7 @@ class FaultyDisk:
         once that file exists."""
         settings = {"folder": str(self.path), "error": error, "capacity": capacity,
                     "after": str(after) if after else None}
-        path = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faulty_disk"), os.environ.get("PYTHONPATH")]))
-        return {"PYTHONPATH": path, "FAULTY_DISK": json.dumps(settings)}
+        return {**injected(), "FAULTY_DISK": json.dumps(settings)}
 
     def fill(self, size: int) -> None:
         write(self.path / "filler", b"\0" * size)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+import infer_mp
 from conftest import (
     SCRIPT,
     assert_invariant,
     fake_args,
+    injected,
     make_inputs,
     outputs,
     page_files,
@@ -219,6 +223,31 @@ def test_recycling_on_memory(tmp_path):
     assert run.code == 0, run.stderr
     assert len({r["pid"] for r in outputs(tmp_path / "out").values()}) == 4
     assert {r["attempts"] for r in run_log(tmp_path / "out")} == {1}
+
+
+def test_by_default_a_worker_that_leaks_is_recycled_before_the_machine_runs_out(tmp_path):
+    """No flag: a worker is recycled past 80% of the machine's memory shared among the workers.
+    On a machine made to say it has just that much for a worker on plain inputs and 50 MB more,
+    plain inputs never reach it and every input that leaks more makes its worker retire; the
+    summary says the limit, where it comes from and how often it acted."""
+    make_inputs(tmp_path / "plain", 4)
+    assert run_fake(tmp_path / "plain", tmp_path / "measured").code == 0
+    most = max(r["resident_mb"] for r in outputs(tmp_path / "measured").values())
+    machine = {**injected(), "FAKE_MEMORY_MB": str(math.ceil((most + 50) / infer_mp.MEMORY_SHARE))}
+    run = run_fake(tmp_path / "plain", tmp_path / "control", env=machine)
+    assert run.code == 0 and len({r["pid"] for r in outputs(tmp_path / "control").values()}) == 1, run.stderr
+    assert re.search(r"memory: a worker is recycled past [0-9,]+ MB resident \(default: 80% of [0-9,]+ MB over "
+                     r"1 worker\(s\); --max_worker_memory_mb sets it\): 0 time\(s\)", run.stderr), run.stderr
+    for i in range(4):
+        write(tmp_path / "leaking" / f"big{i}.png", "GROW")
+    run = run_fake(tmp_path / "leaking", tmp_path / "out", env={**machine, "FAKE_PIPELINE_GROW_MB": str(most + 100)})
+    assert run.code == 0, run.stderr
+    assert len({r["pid"] for r in outputs(tmp_path / "out").values()}) == 4
+    assert re.search(r"memory: .*: [34] time\(s\) in this run", run.stderr), run.stderr
+    off = run_fake(tmp_path / "leaking", tmp_path / "off", "--max_worker_memory_mb", "0",
+                   env={**machine, "FAKE_PIPELINE_GROW_MB": "10"})
+    assert off.code == 0 and "memory:" not in off.stderr
+    assert len({r["pid"] for r in outputs(tmp_path / "off").values()}) == 1
 
 
 # -- progress and summary ---------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""A disk that fails, for the tests, without root or a mount: every Python process whose
-PYTHONPATH starts with this folder (infer_mp.py and its workers) sees the folder named in
-FAULTY_DISK fail as a real one would, with the error the kernel gives:
+"""A machine as a test needs it, without root or a mount: every Python process whose
+PYTHONPATH starts with this folder (infer_mp.py and its workers) sees it.
+
+FAKE_MEMORY_MB=N: /proc/meminfo says the machine has N MB (MemTotal).
+
+FAULTY_DISK: the folder it names fails as a real disk would, with the error the kernel gives:
 
     FAULTY_DISK='{"folder": "/tmp/x/disk", "error": "ENOSPC", "capacity": 409600}'
         writes fail once the files in the folder would hold more than `capacity` bytes (a full disk);
@@ -24,6 +27,7 @@ import json
 import os
 
 _SETTINGS = json.loads(os.environ.get("FAULTY_DISK") or "null")
+_MEMORY_MB = os.environ.get("FAKE_MEMORY_MB")
 
 
 def _inside(path, dir_fd=None) -> bool:
@@ -157,5 +161,18 @@ def _install() -> None:
     os.access = access
 
 
+def _install_memory() -> None:
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and os.fspath(file) == "/proc/meminfo" and "b" not in mode:
+            return io.StringIO(f"MemTotal:       {int(_MEMORY_MB) * 1024} kB\n")
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = io.open = open_
+
+
 if _SETTINGS:
     _install()
+if _MEMORY_MB:
+    _install_memory()
