@@ -26,22 +26,23 @@ The file reads top to bottom in the order data flows; each section opens with a 
     Report                        records, progress, summary and exit code, from the events
     main                          run(): lock, read the ledger, select, dispatch, report
 
-The coordinator (one process) and its workers (a process or a Ray actor each) exchange:
+The coordinator (one process) and its workers (a process or a Ray actor each) exchange small
+named messages (the dataclasses at the top of the Dispatch section):
 
     coordinator                                      worker (PipelineWorker)
-    ("start", WorkerSpec, WorkerOptions)   ----->    builds the pipeline
-                                           <-----    ("ready", engine, token, reads page windows)
-                                                     | ("init_failed", why)
-    ("batch", [Task, ...])                 ----->    predicts, writes files into staging
-                                           <-----    ("reports", [("done", index, staged folder,
-                                                        prefix, outputs, extras, seconds, failed
-                                                        pages) | ("failed", index, why) |
-                                                        ("output_failed", index, why) |
-                                                        ("note", text) | ("outside_window",)])
+    [AskPlan(config)                       ----->    plans with PaddleX's device helpers
+                                           <-----    Planned(plan | refused)]  (see WarmPool)
+    Start(WorkerSpec, WorkerOptions)       ----->    builds the pipeline
+                                           <-----    Ready(engine, token, reads_windows) | InitFailed(why)
+    Batch([Task, ...])                     ----->    predicts, writes files into staging
+                                           <-----    Reports([Saved(index, folder, prefix, outputs,
+                                                        extras, seconds, failed_pages) | Failed(index,
+                                                        why) | CannotWrite(index, why) | Note(text)
+                                                        | OutsideWindow()])
     records a `placing` line, then
-    ("place", {index: Moves})              ----->    renames its files into place
-                                           <-----    ("placed", [index, ...], {index: error})
-                                                     [+ ("retiring", why): it then exits]
+    Place({index: Moves})                  ----->    renames its files into place
+                                           <-----    Placed([index, ...], {index: (errno, error)})
+                                                     [+ Retiring(why): it then exits]
 
 The coordinator turns these messages into events (TaskDone, TaskFailed, WorkerLost, ...) that
 the Report records: a task's `done` record is written only after its files are in place.
@@ -2775,6 +2776,119 @@ def page_ranges(pages: list[int], size: float) -> Iterator[tuple[int, int]]:
 # Dispatch: the seam between the coordinator and whatever runs the workers
 # ---------------------------------------------------------------------------------------------
 
+# Messages between the coordinator and a worker (a process's pipe, or a Ray actor's calls and
+# returns): see the map in the module's docstring.
+
+
+@dataclass(frozen=True)
+class AskPlan:
+    """Coordinator -> a warm worker: plan the workers for this command line (see WarmPool)."""
+
+    config: Config
+
+
+@dataclass(frozen=True)
+class Planned:
+    """... its answer: the plan, or why the devices cannot be used (neither: it could not tell)."""
+
+    plan: list[WorkerSpec] | None = None
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
+class Start:
+    """Coordinator -> worker: build the pipeline on this device."""
+
+    spec: WorkerSpec
+    options: WorkerOptions
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Worker -> coordinator: the pipeline is built."""
+
+    engine: str  # what it really runs on (see describe_engine)
+    token: str  # names its staging folder (see Staging)
+    reads_windows: bool  # its predict() takes page_windows (see reads_page_windows)
+    where: str | None = None  # a Ray actor's device and node
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    """Worker -> coordinator: the pipeline could not be built (the coordinator decides)."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Coordinator -> worker: predict these tasks and write their files into staging."""
+
+    tasks: list[Task]
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A task's files are in the worker's staging folder (one report of Reports)."""
+
+    index: int
+    folder: str
+    prefix: str  # what their names there start with (see save_results)
+    outputs: list[str]
+    extras: list[str]
+    seconds: float
+    failed_pages: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A task failed: the input's fault (one report of Reports)."""
+
+    index: int
+    why: str
+
+
+@dataclass(frozen=True)
+class CannotWrite:
+    """A task's files could not be written: the environment's fault (a full disk)."""
+
+    index: int
+    why: str
+
+
+@dataclass(frozen=True)
+class OutsideWindow:
+    """A page range's predict() gave pages outside it: see Backend._whole_documents."""
+
+
+@dataclass(frozen=True)
+class Reports:
+    """Worker -> coordinator, one per batch: a report per task, in order (and notes)."""
+
+    items: list[Saved | Failed | CannotWrite | OutsideWindow | Note]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Coordinator -> worker, once it has recorded the `placing` line: rename these files."""
+
+    moves: dict[int, Moves]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Worker -> coordinator: the tasks whose files are in place, and the errors of the rest."""
+
+    indexes: list[int]
+    errors: dict[int, tuple[int, str]]  # index -> (errno, message)
+
+
+@dataclass(frozen=True)
+class Retiring:
+    """Worker -> coordinator, after Placed: it is time to recycle it; it exits."""
+
+    why: str
+
 
 @dataclass(frozen=True)
 class WorkerStarted:
@@ -2945,7 +3059,7 @@ class WorkerHandle:
     held: dict[int, Task] = field(default_factory=dict)
     busy_since: float = 0.0
     retiring: str | None = None  # why it said it will exit (recycling), if it did
-    token: str | None = None  # names its staging folder (see Staging), from its "ready" message
+    token: str | None = None  # names its staging folder (see Staging), from its Ready message
     placing: dict[int, TaskDone] = field(default_factory=dict)  # staged, told where to: see Staged
     timed_out: float | None = None  # the limit it passed, if it was killed for it
 
@@ -2991,7 +3105,7 @@ class WarmPool:
         CPU from the workers' own start-up."""
         if self.processes:
             with contextlib.suppress(OSError):
-                self.processes[0][1].send(("plan", config))
+                self.processes[0][1].send(AskPlan(config))
                 self.plan_asked = True
 
     def plan(self, config: Config) -> list[WorkerSpec]:
@@ -3004,10 +3118,10 @@ class WarmPool:
                 reply = conn.recv() if conn.poll(config.start_timeout) else None
             except (EOFError, OSError):
                 reply = None
-            if reply is not None and reply[0] == "plan":
-                return reply[1]
-            if reply is not None and reply[0] == "plan_refused":
-                raise UsageError(reply[1])
+            if isinstance(reply, Planned) and reply.plan is not None:
+                return reply.plan
+            if isinstance(reply, Planned) and reply.refused is not None:
+                raise UsageError(reply.refused)
             self._drop_first()  # it died, or could not plan: not a worker to hand out
         return plan_workers(config)
 
@@ -3107,7 +3221,7 @@ class Backend:
         raise NotImplementedError
 
     def _send_moves(self, worker: WorkerHandle, moves: dict[int, Moves]) -> None:
-        """Tell a worker where its staged files go (see Staged); it answers "placed"."""
+        """Tell a worker where its staged files go (see Staged); it answers Placed."""
         raise NotImplementedError
 
     def _wait(self, restart: bool) -> Iterator[Event]:
@@ -3222,26 +3336,26 @@ class Backend:
                     worker.timed_out = limit
                     self._kill(worker)
 
-    def _handle(self, worker: WorkerHandle, message: tuple) -> Iterator[Event]:
-        kind = message[0]
-        if kind == "ready":
-            worker.ready, worker.token = True, message[2]
-            if message[3]:
+    def _handle(self, worker: WorkerHandle, message: Any) -> Iterator[Event]:
+        """A worker's message (see the module's docstring) as events."""
+        if isinstance(message, Ready):
+            worker.ready, worker.token = True, message.token
+            if message.reads_windows:
                 self.reads_windows = True
             self.pipeline_works = True
             self.start_failures[worker.spec.slot] = 0
-            yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message[1])
-        elif kind == "init_failed":
+            yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message.engine)
+        elif isinstance(message, InitFailed):
             del self.workers[worker.spec.slot]
             self._shutdown([worker])
-            yield from self._failed_start(worker.spec, message[1])
-        elif kind == "reports":  # one message per batch: one report per input, in order
+            yield from self._failed_start(worker.spec, message.why)
+        elif isinstance(message, Reports):  # one message per batch: one report per input, in order
             staged = Staged(worker.spec, [])
-            for report in message[1]:
-                if report[0] == "done":
-                    _, index, folder, prefix, outputs, extras, seconds, failed_pages = report
-                    staged.done.append(TaskDone(worker.held[index], worker.spec, folder, prefix, outputs, extras,
-                                                seconds, self.handed[index], failed_pages))
+            for report in message.items:
+                if isinstance(report, Saved):
+                    staged.done.append(TaskDone(worker.held[report.index], worker.spec, report.folder, report.prefix,
+                                                report.outputs, report.extras, report.seconds,
+                                                self.handed[report.index], report.failed_pages))
                 else:
                     yield from self._handle(worker, report)
             if staged.done:
@@ -3252,26 +3366,9 @@ class Backend:
                 else:  # refused: recorded failed already
                     worker.held.pop(done.task.index)
             self._send_moves(worker, staged.moves)  # ... the worker renames them (always answers)
-        elif kind == "placed":
-            _, placed, errors = message
-            if self.probe in placed and self.reads_windows is None:  # no page outside it came back
-                self.reads_windows = True
-            for index in placed:
-                worker.held.pop(index)
-                yield worker.placing.pop(index)
-            for index, (number, error) in errors.items():
-                task = worker.held.pop(index)
-                worker.placing.pop(index)
-                if number in OUTPUT_ERRNOS:
-                    self.handed[index] -= 1  # not the input's fault: it stays to do
-                    self.output_failed = True
-                    yield OutputError(f"cannot place outputs in {task.out_dir!r}: {error}")
-                elif number == errno.ENOENT and self.handed[index] < self.max_attempts:
-                    self.pending.appendleft(task)  # its staged files were removed (an `rm -r` of the
-                else:                              # staging folder): done again
-                    yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index],
-                                     retry=number in FOLDER_ERRNOS)
-        elif kind == "outside_window":
+        elif isinstance(message, Placed):
+            yield from self._placed(worker, message)
+        elif isinstance(message, OutsideWindow):
             if self.reads_windows is not False:
                 self.reads_windows = False
                 self._whole_documents()
@@ -3279,21 +3376,39 @@ class Backend:
                            "came back with pages outside it, so the other documents go whole, not in ranges (a "
                            f"predict() that takes `{PAGE_WINDOWS_KEYWORD}` reads only a range's pages; README, "
                            "'Big documents')")
-        elif kind == "retiring":
-            worker.retiring = message[1]
-        elif kind == "output_failed":
-            _, index, error = message
-            worker.held.pop(index)
-            self.handed[index] -= 1  # not the input's fault: it stays to do
+        elif isinstance(message, Retiring):
+            worker.retiring = message.why
+        elif isinstance(message, CannotWrite):
+            worker.held.pop(message.index)
+            self.handed[message.index] -= 1  # not the input's fault: it stays to do
             self.output_failed = True
-            yield OutputError(error)
-        elif kind == "note" and message[1] not in self.notes:
-            self.notes.add(message[1])
-            yield Note(message[1])
-        elif kind == "failed":
-            _, index, error = message
+            yield OutputError(message.why)
+        elif isinstance(message, Note) and message.text not in self.notes:
+            self.notes.add(message.text)
+            yield message
+        elif isinstance(message, Failed):
+            task = worker.held.pop(message.index)
+            yield TaskFailed(task, worker.spec, message.why, self.handed[message.index])
+
+    def _placed(self, worker: WorkerHandle, message: Placed) -> Iterator[Event]:
+        """The tasks whose files the worker renamed into place are done; the others as why."""
+        if self.probe in message.indexes and self.reads_windows is None:  # no page outside it came back
+            self.reads_windows = True
+        for index in message.indexes:
+            worker.held.pop(index)
+            yield worker.placing.pop(index)
+        for index, (number, error) in message.errors.items():
             task = worker.held.pop(index)
-            yield TaskFailed(task, worker.spec, error, self.handed[index])
+            worker.placing.pop(index)
+            if number in OUTPUT_ERRNOS:
+                self.handed[index] -= 1  # not the input's fault: it stays to do
+                self.output_failed = True
+                yield OutputError(f"cannot place outputs in {task.out_dir!r}: {error}")
+            elif number == errno.ENOENT and self.handed[index] < self.max_attempts:
+                self.pending.appendleft(task)  # its staged files were removed (an `rm -r` of the
+            else:                              # staging folder): done again
+                yield TaskFailed(task, worker.spec, f"cannot place output: {error}", self.handed[index],
+                                 retry=number in FOLDER_ERRNOS)
 
     def _discard_staged(self, worker: WorkerHandle) -> None:
         """A gone worker's staging folder: what it wrote for inputs it did not finish, or did not
@@ -3379,18 +3494,18 @@ class LocalBackend(Backend):
         """A warm process if one is left (see WarmPool), else a new one, told its device."""
         process, conn = self.warm.take() or spawn_worker(self.options.pipeline)
         with contextlib.suppress(OSError):  # if it died, its sentinel tells
-            conn.send(("start", spec, self.options))
+            conn.send(Start(spec, self.options))
         return LocalWorker(spec, time.monotonic(), process=process, conn=conn)
 
     def _send(self, worker: LocalWorker, batch: list[Task]) -> None:
         try:
-            worker.conn.send(("batch", batch))
+            worker.conn.send(Batch(batch))
         except OSError:
             pass  # it died; its sentinel fires next and what it held is requeued
 
     def _send_moves(self, worker: LocalWorker, moves: dict[int, Moves]) -> None:
         with contextlib.suppress(OSError):  # (as in _send)
-            worker.conn.send(("place", moves))
+            worker.conn.send(Place(moves))
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         handles = {w.conn: w for w in self.workers.values()}
@@ -3626,7 +3741,7 @@ class RayBackend(Backend):
         worker.call = worker.actor.place.remote(moves)
 
     def _idle(self, worker: RayWorker) -> bool:
-        return not worker.held  # one call at a time: its "placed" reply first
+        return not worker.held  # one call at a time: its Placed reply first
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         ray = self.cluster.ray
@@ -3650,8 +3765,8 @@ class RayBackend(Backend):
                     yield from self._lost(worker, reason, restart)
                 continue
             for message in result if worker.ready else [result]:  # start() replies with one message
-                if message[0] == "ready":
-                    worker.spec = replace(worker.spec, device=message[-1])
+                if isinstance(message, Ready):
+                    worker.spec = replace(worker.spec, device=message.where)
                 yield from self._handle(worker, message)
             if worker.retiring and self.workers.get(worker.spec.slot) is worker:
                 self._kill(worker)
@@ -3789,9 +3904,8 @@ class PipelineWorker:
             with contextlib.suppress(BaseException):
                 load_pipeline_class(pipeline)
 
-    def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
-        """("ready", engine, token, whether it reads only a page range's pages) once the
-        pipeline is built, or ("init_failed", why); the token names this worker's staging folder."""
+    def start(self, spec: WorkerSpec, options: WorkerOptions) -> Ready | InitFailed:
+        """Ready once the pipeline is built, or InitFailed."""
         self.options = options
         token = f"{options.run_tag}-{os.getpid()}-{os.urandom(3).hex()}"
         self.staging = Staging(os.path.join(options.staging, token))
@@ -3801,21 +3915,21 @@ class PipelineWorker:
                 warnings.simplefilter("ignore")
                 self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # reported; the coordinator decides
-            return ("init_failed", one_line(error))
+            return InitFailed(one_line(error))
         use_offline_font()
         fallback = cpu_fallback(spec, options.init_kwargs)
         if fallback is not None:  # a failed start, before any page: if every worker has it, exit 3
-            return ("init_failed", fallback)
-        return ("ready", describe_engine(options.init_kwargs), token, reads_page_windows(self.pipeline))
+            return InitFailed(fallback)
+        return Ready(describe_engine(options.init_kwargs), token, reads_page_windows(self.pipeline))
 
-    def run_batch(self, batch: list[Task]) -> list[tuple]:
-        """One "reports" message for the batch; the coordinator answers with where its files go."""
+    def run_batch(self, batch: list[Task]) -> list[Reports]:
+        """One Reports for the batch; the coordinator answers with where its files go (Place)."""
         self.processed += len(batch)
-        return [("reports", list(process_batch(self.pipeline, batch, self.options, self.aliases, self.staging)))]
+        return [Reports(list(process_batch(self.pipeline, batch, self.options, self.aliases, self.staging)))]
 
-    def place(self, moves: dict[int, Moves]) -> list[tuple]:
-        """Rename the batch's staged files into place (see Staged): one "placed" message, then
-        "retiring" if it is time to recycle."""
+    def place(self, moves: dict[int, Moves]) -> list[Placed | Retiring]:
+        """Rename the batch's staged files into place (see Staged): Placed, then Retiring if it
+        is time to recycle."""
         placed, errors = [], {}
         folders: dict[str, int] = {}  # final folder -> its descriptor, checked each batch: a link
         try:                          # may replace it mid-run (see open_output_folder)
@@ -3835,10 +3949,10 @@ class PipelineWorker:
         finally:
             for descriptor in folders.values():
                 os.close(descriptor)
-        messages = [("placed", placed, errors)]
+        messages: list[Placed | Retiring] = [Placed(placed, errors)]
         reason = self.options.retire_reason(self.processed)
         if reason:
-            messages.append(("retiring", reason))
+            messages.append(Retiring(reason))
         return messages
 
     def close(self) -> None:
@@ -3846,17 +3960,17 @@ class PipelineWorker:
 
 
 class RayActor(PipelineWorker):
-    """A worker as a Ray actor: called by method instead of by pipe. Its "ready" message also
+    """A worker as a Ray actor: called by method instead of by pipe. Its Ready message also
     says where Ray placed it."""
 
-    def start(self, spec: WorkerSpec, options: WorkerOptions) -> tuple:
+    def start(self, spec: WorkerSpec, options: WorkerOptions) -> Ready | InitFailed:
         ray = sys.modules["ray"]
         gpus = ray.get_gpu_ids()
         # Ray shows the actor only its own GPU (CUDA_VISIBLE_DEVICES), so it is gpu:0 here.
         device = "gpu:0" if spec.device == "gpu" else spec.device
         where = f"{spec.device}{':' + ','.join(map(str, gpus)) if gpus else ''}@{ray.util.get_node_ip_address()}"
         reply = super().start(replace(spec, device=device), options)
-        return (*reply, where) if reply[0] == "ready" else reply
+        return replace(reply, where=where) if isinstance(reply, Ready) else reply
 
 
 def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
@@ -3866,18 +3980,17 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
     worker = PipelineWorker(pipeline_ref)
     try:
         message = conn.recv()
-        if message[0] == "plan":  # see WarmPool.ask_for_plan
-            conn.send(plan_in_worker(message[1]))
+        if isinstance(message, AskPlan):  # see WarmPool.ask_for_plan
+            conn.send(plan_in_worker(message.config))
             message = conn.recv()
-        _, spec, options = message
-        reply = worker.start(spec, options)
+        reply = worker.start(message.spec, message.options)
         conn.send(reply)
-        if reply[0] == "init_failed":
+        if isinstance(reply, InitFailed):
             return  # the coordinator decides
-        while (message := conn.recv())[0] in ("batch", "place"):
-            for reply in worker.run_batch(message[1]) if message[0] == "batch" else worker.place(message[1]):
+        while isinstance(message := conn.recv(), (Batch, Place)):
+            for reply in worker.run_batch(message.tasks) if isinstance(message, Batch) else worker.place(message.moves):
                 conn.send(reply)
-                if reply[0] == "retiring":
+                if isinstance(reply, Retiring):
                     return
     except (EOFError, OSError):
         return  # the coordinator is gone
@@ -3885,15 +3998,15 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
         worker.close()
 
 
-def plan_in_worker(config: Config) -> tuple:
-    """The worker plan, or why the device cannot be used; ("plan_unknown",) lets the
-    coordinator try itself (and show what went wrong)."""
+def plan_in_worker(config: Config) -> Planned:
+    """The worker plan, or why the device cannot be used; neither lets the coordinator try
+    itself (and show what went wrong)."""
     try:
-        return ("plan", plan_workers(config))
+        return Planned(plan=plan_workers(config))
     except UserError as error:
-        return ("plan_refused", str(error))
+        return Planned(refused=str(error))
     except Exception:
-        return ("plan_unknown",)
+        return Planned()
 
 
 def one_line(error: BaseException) -> str:
@@ -3902,7 +4015,6 @@ def one_line(error: BaseException) -> str:
 
 
 PAGE_WINDOWS: dict[str, tuple[int, int]] = {}  # in a worker: path given to predict() -> its pages to render
-OUTSIDE_WINDOW = ("outside_window",)  # a range's predict() gave pages outside it: see Backend._whole_documents
 PAGE_WINDOWS_KEYWORD = "page_windows"  # a predict() that takes it is given {path: (start, stop)}: see README
 
 
@@ -3918,7 +4030,7 @@ def reads_page_windows(pipeline: Any) -> bool:
 def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
                   aliases: PathAliases) -> tuple[dict[int, list[Any]], int]:
     """Run one predict() call for the batch and group the page results by task; with the
-    number of results dropped for lying outside a page range (see OUTSIDE_WINDOW)."""
+    number of results dropped for lying outside a page range (see OutsideWindow)."""
     by_path = {aliases(task): task for task in tasks}
     windows = {path: task.pages for path, task in by_path.items() if task.pages is not None}
     if any(task.paged for task in tasks):  # (also for PDF pages' pixel cap: see limit_pixels)
@@ -4045,7 +4157,7 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
     refused = {task.index: why for task in tasks if (why := oversized(task, options.max_image_pixels))}
     for task in tasks:
         if task.index in refused:
-            yield ("failed", task.index, refused[task.index])
+            yield Failed(task.index, refused[task.index])
     tasks = [task for task in tasks if task.index not in refused]
     if not tasks:
         return
@@ -4060,10 +4172,10 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
         elif len(tasks[0].page_numbers) > 1:
             yield from process_page_by_page(pipeline, tasks[0], options, aliases, staging)
         else:
-            yield ("failed", tasks[0].index, one_line(error))
+            yield Failed(tasks[0].index, one_line(error))
         return
     if outside:
-        yield OUTSIDE_WINDOW
+        yield OutsideWindow()
     seconds = (time.monotonic() - started) / len(tasks)
     for task in tasks:
         yield from save_report(task, pages.get(task.index, []), {}, options, staging, seconds)
@@ -4121,14 +4233,14 @@ def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, alia
             continue
         results += pages.get(task.index, [])
         if outside:
-            yield OUTSIDE_WINDOW
+            yield OutsideWindow()
     yield from save_report(task, results, failed, options, staging, time.monotonic() - started)
 
 
 def save_report(task: Task, results: list[Any], failed: dict[int, str], options: WorkerOptions,
-                staging: Staging, seconds: float) -> Iterator[tuple]:
-    """Save a task's results and say how it went: "done" with its files and the pages that
-    failed (a document's page that gave no result fails), else "failed" or "output_failed"."""
+                staging: Staging, seconds: float) -> Iterator[Saved | Failed | CannotWrite | Note]:
+    """Save a task's results and say how it went: Saved with its files and the pages that
+    failed (a document's page that gave no result fails), else Failed or CannotWrite."""
     if task.page_numbers:  # a counted document: one result per page of it, numbered as PaddleX does
         results = [result for result in results if page_index_of(result) in task.page_numbers]
     if task.paged and all(type(page_index_of(result)) is int for result in results):  # in page order: see
@@ -4137,23 +4249,23 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
     failed.update({page: "no result for this page" for page in task.page_numbers
                    if page not in got and page not in failed})
     if not results:
-        yield ("failed", task.index, "; ".join(dict.fromkeys(failed.values()))
-               or "no result: not a readable image or PDF for this pipeline")
+        yield Failed(task.index, "; ".join(dict.fromkeys(failed.values()))
+                     or "no result: not a readable image or PDF for this pipeline")
         return
     for save_format in options.save:
         if not can_save(results[0], save_format):
-            yield ("note", f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
+            yield Note(f"--save {save_format}: this pipeline's results have no {save_format} form; not saved")
     try:
         staged, prefix, outputs, extras = save_results(task, results, options.save, staging)
     except OSError as error:
         if error.errno in OUTPUT_ERRNOS:
-            yield ("output_failed", task.index, f"{error.strerror} writing into {task.out_dir!r}")
+            yield CannotWrite(task.index, f"{error.strerror} writing into {task.out_dir!r}")
         else:
-            yield ("failed", task.index, f"cannot save output: {one_line(error)}")
+            yield Failed(task.index, f"cannot save output: {one_line(error)}")
     except Exception as error:
-        yield ("failed", task.index, f"cannot save output: {one_line(error)}")
+        yield Failed(task.index, f"cannot save output: {one_line(error)}")
     else:
-        yield ("done", task.index, staged, prefix, outputs, extras, seconds, failed)
+        yield Saved(task.index, staged, prefix, outputs, extras, seconds, failed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,9 +220,9 @@ def test_only_a_silent_fallback_to_the_cpu_stops_the_worker(monkeypatch):
     monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda: "ONNX Runtime's CUDA provider cannot load "
                         "here (libcublasLt.so.13: cannot open shared object file)")
     reply = start_worker(monkeypatch, module, [[CUDA, CPU], [CPU]], ORT)
-    assert reply[0] == "init_failed"
-    assert "gpu:0 was asked for" in reply[1] and f"1 of this pipeline's session(s) on {CPU} alone" in reply[1]
-    assert "libcublasLt.so.13" in reply[1]
+    assert isinstance(reply, infer_mp.InitFailed)
+    assert "gpu:0 was asked for" in reply.why and f"1 of this pipeline's session(s) on {CPU} alone" in reply.why
+    assert "libcublasLt.so.13" in reply.why
     for providers, init_kwargs, device in [
         ([[CUDA, CPU], [CUDA, CPU]], ORT, "gpu:0"),
         ([[CPU]], {**ORT, "engine_config": {"providers": [CPU]}}, "gpu:0"),
@@ -230,14 +230,14 @@ def test_only_a_silent_fallback_to_the_cpu_stops_the_worker(monkeypatch):
         ([[CPU]], {}, "gpu:0"),
     ]:
         module = fake_onnxruntime(monkeypatch, [CUDA, CPU])  # a fresh module: the sessions above are not its
-        assert start_worker(monkeypatch, module, providers, init_kwargs, device)[0] == "ready", providers
+        assert isinstance(start_worker(monkeypatch, module, providers, init_kwargs, device), infer_mp.Ready), providers
 
 
 def test_ready_report_names_the_gpu_and_the_cudnn_search(monkeypatch):
     module = fake_onnxruntime(monkeypatch, [CUDA, CPU])
     reply = start_worker(monkeypatch, module, [[CUDA, CPU], [CUDA, CPU]], ORT)
-    assert reply[1].startswith(f"onnxruntime ({CUDA}, {CPU}) on GPU 0, cudnn_conv_algo_search HEURISTIC [")
-    assert "HEURISTIC set by default" in reply[1] and '"EXHAUSTIVE"' in reply[1]
+    assert reply.engine.startswith(f"onnxruntime ({CUDA}, {CPU}) on GPU 0, cudnn_conv_algo_search HEURISTIC [")
+    assert "HEURISTIC set by default" in reply.engine and '"EXHAUSTIVE"' in reply.engine
     chosen = {**ORT, "engine_config": {"provider_options": {"cudnn_conv_algo_search": "DEFAULT"}}}
     assert "[" not in infer_mp.describe_engine(chosen)  # the user's choice: nothing to explain
 

@@ -620,10 +620,12 @@ def placing_worker(root: Path):
 def test_an_output_subfolder_deleted_during_a_run_is_made_again(tmp_path):
     """Review finding: `rm -r out/sub` while a run writes there failed every later input of
     that folder ("cannot place output: No such file or directory"), run after run."""
+    import infer_mp
+
     out = tmp_path / "out"
     staged = write(out / ".infer_mp.staging" / "w" / "0-a.json", '{"text": "A"}')
     moves = {0: (None, [(str(staged), str(out / "sub" / "deep" / "a.json"))])}
-    assert placing_worker(out).place(moves) == [("placed", [0], {})]
+    assert placing_worker(out).place(moves) == [infer_mp.Placed([0], {})]
     assert json.loads((out / "sub" / "deep" / "a.json").read_text()) == {"text": "A"}
 
 
@@ -638,8 +640,8 @@ def test_a_linked_folder_on_the_way_is_not_written_through_nor_made_again(tmp_pa
     (out / "sub").symlink_to(target)
     staged = write(out / ".infer_mp.staging" / "w" / "0-a.json", "{}")
     moves = {0: (None, [(str(staged), str(out / "sub" / "deep" / "a.json"))])}
-    [(message, placed, errors)] = placing_worker(out).place(moves)
-    assert placed == [] and 0 in errors
+    [placed] = placing_worker(out).place(moves)
+    assert placed.indexes == [] and 0 in placed.errors
     assert list(target.iterdir()) == [] and staged.exists()
 
 
@@ -692,7 +694,7 @@ def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
         worker.held = {1: task}
         worker.placing = {1: infer_mp.TaskDone(task, spec, "/out/.infer_mp.staging/w", "0-", ["a.json"], [], 0.1, 1)}
         backend.handed[1] = handed
-        events = list(backend._handle(worker, ("placed", [], {1: (errno.ENOENT, "No such file or directory")})))
+        events = list(backend._handle(worker, infer_mp.Placed([], {1: (errno.ENOENT, "No such file or directory")})))
         if handed == 1:
             assert events == [] and list(backend.pending) == [task]
     assert [type(event) for event in events] == [infer_mp.TaskFailed]
