@@ -15,9 +15,11 @@ The file reads top to bottom in the order data flows; each section opens with a 
 
     CLI -> Config                 the flags, checked into one Config
     Devices -> worker plan        one WorkerSpec per instance: device, threads
-    Pipeline                      resolved without importing it; engines and their settings
+    Pipeline                      resolved without importing it, made in each worker
+    Engines                       ONNX Runtime with OpenVINO or CUDA: checked, planned per worker
     Inputs -> tasks               the input files, each a Task with its output names
     Ledger                        the run logs: what is done, every file placed, for which input
+    Run log                       the ledger's file: JSON lines appended, flushed, compacted
     Selection                     what this run does (the rest is complete or a standing failure)
     Documents                     page counts, and page ranges as tasks of their own
     Dispatch (local, Ray)         the coordinator's side of the workers: queue, batches, deaths
@@ -1102,6 +1104,24 @@ def option_error(what: str, message: str, known: Iterable[str]) -> UsageError:
     return UsageError(f"{what}: {message}{hint}")
 
 
+def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
+    cls = load_pipeline_class(ref)
+    logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
+    kwargs: dict[str, Any] = {"device": spec.device}
+    if spec.cpu_threads is not None and accepts_keyword(cls, "cpu_threads"):
+        kwargs["cpu_threads"] = spec.cpu_threads
+    kwargs.update(init_kwargs)
+    engine_config = planned_engine_config(cls, spec, init_kwargs)
+    if engine_config is not None:
+        kwargs["engine_config"] = engine_config
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: ONNX Runtime with OpenVINO or CUDA, checked in the coordinator and planned per worker
+# ---------------------------------------------------------------------------------------------
+
+
 # Distributions that all install the module `onnxruntime`: the one installed last wins, silently.
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-gpu", "onnxruntime-directml")
 
@@ -1312,19 +1332,6 @@ def planned_gpu_config(spec: WorkerSpec, engine_config: dict) -> dict:
         elif CUDA_PROVIDER in providers:
             engine_config["provider_options"] = [dict(CUDA_OPTIONS) if p == CUDA_PROVIDER else {} for p in providers]
     return engine_config
-
-
-def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
-    cls = load_pipeline_class(ref)
-    logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
-    kwargs: dict[str, Any] = {"device": spec.device}
-    if spec.cpu_threads is not None and accepts_keyword(cls, "cpu_threads"):
-        kwargs["cpu_threads"] = spec.cpu_threads
-    kwargs.update(init_kwargs)
-    engine_config = planned_engine_config(cls, spec, init_kwargs)
-    if engine_config is not None:
-        kwargs["engine_config"] = engine_config
-    return cls(**kwargs)
 
 
 def onnxruntime_sessions() -> list[Any]:
@@ -2178,6 +2185,11 @@ class Ledger:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise cannot_write(f"the run log {str(path)!r} (compacting it)", error) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Run log: the ledger's file, one JSON line per record, appended, flushed, compacted
+# ---------------------------------------------------------------------------------------------
 
 
 class RunLog:
@@ -4014,7 +4026,16 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-PAGE_WINDOWS: dict[str, tuple[int, int]] = {}  # in a worker: path given to predict() -> its pages to render
+@dataclass
+class PageReading:
+    """What PaddleX's page reader, patched in a worker (install_page_windows), reads for the
+    batch in progress: it is called by PaddleX, not by infer_mp.py, so it finds this here."""
+
+    windows: dict[str, tuple[int, int]] = field(default_factory=dict)  # path given to predict() -> its pages
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # --max_image_pixels (see limit_pixels)
+
+
+READING = PageReading()  # this worker's
 PAGE_WINDOWS_KEYWORD = "page_windows"  # a predict() that takes it is given {path: (start, stop)}: see README
 
 
@@ -4035,7 +4056,7 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
     windows = {path: task.pages for path, task in by_path.items() if task.pages is not None}
     if any(task.paged for task in tasks):  # (also for PDF pages' pixel cap: see limit_pixels)
         install_page_windows()
-    PAGE_WINDOWS.update(windows)
+    READING.windows.update(windows)
     pages: dict[int, list[Any]] = defaultdict(list)
     outside = 0
     if windows and PAGE_WINDOWS_KEYWORD in keyword_parameters(type(pipeline).predict)[0]:
@@ -4053,7 +4074,7 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
             pages[task.index].append(result)
     finally:
         for path in windows:
-            PAGE_WINDOWS.pop(path, None)
+            READING.windows.pop(path, None)
         if hasattr(results, "close"):  # a generator left half-read holds PaddleX's PDF lock
             results.close()
     return pages, outside
@@ -4061,7 +4082,7 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
 
 def install_page_windows() -> None:
     """Make PaddleX's image sampler, which every PaddleX pipeline reads its inputs with,
-    render only the pages in PAGE_WINDOWS of a document listed there, with its own readers
+    render only the pages in READING.windows of a document listed there, with its own readers
     (same scale and pixel cap, PDF forms filled), each page with its real path, page index
     and page count: the outputs are byte for byte those of a whole-file run."""
     from paddlex.inference.common.batch_sampler import image_batch_sampler as sampling
@@ -4074,13 +4095,13 @@ def install_page_windows() -> None:
     def sample(self: Any, inputs: Any) -> Iterator[Any]:
         limit_pixels(self)
         items = inputs if isinstance(inputs, list) else [inputs]
-        if not any(isinstance(item, str) and item in PAGE_WINDOWS for item in items):
+        if not any(isinstance(item, str) and item in READING.windows for item in items):
             yield from whole_file(self, inputs)
             return
         batch = sampling.ImgBatch()
         for item in items:
-            if isinstance(item, str) and item in PAGE_WINDOWS:
-                pages = window_pages(self, item, *PAGE_WINDOWS[item])
+            if isinstance(item, str) and item in READING.windows:
+                pages = window_pages(self, item, *READING.windows[item])
             else:
                 pages = (page for part in whole_file(self, [item])
                          for page in zip(part.instances, part.input_paths, part.page_indexes, part.page_counts))
@@ -4096,13 +4117,10 @@ def install_page_windows() -> None:
     sampler.sample = sample
 
 
-PIXEL_LIMIT = [DEFAULT_MAX_IMAGE_PIXELS]  # this worker's --max_image_pixels (see limit_pixels)
-
-
 def limit_pixels(sampler: Any) -> None:
     """--max_image_pixels for PaddleX's document readers: PDF pages rendered smaller to stay
     under it (PaddleX's own PDF cap, off by default), TIFF frames past it refused."""
-    limit = PIXEL_LIMIT[0] or None
+    limit = READING.max_pixels or None
     backend = getattr(getattr(sampler, "pdf_reader", None), "_backend", None)
     if backend is not None and hasattr(backend, "_max_pixels"):
         backend._max_pixels = limit
@@ -4111,8 +4129,9 @@ def limit_pixels(sampler: Any) -> None:
 def check_frame(size: tuple[int, int], index: int) -> None:
     """A TIFF frame past --max_image_pixels fails (its page alone), before it is converted."""
     width, height = size
-    if PIXEL_LIMIT[0] and width * height > PIXEL_LIMIT[0]:
-        raise ValueError(pixels_refusal(f"frame {index}: {width} x {height} pixels", width * height, PIXEL_LIMIT[0]))
+    limit = READING.max_pixels
+    if limit and width * height > limit:
+        raise ValueError(pixels_refusal(f"frame {index}: {width} x {height} pixels", width * height, limit))
 
 
 def window_pages(sampler: Any, path: str, start: int, stop: int) -> Iterator[tuple[Any, str, int, int]]:
@@ -4161,7 +4180,7 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
     tasks = [task for task in tasks if task.index not in refused]
     if not tasks:
         return
-    PIXEL_LIMIT[0] = options.max_image_pixels
+    READING.max_pixels = options.max_image_pixels
     started = time.monotonic()
     try:
         pages, outside = predict_pages(pipeline, tasks, options.predict_kwargs, aliases)
