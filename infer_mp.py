@@ -113,6 +113,13 @@ DEFAULT_PAGES_PER_TASK = 10  # pages of a document one task renders at most: see
 # smaller: Pillow's error threshold (twice its warning at 89 MP), PaddleX's own PDF cap. A
 # 30000 x 30000 PNG of 150 KB took a worker to 5.4 GB; large-format scans stay under it.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# Page quality, from the recognition scores (rec_scores) of the OCR pipelines' results. Measured
+# (offline PP-OCRv4, 20-line pages): clean pages 0.992-0.994 mean, the same rotated 90 or 180
+# degrees 0.51-0.56 (garbage text), blurred 4 px 0.958; see README, "Page quality".
+WEAK_PAGE_SCORE = 0.9  # a page's mean score under this is counted weak in the summary
+LOW_LINE_SCORE = 0.8  # a line under this is a low line: a page's figure gives their share
+BLANK_PAGE_SPREAD = 8.0  # a page with no text whose pixels' standard deviation is under this is blank
+WORST_PAGES_SHOWN = 5
 DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr is not a terminal
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
@@ -492,6 +499,16 @@ def build_parser() -> ArgumentParser:
         f"0: never split (default: {DEFAULT_PAGES_PER_TASK}).",
     )
     runs.add_argument(
+        "--min_page_score",
+        type=fraction,
+        default=None,
+        help="A page whose mean recognition score is under this, or that has no text although its image is "
+        "not blank, is weak: it counts as a failed page (named, exit 1, within --max_page_error_rate for a "
+        "document), its output is kept and marked weak in the run log, and --retry_failed redoes it "
+        f"(with a stronger --pipeline, say). Pipelines with recognition scores only (default: off; "
+        f"{WEAK_PAGE_SCORE:g} flags every rotated page of README's 'Page quality' test and no clean one).",
+    )
+    runs.add_argument(
         "--max_page_error_rate",
         type=fraction,
         default=0.0,
@@ -559,6 +576,7 @@ class Config:
     task_timeout: float | None = None
     pages_per_task: int = DEFAULT_PAGES_PER_TASK
     max_page_error_rate: float = 0.0
+    min_page_score: float | None = None  # see weak_reason
     start_timeout: float = DEFAULT_START_TIMEOUT
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_items_per_worker: int = 0
@@ -648,6 +666,7 @@ def parse_config(argv: list[str] | None) -> Config:
         task_timeout=args.task_timeout,
         pages_per_task=args.pages_per_task,
         max_page_error_rate=args.max_page_error_rate,
+        min_page_score=args.min_page_score,
         start_timeout=args.start_timeout,
         max_image_pixels=args.max_image_pixels,
         max_items_per_worker=args.max_items_per_worker,
@@ -2215,9 +2234,12 @@ class RunLog:
 
     def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
               extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool = False) -> dict:
+              error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool = False,
+              quality: dict | None = None, weak: dict[int, str] | None = None) -> dict:
         """An input's record, as written; for a document also its page count, and the pages that
-        failed (`error` then says why); for a page range of it, the range, as [start, stop)."""
+        failed (`error` then says why); for a page range of it, the range, as [start, stop).
+        `quality`: an image's figure (see page_quality), or a document's {page: figure}; `weak`:
+        the pages --min_page_score found weak ({None: why} for an image), whose files are kept."""
         outputs = [self.relative(o) for o in outputs]
         record = {
             "time": self.now(),
@@ -2243,6 +2265,16 @@ class RunLog:
         if failed_pages:
             record["failed_pages"] = sorted(failed_pages)
             record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
+        if weak and task.paged:
+            record["weak_pages"] = sorted(weak)
+            why = "; ".join(f"page {page}: weak, {weak[page]}" for page in sorted(weak))
+            record["error"] = "; ".join(filter(None, [record["error"], why]))
+        elif weak:
+            record["weak"] = True
+            record["error"] = f"weak page: {weak[None]}"
+        if quality:
+            record["page_quality" if task.paged else "quality"] = (
+                {str(page): quality[page] for page in sorted(quality)} if task.paged else quality)
         self._append(record)
         return record
 
@@ -2528,7 +2560,10 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
         if not unchanged(task, record):
             continue
         kept = False
+        redo = set(record.get("weak_pages") or []) if retry_failed else set()  # (see --min_page_score)
         for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
+            if page in redo:
+                continue
             if path := at_todays_name(task, page, root, rel):
                 coverage.outputs[page] = path
                 kept = True
@@ -2850,6 +2885,7 @@ class Saved:
     extras: list[str]
     seconds: float
     failed_pages: dict[int, str]
+    quality: list[dict | None]  # per output, in order (see page_quality)
 
 
 @dataclass(frozen=True)
@@ -2941,6 +2977,7 @@ class TaskDone:
     seconds: float
     attempts: int
     failed_pages: dict[int, str] = field(default_factory=dict)  # pages of a document that failed alone
+    quality: list[dict | None] = field(default_factory=list)  # per output (see page_quality)
 
 
 @dataclass
@@ -3367,7 +3404,7 @@ class Backend:
                 if isinstance(report, Saved):
                     staged.done.append(TaskDone(worker.held[report.index], worker.spec, report.folder, report.prefix,
                                                 report.outputs, report.extras, report.seconds,
-                                                self.handed[report.index], report.failed_pages))
+                                                self.handed[report.index], report.failed_pages, report.quality))
                 else:
                     yield from self._handle(worker, report)
             if staged.done:
@@ -4284,7 +4321,7 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
     except Exception as error:
         yield Failed(task.index, f"cannot save output: {one_line(error)}")
     else:
-        yield Saved(task.index, staged, prefix, outputs, extras, seconds, failed)
+        yield Saved(task.index, staged, prefix, outputs, extras, seconds, failed, [page_quality(r) for r in results])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4342,6 +4379,67 @@ def save_results(task: Task, results: list[Any], formats: tuple[str, ...], stagi
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder, prefix, pages, extras
+
+
+def page_quality(result: Any) -> dict | None:
+    """A page's quality figure, where its result has recognition scores (an OCR pipeline's
+    `rec_scores`, or a structure pipeline's `overall_ocr_res`): text lines, their mean score
+    and the share under LOW_LINE_SCORE; a page without text says whether its image is blank.
+    None for a result without scores."""
+    scores = recognition_scores(result)
+    if scores is None:
+        return None
+    if not scores:
+        return {"lines": 0, "blank": is_blank(page_image(result))}
+    mean = sum(scores) / len(scores)
+    low = sum(score < LOW_LINE_SCORE for score in scores) / len(scores)
+    return {"lines": len(scores), "score": round(mean, 4), "low": round(low, 3)}
+
+
+def recognition_scores(result: Any) -> list[float] | None:
+    if not hasattr(result, "get"):
+        return None
+    for holder in (result, result.get("overall_ocr_res")):
+        scores = holder.get("rec_scores") if hasattr(holder, "get") else None
+        if scores is not None:
+            try:
+                return [float(score) for score in scores]
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def page_image(result: Any) -> Any:
+    """The page as the pipeline saw it (the OCR pipelines keep it with their preprocessing)."""
+    holders = [result.get("doc_preprocessor_res"), (result.get("overall_ocr_res") or {}).get("doc_preprocessor_res")]
+    for holder in holders:
+        if hasattr(holder, "get") and holder.get("output_img") is not None:
+            return holder.get("output_img")
+    return None
+
+
+def is_blank(image: Any) -> bool:
+    """Nearly one colour (BLANK_PAGE_SPREAD): an empty page, not a page of static; False when unknown."""
+    if image is None:
+        return False
+    try:
+        import numpy
+
+        return float(numpy.asarray(image, dtype=numpy.float32).std()) < BLANK_PAGE_SPREAD
+    except Exception:
+        return False
+
+
+def weak_reason(figures: dict | None, threshold: float) -> str | None:
+    """Why a page's figure makes it weak (a low mean score, or no text on a page that is not
+    blank), or None."""
+    if not figures or figures.get("blank"):
+        return None
+    if figures["lines"] == 0:
+        return "no text on a page that is not blank"
+    if figures["score"] < threshold:
+        return f"mean recognition score {figures['score']:.3f} under {threshold:g}"
+    return None
 
 
 def page_index_of(result: Any) -> int | None:
@@ -4455,6 +4553,21 @@ class Document:
     seconds: float = 0.0
     attempts: int = 0
     device: str | None = None
+    quality: dict[int, dict] = field(default_factory=dict)  # page -> figure, of this run's pages
+    weak: dict[int, str] = field(default_factory=dict)  # page -> why --min_page_score finds it weak (kept)
+
+
+def describe_quality(figure: dict) -> str:
+    if figure["lines"] == 0:
+        return "no text"
+    return f"score {figure['score']:.3f}, {figure['lines']} lines, {figure['low']:.0%} low"
+
+
+def describe_weak_pages(weak: dict[int, str]) -> str:
+    pages = sorted(weak)
+    return (f"{len(pages)} weak page(s) (--min_page_score; their text is kept, --retry_failed redoes them): "
+            + "; ".join(f"page {page}: {weak[page]}" for page in pages[:WORST_PAGES_SHOWN])
+            + ("; ..." if len(pages) > WORST_PAGES_SHOWN else ""))
 
 
 def describe_failed_pages(failed: dict[int, str], count: int) -> str:
@@ -4488,6 +4601,24 @@ class Report:
     max_page_error_rate: float = 0.0
     memory_limit: tuple[int, str] = (0, "")  # per worker, MB (0: none), and where it comes from
     recycled_for_memory: int = 0
+    blank_pages: int = 0
+    weak_pages: list[tuple[float, str, dict]] = field(default_factory=list)  # (score, page, figure)
+    min_page_score: float | None = None  # the gate: weak pages count as failed (see weak_reason)
+
+    def gated(self, quality: dict) -> dict:
+        """The pages (keys of `quality`) that --min_page_score finds weak, and why."""
+        if self.min_page_score is None:
+            return {}
+        return {page: why for page, figure in quality.items() if (why := weak_reason(figure, self.min_page_score))}
+
+    def note_quality(self, page: str, figure: dict | None) -> None:
+        """Count a page done in this run as blank or weak (see weak_reason), for the summary."""
+        if not figure:
+            return
+        if figure.get("blank"):
+            self.blank_pages += 1
+        elif weak_reason(figure, WEAK_PAGE_SCORE):
+            self.weak_pages.append((figure.get("score", 0.0), page, figure))
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Note):
@@ -4542,9 +4673,19 @@ class Report:
         if task.path in self.documents:
             self.pages_done(event, outputs, extras)
         else:
-            self.ledger.write(task, DONE, outputs=outputs, extras=extras, device=event.spec.device,
-                              attempts=event.attempts, seconds=event.seconds)
-            self.done += 1
+            figure = event.quality[0] if event.quality else None
+            self.note_quality(task.path, figure)
+            weak = self.gated({None: figure})
+            self.ledger.write(task, FAILED if weak else DONE, outputs=outputs, extras=extras,
+                              device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
+                              quality=figure, weak=weak)
+            if weak:
+                self.progress.say(f"FAILED {task.path}: weak page: {weak[None]} (--min_page_score; its text is kept "
+                                  f"in {outputs[0]!r}: --retry_failed redoes it)")
+                self.failed += 1
+                self.failed_pages += 1
+            else:
+                self.done += 1
 
     def task_failed(self, event: TaskFailed) -> None:
         if event.task.path in self.documents and event.task.page_numbers:
@@ -4563,12 +4704,20 @@ class Report:
     def pages_done(self, event: TaskDone, outputs: list[str], extras: list[str]) -> None:
         """Some pages of a document, done (and perhaps some failed): a record for a range."""
         task, failed = event.task, event.failed_pages
+        pages = listed_pages(task.page_numbers, failed, len(outputs)) or []
+        quality = {page: figure for page, figure in zip(pages, event.quality) if figure}
+        for page, figure in quality.items():
+            self.note_quality(f"{task.path} page {page}", figure)
+        weak = self.gated(quality)
         if task.pages is not None:
-            self.ledger.write(task, FAILED if failed else DONE, outputs=outputs, extras=extras,
+            self.ledger.write(task, FAILED if failed or weak else DONE, outputs=outputs, extras=extras,
                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
-                              failed_pages=failed)
+                              failed_pages=failed, quality=quality, weak=weak)
         document = self.documents[task.path]
-        document.outputs.update(zip(listed_pages(task.page_numbers, failed, len(outputs)) or (), outputs))
+        document.quality.update(quality)
+        document.weak.update(weak)
+        self.failed_pages += len(weak)
+        document.outputs.update(zip(pages, outputs))
         document.extras += extras
         self.count_pages(document, task, event.spec, event.attempts, event.seconds, failed)
 
@@ -4599,23 +4748,25 @@ class Report:
         """Every page of the document is done or failed: its whole record, which lists all
         its pages' files (earlier runs' too) and supersedes its ranges' records. Failed pages
         are named; past --max_page_error_rate the document counts as failed."""
-        task, failed = document.task, document.failed
+        task, failed, weak = document.task, document.failed, document.weak
         count = task.page_count or 0
-        good = bool(document.outputs) and len(failed) <= self.max_page_error_rate * count
+        good = bool(document.outputs) and len(failed) + len(weak) <= self.max_page_error_rate * count
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
         self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=document.extras,
                           device=document.device, attempts=document.attempts, seconds=document.seconds,
-                          failed_pages=failed)
+                          failed_pages=failed, quality=document.quality, weak=weak)
         del self.documents[task.path]
-        if failed:
+        if failed or weak:
             rate = f" (within --max_page_error_rate {self.max_page_error_rate:g})" if good else ""
-            self.progress.say(f"{'' if good else 'FAILED '}{task.path}: {describe_failed_pages(failed, count)}{rate}")
+            said = "; ".join(filter(None, [describe_failed_pages(failed, count) if failed else "",
+                                           describe_weak_pages(weak) if weak else ""]))
+            self.progress.say(f"{'' if good else 'FAILED '}{task.path}: {said}{rate}")
         # Pages a stopped run failed (range records) are recorded failed for the document now: news.
         first_time = len(set(failed) - document.standing)
         self.failed_pages += max(0, first_time - document.failed_now)
         if good:
             self.done += 1
-        elif first_time:
+        elif first_time or weak:
             self.failed += 1
         else:  # only pages that failed in an earlier finished run, not retried: a standing failure
             self.standing += 1
@@ -4633,6 +4784,7 @@ class Report:
         """For the run log's line about this run."""
         return {"done": self.done, "failed": self.failed, "skipped": self.skipped, "unprocessed": self.unprocessed,
                 "standing_failures": self.standing, "pages": self.pages, "failed_pages": self.failed_pages,
+                "blank_pages": self.blank_pages, "weak_pages": len(self.weak_pages),
                 "retired": self.retired}
 
     @property
@@ -4659,6 +4811,12 @@ class Report:
         if self.engines:
             lines.append("engines: " + ", ".join(f"{engine} on {n} worker start(s)"
                                                  for engine, n in self.engines.items()))
+        if self.blank_pages or self.weak_pages:
+            worst = ", ".join(f"{page} ({describe_quality(figure)})"
+                              for _, page, figure in sorted(self.weak_pages)[:WORST_PAGES_SHOWN])
+            lines.append(f"quality: {self.blank_pages} blank page(s), {len(self.weak_pages)} weak page(s) (mean "
+                         f"recognition score under {WEAK_PAGE_SCORE:g}, or no text on a page that is not blank)"
+                         + (f"; weakest: {worst}" if worst else "") + "; each page's figure is in the run log")
         limit, source = self.memory_limit
         if limit:
             lines.append(f"memory: a worker is recycled past {limit:,} MB resident ({source}): "
@@ -4903,7 +5061,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
     stop.install()
     progress = Progress(pages, len(work.todo), config.progress_interval)
     report = Report(len(work.todo), len(work.complete), ignored, work.ledger, progress, work.not_selected,
-                    standing=len(work.standing), max_page_error_rate=config.max_page_error_rate)
+                    standing=len(work.standing), max_page_error_rate=config.max_page_error_rate,
+                    min_page_score=config.min_page_score)
     try:
         for task in work.todo:
             if task.index in work.unreadable:  # (a file there that cannot be read: the file's fault)

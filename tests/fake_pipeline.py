@@ -3,7 +3,9 @@
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
-until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists.
+until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
+result those recognition scores (``rec_scores``, as an OCR pipeline's), ``SCORES:-`` none (no
+text found), and ``BLANK`` a page image of one colour (as the OCR pipelines keep it).
 ``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
 actors on any node, as environment variables may not), makes every input take that long;
 ``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
@@ -41,6 +43,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -67,7 +70,7 @@ class FakeResult(dict):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), save_path)
         _saved += 1
         with open(save_path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(dict(self)))
+            handle.write(json.dumps({k: v for k, v in self.items() if k != "doc_preprocessor_res"}))
 
     def save_to_markdown(self, save_path: str) -> None:
         if not save_path.endswith(".md"):
@@ -86,6 +89,26 @@ class PlainResult(FakeResult):
 
     save_to_markdown = None  # type: ignore[assignment]
     img = None  # type: ignore[assignment]
+
+
+SCORES = re.compile(rb"SCORES:(-|[0-9.,]+)")
+
+
+def quality_fields(text: bytes) -> dict:
+    """What an OCR pipeline's result says of a page's quality, as the steering words ask."""
+    fields: dict = {}
+    if (found := SCORES.search(text)) is not None:
+        scores = found.group(1).decode()
+        fields["rec_scores"] = [] if scores == "-" else [float(x) for x in scores.split(",") if x]
+    if b"BLANK" in text:
+        import numpy
+
+        fields["doc_preprocessor_res"] = {"output_img": numpy.full((16, 16, 3), 255, dtype=numpy.uint8)}
+    elif "rec_scores" in fields:
+        import numpy
+
+        fields["doc_preprocessor_res"] = {"output_img": numpy.random.default_rng(1).integers(0, 255, (16, 16, 3))}
+    return fields
 
 
 def count_start() -> int:
@@ -220,6 +243,7 @@ class FakePipeline:
             if not self.steer(data, f"input {os.path.basename(path)}"):
                 continue
             common["text"] = data.decode("utf-8", "replace")
+            common.update(quality_fields(data))
             if Path(path).suffix.lower() in PAGED:  # a text file posing as a PDF or TIFF
                 lines = [line for line in data.splitlines() if line.startswith(b"page")]
                 for index in range(max(1, len(lines))):
@@ -254,7 +278,8 @@ class FakePipeline:
                     if self.steer(text.encode("utf-8"), f"page {page_index} of {os.path.basename(path)}"):
                         digest = hashlib.sha1(image.tobytes())
                         digest.update(repr(image.shape).encode())
-                        results.append(self.result_type(common, input_path=batch.input_paths[i], page_index=page_index,
+                        fields = {**common, **quality_fields(text.encode("utf-8"))}
+                        results.append(self.result_type(fields, input_path=batch.input_paths[i], page_index=page_index,
                                                         page_count=page_count, image_sha1=digest.hexdigest(),
                                                         image_shape=list(image.shape[:2]),
                                                         text=text))

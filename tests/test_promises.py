@@ -111,3 +111,75 @@ def test_a_pdf_with_no_pages_fails_alone_and_named(dirs):
     assert len(failed) == 1 and "empty.pdf" in failed[0] and "Traceback" not in run.stderr
     assert page_files(out) == ["p00.json"]
     assert run.stdout == ""
+
+
+# -- page quality -------------------------------------------------------------------------------
+
+
+def test_every_page_with_scores_gets_a_quality_figure_and_the_summary_names_the_weak(dirs):
+    """Recognition scores give each page a figure in the run log (lines, mean score, share of
+    low lines; a page without text says whether it is blank); the summary counts blank and
+    weak pages and names the weakest; a pipeline without scores gets no figure."""
+    src, out = dirs
+    write(src / "clean.png", "SCORES:0.99,0.97")
+    write(src / "rotated.png", "SCORES:0.5,0.4,0.9")
+    write(src / "empty.png", "SCORES:- BLANK")
+    write(src / "static.png", "SCORES:-")
+    write(src / "plain.png", "no scores at all")
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3"]))
+    run = run_fake(src, out, env={"FAKE_PIPELINE_PRELOAD": "1"})
+    assert run.code == 0, run.stderr  # no gate: figures only
+    quality = {Path(r["input"]).name: r.get("quality") or r.get("page_quality") for r in run_log(out)
+               if "range" not in r}
+    assert quality == {
+        "clean.png": {"lines": 2, "score": 0.98, "low": 0.0},
+        "rotated.png": {"lines": 3, "score": 0.6, "low": 0.667},
+        "empty.png": {"lines": 0, "blank": True},
+        "static.png": {"lines": 0, "blank": False},
+        "plain.png": None,
+        "doc.pdf": {"0": {"lines": 1, "score": 0.98, "low": 0.0}, "1": {"lines": 1, "score": 0.3, "low": 1.0}},
+    }
+    [line] = [line for line in run.stderr.splitlines() if "quality:" in line]
+    assert "1 blank page(s), 3 weak page(s)" in line
+    assert line.index("static.png") < line.index("doc.pdf page 1") < line.index("rotated.png")  # weakest first
+    closing = run_log(out, runs=True)[-1]["run"]
+    assert closing["blank_pages"] == 1 and closing["weak_pages"] == 3
+
+
+def test_the_gate_fails_weak_pages_keeps_their_text_and_retry_failed_redoes_them(dirs, tmp_path):
+    """--min_page_score: a weak page is a failed page (named, exit 1; a document's within
+    --max_page_error_rate), its output kept and marked weak; a blank page is never weak; a
+    plain rerun leaves them (failed before), --retry_failed redoes exactly them."""
+    src, out = dirs
+    write(src / "good.png", "SCORES:0.99")
+    write(src / "weak.png", "SCORES:0.5")
+    write(src / "empty.png", "SCORES:- BLANK")
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3", "SCORES:0.97"]))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    run = run_fake(src, out, "--min_page_score", "0.9", env=env)
+    assert run.code == 1, run.stderr
+    failed = sorted(line for line in run.stderr.splitlines() if "FAILED" in line)
+    assert len(failed) == 2 and "doc.pdf" in failed[0] and "1 weak page(s)" in failed[0]
+    assert "page 1: mean recognition score 0.300 under 0.9" in failed[0]
+    assert "weak.png: weak page: mean recognition score 0.500 under 0.9" in failed[1] and "weak.json" in failed[1]
+    records = {Path(r["input"]).name: r for r in run_log(out) if "range" not in r}
+    assert records["weak.png"]["status"] == "failed" and records["weak.png"]["weak"] is True
+    assert records["weak.png"]["outputs"] == ["weak.json"]
+    assert records["doc.pdf"]["status"] == "failed" and records["doc.pdf"]["weak_pages"] == [1]
+    assert records["doc.pdf"]["outputs"] == ["doc_0.json", "doc_1.json", "doc_2.json"]
+    assert records["empty.png"]["status"] == "done" and records["good.png"]["status"] == "done"
+    assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "empty.json", "good.json", "weak.json"]
+    within = run_fake(src, tmp_path / "within", "--min_page_score", "0.9", "--max_page_error_rate", "0.34", env=env)
+    assert "(within --max_page_error_rate 0.34)" in within.stderr and within.code == 1
+    assert {Path(r["input"]).name: r["status"] for r in run_log(tmp_path / "within")
+            if "range" not in r}["doc.pdf"] == "done"
+    again = run_fake(src, out, "--min_page_score", "0.9", env=env)
+    assert again.code == 0 and "2 failed before" in again.stderr, again.stderr
+    write(src / "weak.png", "SCORES:0.95")  # (as a stronger pipeline would read it: a changed file is redone anyway)
+    pages = tmp_path / "pages.log"
+    retried = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed",
+                       env={**env, "FAKE_PIPELINE_PAGE_LOG": str(pages)})
+    redone = sorted((Path(e["input"]).name, e["page_index"]) for e in map(json.loads, pages.read_text().splitlines()))
+    assert redone == [("doc.pdf", 1), ("weak.png", None)], retried.stderr
+    assert retried.code == 1 and "doc.pdf" in retried.stderr  # its page 1 is still weak
+    assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "empty.json", "good.json", "weak.json"]

@@ -1,0 +1,153 @@
+"""Page quality on real degradations: what the run log's figures say of clean and spoiled pages.
+
+    python examples/quality.py                    # 8 clean pages and their degradations, Paddle engine
+    python examples/quality.py --pages 4 --extra --engine onnxruntime
+
+Renders dense pages of 20 lines of known text (seeded), then the same pages blurred (2 and 4 px),
+at 8% contrast, with light and heavy noise, rotated 90 and 180 degrees, plus blank pages and pages of random
+static; runs infer_mp.py over them once with the offline PP-OCRv4 models (examples/offline_ocr.py)
+and reports, per kind of page, the mean recognition scores the run log records, the word recall
+against the known text, and how many pages each threshold of `--min_page_score` flags. The goal
+of a threshold: every rotated or unreadable page flagged, no clean page flagged, blank pages
+reported blank and never weak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from benchmark import WORDS  # noqa: E402
+from samples import render_page  # noqa: E402
+
+PIPELINE = f"{HERE / 'offline_ocr.py'}:OfflineOCR"
+THRESHOLDS = (0.8, 0.85, 0.9, 0.95, 0.97, 0.98)
+READ_WELL = 0.9  # a page whose word recall is at least this was read well; under it, it should be flagged
+
+
+def degrade(kind: str, page):
+    """The page as a scanner might spoil it."""
+    from PIL import Image, ImageFilter
+
+    if kind.startswith("blur"):
+        return page.filter(ImageFilter.GaussianBlur(int(kind.split()[1])))
+    if kind == "low contrast 8%":
+        gray = page.convert("L")
+        return gray.point(lambda value: 255 - round((255 - value) * 0.08)).convert("RGB")
+    if kind.startswith("noise"):
+        rng = random.Random(11)
+        noisy = page.convert("L")
+        pixels = noisy.load()
+        for _ in range(noisy.width * noisy.height // (6 if kind == "noise, heavy" else 40)):
+            x, y = rng.randrange(noisy.width), rng.randrange(noisy.height)
+            pixels[x, y] = rng.choice((0, 255))
+        return noisy.convert("RGB")
+    if kind == "rotated 90":
+        return page.rotate(90, expand=True, fillcolor="white")
+    if kind == "rotated 180":
+        return page.rotate(180, fillcolor="white")
+    if kind == "blank":
+        return Image.new("RGB", page.size, "white")
+    if kind == "static":
+        rng = random.Random(13)
+        return Image.frombytes("L", page.size, bytes(rng.getrandbits(8) for _ in range(page.width * page.height))
+                               ).convert("RGB")
+    return page
+
+
+KINDS = ("clean", "blur 2 px", "blur 4 px", "low contrast 8%", "noise, light", "noise, heavy", "rotated 90",
+         "rotated 180", "blank", "static")
+
+
+def write_set(folder: Path, pages: int) -> dict[str, tuple[str, str]]:
+    """file name -> (kind, known text)."""
+    rng = random.Random(7)
+    truth = {}
+    for i in range(pages):
+        text = [" ".join(rng.choice(WORDS) for _ in range(5)) + f" {rng.randint(10, 9999)}" for _ in range(20)]
+        page = render_page(text)
+        for k, kind in enumerate(KINDS):
+            name = f"p{i:02d}-{k}.png"
+            degrade(kind, page).save(folder / name)
+            truth[name] = (kind, "" if kind in ("blank", "static") else " ".join(text))
+    return truth
+
+
+def word_recall(known: str, read: list[str]) -> float | None:
+    wanted = Counter(known.split())
+    if not wanted:
+        return None
+    return sum((wanted & Counter(" ".join(read).split())).values()) / sum(wanted.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=8, help="clean pages (each also degraded 9 ways; default 8)")
+    parser.add_argument("--work_dir", help="where pages and outputs go (default: a new temporary folder)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more infer_mp.py flags, last")
+    args = parser.parse_args()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-quality-"))
+    pages, out = work / "pages", work / "out"
+    pages.mkdir(parents=True, exist_ok=True)
+    truth = write_set(pages, args.pages)
+    command = [sys.executable, str(HERE.parent / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(pages),
+               "--device", "cpu", "--instances_per_device", "2", "--output_dir", str(out), "--overwrite", *args.extra]
+    print(f"running {len(truth)} pages: {' '.join(command[1:])}", file=sys.stderr)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        sys.exit(f"infer_mp.py exited {done.returncode}:\n{done.stderr}")
+    records = {}
+    for line in (out / "infer_mp.runlog.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("status") == "done":
+            records[Path(record["input"]).name] = record
+    by_kind: dict[str, list[tuple[dict, float | None]]] = defaultdict(list)
+    for name, (kind, known) in truth.items():
+        figure = records[name].get("quality") or {}
+        read = json.loads((out / name.replace(".png", ".json")).read_text()).get("rec_texts", [])
+        by_kind[kind].append((figure, word_recall(known, read)))
+    print(f"\n{len(truth)} pages ({args.pages} clean pages and each degraded 9 ways), offline PP-OCRv4, "
+          f"flags: {' '.join(args.extra) or '(Paddle engine)'}\n")
+    print("| page | mean score (min-max) | word recall | blank | flagged weak at " +
+          " | ".join(f"{t:g}" for t in THRESHOLDS) + " |")
+    print("| --- " * (4 + len(THRESHOLDS)) + "|")
+    for kind in KINDS:
+        rows = by_kind[kind]
+        scores = [f["score"] for f, _ in rows if f.get("lines")]
+        recalls = [r for _, r in rows if r is not None]
+        span = f"{min(scores):.3f}-{max(scores):.3f}" if scores else "no text"
+        recall = f"{sum(recalls) / len(recalls):.3f}" if recalls else "-"
+        blank = sum(bool(f.get("blank")) for f, _ in rows)
+        flagged = [sum(weak(f, t) for f, _ in rows) for t in THRESHOLDS]
+        print(f"| {kind} | {span} | {recall} | {blank}/{len(rows)} | " + " | ".join(f"{n}/{len(rows)}" for n in flagged)
+              + " |")
+    pages = [(figure, recall) for rows in by_kind.values() for figure, recall in rows if not figure.get("blank")]
+    bad = [figure for figure, recall in pages if recall is None or recall < READ_WELL]
+    good = [figure for figure, recall in pages if recall is not None and recall >= READ_WELL]
+    blank = sum(bool(figure.get("blank")) for rows in by_kind.values() for figure, _ in rows)
+    print(f"\nRead well: word recall at least {READ_WELL:g} ({len(good)} pages); read badly: under it, or no known "
+          f"text (static) ({len(bad)} pages); blank pages apart ({blank}, never weak).\n")
+    print("| --min_page_score | read badly, flagged | read well, flagged |\n| --- | --- | --- |")
+    for threshold in THRESHOLDS:
+        print(f"| {threshold:g} | {sum(weak(f, threshold) for f in bad)}/{len(bad)} | "
+              f"{sum(weak(f, threshold) for f in good)}/{len(good)} |")
+
+
+def weak(figure: dict, threshold: float) -> bool:
+    """As infer_mp.py's weak_reason: a low mean score, or no text on a page that is not blank."""
+    if not figure or figure.get("blank"):
+        return False
+    return figure["lines"] == 0 or figure["score"] < threshold
+
+
+if __name__ == "__main__":
+    main()
