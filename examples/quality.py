@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from benchmark import WORDS  # noqa: E402
+
 from samples import render_page  # noqa: E402
 
 PIPELINE = f"{HERE / 'offline_ocr.py'}:OfflineOCR"
