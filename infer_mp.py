@@ -116,7 +116,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 # Page quality, from the recognition scores (rec_scores) of the OCR pipelines' results. Measured
 # (offline PP-OCRv4, 20-line pages): clean pages 0.992-0.994 mean, the same rotated 90 or 180
 # degrees 0.51-0.56 (garbage text), blurred 4 px 0.958; see README, "Page quality".
-WEAK_PAGE_SCORE = 0.9  # a page's mean score under this is counted weak in the summary
+WEAK_PAGE_SCORE = 0.95  # a page's mean score under this is counted weak in the summary
 LOW_LINE_SCORE = 0.8  # a line under this is a low line: a page's figure gives their share
 BLANK_PAGE_SPREAD = 8.0  # a page with no text whose pixels' standard deviation is under this is blank
 WORST_PAGES_SHOWN = 5
@@ -506,7 +506,8 @@ def build_parser() -> ArgumentParser:
         "not blank, is weak: it counts as a failed page (named, exit 1, within --max_page_error_rate for a "
         "document), its output is kept and marked weak in the run log, and --retry_failed redoes it "
         f"(with a stronger --pipeline, say). Pipelines with recognition scores only (default: off; "
-        f"{WEAK_PAGE_SCORE:g} flags every rotated page of README's 'Page quality' test and no clean one).",
+        f"{WEAK_PAGE_SCORE:g} flagged every rotated, heavily blurred or noisy page and no clean one in "
+        "README's 'Page quality' test).",
     )
     runs.add_argument(
         "--max_page_error_rate",
