@@ -11,12 +11,14 @@ from pathlib import Path
 
 from conftest import (
     ROOT,
+    injected,
     make_inputs,
     page_files,
     pdf_bytes,
     run_fake,
     run_log,
     start_fake,
+    tiff_bytes,
     wait_for,
     write,
 )
@@ -183,3 +185,26 @@ def test_the_gate_fails_weak_pages_keeps_their_text_and_retry_failed_redoes_them
     assert redone == [("doc.pdf", 1), ("weak.png", None)], retried.stderr
     assert retried.code == 1 and "doc.pdf" in retried.stderr  # its page 1 is still weak
     assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "empty.json", "good.json", "weak.json"]
+
+
+def test_on_a_case_insensitive_output_folder_names_differ_by_more_than_case(dirs):
+    """`A.png` and `a.png` would write `A.json` and `a.json`, one file on SMB, APFS or NTFS: on
+    an output folder that ignores case (probed at start; here made so for every process of the
+    run), their names differ by more than case, and each holds its own input's text."""
+    src, out = dirs
+    write(src / "A.png", "upper")
+    write(src / "a.png", "lower")
+    write(src / "Doc.pdf", pdf_bytes(["one"]))
+    write(src / "doc.tif", tiff_bytes(1))
+    out.mkdir()
+    run = run_fake(src, out, env={**injected(), "CASE_INSENSITIVE": str(out), "FAKE_PIPELINE_PRELOAD": "1"})
+    assert run.code == 0, run.stderr
+    names = page_files(out)
+    assert len(names) == 4 and len({name.casefold() for name in names}) == 4, names
+    texts = {json.loads((out / name).read_text())["input_path"]: name for name in names}
+    assert {Path(path).name for path in texts} == {"A.png", "a.png", "Doc.pdf", "doc.tif"}
+    assert json.loads((out / texts[str(src / "A.png")]).read_text())["text"] == "upper"
+    assert json.loads((out / texts[str(src / "a.png")]).read_text())["text"] == "lower"
+    plain = run_fake(src, out.parent / "plain")  # a folder that keeps case: the plain names
+    assert plain.code == 0 and sorted(page_files(out.parent / "plain")) == ["A.json", "Doc_0.json", "a.json",
+                                                                           "doc_0.json"]

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -119,11 +118,9 @@ def test_ray_address_needs_the_ray_backend(dirs):
 def test_unreachable_cluster_is_one_line_and_exit_3(dirs):
     src, out = dirs
     make_inputs(src, 1)
-    started = time.monotonic()
-    run = on_ray(src, out, f"127.0.0.1:{free_port()}")
+    run = on_ray(src, out, f"127.0.0.1:{free_port()}", timeout=60)  # (one that waited for ever fails here)
     assert run.code == 3, run.stderr
     assert "cannot reach the Ray cluster" in run.stderr and "Traceback" not in run.stderr
-    assert time.monotonic() - started < 60
     assert page_files(out) == [] if out.exists() else True
 
 

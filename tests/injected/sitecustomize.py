@@ -3,6 +3,9 @@ PYTHONPATH starts with this folder (infer_mp.py and its workers) sees it.
 
 FAKE_MEMORY_MB=N: /proc/meminfo says the machine has N MB (MemTotal).
 
+CASE_INSENSITIVE=folder: looking a name up in that folder (os.stat, os.lstat: what
+os.path.exists uses) ignores case, as on SMB, APFS or NTFS: `A.json` is found as `a.json`.
+
 FAULTY_DISK: the folder it names fails as a real disk would, with the error the kernel gives:
 
     FAULTY_DISK='{"folder": "/tmp/x/disk", "error": "ENOSPC", "capacity": 409600}'
@@ -172,7 +175,33 @@ def _install_memory() -> None:
     builtins.open = io.open = open_
 
 
+def _install_case_insensitive(folder: str) -> None:
+    real_stat, real_lstat = os.stat, os.lstat
+    folder = os.path.realpath(folder)
+
+    def folded(function):
+        def lookup(path, *args, **kwargs):
+            try:
+                return function(path, *args, **kwargs)
+            except FileNotFoundError:
+                if isinstance(path, int) or kwargs.get("dir_fd") is not None:
+                    raise
+                parent, name = os.path.split(os.path.abspath(os.fsdecode(path)))
+                if not os.path.realpath(parent).startswith(folder):
+                    raise
+                for other in os.listdir(parent):
+                    if other.casefold() == name.casefold():
+                        return function(os.path.join(parent, other), *args, **kwargs)
+                raise
+
+        return lookup
+
+    os.stat, os.lstat = folded(real_stat), folded(real_lstat)
+
+
 if _SETTINGS:
     _install()
+if os.environ.get("CASE_INSENSITIVE"):
+    _install_case_insensitive(os.environ["CASE_INSENSITIVE"])
 if _MEMORY_MB:
     _install_memory()
