@@ -698,9 +698,11 @@ CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # "max 100000" (no quota) or "2000
 CGROUP_V1_CPU_QUOTA = "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"  # -1: no quota
 CGROUP_V1_CPU_PERIOD = "/sys/fs/cgroup/cpu/cpu.cfs_period_us"
 MEMINFO = "/proc/meminfo"  # "MemTotal:  24576000 kB"
+PROC_CGROUP = "/proc/self/cgroup"  # "0::/user.slice/job.scope" (v2), "4:memory:/slurm/job_42" (v1)
 CGROUP_V2_MEMORY_MAX = "/sys/fs/cgroup/memory.max"  # "max" (no limit) or bytes
 CGROUP_V1_MEMORY_LIMIT = "/sys/fs/cgroup/memory/memory.limit_in_bytes"  # a huge number: no limit
 MEMORY_SHARE = 0.8  # of the machine's memory, shared among the workers: the default recycling limit
+MIN_GROWTH_TO_RECYCLE = 0.25  # a worker past the limit is recycled only if it grew this much since it started
 
 
 def read_text(path: str) -> str | None:
@@ -734,10 +736,31 @@ def machine_memory_mb() -> int | None:
         if line.startswith("MemTotal:"):
             with contextlib.suppress(ValueError, IndexError):
                 limits.append(int(line.split()[1]) // 1024)
-    for path in (CGROUP_V2_MEMORY_MAX, CGROUP_V1_MEMORY_LIMIT):
+    for path in (*own_cgroup_files(CGROUP_V2_MEMORY_MAX, CGROUP_V1_MEMORY_LIMIT), CGROUP_V2_MEMORY_MAX,
+                 CGROUP_V1_MEMORY_LIMIT):
         with contextlib.suppress(ValueError):  # "max", or no such file
             limits.append(int((read_text(path) or "").strip()) // 2**20)
     return min(limits) if limits else None
+
+
+def own_cgroup_files(v2_file: str, v1_file: str) -> list[str]:
+    """The same files of this process's own cgroup (a Slurm job's, a `systemd-run -p MemoryMax`
+    unit's), whose limits the root's files do not show: from /proc/self/cgroup."""
+    files = []
+    for line in (read_text(PROC_CGROUP) or "").splitlines():
+        number, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if path in ("", "/"):
+            continue
+        if number == "0" and not controllers:  # v2: "0::/path"
+            root, name = os.path.split(v2_file)
+            files.append(os.path.join(root, path.lstrip("/"), name))
+        else:  # v1: "4:memory:/path", the v1 file's controller among them
+            root, name = os.path.split(v1_file)
+            root, controller = os.path.split(root)
+            if controller in controllers.split(","):
+                files.append(os.path.join(root, controller, path.lstrip("/"), name))
+    return files
 
 
 def memory_limit(config: Config, workers: int) -> tuple[int, str]:
@@ -2737,7 +2760,7 @@ def count_pages(path: str) -> int | None:
         except ImportError:
             return None
         try:
-            with Image.open(path) as image:
+            with pillow_unlimited(), Image.open(path) as image:  # (headers only; see --max_image_pixels)
                 count = getattr(image, "n_frames", 1)
         except Exception as error:  # Pillow's plugins raise many kinds for a malformed file
             raise ValueError(f"cannot be opened as a TIFF ({one_line(error)})") from None
@@ -3089,12 +3112,16 @@ class WorkerOptions:
         """--output_dir, as its real path (the staging folder is in it)."""
         return os.path.dirname(self.staging)
 
-    def retire_reason(self, processed: int) -> str | None:
+    def retire_reason(self, processed: int, started_mb: int | None = None) -> str | None:
+        """Why a worker should be replaced after this batch: the items it did, or memory past
+        the limit that it gained since its pipeline started (a fresh one would start as high:
+        replacing a worker that has not grown would only reload it, batch after batch)."""
         if self.max_items and processed >= self.max_items:
             return f"processed {processed} inputs (--max_items_per_worker {self.max_items})"
         if self.max_memory_mb:
             resident = resident_memory_mb()
-            if resident is not None and resident > self.max_memory_mb:
+            grown = resident is not None and resident > (started_mb or 0) * (1 + MIN_GROWTH_TO_RECYCLE)
+            if resident is not None and resident > self.max_memory_mb and grown:
                 return f"{RECYCLED_FOR_MEMORY} {resident} MB, past {self.max_memory_mb} MB"
         return None
 
@@ -3246,7 +3273,7 @@ class Backend:
         self.workers = {spec.slot: self._start(spec) for spec in plan}
         try:
             while self.workers and (self.pending or self._busy()):
-                if (announcement := stop.announcement()) is not None:
+                while (announcement := stop.announcement()) is not None:  # (two signals at once: both)
                     yield Note(announcement)
                 self.stopping = stop.requested or self.output_failed
                 if self.stopping:
@@ -3949,6 +3976,7 @@ class PipelineWorker:
         sys.path.extend(p for p in search_path if p not in sys.path and os.path.isdir(p))
         self.aliases = PathAliases()
         self.processed = 0
+        self.started_mb: int | None = None  # its resident memory once its pipeline was built
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with contextlib.suppress(BaseException):
@@ -3967,6 +3995,7 @@ class PipelineWorker:
         except BaseException as error:  # reported; the coordinator decides
             return InitFailed(one_line(error))
         use_offline_font()
+        self.started_mb = resident_memory_mb()
         fallback = cpu_fallback(spec, options.init_kwargs)
         if fallback is not None:  # a failed start, before any page: if every worker has it, exit 3
             return InitFailed(fallback)
@@ -4000,7 +4029,7 @@ class PipelineWorker:
             for descriptor in folders.values():
                 os.close(descriptor)
         messages: list[Placed | Retiring] = [Placed(placed, errors)]
-        reason = self.options.retire_reason(self.processed)
+        reason = self.options.retire_reason(self.processed, self.started_mb)
         if reason:
             messages.append(Retiring(reason))
         return messages
@@ -4095,6 +4124,8 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
     if any(task.paged for task in tasks):  # (also for PDF pages' pixel cap: see limit_pixels)
         install_page_windows()
     READING.windows.update(windows)
+    READING.windows.update({path: (0, task.page_count) for path, task in by_path.items()  # a whole TIFF too:
+                            if task.pages is None and task.page_count and path.lower().endswith((".tif", ".tiff"))})
     pages: dict[int, list[Any]] = defaultdict(list)
     outside = 0
     if windows and PAGE_WINDOWS_KEYWORD in keyword_parameters(type(pipeline).predict)[0]:
@@ -4111,7 +4142,7 @@ def predict_pages(pipeline: Any, tasks: list[Task], predict_kwargs: dict,
                 continue
             pages[task.index].append(result)
     finally:
-        for path in windows:
+        for path in by_path:
             READING.windows.pop(path, None)
         if hasattr(results, "close"):  # a generator left half-read holds PaddleX's PDF lock
             results.close()
@@ -4159,6 +4190,10 @@ def limit_pixels(sampler: Any) -> None:
     """--max_image_pixels for PaddleX's document readers: PDF pages rendered smaller to stay
     under it (PaddleX's own PDF cap, off by default), TIFF frames past it refused."""
     limit = READING.max_pixels or None
+    with contextlib.suppress(ImportError):
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # (its own limit would refuse a TIFF frame that ours allows)
     backend = getattr(getattr(sampler, "pdf_reader", None), "_backend", None)
     if backend is not None and hasattr(backend, "_max_pixels"):
         backend._max_pixels = limit
@@ -4241,39 +4276,49 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
 def oversized(task: Task, limit: int) -> str | None:
     """Why an image is refused before it is decoded: more pixels than --max_image_pixels, as its
     header says (Pillow reads only the header here). A PDF's pages are rendered smaller instead,
-    a TIFF's frames checked one by one (see limit_pixels); a file Pillow cannot read is left
-    to the pipeline, which says why."""
-    if not limit or task.path.lower().endswith(".pdf") or (task.paged and task.pages is not None):
+    a TIFF's frames checked as they are read, so that one fails as a page (see limit_pixels);
+    a file Pillow cannot read is left to the pipeline, which says why."""
+    if not limit or task.paged:
         return None
-    for frame, (width, height) in enumerate(frame_sizes(task.path)):
-        if width * height > limit:
-            where = f"frame {frame}: " if task.paged else ""
-            return pixels_refusal(f"{where}{width} x {height} pixels", width * height, limit)
-    return None
+    width, height = image_size(task.path)
+    if width * height <= limit:
+        return None
+    return pixels_refusal(f"{width} x {height} pixels", width * height, limit)
 
 
-def frame_sizes(path: str) -> Iterator[tuple[int, int]]:
-    """(width, height) of an image, or of each frame of a TIFF, from the headers alone; nothing
-    if Pillow is absent or cannot read it (the pipeline will say why)."""
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image (its first frame) from its header; (0, 0) if Pillow is
+    absent or cannot read it (the pipeline will say why)."""
     try:
         from PIL import Image
     except ImportError:
-        return
-    ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # (Pillow refuses to open past 179 MP)
+        return 0, 0
     try:
-        with Image.open(path) as image:
-            for frame in range(getattr(image, "n_frames", 1)):
-                image.seek(frame)
-                yield image.size
+        with pillow_unlimited(), Image.open(path) as image:
+            return image.size
     except Exception:  # Pillow's plugins raise many kinds for a file they cannot read
+        return 0, 0
+
+
+@contextlib.contextmanager
+def pillow_unlimited() -> Iterator[None]:
+    """Pillow's own pixel limit off: it refuses to open a file past 179 MP (even with
+    --max_image_pixels 0) and warns past 89 MP; infer_mp.py checks sizes itself, from headers."""
+    try:
+        from PIL import Image
+    except ImportError:
+        yield
         return
+    ceiling, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
     finally:
         Image.MAX_IMAGE_PIXELS = ceiling
 
 
 def pixels_refusal(what: str, pixels: int, limit: int) -> str:
-    return (f"{what} ({pixels / 1e6:.0f} MP) is more than --max_image_pixels {limit:,} ({limit / 1e6:.0f} MP): "
-            f"decoding it would take about {pixels * 3 / 2**30:.1f} GB; raise the limit to read it")
+    return (f"{what} ({pixels / 1e6:.3g} MP) is more than --max_image_pixels {limit:,}: decoding it would take "
+            f"about {pixels * 3 / 2**30:.2g} GB; raise the limit to read it")
 
 
 def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, aliases: PathAliases,

@@ -14,6 +14,7 @@ from conftest import (
     FAKE,
     assert_invariant,
     bare_backend,
+    injected,
     latest_records,
     make_config,
     make_inputs,
@@ -358,3 +359,27 @@ def test_pdf_pages_render_under_the_pixel_limit_and_tiff_frames_past_it_fail(tmp
     ranges = run_fake(src, tmp_path / "ranges", "--max_image_pixels", "2400", "--pages_per_task", "1", env=env)
     assert ranges.code == 1 and "frame 1: 60 x 60 pixels" in ranges.stderr, ranges.stderr  # each range's frame
     assert [r["image_shape"] for r in outputs(tmp_path / "ranges").values()] == [[40, 60], [40, 60]]
+
+
+def test_a_tiff_frame_past_the_limit_fails_as_one_page_and_pillows_own_limit_never_refuses(tmp_path):
+    """Whole or in ranges, only the big frame of a TIFF fails (the document within
+    --max_page_error_rate); with the limit raised it is read, even past Pillow's own limit
+    (made 1,000 pixels here, as its 179 MP meets a huge scan), which would refuse it."""
+    from PIL import Image
+
+    src = tmp_path / "in"
+    frames = [Image.new("L", size, 255) for size in ((20, 20), (60, 60), (20, 20))]
+    src.mkdir()
+    frames[0].save(src / "scan.tif", save_all=True, append_images=frames[1:])
+    env = {**injected(), "PILLOW_MAX_IMAGE_PIXELS": "1000", "FAKE_PIPELINE_PRELOAD": "1"}
+    for pages_per_task in ("0", "1"):
+        out = tmp_path / f"out{pages_per_task}"
+        run = run_fake(src, out, "--max_image_pixels", "2400", "--max_page_error_rate", "0.34", "--pages_per_task",
+                       pages_per_task, env=env)
+        assert run.code == 1 and "page 1 of 3 failed" in run.stderr, run.stderr
+        assert "frame 1: 60 x 60 pixels" in run.stderr
+        assert page_files(out) == ["scan_0.json", "scan_2.json"] and "Traceback" not in run.stderr
+        again = run_fake(src, out, "--retry_failed", "--max_image_pixels", "0", "--pages_per_task", pages_per_task,
+                         env=env)
+        assert again.code == 0, again.stderr
+        assert page_files(out) == ["scan_0.json", "scan_1.json", "scan_2.json"]

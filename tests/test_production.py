@@ -242,6 +242,10 @@ def test_by_default_a_worker_that_leaks_is_recycled_before_the_machine_runs_out(
     assert run.code == 0, run.stderr
     assert len({r["pid"] for r in outputs(tmp_path / "out").values()}) == 4
     assert re.search(r"memory: .*: [34] time\(s\) in this run", run.stderr), run.stderr
+    small = {**injected(), "FAKE_MEMORY_MB": "10"}  # a limit below what a fresh worker holds: no use reloading
+    make_inputs(tmp_path / "many", 12)
+    run = run_fake(tmp_path / "many", tmp_path / "small", "--instances_per_device", "2", env=small)
+    assert run.code == 0 and "on 2 worker start(s)" in run.stderr and ": 0 time(s) in this run" in run.stderr
     off = run_fake(tmp_path / "leaking", tmp_path / "off", "--max_worker_memory_mb", "0",
                    env={**machine, "FAKE_PIPELINE_GROW_MB": "10"})
     assert off.code == 0 and "memory:" not in off.stderr
@@ -308,19 +312,22 @@ def test_signal_stops_cleanly_and_a_rerun_finishes(dirs, signum, code):
     assert run.code == 0 and len(page_files(out)) == 13
 
 
-def test_second_ctrl_c_stops_at_once(dirs):
+@pytest.mark.parametrize("at_once", [False, True])
+def test_second_ctrl_c_stops_at_once(dirs, at_once):
+    """(at_once: the two arrive before the run has said anything of the first: both are said.)"""
     src, out = dirs
     make_inputs(src, 2)
     write(src / "hang.png", "HANG")  # would hold the run for the whole grace period
     process = start_fake(src, out, "--instances_per_device", "2")
     wait_for(lambda: len(page_files(out)) >= 2)
     process.send_signal(signal.SIGINT)
-    process.wait_for_stderr("starting no new inputs")
+    if not at_once:
+        process.wait_for_stderr("starting no new inputs")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "second signal: stopping now" in stderr and "grace over" not in stderr
-    assert "Traceback" not in stderr
+    assert "starting no new inputs" in stderr and "second signal: stopping now" in stderr
+    assert "grace over" not in stderr and "Traceback" not in stderr
     assert_invariant(src, out)
 
 
@@ -394,3 +401,21 @@ def test_orchestration_benchmark_runs(tmp_path):
                            "--rounds", "1", "--work_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "bare-write floor" in done.stdout and "infer_mp.py, 2 instances" in done.stdout
+
+
+def test_a_job_s_own_cgroup_memory_limit_is_the_machine_s_memory(monkeypatch, tmp_path):
+    """Under Slurm or `systemd-run -p MemoryMax`, the job's own cgroup holds the limit, not
+    the root's files: the default recycling limit is a share of that."""
+    root = tmp_path / "sys" / "fs" / "cgroup"
+    write(root / "memory.max", "max\n")
+    write(root / "job.slice" / "memory.max", f"{2 * 2**30}\n")
+    write(tmp_path / "meminfo", "MemTotal:       65536000 kB\n")
+    write(tmp_path / "cgroup", "0::/job.slice\n")
+    monkeypatch.setattr(infer_mp, "CGROUP_V2_MEMORY_MAX", str(root / "memory.max"))
+    monkeypatch.setattr(infer_mp, "CGROUP_V1_MEMORY_LIMIT", str(tmp_path / "none" / "memory" / "memory.limit"))
+    monkeypatch.setattr(infer_mp, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(infer_mp, "PROC_CGROUP", str(tmp_path / "cgroup"))
+    assert infer_mp.machine_memory_mb() == 2048
+    write(tmp_path / "cgroup", "4:cpu,memory:/slurm/job_42\n")
+    write(tmp_path / "none" / "memory" / "slurm" / "job_42" / "memory.limit", f"{3 * 2**30}\n")
+    assert infer_mp.machine_memory_mb() == 3072

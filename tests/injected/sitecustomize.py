@@ -3,6 +3,9 @@ PYTHONPATH starts with this folder (infer_mp.py and its workers) sees it.
 
 FAKE_MEMORY_MB=N: /proc/meminfo says the machine has N MB (MemTotal).
 
+PILLOW_MAX_IMAGE_PIXELS=N: Pillow's own limit (PIL.Image.MAX_IMAGE_PIXELS, 89 MP: it warns past
+it and refuses past twice it) set to N, so that a small test image meets it as a huge scan would.
+
 CASE_INSENSITIVE=folder: looking a name up in that folder (os.stat, os.lstat: what
 os.path.exists uses) ignores case, as on SMB, APFS or NTFS: `A.json` is found as `a.json`.
 
@@ -199,6 +202,10 @@ def _install_case_insensitive(folder: str) -> None:
     os.stat, os.lstat = folded(real_stat), folded(real_lstat)
 
 
+if os.environ.get("PILLOW_MAX_IMAGE_PIXELS"):
+    from PIL import Image as _Image
+
+    _Image.MAX_IMAGE_PIXELS = int(os.environ["PILLOW_MAX_IMAGE_PIXELS"])
 if _SETTINGS:
     _install()
 if os.environ.get("CASE_INSENSITIVE"):
