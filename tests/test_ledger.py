@@ -612,8 +612,8 @@ def placing_worker(root: Path):
     """A worker with only what placing files needs (see PipelineWorker.place)."""
     import infer_mp
     worker = object.__new__(infer_mp.PipelineWorker)
-    worker.processed = 0
-    worker.options = SimpleNamespace(root=str(root), retire_reason=lambda processed: None)
+    worker.processed, worker.started_mb = 0, None
+    worker.options = SimpleNamespace(root=str(root), retire_reason=lambda processed, started_mb: None)
     return worker
 
 

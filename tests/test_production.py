@@ -312,17 +312,14 @@ def test_signal_stops_cleanly_and_a_rerun_finishes(dirs, signum, code):
     assert run.code == 0 and len(page_files(out)) == 13
 
 
-@pytest.mark.parametrize("at_once", [False, True])
-def test_second_ctrl_c_stops_at_once(dirs, at_once):
-    """(at_once: the two arrive before the run has said anything of the first: both are said.)"""
+def test_second_ctrl_c_stops_at_once(dirs):
     src, out = dirs
     make_inputs(src, 2)
     write(src / "hang.png", "HANG")  # would hold the run for the whole grace period
     process = start_fake(src, out, "--instances_per_device", "2")
     wait_for(lambda: len(page_files(out)) >= 2)
     process.send_signal(signal.SIGINT)
-    if not at_once:
-        process.wait_for_stderr("starting no new inputs")
+    process.wait_for_stderr("starting no new inputs")  # (two sent at once may reach it as one: the kernel merges)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
