@@ -2960,6 +2960,7 @@ class Retiring:
     """Worker -> coordinator, after Placed: it is time to recycle it; it exits."""
 
     why: str
+    for_memory: bool = False  # past --max_worker_memory_mb (or its default), not --max_items_per_worker
 
 
 @dataclass(frozen=True)
@@ -2987,7 +2988,7 @@ class WorkerLost:
 @dataclass(frozen=True)
 class WorkerRecycled:
     spec: WorkerSpec
-    reason: str
+    reason: Retiring
 
 
 @dataclass(frozen=True)
@@ -3051,9 +3052,8 @@ class Stopper:
         self.grace = grace
         self.signum: int | None = None
         self.deadline = math.inf
-        self.announced = False
         self.forced = False  # a second signal: stop now
-        self.announced_forced = False
+        self.said = 0  # announcements made: the first signal's, then the second's
 
     @property
     def requested(self) -> bool:
@@ -3074,22 +3074,19 @@ class Stopper:
     def announcement(self) -> str | None:
         """What to tell the user about a stop, once, from the dispatch loop (printing inside a
         signal handler can deadlock on the stream it interrupted)."""
-        if self.signum is None or (self.announced and self.announced_forced):
+        if self.signum is None:
             return None
-        if not self.announced:
-            self.announced = True
+        if self.said == 0:
+            self.said = 1
             return (f"{signal.Signals(self.signum).name}: starting no new inputs; finishing those in progress "
                     f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
-        if self.forced:
-            self.announced_forced = True
+        if self.forced and self.said == 1:
+            self.said = 2
             return "second signal: stopping now; the inputs in progress are left for the next run"
         return None
 
     def grace_over(self) -> str:
         return f"{self.grace:.0f} s of grace over: stopping; the inputs still in progress are left for the next run"
-
-
-RECYCLED_FOR_MEMORY = "resident memory"  # how a worker's reason to retire starts when memory is why
 
 
 @dataclass(frozen=True)
@@ -3112,17 +3109,17 @@ class WorkerOptions:
         """--output_dir, as its real path (the staging folder is in it)."""
         return os.path.dirname(self.staging)
 
-    def retire_reason(self, processed: int, started_mb: int | None = None) -> str | None:
+    def retire_reason(self, processed: int, started_mb: int | None = None) -> Retiring | None:
         """Why a worker should be replaced after this batch: the items it did, or memory past
         the limit that it gained since its pipeline started (a fresh one would start as high:
         replacing a worker that has not grown would only reload it, batch after batch)."""
         if self.max_items and processed >= self.max_items:
-            return f"processed {processed} inputs (--max_items_per_worker {self.max_items})"
+            return Retiring(f"processed {processed} inputs (--max_items_per_worker {self.max_items})")
         if self.max_memory_mb:
             resident = resident_memory_mb()
             grown = resident is not None and resident > (started_mb or 0) * (1 + MIN_GROWTH_TO_RECYCLE)
             if resident is not None and resident > self.max_memory_mb and grown:
-                return f"{RECYCLED_FOR_MEMORY} {resident} MB, past {self.max_memory_mb} MB"
+                return Retiring(f"resident memory {resident} MB, past {self.max_memory_mb} MB", for_memory=True)
         return None
 
 
@@ -3135,7 +3132,7 @@ class WorkerHandle:
     ready: bool = False
     held: dict[int, Task] = field(default_factory=dict)
     busy_since: float = 0.0
-    retiring: str | None = None  # why it said it will exit (recycling), if it did
+    retiring: Retiring | None = None  # why it said it will exit (recycling), if it did
     token: str | None = None  # names its staging folder (see Staging), from its Ready message
     placing: dict[int, TaskDone] = field(default_factory=dict)  # staged, told where to: see Staged
     timed_out: float | None = None  # the limit it passed, if it was killed for it
@@ -3454,7 +3451,7 @@ class Backend:
                            f"predict() that takes `{PAGE_WINDOWS_KEYWORD}` reads only a range's pages; README, "
                            "'Big documents')")
         elif isinstance(message, Retiring):
-            worker.retiring = message.why
+            worker.retiring = message
         elif isinstance(message, CannotWrite):
             worker.held.pop(message.index)
             self.handed[message.index] -= 1  # not the input's fault: it stays to do
@@ -3995,6 +3992,10 @@ class PipelineWorker:
         except BaseException as error:  # reported; the coordinator decides
             return InitFailed(one_line(error))
         use_offline_font()
+        with contextlib.suppress(ImportError):
+            from PIL import Image
+
+            Image.MAX_IMAGE_PIXELS = None  # (Pillow's own limit would refuse a TIFF frame --max_image_pixels allows)
         self.started_mb = resident_memory_mb()
         fallback = cpu_fallback(spec, options.init_kwargs)
         if fallback is not None:  # a failed start, before any page: if every worker has it, exit 3
@@ -4029,9 +4030,9 @@ class PipelineWorker:
             for descriptor in folders.values():
                 os.close(descriptor)
         messages: list[Placed | Retiring] = [Placed(placed, errors)]
-        reason = self.options.retire_reason(self.processed, self.started_mb)
-        if reason:
-            messages.append(Retiring(reason))
+        retiring = self.options.retire_reason(self.processed, self.started_mb)
+        if retiring:
+            messages.append(retiring)
         return messages
 
     def close(self) -> None:
@@ -4190,10 +4191,6 @@ def limit_pixels(sampler: Any) -> None:
     """--max_image_pixels for PaddleX's document readers: PDF pages rendered smaller to stay
     under it (PaddleX's own PDF cap, off by default), TIFF frames past it refused."""
     limit = READING.max_pixels or None
-    with contextlib.suppress(ImportError):
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = None  # (its own limit would refuse a TIFF frame that ours allows)
     backend = getattr(getattr(sampler, "pdf_reader", None), "_backend", None)
     if backend is not None and hasattr(backend, "_max_pixels"):
         backend._max_pixels = limit
@@ -4648,7 +4645,7 @@ class Report:
     memory_limit: tuple[int, str] = (0, "")  # per worker, MB (0: none), and where it comes from
     recycled_for_memory: int = 0
     blank_pages: int = 0
-    weak_pages: list[tuple[float, str, dict]] = field(default_factory=list)  # (score, page, figure)
+    weak_pages: list[tuple[str, dict]] = field(default_factory=list)  # (page, figure)
     min_page_score: float | None = None  # the gate: weak pages count as failed (see weak_reason)
 
     def gated(self, quality: dict) -> dict:
@@ -4664,13 +4661,13 @@ class Report:
         if figure.get("blank"):
             self.blank_pages += 1
         elif weak_reason(figure, WEAK_PAGE_SCORE):
-            self.weak_pages.append((figure.get("score", 0.0), page, figure))
+            self.weak_pages.append((page, figure))
 
     def handle(self, event: Event) -> None:
         if isinstance(event, Note):
             self.progress.say(event.text)
         elif isinstance(event, WorkerRecycled):
-            self.recycled_for_memory += event.reason.startswith(RECYCLED_FOR_MEMORY)
+            self.recycled_for_memory += event.reason.for_memory
         elif isinstance(event, WorkerStarted):
             if event.engine not in self.engines:
                 self.progress.say(f"worker {event.spec.slot} ({event.spec.device}) ready in {event.seconds:.1f} s; "
@@ -4859,7 +4856,8 @@ class Report:
                                                  for engine, n in self.engines.items()))
         if self.blank_pages or self.weak_pages:
             worst = ", ".join(f"{page} ({describe_quality(figure)})"
-                              for _, page, figure in sorted(self.weak_pages)[:WORST_PAGES_SHOWN])
+                              for page, figure in sorted(self.weak_pages, key=lambda weak: weak[1].get("score", 0.0))
+                              [:WORST_PAGES_SHOWN])
             lines.append(f"quality: {self.blank_pages} blank page(s), {len(self.weak_pages)} weak page(s) (mean "
                          f"recognition score under {WEAK_PAGE_SCORE:g}, or no text on a page that is not blank)"
                          + (f"; weakest: {worst}" if worst else "") + "; each page's figure is in the run log")
