@@ -603,6 +603,12 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def retry_label(config: Config) -> str:
+    """What made a --retry_failed pass's pages (see Report.this_pass): the pipeline and its options."""
+    options = {**config.pipeline_kwargs, **config.predict_kwargs}
+    return " ".join([config.pipeline, *(f"{key}={value}" for key, value in options.items())])
+
+
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
     if args.input_dir is None and args.input_list is None:
@@ -1812,7 +1818,8 @@ ONLY_STRINGS = frozenset({str})
 ONLY_INTS = frozenset({int})
 
 
-Moves = tuple[str | None, list[tuple[str, str]]]  # a task's (own staging folder, [(staged, final)])
+Moves = tuple[str | None, list[tuple[str, str | None]]]  # a task's (own staging folder, [(staged, final or None:
+#                                                            removed, see Report.keep_earlier)])
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
@@ -2519,6 +2526,16 @@ def at_todays_name(task: Task, page: int | None, root: str, rel: str) -> str | N
     return None
 
 
+@dataclass(frozen=True)
+class Reading:
+    """A weak page's earlier result, which --retry_failed redoes: the new result replaces it only
+    if it reads better (see better_reading); else this stays, with its --save files."""
+
+    output: str  # its JSON file
+    figure: dict  # its quality figure (see page_quality)
+    extras: tuple[str, ...] = ()  # its record's --save files
+
+
 @dataclass
 class Coverage:
     """What earlier runs left of a document that this run does: its pages done, whose files
@@ -2528,6 +2545,8 @@ class Coverage:
     extras: list[str] = field(default_factory=list)  # --save files of those pages
     failed: dict[int, str] = field(default_factory=dict)  # page -> why
     standing: set[int] = field(default_factory=set)  # ... failed in a finished run's whole record
+    quality: dict[int, dict] = field(default_factory=dict)  # page -> figure, of the pages done
+    weak: dict[int, Reading] = field(default_factory=dict)  # --retry_failed: weak pages redone
 
 
 @dataclass
@@ -2539,6 +2558,7 @@ class WorkSelection:
     ledger: Ledger | None = None
     coverage: dict[int, Coverage] = field(default_factory=dict)  # by task index: documents begun earlier
     unreadable: dict[int, str] = field(default_factory=dict)  # by task index: why it cannot be done (read_documents)
+    weak: dict[tuple[str, int | None], Reading] = field(default_factory=dict)  # (input, page): redone weak pages
 
 
 def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelection:
@@ -2570,8 +2590,26 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         selection.todo.append(task)
         held = ledger.held(task.path)
         if task.paged and held:
-            selection.coverage[task.index] = page_coverage(task, held, root, config.retry_failed)
+            coverage = selection.coverage[task.index] = page_coverage(task, held, root, config.retry_failed)
+            selection.weak.update(((task.path, page), reading) for page, reading in coverage.weak.items())
+        elif config.retry_failed and record and record.get("weak") and unchanged(task, record):
+            reading = weak_reading(task, None, record, root)
+            if reading is not None:
+                selection.weak[task.path, None] = reading
     return selection
+
+
+def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str | None = None) -> Reading | None:
+    """The weak result of `task`'s page that `record` lists (its JSON `rel`, an image's only
+    one), if its file is still there under today's name and the record has its figure."""
+    outputs = record.get("outputs") or []
+    rel = rel if rel is not None else (outputs[0] if len(outputs) == 1 else None)
+    figure = (record.get("page_quality") or {}).get(str(page)) if task.paged else record.get("quality")
+    path = rel and at_todays_name(task, page, root, rel)
+    if not path or type(figure) is not dict:
+        return None
+    extras = tuple(path for rel in record.get("extra_outputs") or [] if os.path.isfile(path := os.path.join(root, rel)))
+    return Reading(path, figure, extras)
 
 
 def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -> Coverage:
@@ -2585,11 +2623,16 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
             continue
         kept = False
         redo = set(record.get("weak_pages") or []) if retry_failed else set()  # (see --min_page_score)
+        figures = record.get("page_quality") if type(record.get("page_quality")) is dict else {}
         for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
             if page in redo:
+                if reading := weak_reading(task, page, record, root, rel):
+                    coverage.weak[page] = reading
                 continue
             if path := at_todays_name(task, page, root, rel):
                 coverage.outputs[page] = path
+                if type(figure := figures.get(str(page))) is dict:
+                    coverage.quality[page] = figure
                 kept = True
         if kept:
             coverage.extras += [path for rel in record.get("extra_outputs") or []
@@ -2602,6 +2645,7 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
         coverage.standing.discard(page)
+        coverage.weak.pop(page, None)
     coverage.extras = list(dict.fromkeys(coverage.extras))
     return coverage
 
@@ -2812,7 +2856,8 @@ def split_documents(todo: list[Task], coverage: dict[int, Coverage], workers: in
     `first_index`). A range has at most --pages_per_task pages, and fewer when the run's pages
     would not give every worker RANGES_PER_WORKER ranges (24 pages on 4 workers: 8 ranges of
     3), so that a worker that starts late, or a slow page, does not hold up the end. Longest
-    first, so that no worker is left at the end with a long task while the others idle."""
+    first, so that no worker is left at the end with a long task while the others idle. A weak
+    page redone (see Reading) is a range of its own: its result is kept or not on its own."""
     total = sum(len(pages_to_do(t, coverage.get(t.index))) if t.page_count else 1 for t in todo)
     share = -(-total // (RANGES_PER_WORKER * max(1, workers)))
     size = max(1, min(pages_per_task, share)) if pages_per_task else math.inf
@@ -2820,10 +2865,12 @@ def split_documents(todo: list[Task], coverage: dict[int, Coverage], workers: in
     tasks = []
     for task in todo:
         pages = pages_to_do(task, coverage.get(task.index)) if task.page_count else []
-        if not task.page_count or (len(pages) == task.page_count and task.page_count <= size):
+        weak = sorted(set(coverage[task.index].weak).intersection(pages)) if task.index in coverage else []
+        if not task.page_count or (len(pages) == task.page_count and task.page_count <= size and not weak):
             tasks.append(task)
             continue
-        for start, stop in page_ranges(pages, size):
+        ranges = [*page_ranges([page for page in pages if page not in weak], size), *((p, p + 1) for p in weak)]
+        for start, stop in ranges:
             tasks.append(replace(task, index=next(fresh), pages=(start, stop)))
     tasks.sort(key=lambda task: -task.weight)  # (stable: in input order within a length)
     return tasks
@@ -4016,6 +4063,10 @@ class PipelineWorker:
             for index, (folder, renames) in moves.items():
                 try:
                     for staged, final in renames:
+                        if final is None:  # a new reading that an earlier one beat (see keep_earlier)
+                            with contextlib.suppress(OSError):
+                                os.unlink(staged)
+                            continue
                         parent, name = os.path.split(final)
                         if parent not in folders:
                             folders[parent] = open_output_folder(parent, self.options.root)
@@ -4481,8 +4532,28 @@ def weak_reason(figures: dict | None, threshold: float) -> str | None:
     if figures["lines"] == 0:
         return "no text on a page that is not blank"
     if figures["score"] < threshold:
-        return f"mean recognition score {figures['score']:.3f} under {threshold:g}"
+        return f"mean recognition score {figures['score']:.3f} under --min_page_score {threshold:g}"
     return None
+
+
+def reading_score(figure: Any) -> float:
+    """A page's mean score, to compare two readings of it: 0 for a page without text."""
+    score = figure.get("score") if type(figure) is dict and figure.get("lines") else 0.0
+    return float(score) if type(score) in (int, float) else 0.0
+
+
+def better_reading(new: dict | None, earlier: dict) -> bool:
+    """Does a --retry_failed pass's reading replace the earlier, weak one? Only if its mean
+    score is higher: a reading without scores (another kind of pipeline) cannot show it is."""
+    return new is not None and reading_score(new) > reading_score(earlier)
+
+
+def new_extras_placed(done: Any, kept: dict) -> bool:
+    """Are a task's new --save files placed? Unless every page it read keeps its earlier
+    reading (whose own --save files then stay): a task that mixes both has the new ones."""
+    task = done.task
+    pages = listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
+    return any(page not in kept for page in pages or ()) if done.outputs else False
 
 
 def page_index_of(result: Any) -> int | None:
@@ -4596,7 +4667,7 @@ class Document:
     seconds: float = 0.0
     attempts: int = 0
     device: str | None = None
-    quality: dict[int, dict] = field(default_factory=dict)  # page -> figure, of this run's pages
+    quality: dict[int, dict] = field(default_factory=dict)  # page -> figure: kept from earlier runs, then this run's
     weak: dict[int, str] = field(default_factory=dict)  # page -> why --min_page_score finds it weak (kept)
 
 
@@ -4647,6 +4718,9 @@ class Report:
     blank_pages: int = 0
     weak_pages: list[tuple[str, dict]] = field(default_factory=list)  # (page, figure)
     min_page_score: float | None = None  # the gate: weak pages count as failed (see weak_reason)
+    weak_readings: dict[tuple[str, int | None], Reading] = field(default_factory=dict)  # --retry_failed: to beat
+    retry_by: str = ""  # --retry_failed: this pass's pipeline and options, said in its pages' figures
+    kept: dict[int, dict[int | None, tuple[str, bool]]] = field(default_factory=dict)  # see keep_earlier
 
     def gated(self, quality: dict) -> dict:
         """The pages (keys of `quality`) that --min_page_score finds weak, and why."""
@@ -4694,11 +4768,18 @@ class Report:
 
     def staged(self, event: Staged) -> None:
         """Record where a batch's staged files go (see Ledger.prepare), in the file before
-        its worker renames them."""
+        its worker renames them; a page whose earlier reading stays (see keep_earlier) has its
+        new files discarded instead."""
         for done in event.done:
+            kept = self.keep_earlier(done)
+            kept_names = {os.path.basename(done.task.output_path(page)) for page in kept}
+            names = [name for name in done.outputs if name not in kept_names]
+            extras = done.extras if new_extras_placed(done, kept) else []
+            discarded = [name for name in [*done.outputs, *done.extras] if name not in names and name not in extras]
             try:
-                event.moves[done.task.index] = self.ledger.prepare(done.task, done.staged, done.prefix, done.outputs,
-                                                                   done.extras)
+                folder, renames = self.ledger.prepare(done.task, done.staged, done.prefix, names, extras)
+                renames += [(f"{done.staged}{os.sep}{done.prefix}{name}", None) for name in discarded]
+                event.moves[done.task.index] = folder, renames
             except OSError as error:
                 if error.errno in OUTPUT_ERRNOS:
                     raise OutputFailed(f"cannot place outputs in {done.task.out_dir!r}: {error.strerror}") from None
@@ -4706,32 +4787,79 @@ class Report:
                                             done.attempts, retry=error.errno in FOLDER_ERRNOS))
         self.ledger.record_placing()
 
+    def keep_earlier(self, done: TaskDone) -> dict[int | None, tuple[str, bool]]:
+        """--retry_failed: the pages of a task where the earlier, weak reading stays, with why,
+        and whether this pass failed them: this pass read them no better (see better_reading)
+        or failed them. Noted in self.kept, and said once the task is done."""
+        task = done.task
+        pages = listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
+        figures = dict(zip(pages or (), done.quality))
+        kept: dict[int | None, tuple[str, bool]] = {}
+        for page in task.page_numbers if task.paged else [None]:
+            earlier = self.weak_readings.get((task.path, page))
+            if earlier is None:
+                continue
+            if page in done.failed_pages or (page is None and not done.outputs):
+                kept[page] = (f"this pass failed it ({done.failed_pages.get(page, 'no result')})", True)
+            elif not better_reading(new := figures.get(page), earlier.figure):
+                kept[page] = ("this pass read it no better (mean score "
+                              + (f"{reading_score(new):.3f}" if new else "unknown: its pipeline gives no scores")
+                              + f", the earlier {reading_score(earlier.figure):.3f})", False)
+        if kept:
+            self.kept[task.index] = kept
+        return kept
+
+    def this_pass(self, task: Task, page: int | None, figure: dict | None) -> dict | None:
+        """A page's figure as recorded: a --retry_failed pass says it made it (`by`), and which
+        reading it is where it replaced a weak one (`pass`, 2 or more)."""
+        if figure is None or not self.retry_by:
+            return figure
+        earlier = self.weak_readings.get((task.path, page))
+        if earlier is None:
+            return {**figure, "by": self.retry_by}
+        passes = earlier.figure.get("pass", 1)
+        return {**figure, "pass": (passes if type(passes) is int else 1) + 1, "by": self.retry_by}
+
     def task_done(self, event: TaskDone) -> None:
         """The task's files are in place: its record."""
         task = event.task
         outputs = [task.output_file(name) for name in event.outputs]
         extras = [task.output_file(name) for name in event.extras]
-        self.pages += len(outputs)
-        self.pages_by_device[event.spec.device] += len(outputs)
         if task.path in self.documents:
             self.pages_done(event, outputs, extras)
         else:
-            figure = event.quality[0] if event.quality else None
+            figure = self.this_pass(task, None, event.quality[0] if event.quality else None)
+            kept = self.kept.pop(task.index, {})
+            weak = {}
+            if None in kept:
+                earlier, (why, this_failed) = self.weak_readings[task.path, None], kept[None]
+                outputs, extras, figure = [earlier.output], list(earlier.extras), earlier.figure
+                self.progress.say(f"{task.path}: {why}: its earlier reading is kept")
+                weak = {None: why} if this_failed else {}
+            self.pages += len(outputs)
+            self.pages_by_device[event.spec.device] += len(outputs)
             self.note_quality(task.path, figure)
-            weak = self.gated({None: figure})
+            weak = weak or self.gated({None: figure})
             self.ledger.write(task, FAILED if weak else DONE, outputs=outputs, extras=extras,
                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
                               quality=figure, weak=weak)
             if weak:
-                self.progress.say(f"FAILED {task.path}: weak page: {weak[None]} (--min_page_score; its text is kept "
-                                  f"in {outputs[0]!r}: --retry_failed redoes it)")
+                self.progress.say(f"FAILED {task.path}: weak page: {weak[None]} (its text is kept in {outputs[0]!r}: "
+                                  "--retry_failed redoes it)")
                 self.failed += 1
                 self.failed_pages += 1
             else:
                 self.done += 1
 
     def task_failed(self, event: TaskFailed) -> None:
-        if event.task.path in self.documents and event.task.page_numbers:
+        task = event.task
+        pages = list(task.page_numbers) if task.paged else [None]
+        if event.spec and any((task.path, page) in self.weak_readings for page in pages):  # their readings stay
+            failed = {page: event.error for page in pages if page is not None}
+            done = TaskDone(task, event.spec, "", "", [], [], 0.0, event.attempts, failed)
+            self.keep_earlier(done)
+            self.task_done(done)
+        elif event.task.path in self.documents and event.task.page_numbers:
             self.pages_failed(event)
         else:
             self.input_failed(event.task, event.spec, event.attempts, event.error, event.retry)
@@ -4746,12 +4874,27 @@ class Report:
 
     def pages_done(self, event: TaskDone, outputs: list[str], extras: list[str]) -> None:
         """Some pages of a document, done (and perhaps some failed): a record for a range."""
-        task, failed = event.task, event.failed_pages
+        task, failed = event.task, dict(event.failed_pages)
         pages = listed_pages(task.page_numbers, failed, len(outputs)) or []
+        files = dict(zip(pages, outputs))
         quality = {page: figure for page, figure in zip(pages, event.quality) if figure}
+        quality = {page: self.this_pass(task, page, figure) for page, figure in quality.items()}
+        kept = self.kept.pop(task.index, {})
+        if kept and not new_extras_placed(event, kept):
+            extras = []
+        for page, (why, _failed) in kept.items():
+            earlier = self.weak_readings[task.path, page]
+            failed.pop(page, None)
+            files[page], quality[page] = earlier.output, earlier.figure
+            extras = [*extras, *(path for path in earlier.extras if path not in extras)]
+            self.progress.say(f"{task.path} page {page}: {why}: its earlier reading is kept")
+        pages = sorted(files)
+        outputs = [files[page] for page in pages]
+        self.pages += len(outputs)
+        self.pages_by_device[event.spec.device] += len(outputs)
         for page, figure in quality.items():
             self.note_quality(f"{task.path} page {page}", figure)
-        weak = self.gated(quality)
+        weak = {**self.gated(quality), **{page: why for page, (why, this_failed) in kept.items() if this_failed}}
         if task.pages is not None:
             self.ledger.write(task, FAILED if failed or weak else DONE, outputs=outputs, extras=extras,
                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,
@@ -4795,7 +4938,7 @@ class Report:
         count = task.page_count or 0
         good = bool(document.outputs) and len(failed) + len(weak) <= self.max_page_error_rate * count
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
-        self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=document.extras,
+        self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=list(dict.fromkeys(document.extras)),
                           device=document.device, attempts=document.attempts, seconds=document.seconds,
                           failed_pages=failed, quality=document.quality, weak=weak)
         del self.documents[task.path]
@@ -5106,7 +5249,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
     progress = Progress(pages, len(work.todo), config.progress_interval)
     report = Report(len(work.todo), len(work.complete), ignored, work.ledger, progress, work.not_selected,
                     standing=len(work.standing), max_page_error_rate=config.max_page_error_rate,
-                    min_page_score=config.min_page_score)
+                    min_page_score=config.min_page_score, weak_readings=work.weak,
+                    retry_by=retry_label(config) if config.retry_failed else "")
     try:
         for task in work.todo:
             if task.index in work.unreadable:  # (a file there that cannot be read: the file's fault)
@@ -5116,7 +5260,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
                 coverage = work.coverage.get(task.index) or Coverage()
                 report.documents[task.path] = Document(task, len(pages_to_do(task, coverage)), dict(coverage.outputs),
                                                        list(coverage.extras), dict(coverage.failed),
-                                                       set(coverage.standing))
+                                                       set(coverage.standing), quality=dict(coverage.quality))
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             report.finish(document)
         if todo:

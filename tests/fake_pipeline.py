@@ -5,7 +5,9 @@ the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB (``FAKE_PIPELI
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
 result those recognition scores (``rec_scores``, as an OCR pipeline's), ``SCORES:-`` none (no
-text found), and ``BLANK`` a page image of one colour (as the OCR pipelines keep it).
+text found), and ``BLANK`` a page image of one colour (as the OCR pipelines keep it); the
+option ``score_shift`` adds to every such score (up to 1), and ``raise_on`` names one more word
+that raises, as a second pass with another pipeline might read the same files better or fail.
 ``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
 actors on any node, as environment variables may not), makes every input take that long;
 ``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
@@ -94,12 +96,12 @@ class PlainResult(FakeResult):
 SCORES = re.compile(rb"SCORES:(-|[0-9.,]+)")
 
 
-def quality_fields(text: bytes) -> dict:
+def quality_fields(text: bytes, shift: float = 0.0) -> dict:
     """What an OCR pipeline's result says of a page's quality, as the steering words ask."""
     fields: dict = {}
     if (found := SCORES.search(text)) is not None:
         scores = found.group(1).decode()
-        fields["rec_scores"] = [] if scores == "-" else [float(x) for x in scores.split(",") if x]
+        fields["rec_scores"] = [] if scores == "-" else [min(1.0, float(x) + shift) for x in scores.split(",") if x]
     if b"BLANK" in text:
         import numpy
 
@@ -177,6 +179,8 @@ class FakePipeline:
         self.page_log = options.get("page_log", os.environ.get("FAKE_PIPELINE_PAGE_LOG"))
         self.busy_log = options.get("busy_log", os.environ.get("FAKE_PIPELINE_BUSY_LOG"))
         self.gate = options.get("gate", os.environ.get("FAKE_PIPELINE_GATE"))
+        self.score_shift = float(options.get("score_shift", 0.0))
+        self.raise_on = str(options.get("raise_on", "")).encode()
         self._sampler = None
         if options.get("preload", os.environ.get("FAKE_PIPELINE_PRELOAD")):
             self.sampler()
@@ -209,7 +213,7 @@ class FakePipeline:
         when it is to yield no result."""
         if b"CRASH" in text:
             os.kill(os.getpid(), signal.SIGKILL)
-        if b"RAISE" in text:
+        if b"RAISE" in text or (self.raise_on and self.raise_on in text):
             raise ValueError(f"cannot decode {what}")
         if b"HANG" in text:
             time.sleep(3600)
@@ -243,7 +247,7 @@ class FakePipeline:
             if not self.steer(data, f"input {os.path.basename(path)}"):
                 continue
             common["text"] = data.decode("utf-8", "replace")
-            common.update(quality_fields(data))
+            common.update(quality_fields(data, self.score_shift))
             if Path(path).suffix.lower() in PAGED:  # a text file posing as a PDF or TIFF
                 lines = [line for line in data.splitlines() if line.startswith(b"page")]
                 for index in range(max(1, len(lines))):
@@ -278,7 +282,7 @@ class FakePipeline:
                     if self.steer(text.encode("utf-8"), f"page {page_index} of {os.path.basename(path)}"):
                         digest = hashlib.sha1(image.tobytes())
                         digest.update(repr(image.shape).encode())
-                        fields = {**common, **quality_fields(text.encode("utf-8"))}
+                        fields = {**common, **quality_fields(text.encode("utf-8"), self.score_shift)}
                         results.append(self.result_type(fields, input_path=batch.input_paths[i], page_index=page_index,
                                                         page_count=page_count, image_sha1=digest.hexdigest(),
                                                         image_shape=list(image.shape[:2]),

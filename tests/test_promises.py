@@ -11,6 +11,7 @@ from pathlib import Path
 
 from conftest import (
     ROOT,
+    assert_invariant,
     injected,
     make_inputs,
     page_files,
@@ -162,8 +163,9 @@ def test_the_gate_fails_weak_pages_keeps_their_text_and_retry_failed_redoes_them
     assert run.code == 1, run.stderr
     failed = sorted(line for line in run.stderr.splitlines() if "FAILED" in line)
     assert len(failed) == 2 and "doc.pdf" in failed[0] and "1 weak page(s)" in failed[0]
-    assert "page 1: mean recognition score 0.300 under 0.9" in failed[0]
-    assert "weak.png: weak page: mean recognition score 0.500 under 0.9" in failed[1] and "weak.json" in failed[1]
+    assert "page 1: mean recognition score 0.300 under --min_page_score 0.9" in failed[0]
+    assert "weak.png: weak page: mean recognition score 0.500 under --min_page_score 0.9" in failed[1]
+    assert "weak.json" in failed[1]
     records = {Path(r["input"]).name: r for r in run_log(out) if "range" not in r}
     assert records["weak.png"]["status"] == "failed" and records["weak.png"]["weak"] is True
     assert records["weak.png"]["outputs"] == ["weak.json"]
@@ -185,6 +187,75 @@ def test_the_gate_fails_weak_pages_keeps_their_text_and_retry_failed_redoes_them
     assert redone == [("doc.pdf", 1), ("weak.png", None)], retried.stderr
     assert retried.code == 1 and "doc.pdf" in retried.stderr  # its page 1 is still weak
     assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "empty.json", "good.json", "weak.json"]
+
+
+def test_a_second_pass_replaces_a_weak_reading_only_with_a_better_one(dirs):
+    """--retry_failed with other pipeline options redoes the weak pages; a new reading
+    replaces a weak one only if its mean score is higher (a reading no better, or a failure,
+    leaves the earlier file as it was, still weak), and the record says which pass made each
+    page (`pass`, `by`); each pass leaves the invariant whole."""
+    src, out = dirs
+    write(src / "weak.png", "SCORES:0.5")
+    write(src / "flaky.png", "SCORES:0.5 FLAKY")
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3", "SCORES:0.4 FLAKY"]))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    gate = ("--min_page_score", "0.9")
+
+    def shifted(shift: float, *more: str):
+        return run_fake(src, out, *gate, "--retry_failed", "--pipeline_arg", f"score_shift={shift}", *more, env=env)
+
+    def readings() -> dict[str, tuple[float, float | None]]:
+        """Each page file: (its mean score, the score_shift of the pass that wrote it)."""
+        found = {}
+        for name in page_files(out):
+            content = json.loads((out / name).read_text(encoding="utf-8"))
+            scores = content["rec_scores"]
+            found[name] = (round(sum(scores) / len(scores), 4), content["options"].get("score_shift"))
+        return found
+
+    def records() -> dict[str, dict]:
+        return {Path(r["input"]).name: r for r in run_log(out) if "range" not in r}
+
+    first = run_fake(src, out, *gate, env=env)
+    assert first.code == 1, first.stderr
+    before = readings()
+    assert before == {"doc_0.json": (0.98, None), "doc_1.json": (0.3, None), "doc_2.json": (0.4, None),
+                      "flaky.json": (0.5, None), "weak.json": (0.5, None)}
+
+    worse = shifted(-0.2)
+    assert worse.code == 1, worse.stderr
+    assert readings() == before  # not one file replaced
+    assert worse.stderr.count("read it no better") == 4, worse.stderr
+    assert "weak.png: this pass read it no better (mean score 0.300, the earlier 0.500)" in worse.stderr
+    assert records()["weak.png"]["quality"] == {"lines": 1, "score": 0.5, "low": 1.0}  # pass 1's, still weak
+    assert records()["doc.pdf"]["weak_pages"] == [1, 2]
+    assert_invariant(src, out)
+
+    better = shifted(0.45, "--pipeline_arg", "raise_on=FLAKY")
+    assert better.code == 1, better.stderr
+    after = readings()
+    assert after["weak.json"] == (0.95, 0.45) and after["doc_1.json"] == (0.75, 0.45)  # better: replaced
+    assert after["flaky.json"] == before["flaky.json"] and after["doc_2.json"] == before["doc_2.json"]  # failed: kept
+    assert after["doc_0.json"] == before["doc_0.json"]  # not weak: not redone
+    weak, flaky, doc = (records()[name] for name in ("weak.png", "flaky.png", "doc.pdf"))
+    assert weak["status"] == "done" and weak["quality"]["pass"] == 2 and "weak" not in weak
+    assert weak["quality"]["by"].endswith("fake_pipeline.py:FakePipeline score_shift=0.45 raise_on=FLAKY")
+    assert flaky["status"] == "failed" and flaky["weak"] and flaky["outputs"] == ["flaky.json"]
+    assert "this pass failed it" in flaky["error"] and "pass" not in flaky["quality"]
+    assert doc["weak_pages"] == [1, 2] and doc["outputs"] == ["doc_0.json", "doc_1.json", "doc_2.json"]
+    assert doc["page_quality"]["1"]["pass"] == 2 and "pass" not in doc["page_quality"]["2"]
+    assert doc["page_quality"]["0"] == {"lines": 1, "score": 0.98, "low": 0.0}  # kept from pass 1, with its figure
+    assert_invariant(src, out)
+
+    third = shifted(0.65)
+    assert third.code == 0, third.stderr
+    final = readings()
+    assert final["doc_1.json"] == (0.95, 0.65) and final["doc_2.json"] == (1.0, 0.65)  # 0.75 and 0.4 beaten
+    assert final["flaky.json"] == (1.0, 0.65) and final["weak.json"] == after["weak.json"]  # not weak: not redone
+    doc = records()["doc.pdf"]
+    assert doc["status"] == "done" and [doc["page_quality"][p].get("pass") for p in "012"] == [None, 3, 2]
+    assert doc["page_quality"]["1"]["by"].endswith("score_shift=0.65")
+    assert_invariant(src, out)
 
 
 def test_on_a_case_insensitive_output_folder_names_differ_by_more_than_case(dirs):
