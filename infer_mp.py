@@ -2604,12 +2604,30 @@ def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str
     one), if its file is still there under today's name and the record has its figure."""
     outputs = record.get("outputs") or []
     rel = rel if rel is not None else (outputs[0] if len(outputs) == 1 else None)
-    figure = (record.get("page_quality") or {}).get(str(page)) if task.paged else record.get("quality")
-    path = rel and at_todays_name(task, page, root, rel)
-    if not path or type(figure) is not dict:
+    figures = record.get("page_quality") if type(record.get("page_quality")) is dict else {}
+    figure = figures.get(str(page)) if task.paged else record.get("quality")
+    output = rel and at_todays_name(task, page, root, rel)
+    if not output or type(figure) is not dict:
         return None
-    extras = tuple(path for rel in record.get("extra_outputs") or [] if os.path.isfile(path := os.path.join(root, rel)))
-    return Reading(path, figure, extras)
+    extras = tuple(found for extra in record.get("extra_outputs") or []
+                   if os.path.isfile(found := os.path.join(root, extra)))
+    return Reading(output, figure_in_file(output, figure), extras)
+
+
+def figure_in_file(path: str, recorded: dict) -> dict:
+    """The quality figure of the reading a page's JSON file holds: the recorded one, unless the
+    file's own scores say otherwise (a run killed after placing a better reading, before its
+    record): a second pass must beat what is there, not what the log last said."""
+    try:
+        with open(path, "rb") as handle:
+            content = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return recorded
+    holder = content.get("res", content) if type(content) is dict else None
+    found = page_quality(holder) if type(holder) is dict else None
+    if found is None or reading_score(found) == reading_score(recorded):
+        return recorded
+    return found
 
 
 def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -> Coverage:
@@ -2622,7 +2640,8 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
         if not unchanged(task, record):
             continue
         kept = False
-        redo = set(record.get("weak_pages") or []) if retry_failed else set()  # (see --min_page_score)
+        weak = record.get("weak_pages") if type(record.get("weak_pages")) is list else []
+        redo = set(weak) if retry_failed else set()  # (see --min_page_score)
         figures = record.get("page_quality") if type(record.get("page_quality")) is dict else {}
         for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
             if page in redo:
@@ -4790,7 +4809,8 @@ class Report:
     def keep_earlier(self, done: TaskDone) -> dict[int | None, tuple[str, bool]]:
         """--retry_failed: the pages of a task where the earlier, weak reading stays, with why,
         and whether this pass failed them: this pass read them no better (see better_reading)
-        or failed them. Noted in self.kept, and said once the task is done."""
+        or failed them. Noted in self.kept, and said once the task is done. A kept reading stays
+        weak, unless this run's --min_page_score passes it."""
         task = done.task
         pages = listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
         figures = dict(zip(pages or (), done.quality))
@@ -4835,7 +4855,7 @@ class Report:
                 earlier, (why, this_failed) = self.weak_readings[task.path, None], kept[None]
                 outputs, extras, figure = [earlier.output], list(earlier.extras), earlier.figure
                 self.progress.say(f"{task.path}: {why}: its earlier reading is kept")
-                weak = {None: why} if this_failed else {}
+                weak = {None: why} if this_failed or self.min_page_score is None else {}  # (see keep_earlier)
             self.pages += len(outputs)
             self.pages_by_device[event.spec.device] += len(outputs)
             self.note_quality(task.path, figure)
@@ -4855,7 +4875,7 @@ class Report:
         task = event.task
         pages = list(task.page_numbers) if task.paged else [None]
         if event.spec and any((task.path, page) in self.weak_readings for page in pages):  # their readings stay
-            failed = {page: event.error for page in pages if page is not None}
+            failed = {page: event.error for page in pages}  # (an image's: None, for keep_earlier)
             done = TaskDone(task, event.spec, "", "", [], [], 0.0, event.attempts, failed)
             self.keep_earlier(done)
             self.task_done(done)
@@ -4894,7 +4914,8 @@ class Report:
         self.pages_by_device[event.spec.device] += len(outputs)
         for page, figure in quality.items():
             self.note_quality(f"{task.path} page {page}", figure)
-        weak = {**self.gated(quality), **{page: why for page, (why, this_failed) in kept.items() if this_failed}}
+        weak = {**self.gated(quality), **{page: why for page, (why, this_failed) in kept.items()
+                                          if this_failed or self.min_page_score is None}}
         if task.pages is not None:
             self.ledger.write(task, FAILED if failed or weak else DONE, outputs=outputs, extras=extras,
                               device=event.spec.device, attempts=event.attempts, seconds=event.seconds,

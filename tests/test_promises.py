@@ -258,6 +258,63 @@ def test_a_second_pass_replaces_a_weak_reading_only_with_a_better_one(dirs):
     assert_invariant(src, out)
 
 
+def test_a_kept_reading_keeps_its_files_and_its_weak_mark(dirs):
+    """A weak reading that a second pass does not beat stays whole, --save files too, and
+    stays weak without a gate in that run; a pass that fails it says why."""
+    src, out = dirs
+    write(src / "weak.png", "SCORES:0.5")
+    write(src / "flaky.png", "SCORES:0.5 FLAKY")
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3"]))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    first = run_fake(src, out, "--min_page_score", "0.9", "--save", "markdown", env=env)
+    assert first.code == 1, first.stderr
+    files = {path.name: path.read_bytes() for path in out.iterdir() if path.suffix in (".json", ".md")}
+    assert sorted(files) == ["doc_0.json", "doc_0.md", "doc_1.json", "doc_1.md", "flaky.json", "flaky.md",
+                             "weak.json", "weak.md"]
+    again = run_fake(src, out, "--retry_failed", "--save", "markdown", "--pipeline_arg", "score_shift=-0.2",
+                     "--pipeline_arg", "raise_on=FLAKY", env=env)  # (no gate in this run)
+    assert again.code == 1, again.stderr
+    assert {path.name: path.read_bytes() for path in out.iterdir() if path.name in files} == files
+    records = {Path(r["input"]).name: r for r in run_log(out) if "range" not in r}
+    assert records["weak.png"]["outputs"] == ["weak.json"] and records["weak.png"]["extra_outputs"] == ["weak.md"]
+    assert records["weak.png"]["status"] == "failed" and records["weak.png"]["weak"] is True
+    assert "cannot decode" in records["flaky.png"]["error"]  # the pass's own reason
+    assert records["doc.pdf"]["status"] == "failed" and records["doc.pdf"]["weak_pages"] == [1]
+    assert records["doc.pdf"]["outputs"] == ["doc_0.json", "doc_1.json"]
+    assert set(records["doc.pdf"]["extra_outputs"]) == {"doc_0.md", "doc_1.md"}
+    assert_invariant(src, out)
+
+
+def test_a_second_pass_must_beat_the_reading_in_the_file_not_the_log(dirs):
+    """Killed after a better reading was placed and before its record: the log still has the
+    weak figure, the file the better reading, which a worse pass must not replace. (The run
+    log is cut back to that instant.) A hand-edited figure of the wrong type does no harm."""
+    src, out = dirs
+    write(src / "weak.png", "SCORES:0.5")
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.3"]))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    assert run_fake(src, out, "--min_page_score", "0.9", env=env).code == 1
+    log = out / "infer_mp.runlog.jsonl"
+    weak_only = log.read_bytes()
+    better = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", "--pipeline_arg", "score_shift=0.6",
+                      env=env)
+    assert better.code == 0, better.stderr
+    placed = {name: (out / name).read_bytes() for name in ("weak.json", "doc_0.json")}
+    log.write_bytes(weak_only)
+    worse = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", "--pipeline_arg", "score_shift=0.1",
+                     env=env)
+    assert {name: (out / name).read_bytes() for name in placed} == placed, worse.stderr
+    assert "the earlier 0.900" in worse.stderr and "the earlier 1.000" in worse.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        if record.get("page_quality"):
+            record["page_quality"] = [1, 2]
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    edited = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", env=env)
+    assert edited.code in (0, 1) and "Traceback" not in edited.stderr, edited.stderr
+    assert_invariant(src, out)
+
+
 def test_on_a_case_insensitive_output_folder_names_differ_by_more_than_case(dirs):
     """`A.png` and `a.png` would write `A.json` and `a.json`, one file on SMB, APFS or NTFS: on
     an output folder that ignores case (probed at start; here made so for every process of the
