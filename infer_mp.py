@@ -465,7 +465,9 @@ def build_parser() -> ArgumentParser:
         "--retry_failed",
         action="store_true",
         help="Only retry the inputs whose last record in the run log is 'failed', changed or not (a plain "
-        "rerun retries a failed input only once its file has changed).",
+        "rerun retries a failed input only once its file has changed); of a document, only its failed and weak "
+        "pages. A new reading replaces a weak one only if its mean recognition score is higher (a second pass "
+        "with a stronger --pipeline: README, 'Page quality').",
     )
     runs.add_argument(
         "--max_attempts",
