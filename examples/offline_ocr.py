@@ -45,14 +45,14 @@ def _package_dir(name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _det_config() -> dict:
+def _det_config(name: str = DET_NAME, resize: dict | None = None) -> dict:
     return {
-        "Global": {"model_name": DET_NAME},
+        "Global": {"model_name": name},
         "PreProcess": {
             "transform_ops": [
                 {"DecodeImage": {"img_mode": "BGR", "channel_first": False}},
                 {"DetLabelEncode": None},
-                {"DetResizeForTest": {"resize_long": 960}},
+                {"DetResizeForTest": resize or {"resize_long": 960}},
                 {
                     "NormalizeImage": {
                         "mean": IMAGENET_MEAN,
@@ -84,9 +84,9 @@ def _det_config() -> dict:
 DET_UNCLIP_RATIO = 2.0
 
 
-def _rec_config(characters: list[str]) -> dict:
+def _rec_config(characters: list[str], name: str = REC_NAME) -> dict:
     return {
-        "Global": {"model_name": REC_NAME},
+        "Global": {"model_name": name},
         "PreProcess": {
             "transform_ops": [
                 {"DecodeImage": {"img_mode": "BGR", "channel_first": False}},
@@ -141,6 +141,26 @@ def prepare_models(models_dir: Path = MODELS_DIR, onnx: bool = False) -> tuple[P
     return det_dir, rec_dir
 
 
+def prepare_v6_models(models_dir: Path = MODELS_DIR) -> tuple[Path, Path]:
+    """PaddleX model folders for the PP-OCRv6_small detector and recognizer (ONNX) that the
+    PyPI package `rapidocr` 3.10 ships; the recognizer's characters are in its metadata."""
+    import onnxruntime
+
+    models = _package_dir("rapidocr") / "models"
+    rec_file = models / "PP-OCRv6_rec_small.onnx"
+    session = onnxruntime.InferenceSession(str(rec_file), providers=["CPUExecutionProvider"])
+    characters = session.get_modelmeta().custom_metadata_map["character"].splitlines()
+    det_dir, rec_dir = models_dir / f"{V6_DET_NAME}_onnx", models_dir / f"{V6_REC_NAME}_onnx"
+    _install_model({"inference.onnx": models / "PP-OCRv6_det_small.onnx"}, det_dir,
+                   _det_config(V6_DET_NAME, {"limit_side_len": V6_DET_SIDE, "limit_type": "min"}))
+    _install_model({"inference.onnx": rec_file}, rec_dir, _rec_config(characters, V6_REC_NAME))
+    return det_dir, rec_dir
+
+
+V6_DET_NAME, V6_REC_NAME = "PP-OCRv6_small_det", "PP-OCRv6_small_rec"
+V6_DET_SIDE = 736  # the detector's shorter side at least this (PaddleX's and rapidocr's setting for v6)
+
+
 def _engine_config(device: str | None, cpu_threads: int | None, engine: str, given: dict | None) -> dict:
     """Legacy `.pdmodel` files need the old IR; on CPU, oneDNN keeps them fast. For ONNX
     Runtime, the thread count is `intra_op_num_threads`. Settings given explicitly win."""
@@ -181,6 +201,33 @@ class OfflineOCR(_ocr_base()):
             text_det_unclip_ratio=DET_UNCLIP_RATIO,  # the pipeline's own (1.5) wins over inference.yml's
             engine=engine,
             engine_config=_engine_config(device, cpu_threads, engine, engine_config),
+        )
+        options.update(kwargs)
+        super().__init__(device=device, **options)
+
+
+class OfflineOCRv6(_ocr_base()):
+    """`paddleocr.PaddleOCR` on PP-OCRv6_small detection and recognition (2026), from the
+    ONNX files inside the `rapidocr` 3.10 wheel (``pip install --no-deps rapidocr==3.10.0``),
+    through PaddleX's ONNX Runtime engine: OpenVINO on the CPU where installed, CUDA on a GPU."""
+
+    def __init__(self, device: str | None = None, cpu_threads: int | None = None,
+                 engine: str | None = None, engine_config: dict | None = None, **kwargs):
+        if (engine or "onnxruntime") != "onnxruntime":
+            raise ValueError(f"OfflineOCRv6 runs engine 'onnxruntime' (its models are ONNX files), not {engine!r}")
+        det_dir, rec_dir = prepare_v6_models()
+        options = dict(
+            text_detection_model_name=V6_DET_NAME,
+            text_detection_model_dir=str(det_dir),
+            text_recognition_model_name=V6_REC_NAME,
+            text_recognition_model_dir=str(rec_dir),
+            use_doc_orientation_classify=False,
+            use_doc_unwarping=False,
+            use_textline_orientation=False,
+            text_det_limit_side_len=V6_DET_SIDE,
+            text_det_limit_type="min",
+            engine="onnxruntime",
+            engine_config=_engine_config(device, cpu_threads, "onnxruntime", engine_config),
         )
         options.update(kwargs)
         super().__init__(device=device, **options)

@@ -107,6 +107,7 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=8, help="clean pages (each also degraded 9 ways; default 8)")
     parser.add_argument("--work_dir", help="where pages and outputs go (default: a new temporary folder)")
     parser.add_argument("--cascade", action="store_true", help="measure fast, strong and fast-then-strong-on-weak")
+    parser.add_argument("--pipeline", default=PIPELINE, help="the pipeline measured (default: OfflineOCR, PP-OCRv4)")
     parser.add_argument("--clean", type=int, default=0, help="more clean pages, for a mix nearer a real batch's")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more infer_mp.py flags, last")
     args = parser.parse_args()
@@ -116,12 +117,8 @@ def main() -> None:
     truth = write_set(pages, args.pages, args.clean)
     if args.cascade:
         return cascade(pages, work, truth, args.extra)
-    command = [sys.executable, str(HERE.parent / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(pages),
-               "--device", "cpu", "--instances_per_device", "2", "--output_dir", str(out), "--overwrite", *args.extra]
-    print(f"running {len(truth)} pages: {' '.join(command[1:])}", file=sys.stderr)
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode not in (0, 1):
-        sys.exit(f"infer_mp.py exited {done.returncode}:\n{done.stderr}")
+    print(f"running {len(truth)} pages with {args.pipeline} {' '.join(args.extra)}", file=sys.stderr)
+    seconds = infer(pages, out, args.pipeline, "--overwrite", *args.extra)
     records = {}
     for line in (out / "infer_mp.runlog.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -133,8 +130,8 @@ def main() -> None:
         read = json.loads((out / name.replace(".png", ".json")).read_text()).get("rec_texts", [])
         by_kind[kind].append((figure, word_recall(known, read)))
     print(f"\n{len(truth)} pages ({args.pages} clean pages and each degraded 9 ways, {args.clean} more clean), "
-          "offline PP-OCRv4, "
-          f"flags: {' '.join(args.extra) or '(Paddle engine)'}\n")
+          f"{args.pipeline.rpartition(':')[2]}, flags: {' '.join(args.extra) or '(Paddle engine)'}; whole run "
+          f"{seconds:.1f} s\n")
     print("| page | mean score (min-max) | word recall | blank | flagged weak at " +
           " | ".join(f"{t:g}" for t in THRESHOLDS) + " |")
     print("| --- " * (4 + len(THRESHOLDS)) + "|")

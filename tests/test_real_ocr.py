@@ -28,6 +28,24 @@ def test_bundled_example_matches_its_truth(tmp_path):
     assert_text_matches(tmp_path / "out", truth)
 
 
+def test_pp_ocrv6_from_the_registry_reads_the_bundled_example(tmp_path):
+    """PP-OCRv6_small from the `rapidocr` 3.10 wheel, through PaddleX's ONNX Runtime engine:
+    the same result schema, the known text, every page with a quality figure."""
+    truth = json.loads((ROOT / "examples" / "truth.json").read_text())
+    out = tmp_path / "out"
+    run = run_cli("--pipeline", f"{ROOT / 'examples' / 'offline_ocr.py'}:OfflineOCRv6", "--input_dir",
+                  str(ROOT / "examples" / "inputs"), "--device", "cpu", "--engine", "onnxruntime",
+                  "--output_dir", str(out))
+    assert run.code == 0, run.stderr
+    assert_text_matches(out, truth)
+    for name in truth:
+        result = json.loads((out / name).read_text(encoding="utf-8"))
+        assert {"rec_texts", "rec_scores", "rec_polys", "dt_polys"} <= set(result)
+    records = [json.loads(line) for line in (out / "infer_mp.runlog.jsonl").read_text().splitlines()]
+    figures = [r.get("quality") or r.get("page_quality") for r in records if r.get("status") == "done"]
+    assert len(figures) == 3 and all(figures)
+
+
 def test_two_cpu_instances_batches_pdf_pages_and_a_corrupt_file(dirs):
     src, out = dirs
     truth = write_samples(src)
