@@ -1474,6 +1474,7 @@ class Task:
     source: tuple[int, int] | None = None  # (size, mtime_ns) when selected: see unchanged()
     page_count: int | None = None  # a document's pages, read before dispatch (see count_pages)
     pages: tuple[int, int] | None = None  # a range of them, [start, stop): see split_documents
+    alone: bool = False  # a weak page read again: a range never merged with others (see Reading)
 
     @property
     def paged(self) -> bool:
@@ -2608,12 +2609,21 @@ def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str
     rel = rel if rel is not None else (outputs[0] if len(outputs) == 1 else None)
     figures = record.get("page_quality") if type(record.get("page_quality")) is dict else {}
     figure = figures.get(str(page)) if task.paged else record.get("quality")
-    output = rel and at_todays_name(task, page, root, rel)
+    output = rel and (at_todays_name(task, page, root, rel) or moved_reading(root, rel))
     if not output or type(figure) is not dict:
         return None
     extras = tuple(found for extra in record.get("extra_outputs") or []
                    if os.path.isfile(found := os.path.join(root, extra)))
     return Reading(output, figure_in_file(output, figure), extras)
+
+
+def moved_reading(root: str, rel: str) -> str | None:
+    """A weak reading's file under a name the page no longer has (an input of the same stem
+    added since): it is kept there, under its own name, unless a new reading beats it."""
+    if os.path.isabs(rel) or os.path.normpath(rel).startswith(os.pardir):
+        return None
+    path = os.path.join(root, rel)
+    return path if os.path.isfile(path) else None
 
 
 def figure_in_file(path: str, recorded: dict) -> dict:
@@ -2890,9 +2900,9 @@ def split_documents(todo: list[Task], coverage: dict[int, Coverage], workers: in
         if not task.page_count or (len(pages) == task.page_count and task.page_count <= size and not weak):
             tasks.append(task)
             continue
-        ranges = [*page_ranges([page for page in pages if page not in weak], size), *((p, p + 1) for p in weak)]
-        for start, stop in ranges:
+        for start, stop in page_ranges([page for page in pages if page not in weak], size):
             tasks.append(replace(task, index=next(fresh), pages=(start, stop)))
+        tasks += [replace(task, index=next(fresh), pages=(page, page + 1), alone=True) for page in weak]
     tasks.sort(key=lambda task: -task.weight)  # (stable: in input order within a length)
     return tasks
 
@@ -3439,11 +3449,11 @@ class Backend:
         """The pipeline reads a document whole whatever range it is given: the ranges of each
         document still in the queue, where they follow each other, become one task (the whole
         document where they cover it), so each document is read once more at most. (Pages
-        retried one by one after a worker's death stay apart.)"""
+        retried one by one after a worker's death stay apart, as do weak pages read again.)"""
         runs: dict[str, list[Task]] = defaultdict(list)
         rest = []
         for task in self.pending:
-            if task.index in self.ranges and not self.handed[task.index]:
+            if task.index in self.ranges and not self.handed[task.index] and not task.alone:
                 runs[task.path].append(task)
             else:
                 rest.append(task)

@@ -6,8 +6,9 @@ the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB (``FAKE_PIPELI
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
 result those recognition scores (``rec_scores``, as an OCR pipeline's), ``SCORES:-`` none (no
 text found), and ``BLANK`` a page image of one colour (as the OCR pipelines keep it); the
-option ``score_shift`` adds to every such score (up to 1), and ``raise_on`` names one more word
-that raises, as a second pass with another pipeline might read the same files better or fail.
+option ``score_shift`` adds to every such score (up to 1; with ``shift_only``, only on inputs or pages
+with that word), and ``raise_on`` names one more word that raises, as a second pass with another
+pipeline might read the same files better or fail.
 ``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
 actors on any node, as environment variables may not), makes every input take that long;
 ``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
@@ -77,7 +78,9 @@ class FakeResult(dict):
     def save_to_markdown(self, save_path: str) -> None:
         if not save_path.endswith(".md"):
             raise ValueError("FakeResult needs a .md path")
-        Path(save_path).write_text(f"# {self['text']}\n", encoding="utf-8")
+        scores = (f"scores: {self['rec_scores']}\noptions: {self.get('options')}\n"  # (which reading it is)
+                  if "rec_scores" in self else "")
+        Path(save_path).write_text(f"# {self['text']}\n{scores}", encoding="utf-8")
 
     @property
     def img(self) -> dict:
@@ -96,9 +99,10 @@ class PlainResult(FakeResult):
 SCORES = re.compile(rb"SCORES:(-|[0-9.,]+)")
 
 
-def quality_fields(text: bytes, shift: float = 0.0) -> dict:
+def quality_fields(text: bytes, shift: float = 0.0, only: bytes = b"") -> dict:
     """What an OCR pipeline's result says of a page's quality, as the steering words ask."""
     fields: dict = {}
+    shift = shift if only in text else 0.0
     if (found := SCORES.search(text)) is not None:
         scores = found.group(1).decode()
         fields["rec_scores"] = [] if scores == "-" else [min(1.0, float(x) + shift) for x in scores.split(",") if x]
@@ -180,6 +184,7 @@ class FakePipeline:
         self.busy_log = options.get("busy_log", os.environ.get("FAKE_PIPELINE_BUSY_LOG"))
         self.gate = options.get("gate", os.environ.get("FAKE_PIPELINE_GATE"))
         self.score_shift = float(options.get("score_shift", 0.0))
+        self.shift_only = str(options.get("shift_only", "")).encode()
         self.raise_on = str(options.get("raise_on", "")).encode()
         self._sampler = None
         if options.get("preload", os.environ.get("FAKE_PIPELINE_PRELOAD")):
@@ -247,7 +252,7 @@ class FakePipeline:
             if not self.steer(data, f"input {os.path.basename(path)}"):
                 continue
             common["text"] = data.decode("utf-8", "replace")
-            common.update(quality_fields(data, self.score_shift))
+            common.update(quality_fields(data, self.score_shift, self.shift_only))
             if Path(path).suffix.lower() in PAGED:  # a text file posing as a PDF or TIFF
                 lines = [line for line in data.splitlines() if line.startswith(b"page")]
                 for index in range(max(1, len(lines))):
@@ -282,7 +287,7 @@ class FakePipeline:
                     if self.steer(text.encode("utf-8"), f"page {page_index} of {os.path.basename(path)}"):
                         digest = hashlib.sha1(image.tobytes())
                         digest.update(repr(image.shape).encode())
-                        fields = {**common, **quality_fields(text.encode("utf-8"), self.score_shift)}
+                        fields = {**common, **quality_fields(text.encode("utf-8"), self.score_shift, self.shift_only)}
                         results.append(self.result_type(fields, input_path=batch.input_paths[i], page_index=page_index,
                                                         page_count=page_count, image_sha1=digest.hexdigest(),
                                                         image_shape=list(image.shape[:2]),
@@ -335,8 +340,9 @@ class SelfReadingPipeline(FakePipeline):
                 text = textpage.get_text_range()
                 textpage.close()
                 page.close()
-                results.append(self.result_type({"input_path": path, "pid": os.getpid()}, page_index=index,
-                                                page_count=count, text=text))
+                fields = quality_fields(text.encode("utf-8"), self.score_shift, self.shift_only)
+                results.append(self.result_type({"input_path": path, "pid": os.getpid(), "options": self.options,
+                                                 **fields}, page_index=index, page_count=count, text=text))
                 self.log_page(path, index, start)
             return results
         finally:

@@ -285,6 +285,44 @@ def test_a_kept_reading_keeps_its_files_and_its_weak_mark(dirs):
     assert_invariant(src, out)
 
 
+def test_a_kept_reading_stays_when_its_page_has_a_new_name_since(dirs):
+    """`b.png` read weak as `b.json`; then `b.jpg` is added, so b.png's page is `b.png.json`
+    today: a pass that reads it no better leaves `b.json`, its weak text, held by b.png."""
+    src, out = dirs
+    write(src / "b.png", "SCORES:0.5")
+    assert run_fake(src, out, "--min_page_score", "0.9").code == 1
+    weak_text = (out / "b.json").read_bytes()
+    write(src / "b.jpg", "SCORES:0.99")
+    again = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", "--pipeline_arg", "score_shift=-0.2")
+    assert again.code == 1, again.stderr
+    assert (out / "b.json").read_bytes() == weak_text and not (out / "b.png.json").exists()
+    records = {Path(r["input"]).name: r for r in run_log(out)}
+    assert records["b.png"]["outputs"] == ["b.json"] and records["b.png"]["weak"] is True
+    assert_invariant(src, out)
+    better = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", "--pipeline_arg", "score_shift=0.45")
+    assert better.code == 0, better.stderr
+    assert not (out / "b.json").exists() and json.loads((out / "b.png.json").read_text())["rec_scores"] == [0.95]
+    assert_invariant(src, out)
+
+
+def test_weak_pages_read_again_stay_apart_when_the_pipeline_reads_documents_whole(dirs):
+    """A pipeline that reads documents itself gets ranges merged back into one task; weak pages
+    read again are not merged, so a kept page keeps its --save files too, beside one replaced."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3", "SCORES:0.3 UP", "SCORES:0.4"]))
+    flags = ("--pipeline", f"{ROOT / 'tests' / 'fake_pipeline.py'}:SelfReadingPipeline", "--min_page_score", "0.9",
+             "--save", "markdown", "--pages_per_task", "1")
+    assert run_fake(src, out, *flags).code == 1
+    kept = (out / "doc_3.md").read_bytes(), (out / "doc_3.json").read_bytes()
+    again = run_fake(src, out, *flags, "--retry_failed", "--pipeline_arg", "score_shift=0.65",
+                     "--pipeline_arg", "shift_only=UP")
+    assert again.code == 1, again.stderr
+    assert ((out / "doc_3.md").read_bytes(), (out / "doc_3.json").read_bytes()) == kept  # (the first page read
+    assert "scores: [0.95]" in (out / "doc_2.md").read_text() and "read it no better" in again.stderr  # alone is
+    # the probe that finds the pipeline reads whole documents; pages 2 and 3 were then still queued)
+    assert_invariant(src, out)
+
+
 def test_a_second_pass_must_beat_the_reading_in_the_file_not_the_log(dirs):
     """Killed after a better reading was placed and before its record: the log still has the
     weak figure, the file the better reading, which a worse pass must not replace. (The run
