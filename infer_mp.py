@@ -2607,8 +2607,7 @@ def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str
     one), if its file is still there under today's name and the record has its figure."""
     outputs = record.get("outputs") or []
     rel = rel if rel is not None else (outputs[0] if len(outputs) == 1 else None)
-    figures = record.get("page_quality") if type(record.get("page_quality")) is dict else {}
-    figure = figures.get(str(page)) if task.paged else record.get("quality")
+    figure = page_figures(record).get(str(page)) if task.paged else record.get("quality")
     output = rel and (at_todays_name(task, page, root, rel) or moved_reading(root, rel))
     if not output or type(figure) is not dict:
         return None
@@ -2620,10 +2619,15 @@ def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str
 def moved_reading(root: str, rel: str) -> str | None:
     """A weak reading's file under a name the page no longer has (an input of the same stem
     added since): it is kept there, under its own name, unless a new reading beats it."""
-    if os.path.isabs(rel) or os.path.normpath(rel).startswith(os.pardir):
-        return None
-    path = os.path.join(root, rel)
-    return path if os.path.isfile(path) else None
+    path = os.path.normpath(os.path.join(root, rel))
+    return path if within(path, root) and os.path.isfile(path) else None
+
+
+def page_figures(record: dict) -> dict:
+    """A document record's quality figures by page number (as a string); {} where a hand edit
+    left something else."""
+    figures = record.get("page_quality")
+    return figures if type(figures) is dict else {}
 
 
 def figure_in_file(path: str, recorded: dict) -> dict:
@@ -2654,7 +2658,7 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
         kept = False
         weak = record.get("weak_pages") if type(record.get("weak_pages")) is list else []
         redo = set(weak) if retry_failed else set()  # (see --min_page_score)
-        figures = record.get("page_quality") if type(record.get("page_quality")) is dict else {}
+        figures = page_figures(record)
         for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
             if page in redo:
                 if reading := weak_reading(task, page, record, root, rel):

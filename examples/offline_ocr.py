@@ -175,6 +175,24 @@ def _engine_config(device: str | None, cpu_threads: int | None, engine: str, giv
     return {**planned, **(given or {})}
 
 
+def _local_models(det: tuple[str, Path], rec: tuple[str, Path], engine: str, engine_config: dict,
+                  **settings) -> dict:
+    """PaddleOCR's options for a detector and a recognizer in local folders ((name, folder)
+    each) and no other model: orientation and unwarping would need the model hub."""
+    return dict(
+        text_detection_model_name=det[0],
+        text_detection_model_dir=str(det[1]),
+        text_recognition_model_name=rec[0],
+        text_recognition_model_dir=str(rec[1]),
+        use_doc_orientation_classify=False,
+        use_doc_unwarping=False,
+        use_textline_orientation=False,
+        engine=engine,
+        engine_config=engine_config,
+        **settings,
+    )
+
+
 def _ocr_base():
     from paddleocr import PaddleOCR
 
@@ -190,18 +208,9 @@ class OfflineOCR(_ocr_base()):
         if engine not in ("paddle_static", "onnxruntime"):
             raise ValueError(f"OfflineOCR runs engine 'paddle_static' or 'onnxruntime', not {engine!r}")
         det_dir, rec_dir = prepare_models(onnx=engine == "onnxruntime")
-        options = dict(
-            text_detection_model_name=DET_NAME,
-            text_detection_model_dir=str(det_dir),
-            text_recognition_model_name=REC_NAME,
-            text_recognition_model_dir=str(rec_dir),
-            use_doc_orientation_classify=False,
-            use_doc_unwarping=False,
-            use_textline_orientation=False,
-            text_det_unclip_ratio=DET_UNCLIP_RATIO,  # the pipeline's own (1.5) wins over inference.yml's
-            engine=engine,
-            engine_config=_engine_config(device, cpu_threads, engine, engine_config),
-        )
+        options = _local_models((DET_NAME, det_dir), (REC_NAME, rec_dir), engine,
+                                _engine_config(device, cpu_threads, engine, engine_config),
+                                text_det_unclip_ratio=DET_UNCLIP_RATIO)  # (the pipeline's 1.5 beats inference.yml)
         options.update(kwargs)
         super().__init__(device=device, **options)
 
@@ -216,19 +225,9 @@ class OfflineOCRv6(_ocr_base()):
         if (engine or "onnxruntime") != "onnxruntime":
             raise ValueError(f"OfflineOCRv6 runs engine 'onnxruntime' (its models are ONNX files), not {engine!r}")
         det_dir, rec_dir = prepare_v6_models()
-        options = dict(
-            text_detection_model_name=V6_DET_NAME,
-            text_detection_model_dir=str(det_dir),
-            text_recognition_model_name=V6_REC_NAME,
-            text_recognition_model_dir=str(rec_dir),
-            use_doc_orientation_classify=False,
-            use_doc_unwarping=False,
-            use_textline_orientation=False,
-            text_det_limit_side_len=V6_DET_SIDE,
-            text_det_limit_type="min",
-            engine="onnxruntime",
-            engine_config=_engine_config(device, cpu_threads, "onnxruntime", engine_config),
-        )
+        options = _local_models((V6_DET_NAME, det_dir), (V6_REC_NAME, rec_dir), "onnxruntime",
+                                _engine_config(device, cpu_threads, "onnxruntime", engine_config),
+                                text_det_limit_side_len=V6_DET_SIDE, text_det_limit_type="min")
         options.update(kwargs)
         super().__init__(device=device, **options)
 
