@@ -3,8 +3,8 @@
     python examples/bench_worker.py bare OUT_DIR --threads 1 FILE...       # one pipeline, a plain loop
     python examples/bench_worker.py builtin OUT_DIR --threads 8 INPUT_DIR  # PaddleOCR's predict(dir)
 
-Both use the same offline PP-OCRv4 models as infer_mp.py's example pipeline and write one JSON
-per page, so that every row of the benchmark does the same work.
+Both use the same offline models as infer_mp.py's example pipelines (PP-OCRv4 mobile, or
+PP-OCRv6_small with --pipeline v6) and write one JSON per page, so that every row of the benchmark does the same work.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from offline_ocr import OfflineOCR  # noqa: E402
+from offline_ocr import OfflineOCR, OfflineOCRv6  # noqa: E402
+
+PIPELINES = {"v4": OfflineOCR, "v6": OfflineOCRv6}
 
 
 def save(result, out_dir: str) -> None:
@@ -36,10 +38,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--engine", default="paddle_static")
     parser.add_argument("--engine_config", type=json.loads, default=None)
+    parser.add_argument("--pipeline", choices=PIPELINES, default="v4", help="PP-OCRv4 mobile or PP-OCRv6_small")
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
-    pipeline = OfflineOCR(device=args.device, cpu_threads=args.threads, engine=args.engine,
-                          engine_config=args.engine_config)
+    pipeline = PIPELINES[args.pipeline](device=args.device, cpu_threads=args.threads, engine=args.engine,
+                                        engine_config=args.engine_config)
     if args.mode == "bare":
         for path in args.inputs:
             for result in pipeline.predict(os.path.abspath(path)):

@@ -3,6 +3,7 @@
     python examples/benchmark.py                      # real OCR, CPU: the table in docs/performance.md
     python examples/benchmark.py --orchestration 100000   # dispatch cost, model-free
     python examples/benchmark.py --engines --pages 40     # Paddle vs ONNX Runtime vs OpenVINO, and the peer
+    python examples/benchmark.py --peers --pages 40       # PP-OCRv6: infer_mp.py vs rapidocr 3.10, faster-paddle
     python examples/benchmark.py --backends --pages 40    # the Ray backend against the local one
     python examples/benchmark.py --run_log_records 1000000  # start-up of a rerun over a long run log
     python examples/benchmark.py --orchestration 100000 --baseline old/infer_mp.py  # old and new, same rounds
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -211,15 +213,20 @@ def ocr_benchmark(args: argparse.Namespace, work: Path) -> None:
 
 PEER_PACKAGE = "rapidocr-openvino==1.4.4"
 OPENVINO = json.dumps({"providers": ["OpenVINOExecutionProvider"]})
+# The peers of --peers on PP-OCRv6, each in a virtual environment of its own (packages pinned).
+PEER_ENVIRONMENTS = {"rapidocr": ["rapidocr==3.10.0", "onnxruntime==1.32.0", "openvino==2026.4.1"],
+                     "faster-paddle": ["faster-paddle==1.0.4"]}
 
 
-def peer_python(venv: Path) -> Path:
-    """The peer's own virtual environment (its opencv-python would replace PaddleX's cv2)."""
+def peer_python(venv: Path, packages: list[str] | None = None) -> Path:
+    """A peer's own virtual environment, made if missing (its opencv-python or ONNX Runtime
+    would replace PaddleX's)."""
+    packages = packages or [PEER_PACKAGE]
     python_path = venv / "bin" / "python"
     if not python_path.exists():
-        print(f"creating {venv} with {PEER_PACKAGE} ...", file=sys.stderr)
+        print(f"creating {venv} with {' '.join(packages)} ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python_path), "-m", "pip", "install", "-q", PEER_PACKAGE], check=True)
+        subprocess.run([str(python_path), "-m", "pip", "install", "-q", *packages], check=True)
     return python_path
 
 
@@ -243,7 +250,8 @@ def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
     if not args.no_peer:
         peer = peer_python(Path(args.peer_venv or work / "peer-venv"))
         configs.append(Config("rapidocr-openvino 1.4.4 (the peer), 1 process",
-                              [[str(peer), str(HERE / "bench_peer.py"), str(out), *map(str, pages)]], len(pages)))
+                              [[str(peer), str(HERE / "bench_peer.py"), "rapidocr-openvino-1.4", str(out),
+                                *map(str, pages)]], len(pages)))
     print(f"measuring {len(configs)} configurations x {args.rounds} rounds on {len(pages)} pages ...", file=sys.stderr)
     measure(configs, args.rounds, out)
     paddle_best = min((c for c in configs if "Paddle (" in c.name), key=lambda c: c.median)
@@ -254,6 +262,97 @@ def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
     peers = [c for c in configs if "peer" in c.name]
     if peers:
         print(f"best infer_mp.py run vs the peer: {peers[0].median / best.median:.2f}x the peer's throughput")
+
+
+PIPELINE_V6 = f"{HERE / 'offline_ocr.py'}:OfflineOCRv6"
+
+
+def word_recall(known: str, read: list[str]) -> float:
+    """The share of the page's words (with repeats) that the reading has."""
+    wanted = Counter(known.split())
+    return sum((wanted & Counter(" ".join(read).split())).values()) / sum(wanted.values())
+
+
+def mean_recall(out: Path, texts: dict[str, str]) -> float:
+    """Mean word recall over the pages, from the JSON files of the last round's run."""
+    recalls = []
+    for path in out.rglob("*.json"):
+        content = json.loads(path.read_text(encoding="utf-8"))
+        recalls.append(word_recall(texts[Path(content["input_path"]).name], content.get("rec_texts") or []))
+    return sum(recalls) / len(recalls)
+
+
+def infer_v6(input_dir: Path, out: Path, *flags: str) -> list[str]:
+    return python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE_V6, "--input_dir", str(input_dir), "--device",
+                  "cpu", "--engine", "onnxruntime", "--output_dir", str(out), "--progress_interval", "3600", *flags)
+
+
+def builtin_v6_config(threads: int) -> str:
+    """PaddleOCR's predict with the engine settings infer_mp.py plans (OpenVINO provider, its
+    threads and precision), so that the row differs from infer_mp.py's only in the runner."""
+    sys.path.insert(0, str(ROOT))
+    import infer_mp
+
+    return json.dumps({"providers": [infer_mp.OPENVINO_PROVIDER], "intra_op_num_threads": threads,
+                       "provider_options": [infer_mp.openvino_options(threads)]})
+
+
+def peers_benchmark(args: argparse.Namespace, work: Path) -> None:
+    """infer_mp.py on PP-OCRv6_small at its defaults (and at 2 instances) beside the newest
+    CPU peers on the same pages: rapidocr 3.10 on OpenVINO and ONNX Runtime (same v6 small
+    models, plus its default text-line orientation model), faster-paddle 1.0.4 small (and tiny,
+    another model), and PaddleOCR's own predict(dir); speed and word recall, whole processes."""
+    texts: dict[str, str] = {}
+    pages = write_pages(work / "dense", args.pages, mixed=False, texts=texts)
+    files = [str(p) for p in pages]
+    out = work / "out"
+    venvs = Path(args.peer_venv or work / "peer-venvs")
+    rapidocr = peer_python(venvs / "rapidocr", PEER_ENVIRONMENTS["rapidocr"])
+    faster = peer_python(venvs / "faster-paddle", PEER_ENVIRONMENTS["faster-paddle"])
+    peer = str(HERE / "bench_peer.py")
+    n = len(pages)
+    configs = [
+        Config("infer_mp.py, PP-OCRv6_small, defaults (--engine onnxruntime: 1 instance x 2 threads)",
+               [infer_v6(work / "dense", out)], n),
+        Config("infer_mp.py, PP-OCRv6_small, 2 instances x 1 thread",
+               [infer_v6(work / "dense", out, "--instances_per_device", str(cores()), "--cpu_threads", "1")], n),
+        Config("PaddleOCR predict(dir), PP-OCRv6_small, same engine settings, 1 process",
+               [python(str(HERE / "bench_worker.py"), "builtin", str(out), str(work / "dense"), "--pipeline", "v6",
+                       "--engine", "onnxruntime", "--threads", str(cores()),
+                       "--engine_config", builtin_v6_config(cores()))], n),
+        Config("rapidocr 3.10, OpenVINO, PP-OCRv6_small (its defaults), 1 process",
+               [[str(rapidocr), peer, "rapidocr-3.10-openvino", str(out), *files]], n),
+        Config("rapidocr 3.10, ONNX Runtime, PP-OCRv6_small (its defaults), 1 process",
+               [[str(rapidocr), peer, "rapidocr-3.10-onnxruntime", str(out), *files]], n),
+        Config("faster-paddle 1.0.4, PP-OCRv6 small, 1 process",
+               [[str(faster), peer, "faster-paddle-small", str(out), *files]], n),
+        Config("faster-paddle 1.0.4, PP-OCRv6 tiny (another model), 1 process",
+               [[str(faster), peer, "faster-paddle-tiny", str(out), *files]], n),
+    ]
+    print(f"measuring {len(configs)} configurations x {args.rounds} rounds on {n} pages ...", file=sys.stderr)
+    recalls = {}
+    for round_index in range(args.rounds):
+        for config in configs:  # interleaved: A B C A B C ...
+            config.seconds.append(run_once(config, out))
+            recalls[config.name] = mean_recall(out, texts)
+            print(f"  round {round_index + 1}: {config.name}: {config.seconds[-1]:.1f} s", file=sys.stderr,
+                  flush=True)
+    print("\n" + header(f"{n} dense pages (20 lines), PP-OCRv6 on the CPU", args.rounds) + "\n")
+    rows = ["| configuration | seconds | pages/s | word recall |", "| --- | --- | --- | --- |"]
+    rows += [f"| {c.name} | {c.median:.1f} | {n / c.median:.2f} | {recalls[c.name]:.4f} |" for c in configs]
+    print("\n".join(rows))
+    default, two = configs[0], configs[1]
+    small_peers = [c for c in configs[2:] if "another model" not in c.name]
+    fastest = min(small_peers, key=lambda c: c.median)
+    print(f"\nfastest peer on PP-OCRv6_small: {fastest.name}")
+    for label, ours in (("defaults", default), ("2 instances", two)):
+        ratio = fastest.median / ours.median
+        recall_ok = recalls[ours.name] >= recalls[fastest.name]
+        print(f"infer_mp.py at {label} vs the fastest peer: {ratio:.2f}x its pages/s (goal >= 1.20x: "
+              f"{'met' if ratio >= 1.2 else 'NOT met'}); word recall {recalls[ours.name]:.4f} vs "
+              f"{recalls[fastest.name]:.4f} ({'equal or better' if recall_ok else 'LOWER'})")
+    for peer_config in small_peers:
+        print(f"infer_mp.py, 1 instance, vs {peer_config.name}: {peer_config.median / default.median:.2f}x")
 
 
 def start_ray_head(work: Path) -> tuple[subprocess.Popen, str]:
@@ -825,11 +924,15 @@ def main() -> None:
                         help="instead: dispatch cost over N tiny inputs with the model-free pipeline")
     parser.add_argument("--engines", action="store_true",
                         help="instead: infer_mp.py on each CPU engine beside the peer rapidocr-openvino")
+    parser.add_argument("--peers", action="store_true",
+                        help="instead: infer_mp.py on PP-OCRv6_small beside rapidocr 3.10, faster-paddle and "
+                        "PaddleOCR's predict (peers in virtual environments of their own, made under --peer_venv)")
     parser.add_argument("--backends", action="store_true",
                         help="instead: the Ray backend against the local one (needs requirements-ray.txt)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="with --backends: more infer_mp.py flags for every run, e.g. --engine onnxruntime")
-    parser.add_argument("--peer_venv", help="virtual environment for the peer (created if missing)")
+    parser.add_argument("--peer_venv", help="virtual environment for the peer of --engines (created if missing); "
+                        "with --peers, the folder of the peers' environments")
     parser.add_argument("--no_peer", action="store_true", help="--engines without the peer")
     parser.add_argument("--run_log_records", type=int, default=0, metavar="N",
                         help="instead: start-up of a rerun with nothing to do, with a run log of N records")
@@ -859,6 +962,8 @@ def main() -> None:
         backend_benchmark(args, work)
     elif args.engines:
         engine_benchmark(args, work)
+    elif args.peers:
+        peers_benchmark(args, work)
     else:
         ocr_benchmark(args, work)
 
