@@ -1165,6 +1165,7 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> An
     engine_config = planned_engine_config(cls, spec, init_kwargs)
     if engine_config is not None:
         kwargs["engine_config"] = engine_config
+    install_recognizer_speedups()
     return cls(**kwargs)
 
 
@@ -1320,6 +1321,41 @@ def openvino_options(threads: int | None) -> dict:
     cpu = {**OPENVINO_CPU_CONFIG, **(OPENVINO_BF16_CONFIG if cpu_flags() & NATIVE_BF16_FLAGS else {})}
     options: dict[str, Any] = {"num_of_threads": threads} if threads is not None else {}
     return {**options, "load_config": json.dumps({"CPU": cpu})}
+
+
+# PaddleX's CTC decoding copied each recognizer batch's scores (6 lines x ~120 steps x 18,710
+# characters for PP-OCRv6: 50 MB) and scanned them twice; a worker decodes them in place, once,
+# with the same texts and scores (installed by create_pipeline). Measured in README, "Today's
+# models and peers". (Rounding batch widths up, which spares OpenVINO a new shape per batch,
+# was tried and left out: the extra padding changed a test page's text.)
+
+
+def install_recognizer_speedups() -> None:
+    """Patch this process's PaddleX CTC decoder, where it has the shape the patch was written
+    for (PaddleX 3.x); otherwise leave it as it is."""
+    try:
+        from paddlex.inference.models.text_recognition import processors
+    except Exception:
+        return
+    decoder = getattr(processors, "CTCLabelDecode", None)
+    if decoder is not None and hasattr(decoder, "decode") and not hasattr(decoder.__call__, "infer_mp"):
+        decoder.__call__ = ctc_decode_without_copy(decoder.__call__)
+
+
+def ctc_decode_without_copy(whole: Any) -> Any:
+    def decode(self: Any, pred: Any, return_word_box: bool = False, **kwargs: Any) -> tuple[list, list]:
+        import numpy
+
+        if return_word_box:  # (word boxes need PaddleX's own path)
+            return whole(self, pred, return_word_box, **kwargs)
+        scores = numpy.asarray(pred[0])
+        best = scores.argmax(axis=-1)
+        chosen = numpy.take_along_axis(scores, best[..., None], axis=-1)[..., 0]
+        lines = self.decode(best, chosen, is_remove_duplicate=True)
+        return [line[0] for line in lines], [line[1] for line in lines]
+
+    decode.infer_mp = True  # type: ignore[attr-defined]
+    return decode
 
 
 def onnxruntime_providers() -> list[str]:

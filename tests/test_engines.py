@@ -277,3 +277,41 @@ def test_cores_honour_a_cgroup_v1_quota(eight_cores, quota, cores):
     (eight_cores / "CGROUP_V1_CPU_QUOTA").write_text(quota + "\n")
     (eight_cores / "CGROUP_V1_CPU_PERIOD").write_text("100000\n")
     assert infer_mp.available_cores() == cores
+
+
+# -- PaddleX's CTC decoding without a copy of the scores (install_recognizer_speedups) --------
+
+
+@pytest.fixture
+def recognizer(monkeypatch):
+    """PaddleX's recognizer processors, restored after the test (the patch is process-wide)."""
+    processors = pytest.importorskip("paddlex.inference.models.text_recognition.processors")
+    monkeypatch.setattr(processors.CTCLabelDecode, "__call__", processors.CTCLabelDecode.__call__)
+    return processors
+
+
+def test_recognizer_decoding_reads_the_same_without_copying_the_scores(recognizer):
+    """PaddleX copied each batch's scores (50 MB for 6 lines of PP-OCRv6) before decoding."""
+    import tracemalloc
+
+    import numpy
+
+    decoder = recognizer.CTCLabelDecode(character_list=[chr(ord("a") + i % 26) + str(i) for i in range(4999)])
+    scores = numpy.random.default_rng(1).random((6, 120, 5000), dtype=numpy.float32)
+    scores[:, ::3, 0] = 2.0  # blanks between characters, as a real line has
+    expected = decoder([scores])
+    infer_mp.install_recognizer_speedups()
+    tracemalloc.start()
+    try:
+        got = decoder([scores])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == expected
+    assert peak < scores.nbytes / 10
+
+
+def test_workers_decode_without_the_copy(monkeypatch, recognizer):
+    monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: Takes)
+    infer_mp.create_pipeline(infer_mp.PipelineRef("x", "Takes"), infer_mp.WorkerSpec(0, "cpu", 2), {})
+    assert getattr(recognizer.CTCLabelDecode.__call__, "infer_mp", False)
