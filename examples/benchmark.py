@@ -282,8 +282,8 @@ def mean_recall(out: Path, texts: dict[str, str]) -> float:
     return sum(recalls) / len(recalls)
 
 
-def infer_v6(input_dir: Path, out: Path, *flags: str) -> list[str]:
-    return python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE_V6, "--input_dir", str(input_dir), "--device",
+def infer_v6(input_dir: Path, out: Path, *flags: str, script: Path = ROOT / "infer_mp.py") -> list[str]:
+    return python(str(script), "--pipeline", PIPELINE_V6, "--input_dir", str(input_dir), "--device",
                   "cpu", "--engine", "onnxruntime", "--output_dir", str(out), "--progress_interval", "3600", *flags)
 
 
@@ -298,7 +298,8 @@ def builtin_v6_config(threads: int) -> str:
 
 
 def peers_benchmark(args: argparse.Namespace, work: Path) -> None:
-    """infer_mp.py on PP-OCRv6_small at its defaults (and at 2 instances) beside the newest
+    """infer_mp.py on PP-OCRv6_small at its defaults (and at 2 instances; and PP-OCRv4 on the
+    Paddle engine, which README command 1 ran before) beside the newest
     CPU peers on the same pages: rapidocr 3.10 on OpenVINO and ONNX Runtime (same v6 small
     models, plus its default text-line orientation model), faster-paddle 1.0.4 small (and tiny,
     another model), and PaddleOCR's own predict(dir); speed and word recall, whole processes."""
@@ -316,6 +317,10 @@ def peers_benchmark(args: argparse.Namespace, work: Path) -> None:
                [infer_v6(work / "dense", out)], n),
         Config("infer_mp.py, PP-OCRv6_small, 2 instances x 1 thread",
                [infer_v6(work / "dense", out, "--instances_per_device", str(cores()), "--cpu_threads", "1")], n),
+        Config("infer_mp.py, PP-OCRv4 mobile, Paddle engine, 2 instances x 1 thread (README command 1 before)",
+               [python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(work / "dense"),
+                       "--device", "cpu", "--instances_per_device", str(cores()), "--cpu_threads", "1",
+                       "--output_dir", str(out), "--progress_interval", "3600")], n),
         Config("PaddleOCR predict(dir), PP-OCRv6_small, same engine settings, 1 process",
                [python(str(HERE / "bench_worker.py"), "builtin", str(out), str(work / "dense"), "--pipeline", "v6",
                        "--engine", "onnxruntime", "--threads", str(cores()),
@@ -329,6 +334,9 @@ def peers_benchmark(args: argparse.Namespace, work: Path) -> None:
         Config("faster-paddle 1.0.4, PP-OCRv6 tiny (another model), 1 process",
                [[str(faster), peer, "faster-paddle-tiny", str(out), *files]], n),
     ]
+    if args.baseline:  # (not a peer: an earlier infer_mp.py, for what a change gained)
+        configs.append(Config(f"baseline {args.baseline}, PP-OCRv6_small, defaults",
+                              [infer_v6(work / "dense", out, script=Path(args.baseline).resolve())], n))
     print(f"measuring {len(configs)} configurations x {args.rounds} rounds on {n} pages ...", file=sys.stderr)
     recalls = {}
     for round_index in range(args.rounds):
@@ -342,9 +350,11 @@ def peers_benchmark(args: argparse.Namespace, work: Path) -> None:
     rows += [f"| {c.name} | {c.median:.1f} | {n / c.median:.2f} | {recalls[c.name]:.4f} |" for c in configs]
     print("\n".join(rows))
     default, two = configs[0], configs[1]
-    small_peers = [c for c in configs[2:] if "another model" not in c.name]
+    small_peers = [c for c in configs[3:] if "another model" not in c.name and not c.name.startswith("baseline")]
     fastest = min(small_peers, key=lambda c: c.median)
     print(f"\nfastest peer on PP-OCRv6_small: {fastest.name}")
+    if args.baseline:
+        print(f"infer_mp.py at defaults vs the baseline: {configs[-1].median / default.median:.2f}x")
     for label, ours in (("defaults", default), ("2 instances", two)):
         ratio = fastest.median / ours.median
         recall_ok = recalls[ours.name] >= recalls[fastest.name]
@@ -940,14 +950,14 @@ def main() -> None:
                         help="instead: long PDFs (N pages) against images and whole-file runs, and a "
                         "--pages_per_task sweep: worker memory, balance, CPU seconds")
     parser.add_argument("--baseline", metavar="SCRIPT",
-                        help="with --orchestration or --run_log_records: another infer_mp.py (e.g. an earlier "
+                        help="with --orchestration, --run_log_records or --peers: another infer_mp.py (e.g. an earlier "
                         "commit's) run in the same rounds, interleaved, beside this one, with a new-vs-baseline ratio")
     parser.add_argument("--work_dir", help="where inputs and outputs go (default: a new temporary folder, "
                         "named on stderr and kept)")
     args = parser.parse_args()
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
-    if args.baseline and not (args.orchestration or args.run_log_records):
-        parser.error("--baseline goes with --orchestration or --run_log_records")
+    if args.baseline and not (args.orchestration or args.run_log_records or args.peers):
+        parser.error("--baseline goes with --orchestration, --run_log_records or --peers")
     # Resolved: infer_mp.py keys inputs on their folder's real path, and old and new must agree.
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ def run_ocr(src: Path, out: Path, *extra: str):
 
 
 def test_bundled_example_matches_its_truth(tmp_path):
-    """What the README's first command runs: examples/inputs against examples/truth.json."""
+    """PP-OCRv4 mobile on the Paddle engine (the README's first command before PP-OCRv6):
+    examples/inputs against examples/truth.json."""
     truth = json.loads((ROOT / "examples" / "truth.json").read_text())
     run = run_ocr(ROOT / "examples" / "inputs", tmp_path / "out")
     assert run.code == 0, run.stderr
@@ -29,13 +30,14 @@ def test_bundled_example_matches_its_truth(tmp_path):
 
 
 def test_pp_ocrv6_from_the_registry_reads_the_bundled_example(tmp_path):
-    """PP-OCRv6_small from the `rapidocr` 3.10 wheel, through PaddleX's ONNX Runtime engine:
-    the same result schema, the known text, every page with a quality figure."""
+    """The README's first command: PP-OCRv6_small from the `rapidocr` 3.10 wheel, through
+    PaddleX's ONNX Runtime engine, on the bundled example: the same result schema, the known
+    text, every page with a quality figure."""
     truth = json.loads((ROOT / "examples" / "truth.json").read_text())
     out = tmp_path / "out"
     run = run_cli("--pipeline", f"{ROOT / 'examples' / 'offline_ocr.py'}:OfflineOCRv6", "--input_dir",
                   str(ROOT / "examples" / "inputs"), "--device", "cpu", "--engine", "onnxruntime",
-                  "--output_dir", str(out))
+                  "--instances_per_device", "2", "--output_dir", str(out))
     assert run.code == 0, run.stderr
     assert_text_matches(out, truth)
     for name in truth:
