@@ -1165,8 +1165,9 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> An
     engine_config = planned_engine_config(cls, spec, init_kwargs)
     if engine_config is not None:
         kwargs["engine_config"] = engine_config
+    pipeline = cls(**kwargs)
     install_recognizer_speedups()
-    return cls(**kwargs)
+    return pipeline
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1325,18 +1326,15 @@ def openvino_options(threads: int | None) -> dict:
 
 # PaddleX's CTC decoding copied each recognizer batch's scores (6 lines x ~120 steps x 18,710
 # characters for PP-OCRv6: 50 MB) and scanned them twice; a worker decodes them in place, once,
-# with the same texts and scores (installed by create_pipeline). Measured in README, "Today's
-# models and peers". (Rounding batch widths up, which spares OpenVINO a new shape per batch,
-# was tried and left out: the extra padding changed a test page's text.)
+# with the same texts and scores (installed by create_pipeline). Measured in docs/engines.md,
+# "PP-OCRv6 beside its peers". (Rounding batch widths up, which spares OpenVINO a new shape per
+# batch, was tried and left out: the extra padding changed a test page's text.)
 
 
 def install_recognizer_speedups() -> None:
-    """Patch this process's PaddleX CTC decoder, where it has the shape the patch was written
-    for (PaddleX 3.x); otherwise leave it as it is."""
-    try:
-        from paddlex.inference.models.text_recognition import processors
-    except Exception:
-        return
+    """Patch this process's PaddleX CTC decoder, if the pipeline loaded it and it has the shape
+    the patch was written for (PaddleX 3.x); otherwise leave it as it is."""
+    processors = sys.modules.get("paddlex.inference.models.text_recognition.processors")
     decoder = getattr(processors, "CTCLabelDecode", None)
     if decoder is not None and hasattr(decoder, "decode") and not hasattr(decoder.__call__, "infer_mp"):
         decoder.__call__ = ctc_decode_without_copy(decoder.__call__)

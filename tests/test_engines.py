@@ -312,6 +312,7 @@ def test_recognizer_decoding_reads_the_same_without_copying_the_scores(recognize
 
 
 def test_workers_decode_without_the_copy(monkeypatch, recognizer):
+    """Where the pipeline loaded PaddleX's recognizer (here, the test did); others pay nothing."""
     monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: Takes)
     infer_mp.create_pipeline(infer_mp.PipelineRef("x", "Takes"), infer_mp.WorkerSpec(0, "cpu", 2), {})
     assert getattr(recognizer.CTCLabelDecode.__call__, "infer_mp", False)
