@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from pathlib import Path
+
+import pytest
 
 from conftest import (
     ROOT,
@@ -374,3 +377,38 @@ def test_on_a_case_insensitive_output_folder_names_differ_by_more_than_case(dirs
     plain = run_fake(src, out.parent / "plain")  # a folder that keeps case: the plain names
     assert plain.code == 0 and sorted(page_files(out.parent / "plain")) == ["A.json", "Doc_0.json", "a.json",
                                                                            "doc_0.json"]
+
+
+def has_loaded(pid: int, library: str) -> bool:
+    """The process has mapped this shared library (its `import` has begun)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_starting_says_so_in_one_line(tmp_path, signum):
+    """Ctrl-C while infer_mp.py imported its modules printed a traceback of the import it hit,
+    and SIGTERM before the dispatch loop ended the run without a word (and without its code,
+    143). Now, at each of these instants after its imports began (ctypes is among the first;
+    Python's own start-up before them is out of any script's reach): one line that says so, the
+    documented code, no traceback; then the next run does everything."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 3)
+    name = signal.Signals(signum).name
+    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.35):
+        process = start_fake(src, out)
+        deadline = time.monotonic() + 30
+        while not has_loaded(process.pid, "_ctypes") and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(delay)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+        if process.returncode == 0:
+            continue  # (it had finished)
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "(nothing)"
+        assert "Traceback" not in stderr and process.returncode == 128 + signum, (delay, stderr)
+        assert name in last or (signum == signal.SIGINT and "interrupted" in last), (delay, stderr)
+    assert run_fake(src, out).code == 0
+    assert_invariant(src, out)
