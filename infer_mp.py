@@ -4396,7 +4396,7 @@ def process_batch(pipeline: Any, tasks: list[Task], options: WorkerOptions, alia
         elif len(tasks[0].page_numbers) > 1:
             yield from process_page_by_page(pipeline, tasks[0], options, aliases, staging)
         else:
-            yield Failed(tasks[0].index, one_line(error))
+            yield Failed(tasks[0].index, reading_failure(error))
         return
     if outside:
         yield OutsideWindow()
@@ -4448,6 +4448,16 @@ def pillow_unlimited() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = ceiling
 
 
+def reading_failure(error: Exception) -> str:
+    """Why an input or page failed, in one line. PaddleX's refusal of a PDF page past the pixel
+    limit is said in infer_mp.py's words: PaddleX numbers the page from 1 (the run log and the
+    output names from 0) and cannot name the flag that sets the limit."""
+    if type(error).__name__ == "PDFRenderSizeError" and getattr(error, "pixel_count", None):
+        return pixels_refusal(f"{error.width} x {error.height} pixels even at PaddleX's smallest PDF scale",
+                              error.pixel_count, error.max_pixels)
+    return one_line(error)
+
+
 def pixels_refusal(what: str, pixels: int, limit: int) -> str:
     return (f"{what} ({pixels / 1e6:.3g} MP) is more than --max_image_pixels {limit:,}: decoding it would take "
             f"about {pixels * 3 / 2**30:.2g} GB; raise the limit to read it")
@@ -4463,7 +4473,7 @@ def process_page_by_page(pipeline: Any, task: Task, options: WorkerOptions, alia
             pages, outside = predict_pages(pipeline, [replace(task, pages=(page, page + 1))],
                                            options.predict_kwargs, aliases)
         except Exception as error:
-            failed[page] = one_line(error)
+            failed[page] = reading_failure(error)
             continue
         results += pages.get(task.index, [])
         if outside:

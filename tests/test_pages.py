@@ -383,3 +383,15 @@ def test_a_tiff_frame_past_the_limit_fails_as_one_page_and_pillows_own_limit_nev
                          env=env)
         assert again.code == 0, again.stderr
         assert page_files(out) == ["scan_0.json", "scan_1.json", "scan_2.json"]
+
+
+def test_a_pdf_page_past_the_limit_even_at_the_smallest_scale_is_named_as_the_run_log_names_it(tmp_path):
+    """PaddleX's own refusal said "Page 1: ... maximum allowed 20." of page 0 (it counts from
+    1, the run log and output names from 0) and did not name the flag that sets the limit."""
+    src = tmp_path / "in"
+    write(src / "doc.pdf", pdf_bytes(["page one", "page two"]))  # 60 x 40 pt: 6 x 4 pixels at scale 0.1
+    run = run_fake(src, tmp_path / "out", "--max_image_pixels", "20", env={"FAKE_PIPELINE_PRELOAD": "1"})
+    assert run.code == 1, run.stderr
+    [failed] = [line for line in run.stderr.splitlines() if "FAILED" in line]
+    assert "page 0: 6 x 4 pixels even at PaddleX's smallest PDF scale" in failed, failed
+    assert "--max_image_pixels 20" in failed and "Page 1" not in failed and "Traceback" not in run.stderr
