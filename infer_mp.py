@@ -5300,6 +5300,7 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
                  + " (each worker reports what it really runs on when it starts)")
     if config.pipeline_kwargs or config.predict_kwargs:
         lines.append(f"options: pipeline {config.pipeline_kwargs}, predict {config.predict_kwargs}")
+    lines.append(f"limits: {describe_limits(config, len(plan))}")
     lines.append("to do:")
     for task in work.todo:
         name = os.path.relpath(task.output_path("{page}" if task.paged else None), config.output_dir)
@@ -5314,6 +5315,21 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         print("\n".join(lines), flush=True)
     except BrokenPipeError:  # `--dry_run | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def describe_limits(config: Config, workers: int) -> str:
+    """The limits a run would work under, as --dry_run shows them: worker recycling, pixels,
+    the hang timeout."""
+    memory, source = memory_limit(config, workers)
+    parts = [f"a worker is recycled past {memory:,} MB resident ({source})" if memory
+             else f"no memory limit on workers ({source})"]
+    if config.max_items_per_worker:
+        parts.append(f"a worker is recycled after {config.max_items_per_worker} input(s) (--max_items_per_worker)")
+    parts.append(f"images past {config.max_image_pixels:,} pixels fail (--max_image_pixels)" if config.max_image_pixels
+                 else "no pixel limit (--max_image_pixels 0)")
+    parts.append(f"a page may take {config.task_timeout:g} s (--task_timeout)" if config.task_timeout
+                 else "no time limit on a page (--task_timeout)")
+    return "; ".join(parts)
 
 
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], tasks: list[Task], work: WorkSelection,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,24 @@ def test_dry_run_prints_the_plan_and_touches_nothing(dirs):
     write(src / "b.png")
     run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
     assert "1 to do, 2 already done" in run.stdout
+
+
+def test_dry_run_shows_the_limits_the_run_would_work_under(dirs):
+    """Worker recycling (memory, inputs), the pixel limit and the hang timeout, defaults included:
+    a user tuning them sees them before the run, not only in its summary."""
+    src, out = dirs
+    write(src / "a.png")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
+    [limits] = [line for line in run.stdout.splitlines() if line.startswith("limits: ")]
+    assert re.search(r"recycled past [0-9,]+ MB resident \(default: 80% of", limits), limits
+    assert f"images past {infer_mp.DEFAULT_MAX_IMAGE_PIXELS:,} pixels fail" in limits
+    assert "no time limit on a page (--task_timeout)" in limits
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run", "--max_worker_memory_mb", "0",
+                   "--max_items_per_worker", "5", "--max_image_pixels", "0", "--task_timeout", "30")
+    [limits] = [line for line in run.stdout.splitlines() if line.startswith("limits: ")]
+    assert limits == ("limits: no memory limit on workers (--max_worker_memory_mb); a worker is recycled after 5 "
+                      "input(s) (--max_items_per_worker); no pixel limit (--max_image_pixels 0); a page may take "
+                      "30 s (--task_timeout)")
 
 
 # -- pipeline options -------------------------------------------------------------------------------
