@@ -3171,8 +3171,16 @@ class Note:
     text: str
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """The dispatch loop's pulse (at least every POLL_SECONDS): the input held longest by a
+    worker and for how many seconds, if any, so that progress lines go on while one hangs."""
+
+    longest: tuple[str, float] | None
+
+
 Event = (WorkerStarted | WorkerFailedToStart | WorkerLost | WorkerRecycled | Staged | TaskDone | TaskFailed
-         | OutputError | Note)
+         | OutputError | Note | Waiting)
 
 
 class Stopper:
@@ -3416,8 +3424,17 @@ class Backend:
                         self._feed(worker)
                 self._kill_overdue_workers()
                 yield from self._wait(restart=not stop.requested)
+                yield Waiting(self._longest_held())
         finally:
             self._shutdown(list(self.workers.values()))
+
+    def _longest_held(self) -> tuple[str, float] | None:
+        """(path, seconds) of the input a worker has held longest, if any worker holds one."""
+        held = [(worker.busy_since, task.path) for worker in self.workers.values() for task in worker.held.values()]
+        if not held:
+            return None
+        since, path = min(held)
+        return str(path), time.monotonic() - since
 
     def _start(self, spec: WorkerSpec) -> WorkerHandle:
         raise NotImplementedError
@@ -4729,8 +4746,10 @@ class Progress:
         else:
             say(message)
 
-    def update(self, pages: int, failed_pages: int, inputs: int, elapsed: float) -> None:
-        """`pages` done and `failed_pages` of the run's pages; `inputs` finished."""
+    def update(self, pages: int, failed_pages: int, inputs: int, elapsed: float,
+               longest: tuple[str, float] | None = None) -> None:
+        """`pages` done and `failed_pages` of the run's pages; `inputs` finished; `longest`, the
+        input held longest (path, seconds), named once it has taken more than an interval."""
         if self.bar is not None:
             self.bar.n = min(pages + failed_pages, self.total)
             self.bar.set_postfix(failed=failed_pages, inputs=f"{inputs}/{self.inputs}", refresh=False)
@@ -4738,8 +4757,10 @@ class Progress:
         elif self.interval and time.monotonic() - self.last_line >= self.interval:
             self.last_line = time.monotonic()
             rate = pages / elapsed if elapsed > 0 else 0.0
+            slow = (f"; {longest[0]} in progress for {longest[1]:.0f} s" if longest and longest[1] >= self.interval
+                    else "")
             say(f"progress: {pages + failed_pages}/{self.total} pages, {inputs}/{self.inputs} inputs, "
-                f"{failed_pages} failed, {rate:.2f} pages/s")
+                f"{failed_pages} failed, {rate:.2f} pages/s{slow}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -4832,7 +4853,10 @@ class Report:
             self.weak_pages.append((page, figure))
 
     def handle(self, event: Event) -> None:
-        if isinstance(event, Note):
+        longest = None
+        if isinstance(event, Waiting):
+            longest = event.longest
+        elif isinstance(event, Note):
             self.progress.say(event.text)
         elif isinstance(event, WorkerRecycled):
             self.recycled_for_memory += event.reason.for_memory
@@ -4858,7 +4882,7 @@ class Report:
             self.task_done(event)
         elif isinstance(event, TaskFailed):
             self.task_failed(event)
-        self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed)
+        self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed, longest)
 
     def staged(self, event: Staged) -> None:
         """Record where a batch's staged files go (see Ledger.prepare), in the file before

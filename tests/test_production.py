@@ -265,6 +265,19 @@ def test_progress_lines_and_summary_when_not_a_terminal(dirs):
     assert "6 done, 0 failed, 0 skipped" in summary and "pages/s" in summary and "per device: cpu" in summary
 
 
+def test_progress_lines_go_on_while_an_input_hangs_and_name_it(dirs, tmp_path):
+    """Without --task_timeout an input may hang for ever: the progress lines went silent as soon
+    as nothing finished. They go on, and name the input held longest once it has taken more than
+    an interval."""
+    src, out = dirs
+    make_inputs(src, 1)
+    process = start_fake(src, out, "--progress_interval", "0.5", env={"FAKE_PIPELINE_GATE": str(tmp_path / "never")})
+    process.wait_for_stderr("ready")
+    process.wait_for_stderr(f"{src / 'p00.png'} in progress for ", timeout=30)
+    lines = [line for line in process.stderr_text().splitlines() if "progress: 0/1 pages" in line]
+    assert lines and "0/1 inputs" in lines[-1], process.stderr_text()
+
+
 def test_progress_bar_on_a_terminal(dirs):
     pytest.importorskip("tqdm")
     import fcntl
