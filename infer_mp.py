@@ -3173,8 +3173,8 @@ class Note:
 
 @dataclass(frozen=True)
 class Waiting:
-    """The dispatch loop's pulse (at least every POLL_SECONDS): the input held longest by a
-    worker and for how many seconds, if any, so that progress lines go on while one hangs."""
+    """The dispatch loop's pulse (about every POLL_SECONDS): the input held longest by a worker
+    and for how many seconds, if any, so that progress lines go on while one hangs."""
 
     longest: tuple[str, float] | None
 
@@ -3407,6 +3407,7 @@ class Backend:
         self.ranges = {task.index for task in tasks if task.pages is not None}
         self.fresh = itertools.count(max((task.index for task in tasks), default=0) + 1)  # see _requeue_or_fail
         self.workers = {spec.slot: self._start(spec) for spec in plan}
+        pulse = time.monotonic()
         try:
             while self.workers and (self.pending or self._busy()):
                 while (announcement := stop.announcement()) is not None:  # (two signals at once: both)
@@ -3424,7 +3425,9 @@ class Backend:
                         self._feed(worker)
                 self._kill_overdue_workers()
                 yield from self._wait(restart=not stop.requested)
-                yield Waiting(self._longest_held())
+                if time.monotonic() - pulse >= POLL_SECONDS:
+                    pulse = time.monotonic()
+                    yield Waiting(self._longest_held())
         finally:
             self._shutdown(list(self.workers.values()))
 
@@ -4830,6 +4833,7 @@ class Report:
     max_page_error_rate: float = 0.0
     memory_limit: tuple[int, str] = (0, "")  # per worker, MB (0: none), and where it comes from
     recycled_for_memory: int = 0
+    longest: tuple[str, float] | None = None  # the input held longest (path, seconds), from Waiting
     blank_pages: int = 0
     weak_pages: list[tuple[str, dict]] = field(default_factory=list)  # (page, figure)
     min_page_score: float | None = None  # the gate: weak pages count as failed (see weak_reason)
@@ -4853,9 +4857,8 @@ class Report:
             self.weak_pages.append((page, figure))
 
     def handle(self, event: Event) -> None:
-        longest = None
         if isinstance(event, Waiting):
-            longest = event.longest
+            self.longest = event.longest
         elif isinstance(event, Note):
             self.progress.say(event.text)
         elif isinstance(event, WorkerRecycled):
@@ -4882,7 +4885,7 @@ class Report:
             self.task_done(event)
         elif isinstance(event, TaskFailed):
             self.task_failed(event)
-        self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed, longest)
+        self.progress.update(self.pages, self.failed_pages, self.done + self.failed, self.elapsed, self.longest)
 
     def staged(self, event: Staged) -> None:
         """Record where a batch's staged files go (see Ledger.prepare), in the file before
