@@ -3193,6 +3193,7 @@ class Stopper:
         self.deadline = math.inf
         self.forced = False  # a second signal: stop now
         self.said = 0  # announcements made: the first signal's, then the second's
+        self.closed = False  # see close()
 
     @property
     def requested(self) -> bool:
@@ -3202,9 +3203,16 @@ class Stopper:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self._on_signal)
 
+    def close(self) -> None:
+        """The work is over (what is left is the run's closing line and summary, a moment): a
+        signal from now on changes neither what the run did nor its exit code."""
+        self.closed = True
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         """Sets flags only: the dispatch loop, which wakes at least every POLL_SECONDS, acts
         on them. (An exception raised here would be swallowed inside ray.wait.)"""
+        if self.closed:
+            return
         if self.signum is not None:
             self.deadline, self.forced = -math.inf, True
             return
@@ -5414,6 +5422,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
         report.output_error = str(error)
     finally:
         progress.close()
+        stop.close()
     try:
         work.ledger.log.write_run(report.counts(), int(report.exit_code(stop)))
     except OutputFailed as error:

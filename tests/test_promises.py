@@ -412,3 +412,16 @@ def test_a_stop_while_starting_says_so_in_one_line(tmp_path, signum):
         assert name in last or (signum == signal.SIGINT and "interrupted" in last), (delay, stderr)
     assert run_fake(src, out).code == 0
     assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_summary_prints_changes_nothing(tmp_path, signum):
+    """Every input done, then a Ctrl-C as the summary prints: the run exited 130 with a summary
+    that said everything was done. The work was over; its code is the work's, 0."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 3)
+    name = signal.Signals(signum).name
+    run = run_fake(src, out, env={**injected(), "SIGNAL_ON_STDERR": f"{name}:inputs: 3 done"})
+    assert run.code == 0 and "Traceback" not in run.stderr, run.stderr
+    assert closing_line(out)["exit_code"] == 0
+    assert_invariant(src, out)

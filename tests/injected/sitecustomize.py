@@ -9,6 +9,9 @@ it and refuses past twice it) set to N, so that a small test image meets it as a
 CASE_INSENSITIVE=folder: looking a name up in that folder (os.stat, os.lstat: what
 os.path.exists uses) ignores case, as on SMB, APFS or NTFS: `A.json` is found as `a.json`.
 
+SIGNAL_ON_STDERR=SIGINT:text: the process sends itself that signal once, just after it first writes
+`text` to stderr (a Ctrl-C at that instant, e.g. while it prints its summary).
+
 FAULTY_DISK: the folder it names fails as a real disk would, with the error the kernel gives:
 
     FAULTY_DISK='{"folder": "/tmp/x/disk", "error": "ENOSPC", "capacity": 409600}'
@@ -202,6 +205,32 @@ def _install_case_insensitive(folder: str) -> None:
     os.stat, os.lstat = folded(real_stat), folded(real_lstat)
 
 
+def _install_signal_on_stderr(setting: str) -> None:
+    import signal
+    import sys
+
+    name, _, text = setting.partition(":")
+
+    class SignallingStream:
+        def __init__(self, stream):
+            self.stream, self.fired = stream, False
+
+        def write(self, data):
+            written = self.stream.write(data)
+            if not self.fired and text in data:
+                self.fired = True
+                self.stream.flush()
+                os.kill(os.getpid(), getattr(signal, name))
+            return written
+
+        def __getattr__(self, attribute):
+            return getattr(self.stream, attribute)
+
+    sys.stderr = SignallingStream(sys.stderr)
+
+
+if os.environ.get("SIGNAL_ON_STDERR"):
+    _install_signal_on_stderr(os.environ["SIGNAL_ON_STDERR"])
 if os.environ.get("PILLOW_MAX_IMAGE_PIXELS"):
     from PIL import Image as _Image
 
