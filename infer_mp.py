@@ -141,6 +141,7 @@ LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # a clean stop (see Stopper)
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
 STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
@@ -3298,14 +3299,15 @@ def spawn_worker(pipeline: PipelineRef) -> tuple[multiprocessing.process.BasePro
     """Start a worker process; it imports the pipeline's libraries, then waits for its device."""
     parent, child = SPAWN.Pipe()
     process = SPAWN.Process(target=worker_main, args=(pipeline, child), name="infer_mp-worker", daemon=True)
-    # Workers inherit SIG_IGN for Ctrl-C and SIGTERM: the coordinator alone decides how to
-    # stop, and kills them itself.
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C and SIGTERM are held back (blocked, not ignored: the kernel drops a signal sent
+    # while it is ignored) while the worker starts: the coordinator then gets any that came,
+    # and the worker, which inherits the mask, ignores both from its first line (worker_main):
+    # the coordinator alone decides how to stop, and kills workers itself.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         process.start()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     child.close()
     return process, parent
 
@@ -3440,12 +3442,16 @@ class Backend:
             self._shutdown(list(self.workers.values()))
 
     def _longest_held(self) -> tuple[str, float] | None:
-        """(path, seconds) of the input a worker has held longest, if any worker holds one."""
-        held = [(worker.busy_since, task.path) for worker in self.workers.values() for task in worker.held.values()]
-        if not held:
+        """(what, seconds) of the batch a worker has held longest, if any worker holds one:
+        its input (and pages), or its first and how many more it has."""
+        busy = [worker for worker in self.workers.values() if worker.held]
+        if not busy:
             return None
-        since, path = min(held)
-        return str(path), time.monotonic() - since
+        worker = min(busy, key=attrgetter("busy_since"))
+        tasks = list(worker.held.values())
+        first = tasks[0].path + (f" pages {tasks[0].pages[0]}-{tasks[0].pages[1] - 1}" if tasks[0].pages else "")
+        more = f" (and {len(tasks) - 1} more input(s) in its batch)" if len(tasks) > 1 else ""
+        return first + more, time.monotonic() - worker.busy_since
 
     def _start(self, spec: WorkerSpec) -> WorkerHandle:
         raise NotImplementedError
@@ -4219,6 +4225,9 @@ class RayActor(PipelineWorker):
 def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
     """Entry point of a worker process (spawned: nothing is inherited but the arguments).
     It imports the pipeline's libraries at once, then waits to be told its device."""
+    for signum in STOP_SIGNALS:  # (a pending one is dropped: see spawn_worker)
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with_parent()
     worker = PipelineWorker(pipeline_ref)
     try:
@@ -5360,8 +5369,8 @@ def describe_limits(config: Config, workers: int) -> str:
              else f"no memory limit on workers ({source})"]
     if config.max_items_per_worker:
         parts.append(f"a worker is recycled after {config.max_items_per_worker} input(s) (--max_items_per_worker)")
-    parts.append(f"images past {config.max_image_pixels:,} pixels fail (--max_image_pixels)" if config.max_image_pixels
-                 else "no pixel limit (--max_image_pixels 0)")
+    parts.append(f"images past {config.max_image_pixels:,} pixels fail, PDF pages are rendered smaller "
+                 "(--max_image_pixels)" if config.max_image_pixels else "no pixel limit (--max_image_pixels 0)")
     parts.append(f"a page may take {config.task_timeout:g} s (--task_timeout)" if config.task_timeout
                  else "no time limit on a page (--task_timeout)")
     return "; ".join(parts)
@@ -5452,11 +5461,21 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {error}")
         return int(error.exit_code)
     except KeyboardInterrupt:
+        stop_listening()
         say("interrupted")
         return int(ExitCode.INTERRUPTED)
     except Terminated:
+        stop_listening()
         say("stopped by SIGTERM")
         return int(ExitCode.TERMINATED)
+
+
+def stop_listening() -> None:
+    """Stopping already: a second signal, while Python shuts down, must neither print a
+    traceback nor kill the process before it exits with its code (run as a script only)."""
+    if signal.getsignal(signal.SIGTERM) is raise_terminated:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

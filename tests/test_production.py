@@ -276,6 +276,11 @@ def test_progress_lines_go_on_while_an_input_hangs_and_name_it(dirs, tmp_path):
     process.wait_for_stderr(f"{src / 'p00.png'} in progress for ", timeout=30)
     lines = [line for line in process.stderr_text().splitlines() if "progress: 0/1 pages" in line]
     assert lines and "0/1 inputs" in lines[-1], process.stderr_text()
+    make_inputs(src / "two", 2)
+    process = start_fake(src / "two", out / "two", "--progress_interval", "0.5", "--batch_size", "2",
+                         env={"FAKE_PIPELINE_GATE": str(tmp_path / "never")})
+    process.wait_for_stderr(f"{src / 'two' / 'p00.png'} (and 1 more input(s) in its batch) in progress for ",
+                            timeout=30)
 
 
 def test_progress_bar_on_a_terminal(dirs):

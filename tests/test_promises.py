@@ -425,3 +425,46 @@ def test_a_signal_while_the_summary_prints_changes_nothing(tmp_path, signum):
     assert run.code == 0 and "Traceback" not in run.stderr, run.stderr
     assert closing_line(out)["exit_code"] == 0
     assert_invariant(src, out)
+
+
+def test_a_signal_while_a_worker_starts_is_not_lost(monkeypatch):
+    """The coordinator ignored Ctrl-C and SIGTERM while it started a worker (so that the worker
+    inherited that): one sent then was dropped by the kernel, and the run went on to the end."""
+    import os
+
+    import infer_mp
+
+    got = []
+
+    class Starting:  # a worker process whose start the signal lands in
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(infer_mp.SPAWN, "Process", Starting)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        infer_mp.spawn_worker(infer_mp.PipelineRef("module", "Class"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert got == [signal.SIGTERM]
+
+
+def test_a_second_signal_after_the_stop_line_changes_nothing(tmp_path):
+    """SIGTERM while starting, then another just after "stopped by SIGTERM" was printed: it
+    raised again while Python shut down (a traceback, or killed by the signal instead of 143)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 3)
+    for delay in (0.02, 0.1, 0.3):
+        process = start_fake(src, out, env={**injected(), "SIGNAL_ON_STDERR": "SIGTERM:stopped by SIGTERM"})
+        deadline = time.monotonic() + 30
+        while not has_loaded(process.pid, "_ctypes") and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+        if process.returncode == 0:
+            continue
+        assert process.returncode == 143 and "Traceback" not in stderr and "ignored" not in stderr, (delay, stderr)
