@@ -267,9 +267,12 @@ def engine_benchmark(args: argparse.Namespace, work: Path) -> None:
 PIPELINE_V6 = f"{HERE / 'offline_ocr.py'}:OfflineOCRv6"
 
 
-def word_recall(known: str, read: list[str]) -> float:
-    """The share of the page's words (with repeats) that the reading has."""
+def word_recall(known: str, read: list[str]) -> float | None:
+    """The share of the page's words (with repeats) that the reading has; None for a page
+    without words (examples/quality.py uses it too)."""
     wanted = Counter(known.split())
+    if not wanted:
+        return None
     return sum((wanted & Counter(" ".join(read).split())).values()) / sum(wanted.values())
 
 
@@ -278,7 +281,9 @@ def mean_recall(out: Path, texts: dict[str, str]) -> float:
     recalls = []
     for path in out.rglob("*.json"):
         content = json.loads(path.read_text(encoding="utf-8"))
-        recalls.append(word_recall(texts[Path(content["input_path"]).name], content.get("rec_texts") or []))
+        recall = word_recall(texts[Path(content["input_path"]).name], content.get("rec_texts") or [])
+        if recall is not None:
+            recalls.append(recall)
     return sum(recalls) / len(recalls)
 
 

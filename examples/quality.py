@@ -29,13 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchmark import WORDS  # noqa: E402
+from benchmark import WORDS, word_recall  # noqa: E402
 
 from samples import render_page  # noqa: E402
 
@@ -93,13 +93,6 @@ def write_set(folder: Path, pages: int, clean: int = 0) -> dict[str, tuple[str, 
             degrade(kind, page).save(folder / name)
             truth[name] = (kind, "" if kind in ("blank", "static") else " ".join(text))
     return truth
-
-
-def word_recall(known: str, read: list[str]) -> float | None:
-    wanted = Counter(known.split())
-    if not wanted:
-        return None
-    return sum((wanted & Counter(" ".join(read).split())).values()) / sum(wanted.values())
 
 
 def main() -> None:

@@ -387,6 +387,14 @@ def has_loaded(pid: int, library: str) -> bool:
         return False
 
 
+def wait_for_imports(process) -> None:
+    """Until the run's own imports have begun (ctypes is among its first): Python's start-up
+    before them is out of any script's reach."""
+    deadline = time.monotonic() + 30
+    while not has_loaded(process.pid, "_ctypes") and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_while_starting_says_so_in_one_line(tmp_path, signum):
     """Ctrl-C while infer_mp.py imported its modules printed a traceback of the import it hit,
@@ -399,9 +407,7 @@ def test_a_stop_while_starting_says_so_in_one_line(tmp_path, signum):
     name = signal.Signals(signum).name
     for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.35):
         process = start_fake(src, out)
-        deadline = time.monotonic() + 30
-        while not has_loaded(process.pid, "_ctypes") and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_for_imports(process)
         time.sleep(delay)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
@@ -459,9 +465,7 @@ def test_a_second_signal_after_the_stop_line_changes_nothing(tmp_path):
     make_inputs(src, 3)
     for delay in (0.02, 0.1, 0.3):
         process = start_fake(src, out, env={**injected(), "SIGNAL_ON_STDERR": "SIGTERM:stopped by SIGTERM"})
-        deadline = time.monotonic() + 30
-        while not has_loaded(process.pid, "_ctypes") and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
+        wait_for_imports(process)
         time.sleep(delay)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=60)
