@@ -245,7 +245,9 @@ def test_by_default_a_worker_that_leaks_is_recycled_before_the_machine_runs_out(
     small = {**injected(), "FAKE_MEMORY_MB": "10"}  # a limit below what a fresh worker holds: no use reloading
     make_inputs(tmp_path / "many", 12)
     run = run_fake(tmp_path / "many", tmp_path / "small", "--instances_per_device", "2", env=small)
-    assert run.code == 0 and "on 2 worker start(s)" in run.stderr and ": 0 time(s) in this run" in run.stderr
+    # (no restart: at most the 2 planned starts; under load the first may finish all 12 before the second is ready)
+    assert run.code == 0 and re.search(r"on [12] worker start\(s\)", run.stderr), run.stderr
+    assert ": 0 time(s) in this run" in run.stderr, run.stderr
     off = run_fake(tmp_path / "leaking", tmp_path / "off", "--max_worker_memory_mb", "0",
                    env={**machine, "FAKE_PIPELINE_GROW_MB": "10"})
     assert off.code == 0 and "memory:" not in off.stderr
