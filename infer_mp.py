@@ -55,6 +55,8 @@ from __future__ import annotations
 import os
 import signal
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # Ctrl-C and `kill`: a clean stop (see Stopper)
+
 
 def stopped_while_starting(signum: int, frame: object) -> None:
     """Ctrl-C or SIGTERM before main() has begun: nothing is done yet, so stop at once, saying
@@ -65,7 +67,7 @@ def stopped_while_starting(signum: int, frame: object) -> None:
 
 
 if __name__ == "__main__":  # (a worker imports this file too: it ignores both, see spawn_worker)
-    for _signum in (signal.SIGINT, signal.SIGTERM):
+    for _signum in STOP_SIGNALS:
         if signal.getsignal(_signum) is not signal.SIG_IGN:
             signal.signal(_signum, stopped_while_starting)
 
@@ -141,7 +143,6 @@ LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
-STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # a clean stop (see Stopper)
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
 STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
@@ -3174,7 +3175,7 @@ class Note:
 
 @dataclass(frozen=True)
 class Waiting:
-    """The dispatch loop's pulse (about every POLL_SECONDS): the input held longest by a worker
+    """The dispatch loop's pulse (about every POLL_SECONDS): the batch a worker has held longest
     and for how many seconds, if any, so that progress lines go on while one hangs."""
 
     longest: tuple[str, float] | None
@@ -3201,7 +3202,7 @@ class Stopper:
         return self.signum is not None
 
     def install(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_signal)
 
     def close(self) -> None:
@@ -4679,12 +4680,16 @@ def better_reading(new: dict | None, earlier: dict) -> bool:
     return new is not None and reading_score(new) > reading_score(earlier)
 
 
+def pages_read(done: Any) -> list[int | None] | None:
+    """The pages a done task's outputs are of, in order (an image's: [None]); see listed_pages."""
+    task = done.task
+    return listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
+
+
 def new_extras_placed(done: Any, kept: dict) -> bool:
     """Are a task's new --save files placed? Unless every page it read keeps its earlier
     reading (whose own --save files then stay): a task that mixes both has the new ones."""
-    task = done.task
-    pages = listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
-    return any(page not in kept for page in pages or ()) if done.outputs else False
+    return any(page not in kept for page in pages_read(done) or ()) if done.outputs else False
 
 
 def page_index_of(result: Any) -> int | None:
@@ -4769,7 +4774,8 @@ class Progress:
     def update(self, pages: int, failed_pages: int, inputs: int, elapsed: float,
                longest: tuple[str, float] | None = None) -> None:
         """`pages` done and `failed_pages` of the run's pages; `inputs` finished; `longest`, the
-        input held longest (path, seconds), named once it has taken more than an interval."""
+        batch held longest (what, seconds; see Backend._longest_held), named once it has taken
+        more than an interval."""
         if self.bar is not None:
             self.bar.n = min(pages + failed_pages, self.total)
             self.bar.set_postfix(failed=failed_pages, inputs=f"{inputs}/{self.inputs}", refresh=False)
@@ -4850,7 +4856,7 @@ class Report:
     max_page_error_rate: float = 0.0
     memory_limit: tuple[int, str] = (0, "")  # per worker, MB (0: none), and where it comes from
     recycled_for_memory: int = 0
-    longest: tuple[str, float] | None = None  # the input held longest (path, seconds), from Waiting
+    longest: tuple[str, float] | None = None  # the batch held longest (what, seconds), from Waiting
     blank_pages: int = 0
     weak_pages: list[tuple[str, dict]] = field(default_factory=list)  # (page, figure)
     min_page_score: float | None = None  # the gate: weak pages count as failed (see weak_reason)
@@ -4931,8 +4937,7 @@ class Report:
         or failed them. Noted in self.kept, and said once the task is done. A kept reading stays
         weak, unless this run's --min_page_score passes it."""
         task = done.task
-        pages = listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
-        figures = dict(zip(pages or (), done.quality))
+        figures = dict(zip(pages_read(done) or (), done.quality))
         kept: dict[int | None, tuple[str, bool]] = {}
         for page in task.page_numbers if task.paged else [None]:
             earlier = self.weak_readings.get((task.path, page))

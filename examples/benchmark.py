@@ -287,9 +287,14 @@ def mean_recall(out: Path, texts: dict[str, str]) -> float:
     return sum(recalls) / len(recalls)
 
 
+def infer_cpu(pipeline: str, input_dir: Path, out: Path, *flags: str, script: Path = ROOT / "infer_mp.py") -> list[str]:
+    """An infer_mp.py run on the CPU, no progress lines."""
+    return python(str(script), "--pipeline", pipeline, "--input_dir", str(input_dir), "--device", "cpu",
+                  "--output_dir", str(out), "--progress_interval", "3600", *flags)
+
+
 def infer_v6(input_dir: Path, out: Path, *flags: str, script: Path = ROOT / "infer_mp.py") -> list[str]:
-    return python(str(script), "--pipeline", PIPELINE_V6, "--input_dir", str(input_dir), "--device",
-                  "cpu", "--engine", "onnxruntime", "--output_dir", str(out), "--progress_interval", "3600", *flags)
+    return infer_cpu(PIPELINE_V6, input_dir, out, "--engine", "onnxruntime", *flags, script=script)
 
 
 def builtin_v6_config(threads: int) -> str:
@@ -323,9 +328,8 @@ def peers_benchmark(args: argparse.Namespace, work: Path) -> None:
         Config("infer_mp.py, PP-OCRv6_small, 2 instances x 1 thread",
                [infer_v6(work / "dense", out, "--instances_per_device", str(cores()), "--cpu_threads", "1")], n),
         Config("infer_mp.py, PP-OCRv4 mobile, Paddle engine, 2 instances x 1 thread (README command 1 before)",
-               [python(str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE, "--input_dir", str(work / "dense"),
-                       "--device", "cpu", "--instances_per_device", str(cores()), "--cpu_threads", "1",
-                       "--output_dir", str(out), "--progress_interval", "3600")], n),
+               [infer_cpu(PIPELINE, work / "dense", out, "--instances_per_device", str(cores()), "--cpu_threads",
+                          "1")], n),
         Config("PaddleOCR predict(dir), PP-OCRv6_small, same engine settings, 1 process",
                [python(str(HERE / "bench_worker.py"), "builtin", str(out), str(work / "dense"), "--pipeline", "v6",
                        "--engine", "onnxruntime", "--threads", str(cores()),
