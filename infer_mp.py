@@ -32,7 +32,7 @@ The coordinator (one process) and its workers (a process or a Ray actor each) ex
 named messages (the dataclasses at the top of the Dispatch section):
 
     coordinator                                      worker (PipelineWorker)
-    [AskPlan(config)                       ----->    plans with PaddleX's device helpers
+    [AskPlan(config)                       ----->    checks the options, plans with PaddleX's helpers
                                            <-----    Planned(plan | refused)]  (see WarmPool)
     Start(WorkerSpec, WorkerOptions)       ----->    builds the pipeline
                                            <-----    Ready(engine, token, reads_windows) | InitFailed(why)
@@ -1135,9 +1135,9 @@ def paddleocr_common_args_check() -> tuple[type, Any] | None:
 
 
 def check_pipeline_options(ref: PipelineRef, init_kwargs: dict, predict_kwargs: dict) -> None:
-    """Refuse a misspelled option before any worker starts, where the class tells us: its
-    signatures, and for PaddleOCR pipelines PaddleOCR's own check. Imports the class here,
-    so it costs a second or two, and only when options are given."""
+    """Refuse a misspelled option before any pipeline is built, where the class tells us: its
+    signatures, and for PaddleOCR pipelines PaddleOCR's own check. Imports the class (a warm
+    worker does it: see WarmPool), and only when options are given."""
     if not init_kwargs and not predict_kwargs:
         return
     try:
@@ -1172,7 +1172,7 @@ def option_error(what: str, message: str, known: Iterable[str]) -> UsageError:
     return UsageError(f"{what}: {message}{hint}")
 
 
-def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
+def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict, predict_kwargs: dict | None = None) -> Any:
     cls = load_pipeline_class(ref)
     logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
     kwargs: dict[str, Any] = {"device": spec.device}
@@ -1183,7 +1183,8 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> An
     if engine_config is not None:
         kwargs["engine_config"] = engine_config
     pipeline = cls(**kwargs)
-    install_recognizer_speedups()
+    word_boxes = any(kwargs.get("return_word_box") for kwargs in (init_kwargs, predict_kwargs or {}))
+    install_recognizer_speedups(pad_widths=tunes_openvino(init_kwargs, engine_config) and not word_boxes)
     return pipeline
 
 
@@ -1344,17 +1345,53 @@ def openvino_options(threads: int | None) -> dict:
 # PaddleX's CTC decoding copied each recognizer batch's scores (6 lines x ~120 steps x 18,710
 # characters for PP-OCRv6: 50 MB) and scanned them twice; a worker decodes them in place, once,
 # with the same texts and scores (installed by create_pipeline). Measured in docs/engines.md,
-# "PP-OCRv6 beside its peers". (Rounding batch widths up, which spares OpenVINO a new shape per
-# batch, was tried and left out: the extra padding changed a test page's text.)
+# "PP-OCRv6 beside its peers".
+#
+# OpenVINO plans each input shape it has not seen (PP-OCRv6_small's recognizer, 6 lines about
+# 1,000 columns wide, 2 threads: about 30 ms more than the 65 ms of a shape seen before), and
+# PaddleX gives nearly every recognizer batch a width of its own (125 new of 160 batches on 40
+# pages). Where infer_mp.py sets OpenVINO's options (--engine_config gives no provider_options)
+# and no word boxes are asked for (PaddleX places them by the unpadded width), a worker pads
+# each batch to a multiple of REC_WIDTH_STEP columns, as PaddleX pads its shorter lines:
+# 1.15-1.2x pages/s for PP-OCRv6_small, the same text on its 800 benchmark lines. Weaker models
+# can read a line differently with more padding (PP-OCRv4 mobile: word recall 0.9967 -> 0.9960
+# at float32), as with bf16; docs/engines.md has the figures and the way back.
+REC_WIDTH_STEP = 32
 
 
-def install_recognizer_speedups() -> None:
-    """Patch this process's PaddleX CTC decoder, if the pipeline loaded it and it has the shape
-    the patch was written for (PaddleX 3.x); otherwise leave it as it is."""
+def install_recognizer_speedups(pad_widths: bool = False) -> None:
+    """Patch this process's PaddleX recognizer, if the pipeline loaded it and it has the shape
+    the patch was written for (PaddleX 3.x); otherwise leave it as it is: its CTC decoder, and
+    with pad_widths its batching (see REC_WIDTH_STEP)."""
     processors = sys.modules.get("paddlex.inference.models.text_recognition.processors")
     decoder = getattr(processors, "CTCLabelDecode", None)
     if decoder is not None and hasattr(decoder, "decode") and not hasattr(decoder.__call__, "infer_mp"):
         decoder.__call__ = ctc_decode_without_copy(decoder.__call__)
+    batcher = getattr(processors, "ToBatch", None)
+    if pad_widths and batcher is not None and not hasattr(batcher.__call__, "infer_mp"):
+        batcher.__call__ = batch_in_width_steps
+
+
+def batch_in_width_steps(self: Any, imgs: list) -> list:
+    """PaddleX's recognizer batch (its lines, each 3 x height x width, zero-padded on the
+    right to one width) with that width rounded up to a multiple of REC_WIDTH_STEP."""
+    import numpy
+
+    if not imgs:
+        return []
+    width = -(-max(img.shape[2] for img in imgs) // REC_WIDTH_STEP) * REC_WIDTH_STEP
+    batch = numpy.zeros((len(imgs), *imgs[0].shape[:2], width), dtype=numpy.float32)
+    for row, img in enumerate(imgs):
+        batch[row, :, :, :img.shape[2]] = img
+    return [batch]
+
+
+batch_in_width_steps.infer_mp = True  # type: ignore[attr-defined]
+
+
+def recognizer_widths_padded() -> bool:
+    processors = sys.modules.get("paddlex.inference.models.text_recognition.processors")
+    return hasattr(getattr(getattr(processors, "ToBatch", None), "__call__", None), "infer_mp")
 
 
 def ctc_decode_without_copy(whole: Any) -> Any:
@@ -1371,6 +1408,13 @@ def ctc_decode_without_copy(whole: Any) -> Any:
 
     decode.infer_mp = True  # type: ignore[attr-defined]
     return decode
+
+
+def tunes_openvino(init_kwargs: dict, planned: dict | None) -> bool:
+    """infer_mp.py sets OpenVINO's options: it is among the planned providers, and
+    --engine_config gives no provider_options of its own."""
+    given = init_kwargs.get("engine_config") or {}
+    return OPENVINO_PROVIDER in ((planned or {}).get("providers") or []) and given.get("provider_options") is None
 
 
 def onnxruntime_providers() -> list[str]:
@@ -1452,6 +1496,9 @@ def describe_engine(init_kwargs: dict) -> str:
     providers = list(dict.fromkeys(p for session in sessions for p in session.get_providers()))
     if providers:
         why = provider_choice(init_kwargs, providers, sys.modules["onnxruntime"].get_available_providers())
+        if recognizer_widths_padded():
+            why = (f"{why}; " if why else "") + (f"recognizer batches padded to widths in steps of {REC_WIDTH_STEP}, "
+                                                 "as OpenVINO plans each new shape")
         return f"onnxruntime ({', '.join(providers)}){cuda_settings(sessions)}" + (f" [{why}]" if why else "")
     if init_kwargs.get("engine"):
         return init_kwargs["engine"]
@@ -2986,7 +3033,8 @@ def page_ranges(pages: list[int], size: float) -> Iterator[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class AskPlan:
-    """Coordinator -> a warm worker: plan the workers for this command line (see WarmPool)."""
+    """Coordinator -> a warm worker: check the pipeline's options, and plan the workers for
+    this command line (see WarmPool)."""
 
     config: Config
 
@@ -3320,21 +3368,23 @@ class WarmPool:
     the run is dispatched, after every check has passed; if a check fails, the pool is killed."""
 
     def __init__(self, pipeline: PipelineRef, count: int):
+        self.pipeline = pipeline
         self.processes = [spawn_worker(pipeline) for _ in range(count)]
         self.plan_asked = False
 
     def ask_for_plan(self, config: Config) -> None:
-        """Have the first warm worker make the worker plan with PaddleX's device helpers: it
-        imports PaddleX anyway, and the coordinator importing it too would take a second of
-        CPU from the workers' own start-up."""
+        """Have the first warm worker check the pipeline's options and make the worker plan
+        with PaddleX's device helpers: it imports the pipeline and PaddleX anyway, and the
+        coordinator importing them too would take a second of CPU from the workers' own
+        start-up, and hold back their pipelines' building until it is done."""
         if self.processes:
             with contextlib.suppress(OSError):
                 self.processes[0][1].send(AskPlan(config))
                 self.plan_asked = True
 
     def plan(self, config: Config) -> list[WorkerSpec]:
-        """The plan the warm worker made (waiting for it), or one made here if there is no
-        warm worker or it could not answer."""
+        """The plan the warm worker made once the options passed (waiting for it), or the
+        check and plan made here if there is no warm worker or it could not answer."""
         if self.plan_asked:
             self.plan_asked = False
             try:  # bounded: a pipeline module whose import blocks must not hold the run
@@ -3347,6 +3397,7 @@ class WarmPool:
             if isinstance(reply, Planned) and reply.refused is not None:
                 raise UsageError(reply.refused)
             self._drop_first()  # it died, or could not plan: not a worker to hand out
+        check_pipeline_options(self.pipeline, config.pipeline_kwargs, config.predict_kwargs)
         return plan_workers(config)
 
     def _drop_first(self) -> None:
@@ -4154,7 +4205,7 @@ class PipelineWorker:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
+                self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs, options.predict_kwargs)
         except BaseException as error:  # reported; the coordinator decides
             return InitFailed(one_line(error))
         use_offline_font()
@@ -4234,7 +4285,7 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
     try:
         message = conn.recv()
         if isinstance(message, AskPlan):  # see WarmPool.ask_for_plan
-            conn.send(plan_in_worker(message.config))
+            conn.send(plan_in_worker(message.config, pipeline_ref))
             message = conn.recv()
         reply = worker.start(message.spec, message.options)
         conn.send(reply)
@@ -4251,10 +4302,11 @@ def worker_main(pipeline_ref: PipelineRef, conn: Connection) -> None:
         worker.close()
 
 
-def plan_in_worker(config: Config) -> Planned:
-    """The worker plan, or why the device cannot be used; neither lets the coordinator try
-    itself (and show what went wrong)."""
+def plan_in_worker(config: Config, pipeline: PipelineRef) -> Planned:
+    """The worker plan, or why the pipeline's options or the device cannot be used; neither
+    lets the coordinator try itself (and show what went wrong)."""
     try:
+        check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
         return Planned(plan=plan_workers(config))
     except UserError as error:
         return Planned(refused=str(error))
@@ -5300,9 +5352,9 @@ def start_and_dispatch(config: Config, pipeline: PipelineRef, tasks: list[Task],
             cluster = RayCluster(config.ray_address, config.instances_per_device, config.start_timeout)
             plan = plan_ray_workers(config, cluster)
             cluster.warm_up(plan, pipeline)
-        check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
-        if not cluster:
-            plan = warm.plan(config)  # made while the options were checked
+            check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
+        else:
+            plan = warm.plan(config)  # the options checked, and the plan made, by a warm worker
         check_engine(config, plan[0].device.split(":")[0])
         return dispatch(config, pipeline, plan, tasks, work, ignored, warm, cluster)
     finally:

@@ -216,6 +216,20 @@ def test_misspelled_or_bad_options_fail_before_workers_start(dirs, args, fragmen
     assert not out.exists()
 
 
+def test_a_warm_worker_checks_the_options_and_the_coordinator_never_imports_the_pipeline(dirs, tmp_path):
+    """The coordinator imported the pipeline (PaddleOCR: a second of CPU) to check the options,
+    and the workers waited for it to build theirs; the warm worker checks them instead."""
+    src, out = dirs
+    write(src / "a.png")
+    for args, code in ((["--pipeline_arg", "language=fr"], 0), (["--pipeline_arg", "langauge=fr"], 2)):
+        imports = tmp_path / f"imports-{code}"
+        run = run_fake("--input_dir", str(src), "--output_dir", str(out / str(code)), *args, pipeline=STRICT,
+                       env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+        assert run.code == code, run.stderr
+        assert len(set(imports.read_text().split())) == 1  # the one worker's process alone
+    assert "did you mean 'language'" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
 def test_paddleocr_checks_its_own_options(dirs):
     """PaddleOCR's pipelines take engine options through **kwargs; PaddleOCR's check runs first."""
     src, out = dirs
