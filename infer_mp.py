@@ -1390,8 +1390,8 @@ batch_in_width_steps.infer_mp = True  # type: ignore[attr-defined]
 
 
 def recognizer_widths_padded() -> bool:
-    processors = sys.modules.get("paddlex.inference.models.text_recognition.processors")
-    return hasattr(getattr(getattr(processors, "ToBatch", None), "__call__", None), "infer_mp")
+    batcher = getattr(sys.modules.get("paddlex.inference.models.text_recognition.processors"), "ToBatch", None)
+    return batcher is not None and batcher.__call__ is batch_in_width_steps
 
 
 def ctc_decode_without_copy(whole: Any) -> Any:

@@ -373,16 +373,17 @@ def test_pp_ocrv6_characters_are_one_yaml_string_that_paddlex_reads_as_the_list(
     pytest.importorskip("rapidocr", reason="pip install --no-deps -r examples/requirements-models.txt")
     import onnxruntime
     import yaml
-    from offline_ocr import prepare_v6_models
-
     from paddlex.inference.models.text_recognition.processors import CTCLabelDecode
+
+    from offline_ocr import prepare_v6_models
 
     _, rec = prepare_v6_models(tmp_path)
     characters = yaml.safe_load((rec / "inference.yml").read_text(encoding="utf-8"))["PostProcess"]["character_dict"]
     assert isinstance(characters, str)
     session = onnxruntime.InferenceSession(str(rec / "inference.onnx"), providers=["CPUExecutionProvider"])
     listed = session.get_modelmeta().custom_metadata_map["character"].splitlines()
-    assert CTCLabelDecode(character_list=characters).character == CTCLabelDecode(character_list=listed + [" "]).character
+    read = CTCLabelDecode(character_list=characters).character
+    assert read == CTCLabelDecode(character_list=listed + [" "]).character
     assert len(listed) + 2 == session.get_outputs()[0].shape[-1] == 18710  # blank + characters + space
 
 
