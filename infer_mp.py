@@ -1172,7 +1172,7 @@ def option_error(what: str, message: str, known: Iterable[str]) -> UsageError:
     return UsageError(f"{what}: {message}{hint}")
 
 
-def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict, predict_kwargs: dict | None = None) -> Any:
+def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
     cls = load_pipeline_class(ref)
     logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
     kwargs: dict[str, Any] = {"device": spec.device}
@@ -1183,8 +1183,7 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict, predi
     if engine_config is not None:
         kwargs["engine_config"] = engine_config
     pipeline = cls(**kwargs)
-    word_boxes = any(kwargs.get("return_word_box") for kwargs in (init_kwargs, predict_kwargs or {}))
-    install_recognizer_speedups(pad_widths=tunes_openvino(init_kwargs, engine_config) and not word_boxes)
+    install_recognizer_speedups(pad_widths=tunes_openvino(spec, init_kwargs, engine_config))
     return pipeline
 
 
@@ -1350,9 +1349,10 @@ def openvino_options(threads: int | None) -> dict:
 # OpenVINO plans each input shape it has not seen (PP-OCRv6_small's recognizer, 6 lines about
 # 1,000 columns wide, 2 threads: about 30 ms more than the 65 ms of a shape seen before), and
 # PaddleX gives nearly every recognizer batch a width of its own (125 new of 160 batches on 40
-# pages). Where infer_mp.py sets OpenVINO's options (--engine_config gives no provider_options)
-# and no word boxes are asked for (PaddleX places them by the unpadded width), a worker pads
-# each batch to a multiple of REC_WIDTH_STEP columns, as PaddleX pads its shorter lines:
+# pages). Where OpenVINO runs the recognizer with the options infer_mp.py sets (tunes_openvino),
+# a worker pads each batch on to a multiple of REC_WIDTH_STEP columns, as PaddleX pads its
+# shorter lines, unless the call or the pipeline's config asks for word boxes (PaddleX places
+# them by the unpadded width):
 # 1.15-1.2x pages/s for PP-OCRv6_small, the same text on its 800 benchmark lines. Weaker models
 # can read a line differently with more padding (PP-OCRv4 mobile: word recall 0.9967 -> 0.9960
 # at float32), as with bf16; docs/engines.md has the figures and the way back.
@@ -1362,36 +1362,57 @@ REC_WIDTH_STEP = 32
 def install_recognizer_speedups(pad_widths: bool = False) -> None:
     """Patch this process's PaddleX recognizer, if the pipeline loaded it and it has the shape
     the patch was written for (PaddleX 3.x); otherwise leave it as it is: its CTC decoder, and
-    with pad_widths its batching (see REC_WIDTH_STEP)."""
+    with pad_widths, where the pipeline has a recognizer, its batches (see REC_WIDTH_STEP)."""
     processors = sys.modules.get("paddlex.inference.models.text_recognition.processors")
     decoder = getattr(processors, "CTCLabelDecode", None)
     if decoder is not None and hasattr(decoder, "decode") and not hasattr(decoder.__call__, "infer_mp"):
         decoder.__call__ = ctc_decode_without_copy(decoder.__call__)
-    batcher = getattr(processors, "ToBatch", None)
-    if pad_widths and batcher is not None and not hasattr(batcher.__call__, "infer_mp"):
-        batcher.__call__ = batch_in_width_steps
+    predictor = recognizer_class()
+    if pad_widths and predictor is not None and not hasattr(predictor.process, "infer_mp"):
+        if any(isinstance(o, predictor) for o in gc.get_objects()):  # (not a detection-only pipeline)
+            predictor.process = process_in_width_steps(predictor.process)
 
 
-def batch_in_width_steps(self: Any, imgs: list) -> list:
-    """PaddleX's recognizer batch (its lines, each 3 x height x width, zero-padded on the
-    right to one width) with that width rounded up to a multiple of REC_WIDTH_STEP."""
+def recognizer_class() -> type | None:
+    """PaddleX's text recognizer, if loaded and shaped as the patches expect."""
+    module = sys.modules.get("paddlex.inference.models.text_recognition.predictor")
+    predictor = getattr(module, "TextRecRunnerPredictor", None) or getattr(module, "TextRecPredictor", None)
+    return predictor if predictor is not None and callable(getattr(predictor, "process", None)) else None
+
+
+def process_in_width_steps(whole: Any) -> Any:
+    def process(self: Any, batch_data: Any, return_word_box: bool = False, **kwargs: Any) -> Any:
+        """PaddleX's recognition of a batch, its lines padded on to a width in steps of
+        REC_WIDTH_STEP; PaddleX's own widths where word boxes are asked for, by the call or
+        by the pipeline's config (PaddleX places them by the unpadded width)."""
+        batcher = getattr(self, "pre_tfs", {}).get("ToBatch")
+        if return_word_box or getattr(self, "return_word_box", True) or batcher is None:
+            return whole(self, batch_data, return_word_box, **kwargs)
+        self.pre_tfs["ToBatch"] = lambda imgs: pad_to_width_step(batcher(imgs))
+        try:
+            return whole(self, batch_data, return_word_box, **kwargs)
+        finally:
+            self.pre_tfs["ToBatch"] = batcher
+
+    process.infer_mp = True  # type: ignore[attr-defined]
+    return process
+
+
+def pad_to_width_step(batch: list) -> list:
+    """PaddleX's recognizer batch ([lines x 3 x height x width], zero-padded on the right to
+    its widest line) padded on with zeros to a width that is a multiple of REC_WIDTH_STEP."""
+    if not batch:
+        return batch
     import numpy
 
-    if not imgs:
-        return []
-    width = -(-max(img.shape[2] for img in imgs) // REC_WIDTH_STEP) * REC_WIDTH_STEP
-    batch = numpy.zeros((len(imgs), *imgs[0].shape[:2], width), dtype=numpy.float32)
-    for row, img in enumerate(imgs):
-        batch[row, :, :, :img.shape[2]] = img
-    return [batch]
-
-
-batch_in_width_steps.infer_mp = True  # type: ignore[attr-defined]
+    lines = batch[0]
+    extra = -lines.shape[-1] % REC_WIDTH_STEP
+    return [numpy.pad(lines, [(0, 0)] * (lines.ndim - 1) + [(0, extra)])] if extra else batch
 
 
 def recognizer_widths_padded() -> bool:
-    batcher = getattr(sys.modules.get("paddlex.inference.models.text_recognition.processors"), "ToBatch", None)
-    return batcher is not None and batcher.__call__ is batch_in_width_steps
+    predictor = recognizer_class()
+    return predictor is not None and hasattr(predictor.process, "infer_mp")
 
 
 def ctc_decode_without_copy(whole: Any) -> Any:
@@ -1410,11 +1431,14 @@ def ctc_decode_without_copy(whole: Any) -> Any:
     return decode
 
 
-def tunes_openvino(init_kwargs: dict, planned: dict | None) -> bool:
-    """infer_mp.py sets OpenVINO's options: it is among the planned providers, and
-    --engine_config gives no provider_options of its own."""
+def tunes_openvino(spec: WorkerSpec, init_kwargs: dict, planned: dict | None) -> bool:
+    """infer_mp.py sets OpenVINO's options, and OpenVINO runs the model: on the CPU, OpenVINO
+    first among the planned providers (ONNX Runtime gives each node to the first that takes
+    it), and --engine_config gives no provider_options of its own."""
     given = init_kwargs.get("engine_config") or {}
-    return OPENVINO_PROVIDER in ((planned or {}).get("providers") or []) and given.get("provider_options") is None
+    providers = (planned or {}).get("providers") or []
+    return (spec.device.startswith("cpu") and providers[:1] == [OPENVINO_PROVIDER]
+            and given.get("provider_options") is None)
 
 
 def onnxruntime_providers() -> list[str]:
@@ -1497,8 +1521,8 @@ def describe_engine(init_kwargs: dict) -> str:
     if providers:
         why = provider_choice(init_kwargs, providers, sys.modules["onnxruntime"].get_available_providers())
         if recognizer_widths_padded():
-            why = (f"{why}; " if why else "") + (f"recognizer batches padded to widths in steps of {REC_WIDTH_STEP}, "
-                                                 "as OpenVINO plans each new shape")
+            why = (f"{why}; " if why else "") + (f"recognizer batches padded to widths in steps of {REC_WIDTH_STEP} "
+                                                 "where no word boxes are asked for, as OpenVINO plans each new shape")
         return f"onnxruntime ({', '.join(providers)}){cuda_settings(sessions)}" + (f" [{why}]" if why else "")
     if init_kwargs.get("engine"):
         return init_kwargs["engine"]
@@ -3387,9 +3411,11 @@ class WarmPool:
         check and plan made here if there is no warm worker or it could not answer."""
         if self.plan_asked:
             self.plan_asked = False
+            answered = True
             try:  # bounded: a pipeline module whose import blocks must not hold the run
                 conn = self.processes[0][1]
-                reply = conn.recv() if conn.poll(config.start_timeout) else None
+                answered = conn.poll(config.start_timeout)
+                reply = conn.recv() if answered else None
             except (EOFError, OSError):
                 reply = None
             if isinstance(reply, Planned) and reply.plan is not None:
@@ -3397,6 +3423,8 @@ class WarmPool:
             if isinstance(reply, Planned) and reply.refused is not None:
                 raise UsageError(reply.refused)
             self._drop_first()  # it died, or could not plan: not a worker to hand out
+            if not answered:  # its import blocks: the coordinator's would too, and the workers' start times out
+                return plan_workers(config)
         check_pipeline_options(self.pipeline, config.pipeline_kwargs, config.predict_kwargs)
         return plan_workers(config)
 
@@ -4205,7 +4233,7 @@ class PipelineWorker:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs, options.predict_kwargs)
+                self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # reported; the coordinator decides
             return InitFailed(one_line(error))
         use_offline_font()

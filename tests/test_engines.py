@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import OFFLINE_OCR, fake_onnxruntime, make_config, outputs, run_cli
+from conftest import OFFLINE_OCR, ROOT, fake_onnxruntime, make_config, outputs, run_cli
 
 OPENVINO, CPU = "OpenVINOExecutionProvider", "CPUExecutionProvider"
 
@@ -289,8 +289,9 @@ def test_cores_honour_a_cgroup_v1_quota(eight_cores, quota, cores):
 def recognizer(monkeypatch):
     """PaddleX's recognizer processors, restored after the test (the patch is process-wide)."""
     processors = pytest.importorskip("paddlex.inference.models.text_recognition.processors")
+    predictor = pytest.importorskip("paddlex.inference.models.text_recognition.predictor")
     monkeypatch.setattr(processors.CTCLabelDecode, "__call__", processors.CTCLabelDecode.__call__)
-    monkeypatch.setattr(processors.ToBatch, "__call__", processors.ToBatch.__call__)
+    monkeypatch.setattr(predictor.TextRecRunnerPredictor, "process", predictor.TextRecRunnerPredictor.process)
     return processors
 
 
@@ -322,46 +323,110 @@ def test_workers_decode_without_the_copy(monkeypatch, recognizer):
     assert getattr(recognizer.CTCLabelDecode.__call__, "infer_mp", False)
 
 
-def test_recognizer_batches_are_padded_to_width_steps(recognizer):
+def fake_recognizer(processors, word_boxes: bool = False):
+    """A PaddleX recognizer as far as the width padding sees it: its batcher and setting."""
+    recognizer = object.__new__(infer_mp.recognizer_class())
+    recognizer.pre_tfs = {"ToBatch": processors.ToBatch()}
+    recognizer.return_word_box = word_boxes
+    return recognizer
+
+
+def batch_seen(self, lines, return_word_box=False):
+    """PaddleX's recognition of a batch, reduced to the batch its model would get."""
+    return self.pre_tfs["ToBatch"](lines)[0]
+
+
+def test_recognizer_batches_are_padded_to_width_steps_unless_word_boxes_are_asked_for(recognizer):
     """OpenVINO plans every new input shape (about 30 ms for PP-OCRv6's recognizer), and PaddleX
-    gave nearly every batch a width of its own: padded to a multiple of REC_WIDTH_STEP, the lines
-    as PaddleX pads them, zeros beyond."""
+    gave nearly every batch a width of its own: padded on to a multiple of REC_WIDTH_STEP, the
+    lines as PaddleX pads them, zeros beyond; PaddleX's widths where word boxes are asked for,
+    by the call or by the pipeline's config, as PaddleX places them by the unpadded width."""
     import numpy
 
     rng = numpy.random.default_rng(2)
     lines = [rng.random((3, 48, width), dtype=numpy.float32) for width in (100, 130, 64)]
-    [exact] = recognizer.ToBatch()(lines)
-    infer_mp.install_recognizer_speedups(pad_widths=True)
-    [padded] = recognizer.ToBatch()(lines)
+    process = infer_mp.process_in_width_steps(batch_seen)
+    plain = fake_recognizer(recognizer)
+    exact = batch_seen(plain, lines)
+    padded = process(plain, lines)
     assert exact.shape == (3, 3, 48, 130)
     assert padded.shape == (3, 3, 48, 160) and padded.dtype == numpy.float32
     assert (padded[..., :130] == exact).all() and not padded[..., 130:].any()
-    assert recognizer.ToBatch()(lines[2:])[0].shape == (1, 3, 48, 64)  # already a multiple: as it was
-    assert recognizer.ToBatch()([]) == []
-
-
-@pytest.mark.parametrize("init_kwargs, predict_kwargs, padded", [
-    ({"engine": "onnxruntime"}, {}, True),  # OpenVINO, set up by infer_mp.py
-    ({"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO]}}, {}, True),
-    ({"engine": "onnxruntime", "engine_config": {"provider_options": [{"num_of_threads": 2}],
-                                                 "providers": [OPENVINO]}}, {}, False),  # the user's own
-    ({"engine": "onnxruntime", "engine_config": {"providers": [CPU]}}, {}, False),  # no OpenVINO
-    ({"engine": "onnxruntime"}, {"return_word_box": True}, False),  # PaddleX places them by the unpadded width
-    ({"engine": "onnxruntime", "return_word_box": True}, {}, False),
-    ({}, {}, False),  # the Paddle engine
-])
-def test_workers_pad_recognizer_widths_only_where_they_set_up_openvino(monkeypatch, recognizer, no_native_bf16,
-                                                                       init_kwargs, predict_kwargs, padded):
-    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
-    monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: TakesAny)
-    infer_mp.create_pipeline(infer_mp.PipelineRef("x", "TakesAny"), infer_mp.WorkerSpec(0, "cpu", 2), init_kwargs,
-                             predict_kwargs)
-    assert infer_mp.recognizer_widths_padded() == padded
+    assert process(plain, lines[2:]).shape == (1, 3, 48, 64)  # already a multiple: as it was
+    assert plain.pre_tfs["ToBatch"].__class__ is recognizer.ToBatch  # PaddleX's own again after the call
+    assert process(plain, lines, return_word_box=True).shape == exact.shape
+    assert process(fake_recognizer(recognizer, word_boxes=True), lines).shape == exact.shape
 
 
 class TakesAny(Takes):
+    """A pipeline that takes any option and holds no recognizer (as a detection-only one)."""
+
     def __init__(self, **kwargs):
         pass
+
+
+class HoldsRecognizer:
+    """A pipeline with a PaddleX recognizer in it."""
+
+    def __init__(self, **kwargs):
+        self.recognizer = object.__new__(infer_mp.recognizer_class())
+
+
+@pytest.mark.parametrize("device, init_kwargs, padded", [
+    ("cpu", {"engine": "onnxruntime"}, True),  # OpenVINO, set up by infer_mp.py
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO, CPU]}}, True),
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"provider_options": [{"num_of_threads": 2}],
+                                                        "providers": [OPENVINO]}}, False),  # the user's own
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [CPU]}}, False),  # no OpenVINO
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [CPU, OPENVINO]}}, False),  # CPU takes all
+    ("gpu:0", {"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO, "CUDAExecutionProvider"]}},
+     False),  # on a GPU infer_mp.py sets CUDA's options, not OpenVINO's
+    ("cpu", {}, False),  # the Paddle engine
+])
+def test_workers_pad_recognizer_widths_only_where_they_set_up_openvino(monkeypatch, recognizer, no_native_bf16,
+                                                                       device, init_kwargs, padded):
+    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: HoldsRecognizer)
+    pipeline = infer_mp.create_pipeline(infer_mp.PipelineRef("x", "HoldsRecognizer"),
+                                        infer_mp.WorkerSpec(0, device, 2), init_kwargs)
+    assert infer_mp.recognizer_widths_padded() == padded
+    assert pipeline.recognizer is not None
+
+
+def test_a_pipeline_without_a_recognizer_is_not_said_to_pad_one(monkeypatch, recognizer, no_native_bf16):
+    """A detection-only pipeline loads PaddleX's recognizer modules too; its engine line said
+    its recognizer batches were padded."""
+    fake_onnxruntime(monkeypatch, [OPENVINO, CPU])
+    monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: TakesAny)
+    infer_mp.create_pipeline(infer_mp.PipelineRef("x", "TakesAny"), infer_mp.WorkerSpec(0, "cpu", 2),
+                             {"engine": "onnxruntime"})
+    assert not infer_mp.recognizer_widths_padded()
+
+
+def test_word_boxes_asked_for_by_the_pipelines_config_are_placed_by_paddlex_widths(tmp_path):
+    """Word boxes turned on in a PaddleX config file (not by an option infer_mp.py sees) came
+    out squeezed toward the line's start, as PaddleX placed them by the unpadded width."""
+    require_onnx_models()
+    require_openvino()
+    import paddlex
+    import yaml
+
+    from samples import write_samples
+
+    config = yaml.safe_load((Path(paddlex.__file__).parent / "configs" / "pipelines" / "OCR.yaml").read_text())
+    config["SubModules"]["TextRecognition"]["return_word_box"] = True
+    (tmp_path / "ocr.yaml").write_text(yaml.safe_dump(config))
+    write_samples(tmp_path / "all")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "all" / "invoice.png").rename(tmp_path / "in" / "invoice.png")
+    boxes = {}
+    for name, extra in (("config", []), ("call", ["--predict_arg", "return_word_box=true"])):
+        run = run_cli("--pipeline", f"{ROOT / 'examples' / 'offline_ocr.py'}:OfflineOCRv6", "--input_dir",
+                      str(tmp_path / "in"), "--device", "cpu", "--output_dir", str(tmp_path / name), "--engine",
+                      "onnxruntime", "--paddlex_config", str(tmp_path / "ocr.yaml"), *extra)
+        assert run.code == 0, run.stderr
+        boxes[name] = outputs(tmp_path / name)["invoice.json"]["text_word_boxes"]
+    assert boxes["config"] == boxes["call"]
 
 
 # -- the example pipeline's PP-OCRv6 model folders ----------------------------------------------

@@ -21,6 +21,7 @@ from conftest import (
     outputs,
     page_files,
     pdf_bytes,
+    run_cli,
     run_fake,
     run_log,
     start_fake,
@@ -273,6 +274,18 @@ def test_a_start_that_never_finishes_does_not_hang_the_run(dirs, tmp_path):
     run = run_fake(src, out, "--start_timeout", "2", env=env, timeout=60)
     assert run.code == 3, run.stderr
     assert "did not start within 2 s (--start_timeout)" in run.stderr and "2 not processed" in run.stderr
+
+
+def test_a_pipeline_whose_import_blocks_does_not_hang_a_run_given_options(dirs, tmp_path):
+    """The warm worker checks the options; when its import blocks past --start_timeout, the
+    coordinator checked them itself, importing the module, and blocked for good."""
+    src, out = dirs
+    make_inputs(src, 2)
+    (tmp_path / "blocks.py").write_text("import time\ntime.sleep(600)\n\nclass Pipeline:\n    pass\n")
+    run = run_cli("--pipeline", f"{tmp_path / 'blocks.py'}:Pipeline", "--device", "cpu", "--input_dir", str(src),
+                  "--output_dir", str(out), "--pipeline_arg", "language=fr", "--start_timeout", "2", timeout=90)
+    assert run.code == 3, run.stderr
+    assert "did not start within 2 s (--start_timeout)" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_a_replacement_that_fails_to_start_is_tried_again(dirs, tmp_path):
