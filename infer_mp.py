@@ -1352,10 +1352,10 @@ def openvino_options(threads: int | None) -> dict:
 # pages). Where OpenVINO runs the recognizer with the options infer_mp.py sets (tunes_openvino),
 # a worker pads each batch on to a multiple of REC_WIDTH_STEP columns, as PaddleX pads its
 # shorter lines, unless the call or the pipeline's config asks for word boxes (PaddleX places
-# them by the unpadded width):
-# 1.15-1.2x pages/s for PP-OCRv6_small, the same text on its 800 benchmark lines. Weaker models
-# can read a line differently with more padding (PP-OCRv4 mobile: word recall 0.9967 -> 0.9960
-# at float32), as with bf16; docs/engines.md has the figures and the way back.
+# them by the unpadded width): 1.15-1.2x pages/s for PP-OCRv6_small, the same text on its 800
+# benchmark lines. Weaker models can read a line differently with more padding (PP-OCRv4
+# mobile: word recall 0.9967 -> 0.9960 at float32), as with bf16; docs/engines.md has the
+# figures and the way back.
 REC_WIDTH_STEP = 32
 
 
