@@ -4,6 +4,7 @@ cgroup quota leaves, and clear refusals before any worker starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -16,10 +17,14 @@ from conftest import OFFLINE_OCR, ROOT, fake_onnxruntime, make_config, outputs, 
 OPENVINO, CPU = "OpenVINOExecutionProvider", "CPUExecutionProvider"
 
 
-def require_onnx_models() -> None:
-    """Real runs need ONNX Runtime and the ONNX models; the planning tests below need neither."""
+def require_onnx_models(package: str = "rapidocr_onnxruntime") -> None:
+    """Real runs need ONNX Runtime and the ONNX models; the planning tests below need neither.
+    The model package is looked for, not imported: importing it imports OpenCV, which sets
+    LD_LIBRARY_PATH and Qt's paths in this process's environment, and a module's fixture that
+    did so passed them on to every later test's runs."""
     pytest.importorskip("onnxruntime")
-    pytest.importorskip("rapidocr_onnxruntime", reason="pip install --no-deps -r examples/requirements-models.txt")
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed: pip install --no-deps -r examples/requirements-models.txt")
 
 
 def texts(out: Path) -> dict[str, list[str]]:
@@ -435,7 +440,7 @@ def test_word_boxes_asked_for_by_the_pipelines_config_are_placed_by_paddlex_widt
 def test_pp_ocrv6_characters_are_one_yaml_string_that_paddlex_reads_as_the_list(tmp_path):
     """PyYAML parsed the recognizer's 18,710 characters as a list in a third of a second, and
     PaddleX reads inference.yml twice per worker: one string reads the same characters."""
-    pytest.importorskip("rapidocr", reason="pip install --no-deps -r examples/requirements-models.txt")
+    require_onnx_models("rapidocr")
     import onnxruntime
     import yaml
     from paddlex.inference.models.text_recognition.processors import CTCLabelDecode
