@@ -1369,7 +1369,7 @@ def install_recognizer_speedups(pad_widths: bool = False) -> None:
         decoder.__call__ = ctc_decode_without_copy(decoder.__call__)
     predictor = recognizer_class()
     if pad_widths and predictor is not None and not hasattr(predictor.process, "infer_mp"):
-        if any(isinstance(o, predictor) for o in gc.get_objects()):  # (not a detection-only pipeline)
+        if live_instances(predictor):  # (not a detection-only pipeline)
             predictor.process = process_in_width_steps(predictor.process)
 
 
@@ -1507,9 +1507,12 @@ def planned_gpu_config(spec: WorkerSpec, engine_config: dict) -> dict:
 def onnxruntime_sessions() -> list[Any]:
     """The ONNX Runtime sessions alive in this process (a worker's: its pipeline's)."""
     onnxruntime = sys.modules.get("onnxruntime")
-    if onnxruntime is None:
-        return []
-    return [o for o in gc.get_objects() if isinstance(o, onnxruntime.InferenceSession)]
+    return live_instances(onnxruntime.InferenceSession) if onnxruntime is not None else []
+
+
+def live_instances(kind: type) -> list[Any]:
+    """The objects of this class alive in this process (a worker's: what its pipeline built)."""
+    return [o for o in gc.get_objects() if isinstance(o, kind)]
 
 
 def describe_engine(init_kwargs: dict) -> str:
