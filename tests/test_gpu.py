@@ -355,7 +355,30 @@ def test_benchmark_plans_its_sweep(bench, tmp_path):
     assert json.loads(settings[-1].command[-1]) == {"provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}}
 
 
+def test_benchmark_runs_pp_ocrv6_on_every_row(bench, tmp_path):
+    """--model v6: infer_mp.py's rows run OfflineOCRv6, and so does the bare loop."""
+    args = bench.parse_args(["--model", "v6", "--instances", "1,4", "--batch_sizes", "1"])
+    settings = bench.plan_settings(args, [0], tmp_path / "pages", tmp_path / "out", [tmp_path / "pages" / "p.png"])
+    bare, *rows = settings
+    assert bare.command[bare.command.index("--pipeline") + 1] == "v6"
+    assert [row.command[row.command.index("--pipeline") + 1] for row in rows] == [bench.PIPELINE_V6] * 2
+    assert bench.PIPELINE_V6.endswith(":OfflineOCRv6")
+    default = bench.plan_settings(bench.parse_args([]), [0], tmp_path, tmp_path / "out", [])
+    assert default[0].command[default[0].command.index("--pipeline") + 1] == "v4"
+    assert default[1].command[default[1].command.index("--pipeline") + 1] == bench.PIPELINE
+
+
+def test_benchmark_scores_text_against_the_known_text(bench, tmp_path):
+    truth = {"a.json": "total amount due 12", "b.json": "order shipment"}
+    (tmp_path / "a.json").write_text(json.dumps({"rec_texts": ["total amount", "due 12"]}))
+    read = bench.read_texts(tmp_path, truth)  # (b.json is missing: read as nothing)
+    assert read == {"a.json": ["total amount", "due 12"], "b.json": []}
+    assert bench.mean_recall(read, truth) == 0.5
+    assert bench.similarity(read, truth) == 0.5
+
+
 @pytest.mark.parametrize("argv, fragment", [
+    (["--model", "v6", "--engine", "paddle_static"], "--model v6"),
     (["--instances", "0"], "--instances"),
     (["--batch_sizes", "x"], "--batch_sizes"),
     (["--variant", "nojson"], "--variant"),
