@@ -654,9 +654,16 @@ def parse_config(argv: list[str] | None) -> Config:
     if input_dir is not None and output_dir.exists() and os.path.samefile(input_dir, output_dir):
         raise UsageError(f"--output_dir is --input_dir ({str(input_dir)!r}): a rerun would take the outputs for "
                          "inputs; give an --output_dir outside it, or a folder inside it")
+    if input_dir is not None and bookkeeping(os.path.realpath(input_dir), output_dir):
+        raise UsageError(f"--input_dir {str(input_dir)!r} is inside infer_mp.py's own files in --output_dir "
+                         f"(names starting {BOOKKEEPING_PREFIX!r}: its staging folder is emptied at every start); "
+                         "move the inputs elsewhere")
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
     run_log = Path(args.run_log) if args.run_log else default_log
+    if bookkeeping(os.path.realpath(run_log), output_dir) or run_log.suffix.lower() in SUPPORTED_SUFFIXES:
+        raise UsageError(f"--run_log {str(run_log)!r} names infer_mp.py's own files in --output_dir (names starting "
+                         f"{BOOKKEEPING_PREFIX!r}) or an image or PDF; give a path of its own, e.g. run.jsonl")
     if run_log.exists() and not run_log.is_file():
         raise UsageError(f"--run_log {str(run_log)!r} is not a regular file; give a file path "
                          "(it is read and appended to)")
@@ -2590,6 +2597,15 @@ def case_insensitive(root: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Selection: the ledger says what is complete; a rerun does only the rest
 # ---------------------------------------------------------------------------------------------
+
+
+def bookkeeping(real_path: str, output_dir: Path) -> bool:
+    """Is this (real) path infer_mp.py's own in the output folder: its lock files, its staging
+    folder or anything in it? (Never an input, never a run log: the staging folder is emptied
+    at every start, a lock file rewritten.)"""
+    if not within(real_path, str(output_dir)) or real_path == str(output_dir):
+        return False
+    return os.path.relpath(real_path, output_dir).startswith(BOOKKEEPING_PREFIX)
 
 
 def source_identity(path: str) -> tuple[int, int] | None:
@@ -5539,7 +5555,8 @@ def raise_terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if signal.getsignal(signal.SIGTERM) is stopped_while_starting:  # run as a script: see the top
+    as_script = signal.getsignal(signal.SIGTERM) is stopped_while_starting  # (see the top)
+    if as_script:
         signal.signal(signal.SIGTERM, raise_terminated)
     if signal.getsignal(signal.SIGINT) is stopped_while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -5549,19 +5566,22 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {error}")
         return int(error.exit_code)
     except KeyboardInterrupt:
-        stop_listening()
+        stop_listening(as_script)
         say("interrupted")
         return int(ExitCode.INTERRUPTED)
     except Terminated:
-        stop_listening()
+        stop_listening(as_script)
         say("stopped by SIGTERM")
         return int(ExitCode.TERMINATED)
+    finally:
+        stop_listening(as_script)  # however it ended, it has ended: a signal from now on changes nothing
 
 
-def stop_listening() -> None:
-    """Stopping already: a second signal, while Python shuts down, must neither print a
-    traceback nor kill the process before it exits with its code (run as a script only)."""
-    if signal.getsignal(signal.SIGTERM) is raise_terminated:
+def stop_listening(as_script: bool) -> None:
+    """Stopping already, or done: a signal while Python shuts down must neither print a
+    traceback nor kill the process before it exits with its code (run as a script only;
+    Python puts the default handlers back as it shuts down, but leaves ignored signals be)."""
+    if as_script:
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 

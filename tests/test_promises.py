@@ -433,6 +433,25 @@ def test_a_signal_while_the_summary_prints_changes_nothing(tmp_path, signum):
     assert_invariant(src, out)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_summary_changes_nothing(tmp_path, signum):
+    """The summary printed, then Ctrl-C or SIGTERM while Python shut down: the process was
+    killed by the signal (a shell saw 130 or 143: "stopped, rerun"), though the work was over
+    and its code was 0. Now the signal is ignored once main() has its code."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 2)
+    assert run_fake(src, out).code == 0
+    codes = []
+    for delay in (0.0, 0.005, 0.02, 0.05, 0.1):
+        process = start_fake(src, out)  # nothing to do: the summary, then Python's shutdown
+        process.wait_for_stderr("inputs:")
+        time.sleep(delay)
+        if process.poll() is None:
+            process.send_signal(signum)
+        codes.append(process.wait(60))
+    assert codes == [0] * len(codes), codes
+
+
 def test_a_signal_while_a_worker_starts_is_not_lost(monkeypatch):
     """The coordinator ignored Ctrl-C and SIGTERM while it started a worker (so that the worker
     inherited that): one sent then was dropped by the kernel, and the run went on to the end."""

@@ -243,6 +243,34 @@ def test_a_run_log_that_is_not_a_file_is_refused(dirs):
     assert run.code == 2 and "--run_log" in run.stderr and "not a regular file" in run.stderr
 
 
+@pytest.mark.parametrize("where", ["in/a.png", "out/.infer_mp.lock", "out/.infer_mp.staging",
+                                   "out/.infer_mp.staging/log.jsonl", "out/.infer_mp.shard-0-of-2.lock"])
+def test_a_run_log_that_is_an_input_or_the_tools_own_file_is_refused(tmp_path, where):
+    """--run_log naming an input was appended to (the scan grew run-log lines), naming the lock
+    file was overwritten with a pid at every start (no resume), naming the staging folder failed
+    every input, and a log inside it was deleted with it at the end of each run."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 2)
+    before = {path.name: path.read_bytes() for path in src.iterdir()}
+    run = run_fake(src, out, "--run_log", str(tmp_path / where))
+    assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert {path.name: path.read_bytes() for path in src.iterdir()} == before  # (no lock file beside it either)
+    assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_inputs_in_the_staging_folder_are_refused_not_deleted(tmp_path):
+    """--input_dir out/.infer_mp.staging: the run emptied the staging folder at its start, so
+    it deleted its inputs, then failed them (exit 1)."""
+    out = tmp_path / "out"
+    staging = out / ".infer_mp.staging"
+    make_inputs(staging, 2)
+    before = sorted(path.name for path in staging.iterdir())
+    for src in (staging, staging / ".." / ".infer_mp.staging"):
+        run = run_fake(src, out)
+        assert run.code == 2 and "--input_dir" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert sorted(path.name for path in staging.iterdir()) == before
+
+
 def test_a_run_log_write_error_of_any_kind_is_an_environment_stop(tmp_path):
     log = infer_mp.RunLog(tmp_path / "log.jsonl", tmp_path)
 
