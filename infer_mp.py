@@ -2043,6 +2043,7 @@ class Ledger:
         self.lines = 0  # in this run's own log
         self.inputs = 0  # ... and the inputs it describes
         self.protected = set(protected)  # never deleted: inputs, run logs
+        self.own: set[str] = set()  # ... and among those, the tool's own --save files (see not_placed)
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
         self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
         self.last_placing: dict[str, dict] = {}  # input -> its `placing` record no whole record followed
@@ -2058,11 +2059,11 @@ class Ledger:
     # -- reading --------------------------------------------------------------------------
 
     @classmethod
-    def read(cls, config: Config, protected: Iterable[str] = ()) -> Ledger:
+    def read(cls, config: Config) -> Ledger:
         """Every run log in --output_dir (all shards) then this run's own, which wins a tie.
         (With the garbage collector paused: a million records are a million new dicts, and
         its passes over them cost more than reading them.)"""
-        ledger = cls(config.output_dir, [*protected, str(config.run_log), os.path.realpath(config.run_log)])
+        ledger = cls(config.output_dir, [str(config.run_log), os.path.realpath(config.run_log)])
         others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
         paths = [*others, config.run_log]
         ledger.protected.update(map(str, paths))
@@ -2186,6 +2187,25 @@ class Ledger:
     def keys(self) -> set[str]:
         return {*self.latest, *self.ranges}
 
+    def not_placed(self, selection: InputSelection) -> InputSelection:
+        """The inputs less the --save files the tool placed, which an input folder inside the
+        output folder can hold (`--input_dir out/scans --recursive --save img`: a picture lands
+        beside its scan): passed over as not inputs, by the records, whatever their names. They
+        stay protected from deletion (a hand-edited record must not make an input deletable),
+        but their own input's next version may replace them (see prepare)."""
+        prefix = os.path.join(self.root, "")
+        inside = [path for path in selection.paths if path.startswith(prefix)]
+        if not inside:
+            return selection
+        extras = {rel for key in {*self.keys(), *self.last_placing}
+                  for record in [*self.held(key), *filter(None, [self.last_placing.get(key)])]
+                  for raw in record.get("extra_outputs") or () if (rel := self.normal(raw)) is not None}
+        self.own = {path for path in inside if path[len(prefix):] in extras}
+        if not self.own:
+            return selection
+        return replace(selection, paths=[path for path in selection.paths if path not in self.own],
+                       ignored=selection.ignored + len(self.own))
+
     def holders(self) -> dict[str, set[str]]:
         """File -> the inputs whose current records hold it, over the whole ledger (built the
         first time a file may have to go; kept up to date as records are added)."""
@@ -2302,7 +2322,7 @@ class Ledger:
         for folder in {os.path.dirname(final) for name, final in zip(extras, finals[len(pages):]) if os.sep in name}:
             self.check_folder(folder)  # (a page's JSON is named in out_dir; what a writer adds may not be)
         for path in finals:
-            if path in self.protected:
+            if path in self.protected and path not in self.own:
                 raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         rels = [self.log.relative(path) for path in finals]
         known = self.placed.get(task.path)
@@ -5366,8 +5386,11 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     this shard's, and hold them against the run logs."""
     selection = find_inputs(config)
     folded = locked and case_insensitive(config.output_dir)
+    ledger = Ledger.read(config)
+    ledger.protected.update(selection.paths)  # never deleted
+    selection = ledger.not_placed(selection)
     planned = plan_tasks(selection.root, config.output_dir, selection.paths, folded)
-    ledger = Ledger.read(config, protected=[*selection.paths, *(task.path for task in planned)])
+    ledger.protected.update(task.path for task in planned)
     if locked:  # finish what a killed run left half-done, then keep the log short
         ledger.reconcile(ledger.placed if config.shard is None else
                          [task.path for task in planned if in_shard(task, config.shard)])

@@ -698,3 +698,26 @@ def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
         if handed == 1:
             assert events == [] and list(backend.pending) == [task]
     assert [type(event) for event in events] == [infer_mp.TaskFailed]
+
+
+def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path):
+    """--input_dir out/in --recursive --save img, with out/in/in/a.png: its picture lands at
+    out/in/a_vis.png, inside the input folder. The next plain rerun took the picture for a new
+    input (a_vis.json, a_vis_vis.png), and once a.png changed, a.png failed for good (its
+    picture's name was an input's) and the old picture stayed, listed by no record."""
+    out = tmp_path / "out"
+    src = out / "in"
+    write(src / "in" / "a.png", "A1")
+    flags = ("--recursive", "--save", "img")
+    first = run_fake(src, out, *flags)
+    assert first.code == 0 and (src / "a_vis.png").is_file(), first.stderr
+    again = run_fake(src, out, *flags)
+    assert again.code == 0 and "0 done" in again.stderr and "1 skipped" in again.stderr, again.stderr
+    assert not (src / "a_vis.json").exists() and not (src / "a_vis_vis.png").exists()
+    write(src / "in" / "a.png", "A2")
+    changed = run_fake(src, out, *flags)
+    assert changed.code == 0 and "1 done" in changed.stderr, changed.stderr
+    assert run_fake(src, out, *flags).code == 0
+    assert_invariant(src, out)
+    assert sorted(p.name for p in src.glob("*_vis*")) == ["a_vis.png"]
+    assert json.loads((src / "a.json").read_text())["text"] == "A2"
