@@ -1900,17 +1900,23 @@ def colliding(claims: dict[int, tuple[str, bool]], folded: bool = False) -> set[
     return clashes
 
 
-def output_bases(names: list[str], folded: bool = False) -> list[str]:
+def output_bases(names: list[str], folded: bool = False, folders: Iterable[str] = ()) -> list[str]:
     """Seed names (the stem) where unique in a folder; otherwise the full file name; in the
-    rare case that still collides, the full name plus `~N`. Deterministic for a given set."""
+    rare case that still collides, the full name plus `~N`. Deterministic for a given set.
+    `folders`: names of the output folder's mirrored subfolders, which a JSON file must not take
+    (`x.png` beside a subfolder `x.json/`: `x.png.json`)."""
     split = [os.path.splitext(n) for n in names]
     paged = [suffix.lower() in PAGED_SUFFIXES for _, suffix in split]
     claims = {i: (stem, paged[i]) for i, (stem, _) in enumerate(split)}
+    # A subfolder named like a JSON file holds that name: a claim no input can move (negative).
+    claims.update({-1 - k: (name[:-len(".json")], False)
+                   for k, name in enumerate(sorted(folders)) if name.lower().endswith(".json")})
     for i in colliding(claims, folded):
-        claims[i] = (names[i], paged[i])
+        if i >= 0:
+            claims[i] = (names[i], paged[i])
     extra = 1
     while clashes := colliding(claims, folded):
-        for i in sorted(clashes)[1:]:
+        for i in sorted(clashes)[1:]:  # (the subfolders' claims come first, and stay)
             claims[i] = (f"{names[i]}~{extra}", paged[i])
         extra += 1
     return [claims[i][0] for i in range(len(names))]
@@ -1918,13 +1924,19 @@ def output_bases(names: list[str], folded: bool = False) -> list[str]:
 
 def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str], folded: bool = False) -> list[Task]:
     """Give every input its output folder (mirroring `root`) and a unique base name, decided
-    from the whole input set (all shards), so that two inputs never write one file; `folded`:
-    the output folder's filesystem ignores case, so names must differ by more than case."""
+    from the whole input set (all shards), so that two inputs never write one file, nor a file
+    where a folder goes; `folded`: the output folder's filesystem ignores case, so names must
+    differ by more than case."""
     root, output_dir = str(root), str(output_dir)
     rels = [relative_to_root(str(path), root) for path in paths]
     folders: dict[str, list[int]] = defaultdict(list)
     for i, rel in enumerate(rels):
         folders[os.path.dirname(rel)].append(i)
+    subfolders: dict[str, set[str]] = defaultdict(set)  # folder -> names of its folders that hold inputs
+    for folder in folders:
+        parts = folder.split(os.sep) if folder else []
+        for depth, part in enumerate(parts):
+            subfolders[os.sep.join(parts[:depth])].add(part)
     tasks: list[Task | None] = [None] * len(paths)
     for folder, members in folders.items():
         out_dir = os.path.join(output_dir, folder) if folder else output_dir
@@ -1932,7 +1944,8 @@ def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str], folde
         # the folder is reached (a linked folder, `..`, another spelling); a linked file keeps
         # its own name. (One folder here: one relative folder is one folder of inputs.)
         real = os.path.join(os.path.realpath(os.path.dirname(str(paths[members[0]]))), "")
-        for i, base in zip(members, output_bases([os.path.basename(rels[i]) for i in members], folded)):
+        bases = output_bases([os.path.basename(rels[i]) for i in members], folded, subfolders[folder])
+        for i, base in zip(members, bases):
             tasks[i] = Task(i, real + os.path.basename(rels[i]), rels[i], out_dir, base)
     return tasks
 
@@ -2352,7 +2365,12 @@ class Ledger:
         if folder != self.root and os.path.relpath(folder, self.root).startswith(BOOKKEEPING_PREFIX):
             raise OSError(errno.EINVAL, f"{folder!r}: names starting {BOOKKEEPING_PREFIX!r} are infer_mp.py's "
                           "own in --output_dir; rename that input folder")
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except FileExistsError:  # a file on the way: another input's output of an earlier run, retired
+            # once that input is done again under a name of its own (see plan_tasks): a folder error
+            raise OSError(errno.ENOTDIR, f"{folder!r}: a file is where this output folder goes (an earlier "
+                          "output under that name?); not written there, tried again by the next run") from None
         real_output_folder(folder, self.root)
         self._folders[folder] = True
 

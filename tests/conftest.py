@@ -298,9 +298,10 @@ def staged(path: Path) -> bool:
 
 
 def page_files(folder: Path) -> list[str]:
-    """The output JSON files (not the run log, the lock, or hidden temporaries)."""
+    """The output JSON files (not the run log, the lock, hidden temporaries, or a folder named
+    like one)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.json")
-                  if not p.name.startswith(".") and not staged(p.relative_to(folder)))
+                  if not p.name.startswith(".") and not staged(p.relative_to(folder)) and p.is_file())
 
 
 def temporaries(folder: Path) -> list[str]:

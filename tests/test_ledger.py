@@ -721,3 +721,21 @@ def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path):
     assert_invariant(src, out)
     assert sorted(p.name for p in src.glob("*_vis*")) == ["a_vis.png"]
     assert json.loads((src / "a.json").read_text())["text"] == "A2"
+
+
+@pytest.mark.parametrize("file_first", [True, False])
+def test_an_output_file_never_takes_a_mirrored_folders_name(tmp_path, file_first):
+    """--recursive, x.png beside a subfolder x.json/ holding y.png: x.png's x.json and the
+    folder out/x.json/ clashed; whichever came second failed as the input's fault, and no plain
+    rerun tried it again. Now x.png writes x.png.json; an x.json that an earlier run wrote where
+    the folder goes is a folder error, tried again once x.png's new output has retired it."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / ("x.png" if file_first else "x.json/y.png"), "first")
+    assert run_fake(src, out, "--recursive").code == 0
+    write(src / ("x.json/y.png" if file_first else "x.png"), "second")
+    both = run_fake(src, out, "--recursive")
+    assert both.code == (1 if file_first else 0) and "Traceback" not in both.stderr, both.stderr
+    again = run_fake(src, out, "--recursive")
+    assert again.code == 0 and "failed before" not in again.stderr, again.stderr
+    assert (out / "x.png.json").is_file() and (out / "x.json" / "y.json").is_file()
+    assert_invariant(src, out)
