@@ -2809,10 +2809,14 @@ def page_figures(record: dict) -> dict:
     return figures if type(figures) is dict else {}
 
 
+KILLED_PASS = "a --retry_failed run stopped before its record (its options unknown)"  # a figure's `by`
+
+
 def figure_in_file(path: str, recorded: dict) -> dict:
     """The quality figure of the reading a page's JSON file holds: the recorded one, unless the
     file's own scores say otherwise (a run killed after placing a better reading, before its
-    record): a second pass must beat what is there, not what the log last said."""
+    record): a second pass must beat what is there, not what the log last said; and what is
+    there is a later pass's reading than the recorded one, by a run that did not say so."""
     try:
         with open(path, "rb") as handle:
             content = json.load(handle)
@@ -2822,7 +2826,8 @@ def figure_in_file(path: str, recorded: dict) -> dict:
     found = page_quality(holder) if type(holder) is dict else None
     if found is None or reading_score(found) == reading_score(recorded):
         return recorded
-    return found
+    passes = recorded.get("pass", 1)
+    return {**found, "pass": (passes if type(passes) is int else 1) + 1, "by": KILLED_PASS}
 
 
 def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -> Coverage:

@@ -16,6 +16,7 @@ from conftest import (
     ROOT,
     assert_invariant,
     injected,
+    latest_records,
     make_inputs,
     page_files,
     pdf_bytes,
@@ -353,6 +354,29 @@ def test_a_second_pass_must_beat_the_reading_in_the_file_not_the_log(dirs):
     log.write_text("".join(json.dumps(record) + "\n" for record in records))
     edited = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", env=env)
     assert edited.code in (0, 1) and "Traceback" not in edited.stderr, edited.stderr
+    assert_invariant(src, out)
+
+
+def test_a_reading_placed_by_a_killed_pass_is_recorded_as_a_later_pass(dirs):
+    """Killed after a second pass placed its better reading and before its record; the same
+    command again read it no better, so the reading in the file stayed, but its record claimed
+    the first reading (no `pass`, no `by`), though the file held the second pass's text."""
+    src, out = dirs
+    write(src / "weak.png", "SCORES:0.5,0.6")
+    first = run_fake(src, out, "--min_page_score", "0.9")
+    assert first.code == 1, first.stderr
+    log = out / "infer_mp.runlog.jsonl"
+    weak_only = log.read_bytes()
+    second = ("--min_page_score", "0.9", "--retry_failed", "--pipeline_arg", "score_shift=0.4")
+    assert run_fake(src, out, *second).code == 0
+    unkilled = latest_records(out)[str(src / "weak.png")]["quality"]
+    assert unkilled["pass"] == 2 and unkilled["by"]
+    log.write_bytes(weak_only)  # (the run log as a kill between the rename and the record leaves it)
+    again = run_fake(src, out, *second)
+    assert again.code == 0, again.stderr
+    record = latest_records(out)[str(src / "weak.png")]
+    assert record["status"] == "done" and record["quality"]["score"] == unkilled["score"]
+    assert record["quality"]["pass"] == 2 and record["quality"]["by"], record
     assert_invariant(src, out)
 
 
