@@ -2206,18 +2206,25 @@ class Ledger:
         beside its scan): passed over as not inputs, by the records, whatever their names. They
         stay protected from deletion (a hand-edited record must not make an input deletable),
         but their own input's next version may replace them (see prepare)."""
-        prefix = os.path.join(self.root, "")
-        inside = [path for path in selection.paths if path.startswith(prefix)]
-        if not inside:
+        if not within(os.path.realpath(selection.root), self.root):
             return selection
         extras = {rel for key in {*self.keys(), *self.last_placing}
                   for record in [*self.held(key), *filter(None, [self.last_placing.get(key)])]
                   for raw in record.get("extra_outputs") or () if (rel := self.normal(raw)) is not None}
-        self.own = {path for path in inside if path[len(prefix):] in extras}
-        if not self.own:
+        real: dict[str, str] = {}  # folder -> its real path (an input folder may be spelled through a link)
+        spelled = set()
+        for path in selection.paths:
+            folder = os.path.dirname(path)
+            if folder not in real:
+                real[folder] = os.path.realpath(folder)
+            if os.path.relpath(found := os.path.join(real[folder], os.path.basename(path)), self.root) in extras:
+                spelled.add(path)
+                self.own.add(found)
+        self.protected.update(self.own)
+        if not spelled:
             return selection
-        return replace(selection, paths=[path for path in selection.paths if path not in self.own],
-                       ignored=selection.ignored + len(self.own))
+        return replace(selection, paths=[path for path in selection.paths if path not in spelled],
+                       ignored=selection.ignored + len(spelled))
 
     def holders(self) -> dict[str, set[str]]:
         """File -> the inputs whose current records hold it, over the whole ledger (built the

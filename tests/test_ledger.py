@@ -700,14 +700,19 @@ def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
     assert [type(event) for event in events] == [infer_mp.TaskFailed]
 
 
-def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path):
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path, through_a_link):
     """--input_dir out/in --recursive --save img, with out/in/in/a.png: its picture lands at
     out/in/a_vis.png, inside the input folder. The next plain rerun took the picture for a new
     input (a_vis.json, a_vis_vis.png), and once a.png changed, a.png failed for good (its
-    picture's name was an input's) and the old picture stayed, listed by no record."""
+    picture's name was an input's) and the old picture stayed, listed by no record. (Also with
+    the input folder spelled through a link.)"""
     out = tmp_path / "out"
+    write(out / "in" / "in" / "a.png", "A1")
     src = out / "in"
-    write(src / "in" / "a.png", "A1")
+    if through_a_link:
+        (tmp_path / "link").symlink_to(src)
+        src = tmp_path / "link"
     flags = ("--recursive", "--save", "img")
     first = run_fake(src, out, *flags)
     assert first.code == 0 and (src / "a_vis.png").is_file(), first.stderr
@@ -718,7 +723,7 @@ def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path):
     changed = run_fake(src, out, *flags)
     assert changed.code == 0 and "1 done" in changed.stderr, changed.stderr
     assert run_fake(src, out, *flags).code == 0
-    assert_invariant(src, out)
+    assert_invariant(out / "in", out)  # (the input paths recorded are the real ones)
     assert sorted(p.name for p in src.glob("*_vis*")) == ["a_vis.png"]
     assert json.loads((src / "a.json").read_text())["text"] == "A2"
 
