@@ -661,7 +661,8 @@ def parse_config(argv: list[str] | None) -> Config:
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
     run_log = Path(args.run_log) if args.run_log else default_log
-    if bookkeeping(os.path.realpath(run_log), output_dir) or run_log.suffix.lower() in SUPPORTED_SUFFIXES:
+    real_log = Path(os.path.realpath(run_log))  # (a link to an input is refused as the input would be)
+    if bookkeeping(str(real_log), output_dir) or {run_log.suffix.lower(), real_log.suffix.lower()} & SUPPORTED_SUFFIXES:
         raise UsageError(f"--run_log {str(run_log)!r} names infer_mp.py's own files in --output_dir (names starting "
                          f"{BOOKKEEPING_PREFIX!r}) or an image or PDF; give a path of its own, e.g. run.jsonl")
     if run_log.exists() and not run_log.is_file():
@@ -1909,14 +1910,16 @@ def output_bases(names: list[str], folded: bool = False, folders: Iterable[str] 
     paged = [suffix.lower() in PAGED_SUFFIXES for _, suffix in split]
     claims = {i: (stem, paged[i]) for i, (stem, _) in enumerate(split)}
     # A subfolder named like a JSON file holds that name: a claim no input can move (negative).
-    claims.update({-1 - k: (name[:-len(".json")], False)
-                   for k, name in enumerate(sorted(folders)) if name.lower().endswith(".json")})
+    taken = {(name.casefold() if folded else name)[:-len(".json")] for name in folders
+             if (name.casefold() if folded else name).endswith(".json")}  # (one folder per name as compared)
+    claims.update({-1 - k: (stem, False) for k, stem in enumerate(sorted(taken))})
     for i in colliding(claims, folded):
         if i >= 0:
             claims[i] = (names[i], paged[i])
     extra = 1
     while clashes := colliding(claims, folded):
-        for i in sorted(clashes)[1:]:  # (the subfolders' claims come first, and stay)
+        movable = sorted(i for i in clashes if i >= 0)  # (the subfolders' claims stay)
+        for i in movable[1:] if len(movable) == len(clashes) else movable:
             claims[i] = (f"{names[i]}~{extra}", paged[i])
         extra += 1
     return [claims[i][0] for i in range(len(names))]
@@ -2056,7 +2059,6 @@ class Ledger:
         self.lines = 0  # in this run's own log
         self.inputs = 0  # ... and the inputs it describes
         self.protected = set(protected)  # never deleted: inputs, run logs
-        self.own: set[str] = set()  # ... and among those, the tool's own --save files (see not_placed)
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
         self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
         self.last_placing: dict[str, dict] = {}  # input -> its `placing` record no whole record followed
@@ -2204,8 +2206,8 @@ class Ledger:
         """The inputs less the --save files the tool placed, which an input folder inside the
         output folder can hold (`--input_dir out/scans --recursive --save img`: a picture lands
         beside its scan): passed over as not inputs, by the records, whatever their names. They
-        stay protected from deletion (a hand-edited record must not make an input deletable),
-        but their own input's next version may replace them (see prepare)."""
+        stay protected from deletion and overwriting (a hand-edited record, or a scan put in the
+        place of a picture, must not make an input deletable)."""
         if not within(os.path.realpath(selection.root), self.root):
             return selection
         extras = {rel for key in {*self.keys(), *self.last_placing}
@@ -2219,8 +2221,7 @@ class Ledger:
                 real[folder] = os.path.realpath(folder)
             if os.path.relpath(found := os.path.join(real[folder], os.path.basename(path)), self.root) in extras:
                 spelled.add(path)
-                self.own.add(found)
-        self.protected.update(self.own)
+                self.protected.add(found)
         if not spelled:
             return selection
         return replace(selection, paths=[path for path in selection.paths if path not in spelled],
@@ -2342,7 +2343,7 @@ class Ledger:
         for folder in {os.path.dirname(final) for name, final in zip(extras, finals[len(pages):]) if os.sep in name}:
             self.check_folder(folder)  # (a page's JSON is named in out_dir; what a writer adds may not be)
         for path in finals:
-            if path in self.protected and path not in self.own:
+            if path in self.protected:
                 raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         rels = [self.log.relative(path) for path in finals]
         known = self.placed.get(task.path)

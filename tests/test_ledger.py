@@ -704,9 +704,10 @@ def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
 def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path, through_a_link):
     """--input_dir out/in --recursive --save img, with out/in/in/a.png: its picture lands at
     out/in/a_vis.png, inside the input folder. The next plain rerun took the picture for a new
-    input (a_vis.json, a_vis_vis.png), and once a.png changed, a.png failed for good (its
-    picture's name was an input's) and the old picture stayed, listed by no record. (Also with
-    the input folder spelled through a link.)"""
+    input (a_vis.json, a_vis_vis.png). Now it is passed over, by the records (also with the input
+    folder spelled through a link); it is still never overwritten nor deleted: once a.png
+    changes, its new picture cannot replace it (a scan may have been put in its place), and
+    a.png fails, saying so."""
     out = tmp_path / "out"
     write(out / "in" / "in" / "a.png", "A1")
     src = out / "in"
@@ -716,16 +717,15 @@ def test_the_tools_own_files_in_an_input_folder_are_never_inputs(tmp_path, throu
     flags = ("--recursive", "--save", "img")
     first = run_fake(src, out, *flags)
     assert first.code == 0 and (src / "a_vis.png").is_file(), first.stderr
+    picture = (src / "a_vis.png").read_bytes()
     again = run_fake(src, out, *flags)
     assert again.code == 0 and "0 done" in again.stderr and "1 skipped" in again.stderr, again.stderr
     assert not (src / "a_vis.json").exists() and not (src / "a_vis_vis.png").exists()
+    assert_invariant(out / "in", out)  # (the input paths recorded are the real ones)
     write(src / "in" / "a.png", "A2")
     changed = run_fake(src, out, *flags)
-    assert changed.code == 0 and "1 done" in changed.stderr, changed.stderr
-    assert run_fake(src, out, *flags).code == 0
-    assert_invariant(out / "in", out)  # (the input paths recorded are the real ones)
-    assert sorted(p.name for p in src.glob("*_vis*")) == ["a_vis.png"]
-    assert json.loads((src / "a.json").read_text())["text"] == "A2"
+    assert changed.code == 1 and "not overwritten" in changed.stderr, changed.stderr
+    assert (src / "a_vis.png").read_bytes() == picture and sorted(p.name for p in src.glob("*_vis*")) == ["a_vis.png"]
 
 
 @pytest.mark.parametrize("file_first", [True, False])
@@ -744,3 +744,16 @@ def test_an_output_file_never_takes_a_mirrored_folders_name(tmp_path, file_first
     assert again.code == 0 and "failed before" not in again.stderr, again.stderr
     assert (out / "x.png.json").is_file() and (out / "x.json" / "y.json").is_file()
     assert_invariant(src, out)
+
+
+def test_subfolders_named_like_one_json_in_every_case_are_one_claim():
+    """Three subfolders x.json, x.JSON and x.Json beside x.png: a traceback (IndexError) on every
+    run, as the folders' own claims were renamed; on a case-insensitive filesystem an endless
+    loop. On a case-sensitive one only x.json is x.png's JSON's name."""
+    import infer_mp
+
+    folders = {"x.json", "x.JSON", "x.Json"}
+    assert infer_mp.output_bases(["x.png"], False, folders) == ["x.png"]
+    assert infer_mp.output_bases(["x.png"], True, folders) == ["x.png"]
+    assert infer_mp.output_bases(["x.png"], False, {"x.JSON"}) == ["x"]
+    assert infer_mp.output_bases(["a.png", "a.png.png"], False, {"a.png.json", "a.json"}) == ["a.png~1", "a.png.png"]

@@ -258,6 +258,39 @@ def test_a_run_log_that_is_an_input_or_the_tools_own_file_is_refused(tmp_path, w
     assert not out.exists() or not any(out.rglob("*.json"))
 
 
+def test_a_run_log_that_links_to_an_input_is_refused(tmp_path):
+    """--run_log run.jsonl, a link to an input: the input was appended to."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 1)
+    scan = next(src.iterdir())
+    before = scan.read_bytes()
+    (tmp_path / "run.jsonl").symlink_to(scan)
+    run = run_fake(src, out, "--run_log", str(tmp_path / "run.jsonl"))
+    assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert scan.read_bytes() == before
+
+
+def test_a_record_naming_an_input_as_a_picture_never_overwrites_it(tmp_path):
+    """Inputs inside the output folder, mirrored back into it (--recursive --save img): a scan
+    lies where in/a.png's picture goes. A hand-edited record listing that scan as a.png's
+    picture made the next run overwrite the scan with the picture."""
+    out = tmp_path / "out"
+    src = out / "in"
+    write(src / "in" / "a.png", "A")
+    write(src / "a_vis.png", "REAL SCAN")
+    flags = ("--recursive", "--save", "img")
+    assert run_fake(src, out, *flags).code == 1  # (a.png's picture would replace an input: it fails)
+    log = out / "infer_mp.runlog.jsonl"
+    record = {"time": "2030-01-01T00:00:00+00:00", "gen": 99, "input": str(src / "in" / "a.png"), "status": "done",
+              "pages": 1, "outputs": ["in/a.json"], "extra_outputs": ["in/a_vis.png"]}
+    with log.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    write(src / "in" / "a.png", "A2")
+    run = run_fake(src, out, *flags)
+    assert "Traceback" not in run.stderr, run.stderr
+    assert (src / "a_vis.png").read_text() == "REAL SCAN"
+
+
 def test_inputs_in_the_staging_folder_are_refused_not_deleted(tmp_path):
     """--input_dir out/.infer_mp.staging: the run emptied the staging folder at its start, so
     it deleted its inputs, then failed them (exit 1)."""
