@@ -1910,8 +1910,8 @@ def output_bases(names: list[str], folded: bool = False, folders: Iterable[str] 
     paged = [suffix.lower() in PAGED_SUFFIXES for _, suffix in split]
     claims = {i: (stem, paged[i]) for i, (stem, _) in enumerate(split)}
     # A subfolder named like a JSON file holds that name: a claim no input can move (negative).
-    taken = {(name.casefold() if folded else name)[:-len(".json")] for name in folders
-             if (name.casefold() if folded else name).endswith(".json")}  # (one folder per name as compared)
+    compared = [name.casefold() if folded else name for name in folders]  # (one folder per name as compared)
+    taken = {name[:-len(".json")] for name in compared if name.endswith(".json")}
     claims.update({-1 - k: (stem, False) for k, stem in enumerate(sorted(taken))})
     for i in colliding(claims, folded):
         if i >= 0:
@@ -1967,6 +1967,14 @@ COMPACT_RATIO = 3  # ... a longer one is, once it has this many lines per input 
 STATUSES = frozenset({DONE, FAILED, PLACING})
 ONLY_STRINGS = frozenset({str})
 ONLY_INTS = frozenset({int})
+
+
+def bookkeeping(path: str, root: str | Path) -> bool:
+    """Is this path (real, or spelled under the output folder `root`) infer_mp.py's own there:
+    its lock files, its staging folder or anything in it? (Never an input, a run log or an
+    output folder: the staging folder is emptied at every start, a lock file rewritten.)"""
+    root = str(root)
+    return path != root and within(path, root) and os.path.relpath(path, root).startswith(BOOKKEEPING_PREFIX)
 
 
 Moves = tuple[str | None, list[tuple[str, str | None]]]  # a task's (own staging folder, [(staged, final or None:
@@ -2370,7 +2378,7 @@ class Ledger:
         subfolder): nothing is written, renamed or deleted outside --output_dir."""
         if folder in self._folders:
             return
-        if folder != self.root and os.path.relpath(folder, self.root).startswith(BOOKKEEPING_PREFIX):
+        if bookkeeping(folder, self.root):
             raise OSError(errno.EINVAL, f"{folder!r}: names starting {BOOKKEEPING_PREFIX!r} are infer_mp.py's "
                           "own in --output_dir; rename that input folder")
         try:
@@ -2643,15 +2651,6 @@ def case_insensitive(root: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Selection: the ledger says what is complete; a rerun does only the rest
 # ---------------------------------------------------------------------------------------------
-
-
-def bookkeeping(real_path: str, output_dir: Path) -> bool:
-    """Is this (real) path infer_mp.py's own in the output folder: its lock files, its staging
-    folder or anything in it? (Never an input, never a run log: the staging folder is emptied
-    at every start, a lock file rewritten.)"""
-    if not within(real_path, str(output_dir)) or real_path == str(output_dir):
-        return False
-    return os.path.relpath(real_path, output_dir).startswith(BOOKKEEPING_PREFIX)
 
 
 def source_identity(path: str) -> tuple[int, int] | None:
