@@ -141,6 +141,7 @@ DEFAULT_PROGRESS_SECONDS = 30.0  # interval between progress lines when stderr i
 RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says otherwise
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
+RUN_LOG_LOCK = ".{name}.log.lock"  # beside the run log (never one of the names above, whatever the log's name)
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
@@ -2927,7 +2928,7 @@ class RunLock:
             self._take_folder(config)
             # The run log too: a run into another folder may name it with --run_log, and two runs
             # appending to one log, one of them compacting it, would lose lines.
-            log_lock = config.run_log.parent / f".{config.run_log.name}.lock"
+            log_lock = config.run_log.parent / RUN_LOG_LOCK.format(name=config.run_log.name)
             with contextlib.suppress(OSError):  # if this fails, taking the lock says why
                 log_lock.parent.mkdir(parents=True, exist_ok=True)
             self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using the run log "

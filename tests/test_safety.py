@@ -566,10 +566,24 @@ def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
     make_inputs(src, 2)
     log = tmp_path / "logs" / "shared.jsonl"
     log.parent.mkdir()
-    with hold(log.parent / ".shared.jsonl.lock", fcntl.LOCK_EX):  # a run into another folder
+    with hold(log.parent / ".shared.jsonl.log.lock", fcntl.LOCK_EX):  # a run into another folder
         run = run_fake(src, out, "--run_log", str(log))
         assert run.code == 75 and "--run_log" in run.stderr
     assert run_fake(src, out, "--run_log", str(log)).code == 0
+
+
+@pytest.mark.parametrize("shard", [None, "1/2"])
+def test_a_run_log_named_like_the_folders_lock_is_not_refused_as_locked(dirs, shard):
+    """--run_log out/infer_mp: its lock, `.infer_mp.lock`, was the folder's own, so every run was
+    refused (exit 75) as if another run used the log; a shard's log named for its shard's lock too."""
+    src, out = dirs
+    make_inputs(src, 8)
+    name = "infer_mp" if shard is None else "infer_mp.shard-1-of-2"
+    extra = ("--run_log", str(out / name)) + (("--shard", shard) if shard else ())
+    first = run_fake(src, out, *extra)
+    assert first.code == 0 and " 0 done" not in first.stderr, first.stderr
+    again = run_fake(src, out, *extra)
+    assert again.code == 0 and " already done" in again.stderr and "0 input(s) to do" in again.stderr, again.stderr
 
 
 def test_an_unwritable_run_log_is_refused_before_any_worker(dirs, faulty_disk, tmp_path):
@@ -628,6 +642,6 @@ def test_a_run_log_named_from_another_folder_is_locked(dirs, tmp_path):
     src, out = dirs
     make_inputs(src, 1)
     out.mkdir()
-    with hold(out / ".infer_mp.runlog.jsonl.lock", fcntl.LOCK_EX):  # a run into `out` is going on
+    with hold(out / ".infer_mp.runlog.jsonl.log.lock", fcntl.LOCK_EX):  # a run into `out` is going on
         run = run_fake(src, tmp_path / "out2", "--run_log", str(out / "infer_mp.runlog.jsonl"))
         assert run.code == 75 and "run log" in run.stderr
