@@ -192,9 +192,10 @@ class OutputFailed(UserError):
 
 # Errors writing an output that are the environment's, not the input's: stop, do not fail inputs.
 OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
-# An output folder that is a link (or a file) where a folder should be: refused, and the input
-# recorded failed, but as the folder's fault: the next run tries it again (see select_work).
-FOLDER_ERRNOS = frozenset({errno.EXDEV, errno.ELOOP, errno.ENOTDIR})
+# An output folder that is a link (or a file) where a folder should be, or a folder where an
+# output file goes: refused, and the input recorded failed, but as the folder's fault: the next
+# run tries it again (see select_work).
+FOLDER_ERRNOS = frozenset({errno.EXDEV, errno.ELOOP, errno.ENOTDIR, errno.EISDIR})
 
 
 def cannot_write(what: str, error: OSError) -> UserError:
@@ -1959,6 +1960,7 @@ def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str], folde
 # ---------------------------------------------------------------------------------------------
 
 DONE, FAILED, PLACING = "done", "failed", "placing"
+FOLDER_CLAIM = ""  # the holder of a name that an output folder takes (see Ledger.json_owners): no input
 RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
 BOOKKEEPING_PREFIX = ".infer_mp"  # the lock files, the staging folder: never outputs
 STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here, and rename into place when told
@@ -2192,14 +2194,26 @@ class Ledger:
                     if raw.endswith(".json") and (raw not in last or record["_order"] > last[raw][0]):
                         last[raw] = (record["_order"], key)
         owners: dict[str, dict[str, str]] = defaultdict(dict)
+        in_json_folders = []
         for raw, (order, key) in last.items():
             placement = self.placements.get(raw)
             if placement is not None and placement[0] > order:
                 key = placement[1]
             rel = self.normal(raw)
-            head, _, name = os.path.join(self.root, rel or "").rpartition(os.sep)
-            if rel is not None and head in folders:
+            if rel is None:
+                continue
+            head, _, name = os.path.join(self.root, rel).rpartition(os.sep)
+            if head in folders:
                 owners[head][name[: -len(".json")]] = key
+            if ".json" + os.sep in rel:
+                in_json_folders.append(rel)
+        # An output folder named like a JSON file (a subfolder's, which may be gone now) holds
+        # that name in its parent for no input: a file cannot go where a folder is.
+        for rel in in_json_folders:
+            parts = rel.split(os.sep)
+            for depth, part in enumerate(parts[:-1]):
+                if part.endswith(".json") and (head := os.path.join(self.root, *parts[:depth])) in folders:
+                    owners[head][part[: -len(".json")]] = FOLDER_CLAIM
         return owners
 
     def held_files(self, key: str) -> set[str]:
@@ -2895,7 +2909,7 @@ def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False)
         folder = os.path.normpath(task.out_dir)
         stems = heads[folder].get(base, ()) if task.paged else (base,)
         return any(owners[folder].get(stem, task.path) != task.path
-                   and os.path.isfile(os.path.join(folder, f"{stem}.json")) for stem in stems)
+                   and os.path.lexists(os.path.join(folder, f"{stem}.json")) for stem in stems)
 
     folders: dict[str, dict[int, tuple[str, bool]]] = defaultdict(dict)  # the claims colliding() weighs
     for task in tasks:
@@ -4339,6 +4353,9 @@ class PipelineWorker:
                         if parent not in folders:
                             folders[parent] = open_output_folder(parent, self.options.root)
                         os.rename(staged, name, dst_dir_fd=folders[parent])  # (POSIX: replaces)
+                except IsADirectoryError:
+                    errors[index] = (errno.EISDIR, f"{final!r} is a folder: move or rename it; not placed, "
+                                     "tried again by the next run")
                 except OSError as error:
                     errors[index] = (error.errno, error.strerror or one_line(error))
                 else:

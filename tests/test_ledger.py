@@ -746,6 +746,37 @@ def test_an_output_file_never_takes_a_mirrored_folders_name(tmp_path, file_first
     assert_invariant(src, out)
 
 
+def test_a_gone_subfolders_output_folder_keeps_its_name_from_a_file(tmp_path):
+    """x.png beside a subfolder x.json/: x.png writes x.png.json. Once the subfolder is gone from
+    the inputs, its output folder out/x.json/ (kept: its files are its inputs' finished pages)
+    was no longer reserved: x.png was redone as x.json and failed "Is a directory", as its own
+    fault, for good. The ledger's records hold that folder's name now."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "x.png", "file")
+    write(src / "x.json" / "y.png", "folder")
+    assert run_fake(src, out, "--recursive").code == 0
+    shutil.rmtree(src / "x.json")
+    again = run_fake(src, out, "--recursive")
+    assert again.code == 0 and "1 skipped" in again.stderr and "FAILED" not in again.stderr, again.stderr
+    assert json.loads((out / "x.png.json").read_text())["text"] == "file"
+    assert json.loads((out / "x.json" / "y.json").read_text())["text"] == "folder"
+
+
+def test_a_folder_where_an_output_goes_is_the_folders_fault_and_tried_again(dirs):
+    """A folder made where an input's JSON goes: the input failed "Is a directory" as its own
+    fault, and no plain rerun tried it again once the folder was moved away."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    (out / "a.json").mkdir(parents=True)
+    blocked = run_fake(src, out)
+    assert blocked.code == 1 and "is a folder: move or rename it" in blocked.stderr, blocked.stderr
+    (out / "a.json").rmdir()
+    again = run_fake(src, out)
+    assert again.code == 0 and "1 done" in again.stderr, again.stderr
+    assert json.loads((out / "a.json").read_text())["text"] == "A"
+    assert_invariant(src, out)
+
+
 def test_subfolders_named_like_one_json_in_every_case_are_one_claim():
     """Three subfolders x.json, x.JSON and x.Json beside x.png: a traceback (IndexError) on every
     run, as the folders' own claims were renamed; on a case-insensitive filesystem an endless
