@@ -5415,6 +5415,16 @@ def needs_worker(task: Task, work: WorkSelection) -> bool:
     return not task.page_count or bool(pages_to_do(task, work.coverage.get(task.index)))
 
 
+def refuse_run_log_among(inputs: list[str], run_log: Path) -> None:
+    """A run log that is a hard link to an input (its name says nothing) would be appended to."""
+    status = regular_file_status(str(run_log))
+    if status is not None and status.st_nlink > 1:
+        twin = next((path for path in inputs if file_identity(path) == (status.st_dev, status.st_ino)), None)
+        if twin is not None:
+            raise UsageError(f"--run_log {str(run_log)!r} is the input {twin!r} (a hard link to it); give a "
+                             "path of its own, e.g. run.jsonl")
+
+
 def probe_run_log(path: Path, output_dir: Path) -> None:
     """Refuse a run log that cannot be appended to now, rather than after workers started
     (leaving nothing behind: the run log is opened for good once every check has passed)."""
@@ -5433,6 +5443,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
     selection = find_inputs(config)
+    refuse_run_log_among(selection.paths, config.run_log)
     folded = locked and case_insensitive(config.output_dir)
     ledger = Ledger.read(config)
     ledger.protected.update(selection.paths)  # never deleted

@@ -258,13 +258,14 @@ def test_a_run_log_that_is_an_input_or_the_tools_own_file_is_refused(tmp_path, w
     assert not out.exists() or not any(out.rglob("*.json"))
 
 
-def test_a_run_log_that_links_to_an_input_is_refused(tmp_path):
-    """--run_log run.jsonl, a link to an input: the input was appended to."""
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_run_log_that_links_to_an_input_is_refused(tmp_path, link):
+    """--run_log run.jsonl, a link (symbolic or hard) to an input: the input was appended to."""
     src, out = tmp_path / "in", tmp_path / "out"
     make_inputs(src, 1)
     scan = next(src.iterdir())
     before = scan.read_bytes()
-    (tmp_path / "run.jsonl").symlink_to(scan)
+    (tmp_path / "run.jsonl").symlink_to(scan) if link == "symbolic" else os.link(scan, tmp_path / "run.jsonl")
     run = run_fake(src, out, "--run_log", str(tmp_path / "run.jsonl"))
     assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert scan.read_bytes() == before
