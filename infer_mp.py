@@ -3450,12 +3450,13 @@ class LocalWorker(WorkerHandle):
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
+WORKER_PROCESS_NAME = "infer_mp-worker"
 
 
 def spawn_worker(pipeline: PipelineRef) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """Start a worker process; it imports the pipeline's libraries, then waits for its device."""
     parent, child = SPAWN.Pipe()
-    process = SPAWN.Process(target=worker_main, args=(pipeline, child), name="infer_mp-worker", daemon=True)
+    process = SPAWN.Process(target=worker_main, args=(pipeline, child), name=WORKER_PROCESS_NAME, daemon=True)
     # Ctrl-C and SIGTERM are held back (blocked, not ignored: the kernel drops a signal sent
     # while it is ignored) while the worker starts: the coordinator then gets any that came,
     # and the worker, which inherits the mask, ignores both from its first line (worker_main):
@@ -5632,16 +5633,24 @@ class Terminated(BaseException):
     KeyboardInterrupt does, so that the lock and the workers are let go of."""
 
 
-def raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated
+def raise_stop(signum: int, frame: Any) -> None:
+    """Ctrl-C or SIGTERM before the dispatch loop: unwind. Later ones are ignored, so that
+    they cannot cut short the unwinding (a second Ctrl-C while the workers were being killed
+    left one alive, and Python's exit waited for it forever)."""
+    for other in STOP_SIGNALS:  # (not SIG_IGN: Python raises OSError for one already pending then)
+        signal.signal(other, stopping_already)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+def stopping_already(signum: int, frame: Any) -> None:
+    """A signal while the run unwinds from an earlier one: it changes nothing (see raise_stop)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     as_script = signal.getsignal(signal.SIGTERM) is stopped_while_starting  # (see the top)
-    if as_script:
-        signal.signal(signal.SIGTERM, raise_terminated)
-    if signal.getsignal(signal.SIGINT) is stopped_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is stopped_while_starting:  # (not one ignored from the start)
+            signal.signal(signum, raise_stop)
     try:
         return int(run(parse_config(argv)))
     except UserError as error:
@@ -5657,15 +5666,31 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.TERMINATED)
     finally:
         stop_listening(as_script)  # however it ended, it has ended: a signal from now on changes nothing
+        kill_left_workers()
+
+
+def kill_left_workers() -> None:
+    """No worker outlives the run, whatever path it ended by: each ignores SIGTERM, which is
+    all that Python's exit sends them before it waits for them."""
+    for process in multiprocessing.active_children():
+        if process.name == WORKER_PROCESS_NAME:
+            process.kill()
+            process.join()
 
 
 def stop_listening(as_script: bool) -> None:
     """Stopping already, or done: a signal while Python shuts down must neither print a
     traceback nor kill the process before it exits with its code (run as a script only;
     Python puts the default handlers back as it shuts down, but leaves ignored signals be)."""
-    if as_script:
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
+    if not as_script:
+        return
+    for signum in STOP_SIGNALS:
+        while True:
+            try:
+                signal.signal(signum, signal.SIG_IGN)  # (which first runs the handler of one that came)
+                break
+            except (KeyboardInterrupt, Terminated):
+                pass  # one that came before: the run's code is decided already
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ lists and documents at their edges, and stdout left free for the user's pipes.""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -515,3 +517,56 @@ def test_a_second_signal_after_the_stop_line_changes_nothing(tmp_path):
         if process.returncode == 0:
             continue
         assert process.returncode == 143 and "Traceback" not in stderr and "ignored" not in stderr, (delay, stderr)
+
+
+def test_no_worker_outlives_main_whatever_path_it_ended_by(tmp_path):
+    """A worker left alive when main() returned (a second Ctrl-C cut short the killing of the
+    warm workers) made Python's exit wait for it forever: a worker ignores the SIGTERM that
+    is all Python's exit sends it. main() now kills any that is left."""
+    import infer_mp
+
+    fake = infer_mp.PipelineRef(str(ROOT / "tests" / "fake_pipeline.py"), "FakePipeline")
+    process, conn = infer_mp.spawn_worker(fake)
+    try:
+        assert process.is_alive()
+        assert infer_mp.main(["--pipeline", "x", "--input_dir", str(tmp_path / "missing"), "--device", "cpu",
+                              "--output_dir", str(tmp_path / "out")]) == 2
+        process.join(10)
+        assert not process.is_alive()
+    finally:
+        process.kill()
+        conn.close()
+
+
+def test_signals_after_the_first_while_starting_change_nothing():
+    """SIGTERM, then Ctrl-C twice, before the dispatch loop: the later ones raised again inside
+    the unwinding from the first, cutting short the killing of the workers."""
+    import infer_mp
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(infer_mp.Terminated):
+            infer_mp.raise_stop(signal.SIGTERM, None)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # (handled here, between two bytecodes, if at all)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_burst_of_signals_while_starting_never_hangs(tmp_path):
+    """SIGTERM, SIGINT, SIGINT sent at once to the whole run (a terminal's impatient Ctrl-Cs
+    after a `kill`) at instants across its start: it ended with one line and 130 or 143, but
+    one run in three never ended at all (see the test above)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 3)
+    for delay in (0.1, 0.3, 0.5, 0.7, 0.9):
+        process = start_fake(src, out, env={"FAKE_PIPELINE_DELAY": "0.2"})
+        wait_for_imports(process)
+        time.sleep(delay)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGINT):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode in (0, 130, 143) and "Traceback" not in stderr, (delay, stderr)
