@@ -5652,20 +5652,20 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(signum) is stopped_while_starting:  # (not one ignored from the start)
             signal.signal(signum, raise_stop)
     try:
-        return int(run(parse_config(argv)))
+        try:
+            return int(run(parse_config(argv)))
+        finally:
+            stop_listening(as_script)  # however it ended, it has ended: a signal from now on changes nothing
     except UserError as error:
         say(f"error: {error}")
         return int(error.exit_code)
     except KeyboardInterrupt:
-        stop_listening(as_script)
         say("interrupted")
         return int(ExitCode.INTERRUPTED)
     except Terminated:
-        stop_listening(as_script)
         say("stopped by SIGTERM")
         return int(ExitCode.TERMINATED)
     finally:
-        stop_listening(as_script)  # however it ended, it has ended: a signal from now on changes nothing
         kill_left_workers()
 
 

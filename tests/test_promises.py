@@ -570,3 +570,13 @@ def test_a_burst_of_signals_while_starting_never_hangs(tmp_path):
                 os.killpg(process.pid, signum)
         _, stderr = process.communicate(timeout=60)
         assert process.returncode in (0, 130, 143) and "Traceback" not in stderr, (delay, stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_an_error_line_prints_changes_nothing(tmp_path, signum):
+    """A usage error's line being written (to a slow reader's pipe), then SIGTERM or Ctrl-C: the
+    signal raised inside main()'s `except UserError`: two tracebacks and exit 1 (or killed by
+    SIGINT). The run had its code, 2; a signal from then on changes nothing."""
+    name = signal.Signals(signum).name
+    run = run_fake(tmp_path / "missing", tmp_path / "out", env={**injected(), "SIGNAL_ON_STDERR": f"{name}:error:"})
+    assert run.code == 2 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
