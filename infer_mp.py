@@ -117,6 +117,7 @@ IMAGE_SUFFIXES = frozenset(
 # Inputs whose results carry a page index, so their outputs are named `{stem}_{page}.json`.
 PAGED_SUFFIXES = frozenset({".pdf", ".tif", ".tiff"})
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | PAGED_SUFFIXES
+OUTPUT_SUFFIXES = frozenset({".json", ".md"})  # what the tool writes besides pictures (--save markdown)
 PAGE_NUMBER = re.compile(r"0|[1-9][0-9]*")  # as PaddleX numbers pages: no sign, no leading zero
 DEFAULT_GLOB_PATTERN = "*"
 NOT_PIPELINES = ("Client", "Error", "Options", "Model")  # paddleocr exports that are not pipelines
@@ -630,6 +631,28 @@ def retry_label(config: Config) -> str:
     return " ".join([config.pipeline, *(f"{key}={value}" for key, value in options.items())])
 
 
+def checked_run_log(spelled: Path, output_dir: Path) -> Path:
+    """The run log's real path: a link is followed once, so that its lock, its compaction and
+    every run see the one file. Refused where it is, or is named like, infer_mp.py's own files
+    (a lock; the staging folder), an input (an image or PDF, or a hard link: any file with a
+    second name, whose lock would be a second lock) or an output in --output_dir."""
+    real = Path(os.path.realpath(spelled))
+    suffixes = {spelled.suffix.lower(), real.suffix.lower()}
+    if (bookkeeping(str(real), output_dir) or real.name.endswith(".lock") or suffixes & SUPPORTED_SUFFIXES
+            or (within(str(real), str(output_dir)) and suffixes & OUTPUT_SUFFIXES)):
+        raise UsageError(f"--run_log {str(spelled)!r} names infer_mp.py's own files (a lock, names starting "
+                         f"{BOOKKEEPING_PREFIX!r}), an image or PDF, or an output's name in --output_dir; give "
+                         "a path of its own, e.g. run.jsonl")
+    status = os.stat(real) if real.exists() else None
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise UsageError(f"--run_log {str(spelled)!r} is not a regular file; give a file path "
+                         "(it is read and appended to)")
+    if status is not None and status.st_nlink > 1:
+        raise UsageError(f"--run_log {str(spelled)!r} has another name (a hard link: an input's, or another "
+                         "run's log under its own lock); give a path of its own, e.g. run.jsonl")
+    return real
+
+
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
     if args.input_dir is None and args.input_list is None:
@@ -662,14 +685,7 @@ def parse_config(argv: list[str] | None) -> Config:
                          "move the inputs elsewhere")
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
-    run_log = Path(args.run_log) if args.run_log else default_log
-    real_log = Path(os.path.realpath(run_log))  # (a link to an input is refused as the input would be)
-    if bookkeeping(str(real_log), output_dir) or {run_log.suffix.lower(), real_log.suffix.lower()} & SUPPORTED_SUFFIXES:
-        raise UsageError(f"--run_log {str(run_log)!r} names infer_mp.py's own files in --output_dir (names starting "
-                         f"{BOOKKEEPING_PREFIX!r}) or an image or PDF; give a path of its own, e.g. run.jsonl")
-    if run_log.exists() and not run_log.is_file():
-        raise UsageError(f"--run_log {str(run_log)!r} is not a regular file; give a file path "
-                         "(it is read and appended to)")
+    run_log = checked_run_log(Path(args.run_log) if args.run_log else default_log, output_dir)
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:  # (the default is off without it)
@@ -687,7 +703,7 @@ def parse_config(argv: list[str] | None) -> Config:
         batch_size=args.batch_size,
         input_glob_patterns=tuple(args.input_glob_pattern or [DEFAULT_GLOB_PATTERN]),
         cpu_threads=args.cpu_threads,
-        run_log=run_log.absolute(),
+        run_log=run_log,
         lock_file=output_dir / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
         input_list=args.input_list,
         recursive=args.recursive,
@@ -5416,16 +5432,6 @@ def needs_worker(task: Task, work: WorkSelection) -> bool:
     return not task.page_count or bool(pages_to_do(task, work.coverage.get(task.index)))
 
 
-def refuse_run_log_among(inputs: list[str], run_log: Path) -> None:
-    """A run log that is a hard link to an input (its name says nothing) would be appended to."""
-    status = regular_file_status(str(run_log))
-    if status is not None and status.st_nlink > 1:
-        twin = next((path for path in inputs if file_identity(path) == (status.st_dev, status.st_ino)), None)
-        if twin is not None:
-            raise UsageError(f"--run_log {str(run_log)!r} is the input {twin!r} (a hard link to it); give a "
-                             "path of its own, e.g. run.jsonl")
-
-
 def probe_run_log(path: Path, output_dir: Path) -> None:
     """Refuse a run log that cannot be appended to now, rather than after workers started
     (leaving nothing behind: the run log is opened for good once every check has passed)."""
@@ -5444,7 +5450,6 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
     selection = find_inputs(config)
-    refuse_run_log_among(selection.paths, config.run_log)
     folded = locked and case_insensitive(config.output_dir)
     ledger = Ledger.read(config)
     ledger.protected.update(selection.paths)  # never deleted

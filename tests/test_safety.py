@@ -244,7 +244,8 @@ def test_a_run_log_that_is_not_a_file_is_refused(dirs):
 
 
 @pytest.mark.parametrize("where", ["in/a.png", "out/.infer_mp.lock", "out/.infer_mp.staging",
-                                   "out/.infer_mp.staging/log.jsonl", "out/.infer_mp.shard-0-of-2.lock"])
+                                   "out/.infer_mp.staging/log.jsonl", "out/.infer_mp.shard-0-of-2.lock",
+                                   "logs/.other.jsonl.log.lock", "out/a.json", "out/a.md"])
 def test_a_run_log_that_is_an_input_or_the_tools_own_file_is_refused(tmp_path, where):
     """--run_log naming an input was appended to (the scan grew run-log lines), naming the lock
     file was overwritten with a pid at every start (no resume), naming the staging folder failed
@@ -256,6 +257,34 @@ def test_a_run_log_that_is_an_input_or_the_tools_own_file_is_refused(tmp_path, w
     assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert {path.name: path.read_bytes() for path in src.iterdir()} == before  # (no lock file beside it either)
     assert not out.exists() or not any(out.rglob("*.json"))
+
+
+def test_a_run_log_reached_through_a_link_is_one_log_under_one_lock(dirs, tmp_path):
+    """--run_log link.jsonl (link -> real.jsonl): its lock was taken beside the link, so a run
+    naming real.jsonl appended to the same log at the same time; a link to a log not yet there
+    was deleted, the log written in its place and an empty real.jsonl left."""
+    src, out = dirs
+    make_inputs(src, 2)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "link.jsonl").symlink_to("real.jsonl")
+    with hold(logs / ".real.jsonl.log.lock", fcntl.LOCK_EX):  # a run naming real.jsonl
+        run = run_fake(src, out, "--run_log", str(logs / "link.jsonl"))
+        assert run.code == 75 and "run log" in run.stderr, run.stderr
+    assert run_fake(src, out, "--run_log", str(logs / "link.jsonl")).code == 0
+    assert (logs / "link.jsonl").is_symlink() and len((logs / "real.jsonl").read_text().splitlines()) >= 2
+    again = run_fake(src, out, "--run_log", str(logs / "real.jsonl"))
+    assert again.code == 0 and "2 skipped" in again.stderr, again.stderr
+
+
+def test_a_run_log_with_a_second_name_is_refused(dirs, tmp_path):
+    """Two hard-linked names of one log took two locks: two runs could append to it at once."""
+    src, out = dirs
+    make_inputs(src, 1)
+    assert run_fake(src, out, "--run_log", str(tmp_path / "a.jsonl")).code == 0
+    os.link(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    run = run_fake(src, out, "--run_log", str(tmp_path / "b.jsonl"))
+    assert run.code == 2 and "hard link" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
