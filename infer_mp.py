@@ -2797,6 +2797,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
             selection.todo.append(task)
             continue
         complete = is_complete(task, record, ledger) or is_complete(task, done, ledger)
+        complete = complete and not (task.paged and record is not None and record.get("retry"))
         if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
             selection.complete.append((task, done))                   # counts as done, unless retried)
             continue
@@ -2894,7 +2895,7 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
         if kept:
             coverage.extras += [path for rel in record.get("extra_outputs") or []
                                 if os.path.isfile(path := os.path.join(root, rel))]
-        if not retry_failed:
+        if not retry_failed and not record.get("retry"):  # (see FOLDER_ERRNOS)
             for page in record.get("failed_pages") or []:
                 coverage.failed[page] = record.get("error") or "failed"
                 if "range" not in record:
@@ -4994,6 +4995,7 @@ class Document:
     device: str | None = None
     quality: dict[int, dict] = field(default_factory=dict)  # page -> figure: kept from earlier runs, then this run's
     weak: dict[int, str] = field(default_factory=dict)  # page -> why --min_page_score finds it weak (kept)
+    retry: bool = False  # a page failed for the output folder's fault: the next run tries the failed pages again
 
 
 def describe_quality(figure: dict) -> str:
@@ -5242,8 +5244,9 @@ class Report:
         failed = dict.fromkeys(task.page_numbers, event.error)
         if task.pages is not None:
             self.ledger.write(task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
-                              error=event.error, failed_pages=failed)
+                              error=event.error, failed_pages=failed, retry=event.retry)
         document = self.documents[task.path]
+        document.retry = document.retry or event.retry
         self.count_pages(document, task, event.spec, event.attempts, 0.0, failed)
 
     def count_pages(self, document: Document, task: Task, spec: WorkerSpec | None, attempts: int,
@@ -5269,7 +5272,7 @@ class Report:
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
         self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=list(dict.fromkeys(document.extras)),
                           device=document.device, attempts=document.attempts, seconds=document.seconds,
-                          failed_pages=failed, quality=document.quality, weak=weak)
+                          failed_pages=failed, quality=document.quality, weak=weak, retry=document.retry)
         del self.documents[task.path]
         if failed or weak:
             rate = f" (within --max_page_error_rate {self.max_page_error_rate:g})" if good else ""

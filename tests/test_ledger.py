@@ -493,9 +493,8 @@ def test_an_input_or_the_run_log_is_never_overwritten_by_an_output(tmp_path):
     src = tmp_path / "in"
     write(src / "scan.png", "text")
     run = run_cli(*fake_args(src, tmp_path / "out2", "--run_log", str(tmp_path / "out2" / "scan.json")))
-    assert run.code == 1 and "is an input or a run log" in run.stderr
-    assert all(json.loads(line).get("input") or "run" in json.loads(line)
-               for line in (tmp_path / "out2" / "scan.json").read_text().splitlines())
+    assert run.code == 2 and "an output's name" in run.stderr  # (refused before anything is written)
+    assert not (tmp_path / "out2" / "scan.json").exists()
 
 
 def test_an_input_folder_named_like_the_staging_folder_is_refused(dirs):
@@ -775,6 +774,26 @@ def test_a_folder_where_an_output_goes_is_the_folders_fault_and_tried_again(dirs
     assert again.code == 0 and "1 done" in again.stderr, again.stderr
     assert json.loads((out / "a.json").read_text())["text"] == "A"
     assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("pages_per_task", ["1", "100"])
+def test_a_folder_where_a_page_goes_is_the_folders_fault_and_that_page_tried_again(dirs, pages_per_task):
+    """A folder where page 1 of doc.pdf goes: that page failed, and once the folder was moved
+    away no plain rerun tried it again ("failed before, not retried"); the page stayed missing
+    until --retry_failed. Now the next plain run does that page, and only it."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["page zero", "page one", "page two"]))
+    (out / "doc_1.json").mkdir(parents=True)
+    blocked = run_fake(src, out, "--pages_per_task", pages_per_task)
+    assert blocked.code == 1 and "is a folder: move or rename it" in blocked.stderr, blocked.stderr
+    kept = (out / "doc_0.json").stat().st_mtime_ns
+    (out / "doc_1.json").rmdir()
+    again = run_fake(src, out, "--pages_per_task", pages_per_task)
+    assert again.code == 0 and "1 page(s)" in again.stderr and "not retried" not in again.stderr, again.stderr
+    assert json.loads((out / "doc_1.json").read_text())["text"] == "page one"
+    assert (out / "doc_0.json").stat().st_mtime_ns == kept
+    assert_invariant(src, out)
+    assert "0 input(s) to do" in run_fake(src, out).stderr
 
 
 def test_subfolders_named_like_one_json_in_every_case_are_one_claim():
