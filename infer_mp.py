@@ -634,22 +634,18 @@ def retry_label(config: Config) -> str:
 def checked_run_log(spelled: Path, output_dir: Path) -> Path:
     """The run log's real path: a link is followed once, so that its lock, its compaction and
     every run see the one file. Refused where it is, or is named like, infer_mp.py's own files
-    (a lock; the staging folder), an input (an image or PDF, or a hard link: any file with a
-    second name, whose lock would be a second lock) or an output in --output_dir."""
+    (a lock; the staging folder), an input (an image or PDF; one hard-linked to it gets a file
+    of its own: see has_second_name) or an output in --output_dir; `.lock` in any case."""
     real = Path(os.path.realpath(spelled))
     suffixes = {spelled.suffix.lower(), real.suffix.lower()}
-    if (bookkeeping(str(real), output_dir) or real.name.endswith(".lock") or suffixes & SUPPORTED_SUFFIXES
+    if (bookkeeping(str(real), output_dir) or real.name.lower().endswith(".lock") or suffixes & SUPPORTED_SUFFIXES
             or (within(str(real), str(output_dir)) and suffixes & OUTPUT_SUFFIXES)):
         raise UsageError(f"--run_log {str(spelled)!r} names infer_mp.py's own files (a lock, names starting "
                          f"{BOOKKEEPING_PREFIX!r}), an image or PDF, or an output's name in --output_dir; give "
                          "a path of its own, e.g. run.jsonl")
-    status = os.stat(real) if real.exists() else None
-    if status is not None and not stat.S_ISREG(status.st_mode):
+    if real.exists() and not real.is_file():
         raise UsageError(f"--run_log {str(spelled)!r} is not a regular file; give a file path "
                          "(it is read and appended to)")
-    if status is not None and status.st_nlink > 1:
-        raise UsageError(f"--run_log {str(spelled)!r} has another name (a hard link: an input's, or another "
-                         "run's log under its own lock); give a path of its own, e.g. run.jsonl")
     return real
 
 
@@ -5435,6 +5431,14 @@ def needs_worker(task: Task, work: WorkSelection) -> bool:
     return not task.page_count or bool(pages_to_do(task, work.coverage.get(task.index)))
 
 
+def has_second_name(run_log: Path) -> bool:
+    """A run log hard-linked elsewhere (a `cp -al` or rsnapshot backup of the output folder, or
+    an input) would be appended to under both names, the other one's lock aside: compacting
+    it first gives it a file of its own, and leaves the other name's as it was."""
+    status = regular_file_status(str(run_log))
+    return status is not None and status.st_nlink > 1
+
+
 def probe_run_log(path: Path, output_dir: Path) -> None:
     """Refuse a run log that cannot be appended to now, rather than after workers started
     (leaving nothing behind: the run log is opened for good once every check has passed)."""
@@ -5458,11 +5462,14 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     ledger.protected.update(selection.paths)  # never deleted
     selection = ledger.not_placed(selection)
     planned = plan_tasks(selection.root, config.output_dir, selection.paths, folded)
+    if any(within(task.out_dir, str(config.run_log)) for task in planned):
+        raise UsageError(f"--run_log {str(config.run_log)!r} is where the outputs of a subfolder of the inputs "
+                         "go; give a path of its own, e.g. run.jsonl")
     ledger.protected.update(task.path for task in planned)
     if locked:  # finish what a killed run left half-done, then keep the log short
         ledger.reconcile(ledger.placed if config.shard is None else
                          [task.path for task in planned if in_shard(task, config.shard)])
-        if ledger.worth_compacting:
+        if ledger.worth_compacting or has_second_name(config.run_log):
             ledger.compact(config.run_log)
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]

@@ -277,18 +277,39 @@ def test_a_run_log_reached_through_a_link_is_one_log_under_one_lock(dirs, tmp_pa
     assert again.code == 0 and "2 skipped" in again.stderr, again.stderr
 
 
-def test_a_run_log_with_a_second_name_is_refused(dirs, tmp_path):
-    """Two hard-linked names of one log took two locks: two runs could append to it at once."""
+@pytest.mark.parametrize("spelled", ["default", "given"])
+def test_a_run_log_with_a_second_name_gets_a_file_of_its_own(dirs, tmp_path, spelled):
+    """A run log hard-linked elsewhere (`cp -al out backup`, rsnapshot; or a second --run_log
+    name) was appended to under both names, each name with a lock of its own: the backup's copy
+    changed, and two runs could append to one file. The run gives it a file of its own first."""
     src, out = dirs
     make_inputs(src, 1)
-    assert run_fake(src, out, "--run_log", str(tmp_path / "a.jsonl")).code == 0
-    os.link(tmp_path / "a.jsonl", tmp_path / "b.jsonl")
-    run = run_fake(src, out, "--run_log", str(tmp_path / "b.jsonl"))
-    assert run.code == 2 and "hard link" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    log = out / "infer_mp.runlog.jsonl" if spelled == "default" else tmp_path / "a.jsonl"
+    extra = () if spelled == "default" else ("--run_log", str(log))
+    assert run_fake(src, out, *extra).code == 0
+    other = tmp_path / "backup.jsonl"
+    os.link(log, other)
+    before = other.read_bytes()
+    write(src / "new.png", "new")
+    run = run_fake(src, out, *extra)
+    assert run.code == 0 and "1 done" in run.stderr and "1 skipped" in run.stderr, run.stderr
+    assert other.read_bytes() == before and not os.path.samefile(log, other)
+    assert "0 input(s) to do" in run_fake(src, out, *extra).stderr
+
+
+def test_a_run_log_where_a_subfolders_outputs_go_is_refused(tmp_path):
+    """--recursive --run_log out/sub, beside inputs in/sub/: every run failed in/sub/b.png as
+    'a file is where this output folder goes', for good, blaming an earlier output."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "a.png", "A")
+    write(src / "sub" / "b.png", "B")
+    run = run_fake(src, out, "--recursive", "--run_log", str(out / "sub"))
+    assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not (out / "sub").exists() and not (out / "a.json").exists()
 
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
-def test_a_run_log_that_links_to_an_input_is_refused(tmp_path, link):
+def test_a_run_log_that_links_to_an_input_never_changes_it(tmp_path, link):
     """--run_log run.jsonl, a link (symbolic or hard) to an input: the input was appended to."""
     src, out = tmp_path / "in", tmp_path / "out"
     make_inputs(src, 1)
@@ -296,7 +317,8 @@ def test_a_run_log_that_links_to_an_input_is_refused(tmp_path, link):
     before = scan.read_bytes()
     (tmp_path / "run.jsonl").symlink_to(scan) if link == "symbolic" else os.link(scan, tmp_path / "run.jsonl")
     run = run_fake(src, out, "--run_log", str(tmp_path / "run.jsonl"))
-    assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    if link == "symbolic":  # (a hard link says nothing of what else the file is: it gets a file of its own)
+        assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert scan.read_bytes() == before
 
 
