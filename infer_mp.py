@@ -2763,6 +2763,8 @@ class Coverage:
     standing: set[int] = field(default_factory=set)  # ... failed in a finished run's whole record
     quality: dict[int, dict] = field(default_factory=dict)  # page -> figure, of the pages done
     weak: dict[int, Reading] = field(default_factory=dict)  # --retry_failed: weak pages redone
+    weak_kept: dict[int, str] = field(default_factory=dict)  # page -> why: weak pages done, not redone
+    weak_standing: set[int] = field(default_factory=set)  # ... of those, weak in a finished run's whole record
 
 
 @dataclass
@@ -2885,6 +2887,12 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
                 continue
             if path := at_todays_name(task, page, root, rel):
                 coverage.outputs[page] = path
+                coverage.weak_kept.pop(page, None)
+                coverage.weak_standing.discard(page)
+                if page in weak:  # (it stays weak: a later page's run must not make it good)
+                    coverage.weak_kept[page] = "weak in an earlier run"
+                    if "range" not in record:
+                        coverage.weak_standing.add(page)
                 if type(figure := figures.get(str(page))) is dict:
                     coverage.quality[page] = figure
                 kept = True
@@ -5280,7 +5288,7 @@ class Report:
         self.failed_pages += max(0, first_time - document.failed_now)
         if good:
             self.done += 1
-        elif first_time or weak:
+        elif first_time or weak.keys() - document.standing:
             self.failed += 1
         else:  # only pages that failed in an earlier finished run, not retried: a standing failure
             self.standing += 1
@@ -5618,7 +5626,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
                 coverage = work.coverage.get(task.index) or Coverage()
                 report.documents[task.path] = Document(task, len(pages_to_do(task, coverage)), dict(coverage.outputs),
                                                        list(coverage.extras), dict(coverage.failed),
-                                                       set(coverage.standing), quality=dict(coverage.quality))
+                                                       coverage.standing | coverage.weak_standing,
+                                                       quality=dict(coverage.quality), weak=dict(coverage.weak_kept))
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             report.finish(document)
         if todo:

@@ -796,6 +796,23 @@ def test_a_folder_where_a_page_goes_is_the_folders_fault_and_that_page_tried_aga
     assert "0 input(s) to do" in run_fake(src, out).stderr
 
 
+def test_a_weak_page_stays_weak_when_its_document_is_resumed(dirs):
+    """--min_page_score: page 0 weak, page 1 blocked by a folder. Once the folder was gone, the
+    plain rerun did page 1 and recorded the document done, its weak page forgotten: no
+    --retry_failed ever redid it. (The same after a kill: see the weak page's range record.)"""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["page SCORES:0.2 zero", "page one", "page two"]))
+    (out / "doc_1.json").mkdir(parents=True)
+    assert run_fake(src, out, "--min_page_score", "0.5").code == 1
+    (out / "doc_1.json").rmdir()
+    again = run_fake(src, out, "--min_page_score", "0.5")
+    assert again.code == 0 and "1 failed before" in again.stderr, again.stderr  # (weak before: not news)
+    record = next(iter(latest_records(out).values()))
+    assert record["status"] == "failed" and record["weak_pages"] == [0] and (out / "doc_1.json").is_file()
+    retried = run_fake(src, out, "--min_page_score", "0.5", "--retry_failed")
+    assert "1 input(s) to do" in retried.stderr and "page 0" in retried.stderr, retried.stderr
+
+
 def test_subfolders_named_like_one_json_in_every_case_are_one_claim():
     """Three subfolders x.json, x.JSON and x.Json beside x.png: a traceback (IndexError) on every
     run, as the folders' own claims were renamed; on a case-insensitive filesystem an endless
