@@ -1669,11 +1669,13 @@ def file_identity(path: str) -> tuple[int, int] | None:
     return (status.st_dev, status.st_ino) if status else None
 
 
-def one_path_per_file(identities: dict[str, tuple[int, int] | None]) -> tuple[list[str], int]:
+def one_path_per_file(identities: dict[str, tuple[int, int] | None],
+                      not_inputs: frozenset[tuple[int, int]] = frozenset()) -> tuple[list[str], int]:
     """Sorted, with each file once: a symlink beside its target, or a file reached through a
     linked folder, is the same input. The first path in sorted order is kept. Paths that are
-    not files (listed but missing) are kept: they fail later, named."""
-    kept, seen, dropped = [], set(), 0
+    not files (listed but missing) are kept: they fail later, named. Files in `not_inputs`
+    (the run log, which a link among the inputs may reach) are dropped."""
+    kept, seen, dropped = [], set(not_inputs), 0
     for path in sorted(identities):
         identity = identities[path]
         if identity is not None and identity in seen:
@@ -1783,7 +1785,8 @@ def glob_matches(input_dir: str, pattern: str, output: OutputFolder) -> list[tup
     return matches
 
 
-def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recursive: bool = False) -> InputSelection:
+def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recursive: bool = False,
+                not_inputs: frozenset[tuple[int, int]] = frozenset()) -> InputSelection:
     """Files matching any pattern; `recursive` matches each (a NAME) in every subfolder.
     Directories are never inputs, nor is anything in the output folder (see OutputFolder), and
     with the default pattern only the types the pipeline reads are taken; everything passed
@@ -1805,7 +1808,7 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recu
                 ignored += 1
             else:
                 identities[path] = identity
-    unique, duplicates = one_path_per_file(identities)
+    unique, duplicates = one_path_per_file(identities, not_inputs)
     return InputSelection(unique, input_dir, ignored + duplicates)
 
 
@@ -1852,7 +1855,8 @@ class ListedPaths:
         return path
 
 
-def read_input_list(source: str, input_dir: str | None, output_dir: str) -> InputSelection:
+def read_input_list(source: str, input_dir: str | None, output_dir: str,
+                    not_inputs: frozenset[tuple[int, int]] = frozenset()) -> InputSelection:
     """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
     folder, each placed by itself (see ListedPaths)."""
     try:
@@ -1865,15 +1869,17 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str) -> Inpu
     unique = {resolve_dots(os.fsdecode(entry), cwd) for entry in entries if entry.strip()}
     placed = {listed.place(path) for path in sorted(unique)}
     ignored = len(unique) - len(placed - {None})  # in the output folder, or two spellings of one path
-    paths, duplicates = one_path_per_file({path: file_identity(path) for path in placed if path is not None})
+    paths, duplicates = one_path_per_file({path: file_identity(path) for path in placed if path is not None},
+                                          not_inputs)
     return InputSelection(paths, listed.root, ignored + duplicates)
 
 
 def find_inputs(config: Config) -> InputSelection:
     input_dir = str(config.input_dir) if config.input_dir is not None else None
+    run_log = frozenset(filter(None, [file_identity(str(config.run_log))]))
     if config.input_list is not None:
-        return read_input_list(config.input_list, input_dir, str(config.output_dir))
-    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive)
+        return read_input_list(config.input_list, input_dir, str(config.output_dir), run_log)
+    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive, run_log)
 
 
 def relative_to_root(path: str, root: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 import infer_mp
 from conftest import (
+    FAKE,
     assert_invariant,
     latest_records,
     make_inputs,
@@ -306,6 +307,25 @@ def test_a_run_log_where_a_subfolders_outputs_go_is_refused(tmp_path):
     run = run_fake(src, out, "--recursive", "--run_log", str(out / "sub"))
     assert run.code == 2 and "--run_log" in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (out / "sub").exists() and not (out / "a.json").exists()
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_an_input_that_is_a_link_to_the_run_log_is_not_an_input(tmp_path, listed):
+    """in/b.png -> ../log.jsonl with --run_log log.jsonl: the log was taken for a scan, and
+    redone by every run (the log grows)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "a.png", "A")
+    log = tmp_path / "log.jsonl"
+    log.write_text("")
+    (src / "b.png").symlink_to(log)
+    (tmp_path / "list.txt").write_text(f"{src / 'a.png'}\n{src / 'b.png'}\n")
+    how = ("--input_list", str(tmp_path / "list.txt")) if listed else ("--input_dir", str(src))
+    args = ["--pipeline", FAKE, *how, "--device", "cpu", "--output_dir", str(out), "--run_log", str(log)]
+    first = run_cli(*args)
+    assert first.code == 0 and "1 done" in first.stderr and "1 ignored" in first.stderr, first.stderr
+    assert not (out / "b.json").exists()
+    again = run_cli(*args)
+    assert again.code == 0 and "0 input(s) to do" in again.stderr, again.stderr
 
 
 @pytest.mark.parametrize("link", ["symbolic", "hard"])
