@@ -2974,7 +2974,7 @@ class RunLock:
                 log_lock.parent.mkdir(parents=True, exist_ok=True)
             self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using the run log "
                        f"{str(config.run_log)!r} (each shard and each output folder needs its own --run_log), in",
-                       f"the run log's lock beside {str(config.run_log)!r}")
+                       f"the run log's lock beside {str(config.run_log)!r}", "give this run a --run_log of its own")
             # (no pid written in it: the run log's disk may be full)
         except BaseException:
             self.release()
@@ -2996,7 +2996,8 @@ class RunLock:
                    f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
         self._write_pid(self.handles[-1])
 
-    def _take(self, path: Path, mode: int, refusal: str, where: str | None = None) -> None:
+    def _take(self, path: Path, mode: int, refusal: str, where: str | None = None,
+              instead: str = "use another --output_dir") -> None:
         try:
             handle = open(path, "a+", encoding="utf-8")
         except OSError as error:
@@ -3008,8 +3009,7 @@ class RunLock:
             holder = handle.read().strip()
             handle.close()
             raise RunLocked(refusal.format(holder=f" (pid {holder})" if holder else "")
-                            + f" --output_dir {str(self.output_dir)!r}; wait for it to finish, or use another "
-                            "--output_dir") from None
+                            + f" --output_dir {str(self.output_dir)!r}; wait for it to finish, or {instead}") from None
         self.handles.append(handle)
 
     def _refuse_other_counts(self, count: int) -> None:

@@ -640,7 +640,7 @@ def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
     log.parent.mkdir()
     with hold(log.parent / ".shared.jsonl.log.lock", fcntl.LOCK_EX):  # a run into another folder
         run = run_fake(src, out, "--run_log", str(log))
-        assert run.code == 75 and "--run_log" in run.stderr
+        assert run.code == 75 and run.stderr.rstrip().endswith("give this run a --run_log of its own"), run.stderr
     assert run_fake(src, out, "--run_log", str(log)).code == 0
 
 
