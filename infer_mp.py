@@ -5476,7 +5476,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     ledger.protected.update(selection.paths)  # never deleted
     selection = ledger.not_placed(selection)
     planned = plan_tasks(selection.root, config.output_dir, selection.paths, folded)
-    if any(within(task.out_dir, str(config.run_log)) for task in planned):
+    if any(within(folder, str(config.run_log)) for folder in {task.out_dir for task in planned}):  # (each once)
         raise UsageError(f"--run_log {str(config.run_log)!r} is where the outputs of a subfolder of the inputs "
                          "go; give a path of its own, e.g. run.jsonl")
     ledger.protected.update(task.path for task in planned)
