@@ -2487,12 +2487,13 @@ class RunLog:
 
     def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
               extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool = False,
+              error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool | list[int] = False,
               quality: dict | None = None, weak: dict[int, str] | None = None) -> dict:
         """An input's record, as written; for a document also its page count, and the pages that
         failed (`error` then says why); for a page range of it, the range, as [start, stop).
         `quality`: an image's figure (see page_quality), or a document's {page: figure}; `weak`:
-        the pages --min_page_score found weak ({None: why} for an image), whose files are kept."""
+        the pages --min_page_score found weak ({None: why} for an image), whose files are kept;
+        `retry`: the input (True) or the pages (a list) that failed for the output folder's fault."""
         outputs = [self.relative(o) for o in outputs]
         record = {
             "time": self.now(),
@@ -2514,7 +2515,7 @@ class RunLog:
         if task.pages is not None:
             record["range"] = list(task.pages)
         if retry:  # (see FOLDER_ERRNOS)
-            record["retry"] = True
+            record["retry"] = retry
         if failed_pages:
             record["failed_pages"] = sorted(failed_pages)
             record["error"] = error or "; ".join(f"page {page}: {failed_pages[page]}" for page in sorted(failed_pages))
@@ -2905,8 +2906,8 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
         if kept:
             coverage.extras += [path for rel in record.get("extra_outputs") or []
                                 if os.path.isfile(path := os.path.join(root, rel))]
-        if not retry_failed and not record.get("retry"):  # (see FOLDER_ERRNOS)
-            for page in record.get("failed_pages") or []:
+        if not retry_failed:
+            for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
                 coverage.failed[page] = record.get("error") or "failed"
                 if "range" not in record:
                     coverage.standing.add(page)
@@ -2916,6 +2917,14 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
         coverage.weak.pop(page, None)
     coverage.extras = list(dict.fromkeys(coverage.extras))
     return coverage
+
+
+def folder_fault_pages(record: dict) -> set:
+    """A document record's pages that failed for the output folder's fault (FOLDER_ERRNOS),
+    which the next plain run does again: those its `retry` lists; all its failed pages where
+    it says `retry: true` (as versions before 2026-12-03 wrote)."""
+    retry = record.get("retry")
+    return set(retry) if type(retry) is list else set(record.get("failed_pages") or []) if retry else set()
 
 
 def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False) -> list[Task]:
@@ -5005,7 +5014,7 @@ class Document:
     device: str | None = None
     quality: dict[int, dict] = field(default_factory=dict)  # page -> figure: kept from earlier runs, then this run's
     weak: dict[int, str] = field(default_factory=dict)  # page -> why --min_page_score finds it weak (kept)
-    retry: bool = False  # a page failed for the output folder's fault: the next run tries the failed pages again
+    retry: set[int] = field(default_factory=set)  # pages failed for the output folder's fault: the next run does them
 
 
 def describe_quality(figure: dict) -> str:
@@ -5254,9 +5263,10 @@ class Report:
         failed = dict.fromkeys(task.page_numbers, event.error)
         if task.pages is not None:
             self.ledger.write(task, FAILED, device=event.spec and event.spec.device, attempts=event.attempts,
-                              error=event.error, failed_pages=failed, retry=event.retry)
+                              error=event.error, failed_pages=failed, retry=event.retry and sorted(failed))
         document = self.documents[task.path]
-        document.retry = document.retry or event.retry
+        if event.retry:
+            document.retry.update(failed)
         self.count_pages(document, task, event.spec, event.attempts, 0.0, failed)
 
     def count_pages(self, document: Document, task: Task, spec: WorkerSpec | None, attempts: int,
@@ -5282,7 +5292,7 @@ class Report:
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
         self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=list(dict.fromkeys(document.extras)),
                           device=document.device, attempts=document.attempts, seconds=document.seconds,
-                          failed_pages=failed, quality=document.quality, weak=weak, retry=document.retry)
+                          failed_pages=failed, quality=document.quality, weak=weak, retry=sorted(document.retry))
         del self.documents[task.path]
         if failed or weak:
             rate = f" (within --max_page_error_rate {self.max_page_error_rate:g})" if good else ""

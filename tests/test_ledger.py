@@ -796,6 +796,37 @@ def test_a_folder_where_a_page_goes_is_the_folders_fault_and_that_page_tried_aga
     assert "0 input(s) to do" in run_fake(src, out).stderr
 
 
+@pytest.mark.parametrize("pages_per_task", ["1", "100"])
+def test_a_page_failed_for_its_own_reason_is_not_redone_while_a_folder_blocks_another(dirs, pages_per_task):
+    """Page 0 of doc.pdf cannot be read, and a folder blocks page 1: every plain rerun did
+    page 0 again too (the record's failed pages were retried together) while the folder
+    stayed. Now only page 1 is tried again; page 0's failure stands, said once."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["page RAISE zero", "page one", "page two"]))
+    (out / "doc_1.json").mkdir(parents=True)
+    assert run_fake(src, out, "--pages_per_task", pages_per_task).code == 1
+    blocked = run_fake(src, out, "--pages_per_task", pages_per_task)
+    assert blocked.code == 1 and "1 page(s)" in blocked.stderr.splitlines()[0], blocked.stderr
+    record = next(iter(latest_records(out).values()))
+    assert record["failed_pages"] == [0, 1] and record["retry"] == [1], record
+    (out / "doc_1.json").rmdir()
+    again = run_fake(src, out, "--pages_per_task", pages_per_task)
+    assert again.code == 0 and "1 page(s)" in again.stderr.splitlines()[0], again.stderr
+    assert json.loads((out / "doc_1.json").read_text())["text"] == "page one"
+    record = next(iter(latest_records(out).values()))
+    assert record["failed_pages"] == [0] and "retry" not in record, record
+    assert "0 input(s) to do" in run_fake(src, out).stderr
+    assert_invariant(src, out)
+
+
+def test_a_document_record_of_the_version_before_says_retry_true_for_all_its_failed_pages():
+    import infer_mp
+
+    assert infer_mp.folder_fault_pages({"failed_pages": [0, 1], "retry": True}) == {0, 1}
+    assert infer_mp.folder_fault_pages({"failed_pages": [0, 1], "retry": [1]}) == {1}
+    assert infer_mp.folder_fault_pages({"failed_pages": [0, 1]}) == set()
+
+
 def test_a_weak_page_stays_weak_when_its_document_is_resumed(dirs):
     """--min_page_score: page 0 weak, page 1 blocked by a folder. Once the folder was gone, the
     plain rerun did page 1 and recorded the document done, its weak page forgotten: no
