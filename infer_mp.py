@@ -92,6 +92,7 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.resource_tracker
 import re
 import shutil
 import socket
@@ -3496,7 +3497,10 @@ def spawn_worker(pipeline: PipelineRef) -> tuple[multiprocessing.process.BasePro
     # Ctrl-C and SIGTERM are held back (blocked, not ignored: the kernel drops a signal sent
     # while it is ignored) while the worker starts: the coordinator then gets any that came,
     # and the worker, which inherits the mask, ignores both from its first line (worker_main):
-    # the coordinator alone decides how to stop, and kills workers itself.
+    # the coordinator alone decides how to stop, and kills workers itself. The resource
+    # tracker, which multiprocessing starts with the first process, is started first: it
+    # unblocks both signals once it is up, so the first worker began with them unblocked.
+    multiprocessing.resource_tracker.ensure_running()
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         process.start()

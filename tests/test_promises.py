@@ -519,6 +519,32 @@ def test_a_second_signal_after_the_stop_line_changes_nothing(tmp_path):
         assert process.returncode == 143 and "Traceback" not in stderr and "ignored" not in stderr, (delay, stderr)
 
 
+SPAWN_AND_INTERRUPT = """\
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import infer_mp
+if __name__ == "__main__":
+    process, conn = infer_mp.spawn_worker(infer_mp.PipelineRef({fake!r}, "FakePipeline"))
+    os.kill(process.pid, signal.SIGINT)
+    time.sleep(1.0)
+    print("alive" if process.is_alive() else f"ended {{process.exitcode}}")
+    process.kill()
+"""
+
+
+def test_the_first_worker_starts_with_ctrl_c_held_back(tmp_path):
+    """The first worker of a run (with it multiprocessing starts its resource tracker, which
+    unblocks SIGINT and SIGTERM once up) began with both unblocked: a Ctrl-C in its first
+    tenths of a second killed it, or printed a traceback of its start-up."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "spawn_and_interrupt.py"
+    script.write_text(SPAWN_AND_INTERRUPT.format(root=str(ROOT), fake=str(ROOT / "tests" / "fake_pipeline.py")))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "alive" and "Traceback" not in run.stderr, (run.stdout, run.stderr)
+
+
 def test_no_worker_outlives_main_whatever_path_it_ended_by(tmp_path):
     """A worker left alive when main() returned (a second Ctrl-C cut short the killing of the
     warm workers) made Python's exit wait for it forever: a worker ignores the SIGTERM that
