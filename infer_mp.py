@@ -2909,7 +2909,7 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
                                 if os.path.isfile(path := os.path.join(root, rel))]
         if not retry_failed:
             for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
-                coverage.failed[page] = record.get("error") or "failed"
+                coverage.failed[page] = failed_reason(record, page)
                 if "range" not in record:
                     coverage.standing.add(page)
     for page in coverage.outputs:
@@ -2925,7 +2925,22 @@ def folder_fault_pages(record: dict) -> set:
     which the next plain run does again: those its `retry` lists; all its failed pages where
     it says `retry: true` (as versions before 2026-12-03 wrote)."""
     retry = record.get("retry")
-    return set(retry) if type(retry) is list else set(record.get("failed_pages") or []) if retry else set()
+    pages = retry if type(retry) is list else record.get("failed_pages") if retry else None
+    return {page for page in pages if type(page) is int} if type(pages) is list else set()
+
+
+def failed_reason(record: dict, page: int) -> str:
+    """Why `record` says `page` failed: its error, or where that names several pages (Ledger.write
+    joins "page N: why" in page order), the part for `page`; never the whole, which the
+    document's next record would name under the page again, and again at every run."""
+    error = record.get("error") if type(record.get("error")) is str else "failed"
+    pages = sorted(p for p in record.get("failed_pages") or [] if type(p) is int)
+    if page not in pages or not error.startswith(f"page {pages[0]}: "):
+        return error
+    start = error.find(f"page {page}: ") + len(f"page {page}: ")
+    following = pages[pages.index(page) + 1:]
+    end = error.find(f"; page {following[0]}: ", start) if following else error.find("; page ", start)
+    return error[start:end if end >= 0 else len(error)]
 
 
 def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False) -> list[Task]:

@@ -807,14 +807,17 @@ def test_a_page_failed_for_its_own_reason_is_not_redone_while_a_folder_blocks_an
     assert run_fake(src, out, "--pages_per_task", pages_per_task).code == 1
     blocked = run_fake(src, out, "--pages_per_task", pages_per_task)
     assert blocked.code == 1 and "1 page(s)" in blocked.stderr.splitlines()[0], blocked.stderr
+    assert run_fake(src, out, "--pages_per_task", pages_per_task).code == 1
     record = next(iter(latest_records(out).values()))
     assert record["failed_pages"] == [0, 1] and record["retry"] == [1], record
+    assert record["error"].count("cannot decode page 0") == 1, record  # (it grew at every run)
     (out / "doc_1.json").rmdir()
     again = run_fake(src, out, "--pages_per_task", pages_per_task)
     assert again.code == 0 and "1 page(s)" in again.stderr.splitlines()[0], again.stderr
     assert json.loads((out / "doc_1.json").read_text())["text"] == "page one"
     record = next(iter(latest_records(out).values()))
     assert record["failed_pages"] == [0] and "retry" not in record, record
+    assert record["error"] == "page 0: ValueError: cannot decode page 0 of doc.pdf", record
     assert "0 input(s) to do" in run_fake(src, out).stderr
     assert_invariant(src, out)
 
@@ -825,6 +828,7 @@ def test_a_document_record_of_the_version_before_says_retry_true_for_all_its_fai
     assert infer_mp.folder_fault_pages({"failed_pages": [0, 1], "retry": True}) == {0, 1}
     assert infer_mp.folder_fault_pages({"failed_pages": [0, 1], "retry": [1]}) == {1}
     assert infer_mp.folder_fault_pages({"failed_pages": [0, 1]}) == set()
+    assert infer_mp.folder_fault_pages({"failed_pages": [0, 1], "retry": [[1], {}, 1]}) == {1}  # (hand-edited)
 
 
 def test_a_weak_page_stays_weak_when_its_document_is_resumed(dirs):
