@@ -2934,13 +2934,16 @@ def failed_reason(record: dict, page: int) -> str:
     joins "page N: why" in page order), the part for `page`; never the whole, which the
     document's next record would name under the page again, and again at every run."""
     error = record.get("error") if type(record.get("error")) is str else "failed"
-    pages = sorted(p for p in record.get("failed_pages") or [] if type(p) is int)
-    if page not in pages or not error.startswith(f"page {pages[0]}: "):
+    listed = record.get("failed_pages")
+    pages = sorted(p for p in listed if type(p) is int) if type(listed) is list else []
+    parts, marker = f"; {error}", f"; page {page}: "
+    start = parts.find(marker)
+    if page not in pages or not error.startswith(f"page {pages[0]}: ") or start < 0:
         return error
-    start = error.find(f"page {page}: ") + len(f"page {page}: ")
+    start += len(marker)
     following = pages[pages.index(page) + 1:]
-    end = error.find(f"; page {following[0]}: ", start) if following else error.find("; page ", start)
-    return error[start:end if end >= 0 else len(error)]
+    end = parts.find(f"; page {following[0]}: ", start) if following else parts.find("; page ", start)
+    return parts[start:end if end >= 0 else len(parts)]
 
 
 def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False) -> list[Task]:

@@ -831,6 +831,17 @@ def test_a_document_record_of_the_version_before_says_retry_true_for_all_its_fai
     assert infer_mp.folder_fault_pages({"failed_pages": [0, 1], "retry": [[1], {}, 1]}) == {1}  # (hand-edited)
 
 
+def test_a_standing_page_keeps_its_own_part_of_a_joined_error():
+    import infer_mp
+
+    reason = infer_mp.failed_reason
+    joined = {"failed_pages": [0, 1, 3], "error": "page 0: see page 1: x; page 1: b; page 3: c; page 5: weak, 0.2"}
+    assert [reason(joined, page) for page in (0, 1, 3)] == ["see page 1: x", "b", "c"]
+    assert reason({"failed_pages": [2, 5], "error": "page 2: a"}, 5) == "page 2: a"  # (not named: all of it)
+    assert reason({"failed_pages": [1], "error": "ValueError: one"}, 1) == "ValueError: one"
+    assert reason({"failed_pages": 5, "error": None}, 5) == "failed"
+
+
 def test_a_weak_page_stays_weak_when_its_document_is_resumed(dirs):
     """--min_page_score: page 0 weak, page 1 blocked by a folder. Once the folder was gone, the
     plain rerun did page 1 and recorded the document done, its weak page forgotten: no
