@@ -2934,8 +2934,7 @@ def failed_reason(record: dict, page: int) -> str:
     joins "page N: why" in page order), the part for `page`; never the whole, which the
     document's next record would name under the page again, and again at every run."""
     error = record.get("error") if type(record.get("error")) is str else "failed"
-    listed = record.get("failed_pages")
-    pages = sorted(p for p in listed if type(p) is int) if type(listed) is list else []
+    pages = sorted(record.get("failed_pages") or [])  # (ints: see well_formed)
     parts, marker = f"; {error}", f"; page {page}: "
     start = parts.find(marker)
     if page not in pages or not error.startswith(f"page {pages[0]}: ") or start < 0:

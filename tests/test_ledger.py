@@ -839,7 +839,7 @@ def test_a_standing_page_keeps_its_own_part_of_a_joined_error():
     assert [reason(joined, page) for page in (0, 1, 3)] == ["see page 1: x", "b", "c"]
     assert reason({"failed_pages": [2, 5], "error": "page 2: a"}, 5) == "page 2: a"  # (not named: all of it)
     assert reason({"failed_pages": [1], "error": "ValueError: one"}, 1) == "ValueError: one"
-    assert reason({"failed_pages": 5, "error": None}, 5) == "failed"
+    assert reason({"failed_pages": [5], "error": None}, 5) == "failed"
 
 
 def test_a_weak_page_stays_weak_when_its_document_is_resumed(dirs):
