@@ -838,10 +838,14 @@ def available_cores() -> int:
 
 
 def parse_device_arg(text: str) -> tuple[str, list[int] | None]:
-    """PaddleX's `parse_device`, with its bare asserts turned into a message and a fix."""
+    """PaddleX's `parse_device`, with its bare asserts turned into a message and a fix. Its
+    answer for the CPU is given without importing PaddleX, which takes a second: a no-op
+    rerun, or a pipeline that does not import PaddleX, need not pay it."""
+    cleaned = text.strip().replace(" ", "")
+    if cleaned.lower() == "cpu":
+        return "cpu", None
     from paddlex.utils.device import SUPPORTED_DEVICE_TYPE, parse_device
 
-    cleaned = text.strip().replace(" ", "")
     hint = "use e.g. 'cpu', 'gpu', 'gpu:0' or 'gpu:0,1,2,3'"
     if ":" in cleaned and "" in cleaned.split(":", 1)[1].split(","):
         raise UsageError(f"malformed --device {text!r}: empty device id ({hint})")
@@ -988,13 +992,13 @@ def plan_workers(config: Config) -> list[WorkerSpec]:
     """One spec per (device, instance); on CPU, split the cores among the instances. On a
     GPU with ONNX Runtime, the cores are split among all the instances on the machine too:
     they are the CPU thread pools of each instance's sessions (see planned_gpu_config)."""
-    from paddlex.utils.device import constr_device  # plain string helpers: they need no paddle
-
     device_type, device_ids = parse_device_arg(config.device)
     instances = config.instances_per_device
     if device_type == "cpu":
         threads = config.cpu_threads or max(1, available_cores() // instances)
         return [WorkerSpec(slot, "cpu", threads) for slot in range(instances)]
+    from paddlex.utils.device import constr_device  # plain string helpers: they need no paddle
+
     device_ids = device_ids or [0]
     engine = config.pipeline_kwargs.get("engine")
     check_devices_present(device_type, device_ids, engine)

@@ -43,6 +43,21 @@ def test_malformed_device_is_one_line_and_exit_2(one_input, tmp_path, device, fr
     assert not (tmp_path / "out").exists()
 
 
+def test_the_cpu_is_planned_without_importing_paddlex():
+    """Importing PaddleX takes a second: a run on --device cpu paid it to plan its workers (a
+    no-op rerun in the coordinator too), even with a pipeline that never imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, infer_mp\n"
+            "cfg = infer_mp.parse_config(['--pipeline', 'x:Y', '--input_dir', 'examples', '--device', ' CPU '])\n"
+            "assert infer_mp.parse_device_arg(' CPU ') == ('cpu', None)\n"
+            "assert [s.device for s in infer_mp.plan_workers(cfg)] == ['cpu']\n"
+            "assert 'paddlex' not in sys.modules, 'paddlex imported'")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
 def test_absent_gpu_stops_before_any_page(one_input, tmp_path):
     """A CPU build of Paddle (a stand-in, whatever this machine has): asking for a GPU must not
     silently fall back to the CPU."""
