@@ -4382,7 +4382,7 @@ class PipelineWorker:
                 self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # reported; the coordinator decides
             return InitFailed(one_line(error))
-        use_offline_font()
+        use_offline_font("img" in options.save)
         with contextlib.suppress(ImportError):
             from PIL import Image
 
@@ -4948,10 +4948,15 @@ def offline_font() -> str | None:
     return str(FONT_PATH)
 
 
-def use_offline_font() -> None:
+def use_offline_font(drawing: bool) -> None:
     """Give PaddleX's fonts, which it would download when first drawn with, the offline font
-    (as FONT_VARIABLE would, without the warning PaddleX then prints in every worker)."""
-    fonts, path = sys.modules.get("paddlex.utils.fonts"), offline_font()
+    (as FONT_VARIABLE would, without the warning PaddleX then prints in every worker): where
+    PaddleX is loaded, or --save img draws (it is loaded then, if the pipeline has not yet)."""
+    path = offline_font()
+    try:
+        fonts = importlib.import_module("paddlex.utils.fonts") if drawing else sys.modules.get("paddlex.utils.fonts")
+    except ImportError:
+        return
     if fonts is None or path is None:
         return
     for font in vars(fonts).values():

@@ -58,6 +58,23 @@ def test_the_cpu_is_planned_without_importing_paddlex():
     assert run.returncode == 0, run.stderr
 
 
+def test_save_img_gives_paddlex_the_offline_font_whenever_paddlex_is_loaded():
+    """A worker gave PaddleX's fonts the offline font only if PaddleX was loaded by then
+    (the CPU plan loaded it for every pipeline): with --save img it is loaded for that."""
+    import subprocess
+    import sys
+
+    code = ("import sys, infer_mp\n"
+            "infer_mp.use_offline_font(False)\n"
+            "assert 'paddlex' not in sys.modules, 'paddlex imported without --save img'\n"
+            "infer_mp.use_offline_font(True)\n"
+            "from paddlex.utils import fonts\n"
+            "found = [f._local_path for f in vars(fonts).values() if isinstance(f, fonts.Font)]\n"
+            "assert found and set(found) == {infer_mp.offline_font()}, found")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
 def test_absent_gpu_stops_before_any_page(one_input, tmp_path):
     """A CPU build of Paddle (a stand-in, whatever this machine has): asking for a GPU must not
     silently fall back to the CPU."""
