@@ -149,7 +149,6 @@ POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
 STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
-PADDLEX_LOG_LEVEL = "WARNING"  # in workers: PaddleX's per-model INFO lines, times N workers, are noise
 
 
 class ExitCode(enum.IntEnum):
@@ -1199,9 +1198,21 @@ def option_error(what: str, message: str, known: Iterable[str]) -> UsageError:
     return UsageError(f"{what}: {message}{hint}")
 
 
+def paddlex_warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def quiet_paddlex_logs() -> None:
+    """PaddleX's per-model INFO lines, times N workers, are noise: a filter on its logger, not a
+    level, which PaddleX sets to INFO again when it is imported (by a pipeline, maybe late)."""
+    logger = logging.getLogger("paddlex")
+    if paddlex_warnings_only not in logger.filters:
+        logger.addFilter(paddlex_warnings_only)
+
+
 def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
     cls = load_pipeline_class(ref)
-    logging.getLogger("paddlex").setLevel(PADDLEX_LOG_LEVEL)  # set up when paddlex was imported
+    quiet_paddlex_logs()
     kwargs: dict[str, Any] = {"device": spec.device}
     if spec.cpu_threads is not None and accepts_keyword(cls, "cpu_threads"):
         kwargs["cpu_threads"] = spec.cpu_threads
@@ -4382,7 +4393,7 @@ class PipelineWorker:
                 self.pipeline = create_pipeline(options.pipeline, spec, options.init_kwargs)
         except BaseException as error:  # reported; the coordinator decides
             return InitFailed(one_line(error))
-        use_offline_font("img" in options.save)
+        use_offline_font()
         with contextlib.suppress(ImportError):
             from PIL import Image
 
@@ -4948,15 +4959,12 @@ def offline_font() -> str | None:
     return str(FONT_PATH)
 
 
-def use_offline_font(drawing: bool) -> None:
+def use_offline_font() -> None:
     """Give PaddleX's fonts, which it would download when first drawn with, the offline font
-    (as FONT_VARIABLE would, without the warning PaddleX then prints in every worker): where
-    PaddleX is loaded, or --save img draws (it is loaded then, if the pipeline has not yet)."""
-    path = offline_font()
-    try:
-        fonts = importlib.import_module("paddlex.utils.fonts") if drawing else sys.modules.get("paddlex.utils.fonts")
-    except ImportError:
-        return
+    (as FONT_VARIABLE would, without the warning PaddleX then prints in every worker), if
+    PaddleX is loaded: after the pipeline is built, and before --save img draws (a pipeline
+    may load PaddleX late)."""
+    fonts, path = sys.modules.get("paddlex.utils.fonts"), offline_font()
     if fonts is None or path is None:
         return
     for font in vars(fonts).values():
@@ -4972,6 +4980,7 @@ def save_extras(folder: str, prefix: str, name: str, result: Any, formats: tuple
         names.append(f"{name}.md")
         result.save_to_markdown(os.path.join(folder, prefix + names[-1]))
     if "img" in formats and can_save(result, "img"):
+        use_offline_font()
         for key, image in result.img.items():
             names.append(f"{name}_{key}.png")
             image.save(os.path.join(folder, prefix + names[-1]), format="PNG")

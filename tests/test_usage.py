@@ -58,21 +58,33 @@ def test_the_cpu_is_planned_without_importing_paddlex():
     assert run.returncode == 0, run.stderr
 
 
-def test_save_img_gives_paddlex_the_offline_font_whenever_paddlex_is_loaded():
-    """A worker gave PaddleX's fonts the offline font only if PaddleX was loaded by then
-    (the CPU plan loaded it for every pipeline): with --save img it is loaded for that."""
+LATE_PADDLEX = """\
+import logging, sys, tempfile
+import infer_mp
+infer_mp.quiet_paddlex_logs()  # as a worker does, before its pipeline may have loaded PaddleX
+infer_mp.use_offline_font()
+assert 'paddlex' not in sys.modules
+import paddlex  # loaded late (in a pipeline's predict): it sets its logger to INFO again
+from paddlex.utils import fonts
+logging.getLogger('paddlex').info('an INFO line')
+logging.getLogger('paddlex').warning('a WARNING line')
+class Result:  # a result whose pictures PaddleX's fonts would draw
+    img = {}
+infer_mp.save_extras(tempfile.mkdtemp(), '', 'x', Result(), ('img',))
+found = [f._local_path for f in vars(fonts).values() if isinstance(f, fonts.Font)]
+assert found and set(found) == {infer_mp.offline_font()}, found
+"""
+
+
+def test_a_pipeline_that_loads_paddlex_late_gets_its_quiet_logs_and_offline_font():
+    """Planning a CPU run loaded PaddleX in the worker, so its logger's level and fonts were
+    set before any pipeline could load it later; now a pipeline may load it in predict()."""
     import subprocess
     import sys
 
-    code = ("import sys, infer_mp\n"
-            "infer_mp.use_offline_font(False)\n"
-            "assert 'paddlex' not in sys.modules, 'paddlex imported without --save img'\n"
-            "infer_mp.use_offline_font(True)\n"
-            "from paddlex.utils import fonts\n"
-            "found = [f._local_path for f in vars(fonts).values() if isinstance(f, fonts.Font)]\n"
-            "assert found and set(found) == {infer_mp.offline_font()}, found")
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, "-c", LATE_PADDLEX], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+    assert "a WARNING line" in run.stderr and "an INFO line" not in run.stderr, run.stderr
 
 
 def test_absent_gpu_stops_before_any_page(one_input, tmp_path):
