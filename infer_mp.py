@@ -2123,7 +2123,7 @@ class Ledger:
         """Every run log in --output_dir (all shards) then this run's own, which wins a tie.
         (With the garbage collector paused: a million records are a million new dicts, and
         its passes over them cost more than reading them.)"""
-        ledger = cls(config.output_dir, [str(config.run_log), os.path.realpath(config.run_log)])
+        ledger = cls(config.output_dir)  # (the run log is a real path: see checked_run_log)
         others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
         paths = [*others, config.run_log]
         ledger.protected.update(map(str, paths))
@@ -2453,7 +2453,7 @@ class Ledger:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
-        extra = [json.dumps({"time": RunLog.now_iso(), "gen": self.generation, "status": PLACING,
+        extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING,
                              "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
             with contextlib.suppress(OSError):
@@ -2487,7 +2487,6 @@ class RunLog:
     def __init__(self, path: Path, output_dir: Path):
         self.path, self.output_dir = path, output_dir
         self.prefix = os.path.join(str(output_dir), "")
-        self.second, self.stamp = -1, ""
         self.flushed = time.monotonic()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -2512,7 +2511,7 @@ class RunLog:
         `retry`: the input (True) or the pages (a list) that failed for the output folder's fault."""
         outputs = [self.relative(o) for o in outputs]
         record = {
-            "time": self.now(),
+            "time": utc_now(),
             "gen": generation,
             "input": task.path,
             "status": status,
@@ -2551,12 +2550,12 @@ class RunLog:
     def write_placing(self, entries: list[list], generation: int) -> None:
         """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
         relative to the output folder (see Ledger.prepare)."""
-        self._append({"time": self.now(), "gen": generation, "status": PLACING, "placing": entries})
+        self._append({"time": utc_now(), "gen": generation, "status": PLACING, "placing": entries})
 
     def write_run(self, counts: dict[str, int], exit_code: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
         what it counted and how it ended. Resume passes it over: it names no input."""
-        self._append({"time": self.now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
+        self._append({"time": utc_now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
         self.flush()
 
     def _append(self, record: dict) -> None:
@@ -2581,22 +2580,14 @@ class RunLog:
     def relative(self, path: str) -> str:
         return path[len(self.prefix):] if path.startswith(self.prefix) else os.path.relpath(path, self.output_dir)
 
-    def now(self) -> str:
-        """UTC time to the second, formatted once per second (100,000 records add up)."""
-        second = int(time.time())
-        if second != self.second:
-            self.second = second
-            self.stamp = self.now_iso(second)
-        return self.stamp
-
-    @staticmethod
-    def now_iso(second: float | None = None) -> str:
-        second = int(time.time()) if second is None else second
-        return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
-
     def close(self) -> None:
         with contextlib.suppress(OSError):  # (a full disk: the stop has been reported already)
             self.handle.close()
+
+
+def utc_now() -> str:
+    """A record's time: UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
 def real_output_folder(folder: str, root: str) -> str:
@@ -2786,7 +2777,7 @@ class Coverage:
     standing: set[int] = field(default_factory=set)  # ... failed in a finished run's whole record
     quality: dict[int, dict] = field(default_factory=dict)  # page -> figure, of the pages done
     weak: dict[int, Reading] = field(default_factory=dict)  # --retry_failed: weak pages redone
-    weak_kept: dict[int, str] = field(default_factory=dict)  # page -> why: weak pages done, not redone
+    weak_kept: set[int] = field(default_factory=set)  # weak pages done, not redone
     weak_standing: set[int] = field(default_factory=set)  # ... of those, weak in a finished run's whole record
 
 
@@ -2910,10 +2901,10 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
                 continue
             if path := at_todays_name(task, page, root, rel):
                 coverage.outputs[page] = path
-                coverage.weak_kept.pop(page, None)
+                coverage.weak_kept.discard(page)
                 coverage.weak_standing.discard(page)
                 if page in weak:  # (it stays weak: a later page's run must not make it good)
-                    coverage.weak_kept[page] = "weak in an earlier run"
+                    coverage.weak_kept.add(page)
                     if "range" not in record:
                         coverage.weak_standing.add(page)
                 if type(figure := figures.get(str(page))) is dict:
@@ -5679,10 +5670,10 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
         for task in readable:
             if task.page_count:
                 coverage = work.coverage.get(task.index) or Coverage()
-                report.documents[task.path] = Document(task, len(pages_to_do(task, coverage)), dict(coverage.outputs),
-                                                       list(coverage.extras), dict(coverage.failed),
-                                                       coverage.standing | coverage.weak_standing,
-                                                       quality=dict(coverage.quality), weak=dict(coverage.weak_kept))
+                report.documents[task.path] = Document(
+                    task, len(pages_to_do(task, coverage)), dict(coverage.outputs), list(coverage.extras),
+                    dict(coverage.failed), coverage.standing | coverage.weak_standing, quality=dict(coverage.quality),
+                    weak=dict.fromkeys(coverage.weak_kept, "weak in an earlier run"))
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             report.finish(document)
         if todo:
