@@ -2217,37 +2217,43 @@ class Ledger:
         placement = self.placements.get(rel)
         return placement is not None and placement[1] != record["input"] and placement[0] > record["_order"]
 
+    def held_records(self) -> Iterator[tuple[str, dict]]:
+        """(input, record) of every record that an input holds now (see held), over the whole
+        ledger: a million inputs of one record each without a call of held() for each."""
+        yield from self.latest.items()
+        for key, done in self.last_done.items():
+            if done is not (latest := self.latest[key]) and same_version(done, latest):
+                yield key, done
+        for key in self.ranges:
+            yield from ((key, record) for record in self.unfinished_ranges(key))
+
     def json_owners(self, folders: set[str]) -> dict[str, dict[str, str]]:
         """Folder -> JSON name stem -> the input that placed that file last, of the files in
         these folders that current records hold (a gone input's record may still list a file
-        that a later input placed under its freed name: the later one's)."""
-        last: dict[str, tuple[tuple, str]] = {}  # file -> (order, input)
-        for key in self.keys():
-            for record in self.held(key):
-                for raw in record.get("outputs") or ():
-                    if raw.endswith(".json") and (raw not in last or record["_order"] > last[raw][0]):
-                        last[raw] = (record["_order"], key)
+        that a later input placed under its freed name: the later one's). An output folder
+        named like a JSON file (a subfolder's, which may be gone now) holds that name in its
+        parent for no input (FOLDER_CLAIM): a file cannot go where a folder is."""
+        wanted = {os.path.relpath(folder, self.root) if folder != self.root else "" for folder in folders}
+        last: dict[str, tuple[tuple, str, str]] = {}  # file as recorded -> (order, input, file as compared)
+        for key, record in self.held_records():
+            order = record["_order"]
+            for raw in record.get("outputs") or ():
+                if (raw.endswith(".json") and (rel := self.normal(raw))
+                        and (rel.rpartition(os.sep)[0] in wanted or ".json" + os.sep in rel)
+                        and (raw not in last or order > last[raw][0])):
+                    last[raw] = (order, key, rel)
         owners: dict[str, dict[str, str]] = defaultdict(dict)
-        in_json_folders = []
-        for raw, (order, key) in last.items():
+        for raw, (order, key, rel) in last.items():
             placement = self.placements.get(raw)
             if placement is not None and placement[0] > order:
                 key = placement[1]
-            rel = self.normal(raw)
-            if rel is None:
-                continue
-            head, _, name = os.path.join(self.root, rel).rpartition(os.sep)
-            if head in folders:
-                owners[head][name[: -len(".json")]] = key
-            if ".json" + os.sep in rel:
-                in_json_folders.append(rel)
-        # An output folder named like a JSON file (a subfolder's, which may be gone now) holds
-        # that name in its parent for no input: a file cannot go where a folder is.
-        for rel in in_json_folders:
             parts = rel.split(os.sep)
-            for depth, part in enumerate(parts[:-1]):
+            for depth, part in enumerate(parts):
                 if part.endswith(".json") and (head := os.path.join(self.root, *parts[:depth])) in folders:
-                    owners[head][part[: -len(".json")]] = FOLDER_CLAIM
+                    if depth < len(parts) - 1:
+                        owners[head][part[: -len(".json")]] = FOLDER_CLAIM
+                    else:
+                        owners[head].setdefault(part[: -len(".json")], key)
         return owners
 
     def held_files(self, key: str) -> set[str]:
