@@ -210,7 +210,22 @@ def cannot_write(what: str, error: OSError) -> UserError:
 
 def say(message: str) -> None:
     """One line for the user, on stderr, so that stdout stays clean for pipes."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
+
+
+def printable(text: str, raw_bytes: bool = False) -> str:
+    """`text` as one line that cannot drive the terminal: control characters (a newline or an
+    escape sequence in a file name) written as `\\n`, `\\x1b`; bytes that are not UTF-8 as
+    `\\xff`, unless `raw_bytes` (kept for a stream written with surrogateescape)."""
+    return text if text.isprintable() else "".join(printable_character(c, raw_bytes) for c in text)
+
+
+def printable_character(character: str, raw_bytes: bool) -> str:
+    if character.isprintable():
+        return character
+    if "\udc80" <= character <= "\udcff":  # a byte that is not UTF-8, as surrogateescape decodes it
+        return character if raw_bytes else f"\\x{ord(character) - 0xDC00:02x}"
+    return character.encode("unicode_escape").decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +263,7 @@ def number(text: str, kind: type, expected: str) -> Any:
 
 
 def positive_int(text: str) -> int:
-    value = whole_number(text)
+    value = number(text, int, "a whole number")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -649,8 +664,21 @@ def checked_run_log(spelled: Path, output_dir: Path) -> Path:
     return real
 
 
+def readable_folder(folder: Path) -> None:
+    """Refuse an input folder that cannot be listed: a run would find nothing and say so, with
+    exit 0, at every cron tick."""
+    try:
+        os.scandir(folder).close()
+    except OSError as error:
+        raise UsageError(f"cannot list --input_dir {str(folder)!r}: {error.strerror} (give the user running "
+                         "infer_mp.py read access, e.g. chmod a+rx)") from None
+
+
 def parse_config(argv: list[str] | None) -> Config:
     args = build_parser().parse_args(argv)
+    for flag in ("input_dir", "output_dir", "input_list", "run_log"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():  # ('' would be the current folder)
+            raise UsageError(f"--{flag} is empty (an unset shell variable?); give a path")
     if args.input_dir is None and args.input_list is None:
         raise UsageError("give --input_dir (a folder of inputs) or --input_list (a file of paths)")
     if args.input_list is not None and args.input_glob_pattern:
@@ -667,8 +695,13 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"the input directory does not exist: {str(input_dir)!r}")
     if input_dir is not None and not input_dir.is_dir():
         raise UsageError(f"--input_dir is not a directory: {str(input_dir)!r}")
-    if args.input_list not in (None, "-") and not os.path.isfile(args.input_list):
+    # (Any file that is not a folder: a pipe, as from <(find ...), too.)
+    if args.input_list not in (None, "-") and not os.path.exists(args.input_list):
         raise UsageError(f"--input_list: no such file {args.input_list!r} (use '-' for standard input)")
+    if args.input_list is not None and os.path.isdir(args.input_list):
+        raise UsageError(f"--input_list {args.input_list!r} is a folder; give a file of paths, or use --input_dir")
+    if input_dir is not None:
+        readable_folder(input_dir)
     output_dir = Path(os.path.realpath(args.output_dir))  # one spelling for every output: see Ledger
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir exists and is not a directory: {args.output_dir!r}")
@@ -682,6 +715,10 @@ def parse_config(argv: list[str] | None) -> Config:
     shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
     default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
     run_log = checked_run_log(Path(args.run_log) if args.run_log else default_log, output_dir)
+    given_inputs = sorted({name for name, _ in args.predict_arg} & {"input", PAGE_WINDOWS_KEYWORD})
+    if given_inputs:
+        raise UsageError(f"--predict_arg {given_inputs[0]}: infer_mp.py gives predict() its inputs (and a document's "
+                         "pages) itself; leave it out")
     if args.ray_address is not None and args.backend != "ray":
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:  # (the default is off without it)
@@ -855,10 +892,15 @@ def parse_device_arg(text: str) -> tuple[str, list[int] | None]:
             f"supported: {', '.join(SUPPORTED_DEVICE_TYPE)} ({hint})"
         )
     try:
-        return parse_device(cleaned)
+        device_type, ids = parse_device(cleaned)
     except (ValueError, AssertionError) as error:
         detail = f": {error}" if str(error) else ""
         raise UsageError(f"malformed --device {text!r}{detail} ({hint})") from None
+    if ids and len(set(ids)) < len(ids):
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise UsageError(f"--device {text!r} names {device_type}:{twice} twice; for more workers on one device, "
+                         "give --instances_per_device")
+    return device_type, ids
 
 
 def import_paddle_quietly() -> Any:
@@ -1080,6 +1122,8 @@ def unknown_name_error(name: str, where: str, known: Iterable[str]) -> UsageErro
 def resolve_pipeline(text: str) -> PipelineRef:
     """Check --pipeline before any worker starts, with close matches for a typo."""
     if ":" not in text:
+        if text.endswith(".py") or "/" in text or os.sep in text:
+            raise UsageError(f"--pipeline {text!r}: name the class after a colon, e.g. '{text}:MyPipeline'")
         exports = paddleocr_exports()
         if exports is None:
             raise UsageError("paddleocr is not installed: run pip install -r requirements.txt")
@@ -1212,6 +1256,9 @@ def quiet_paddlex_logs() -> None:
 
 def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> Any:
     cls = load_pipeline_class(ref)
+    if not callable(getattr(cls, "predict", None)):  # (before its models load, not at its first input)
+        raise TypeError(f"{ref.name} has no predict() method: a pipeline class needs predict(input, **options), "
+                        "as PaddleOCR's have")
     quiet_paddlex_logs()
     kwargs: dict[str, Any] = {"device": spec.device}
     if spec.cpu_threads is not None and accepts_keyword(cls, "cpu_threads"):
@@ -1668,6 +1715,7 @@ class InputSelection:
     paths: list[str]  # absolute, sorted, unique; listed paths may not exist (they fail, named)
     root: str  # the folder the output folders mirror
     ignored: int = 0  # matches that were directories, other types, or a file already taken
+    unlisted: tuple[tuple[str, str], ...] = ()  # (folder, why): folders of the inputs that could not be listed
 
 
 def regular_file_status(path: str) -> os.stat_result | None:
@@ -1740,15 +1788,16 @@ class OutputFolder:
         return not (within(self.real_root, self.real) and within(real_folder, self.real_root))
 
 
-def scan_matches(input_dir: str, pattern: str, skip: tuple[int, int] | None = None
-                 ) -> list[tuple[str, tuple[int, int] | None]] | None:
+def scan_matches(input_dir: str, pattern: str, skip: tuple[int, int] | None = None,
+                 unlisted: list[tuple[str, str]] | None = None) -> list[tuple[str, tuple[int, int] | None]] | None:
     """The common patterns `NAME` and `**/NAME` (NAME without a slash) by a scandir walk, with
     each match's file identity: what pathlib's glob gives (`**` is zero or more folders,
     linked folders are not entered, unreadable ones passed over, hidden names match), at a
     fraction of its cost and without a stat per plain file (100,000 inputs: seconds of the
     coordinator's CPU). Folders a `**` walk enters are not matches (not counted as passed
-    over); the folder whose identity is `skip` (the output folder) is not walked. None for any
-    other pattern: pathlib does those."""
+    over); the folder whose identity is `skip` (the output folder) is not walked; a folder that
+    cannot be listed is added to `unlisted`, with why. None for any other pattern: pathlib does
+    those."""
     parts = pattern.split("/")
     recursive = len(parts) == 2 and parts[0] == "**"
     name = parts[-1]
@@ -1765,7 +1814,11 @@ def scan_matches(input_dir: str, pattern: str, skip: tuple[int, int] | None = No
                 continue
             with os.scandir(folder) as scan:
                 entries = list(scan)
-        except OSError:
+        except FileNotFoundError:  # (gone since it was listed)
+            continue
+        except OSError as error:
+            if unlisted is not None:
+                unlisted.append((folder, error.strerror or str(error)))
             continue
         for entry in entries:
             try:
@@ -1810,11 +1863,12 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recu
     output = OutputFolder.of(output_dir, input_dir)
     identities: dict[str, tuple[int, int] | None] = {}
     ignored = 0
+    unlisted: list[tuple[str, str]] = []
     only_readable = patterns == (DEFAULT_GLOB_PATTERN,)
     if recursive:
         patterns = tuple(f"**/{pattern}" for pattern in patterns)
     for pattern in patterns:
-        matches = scan_matches(input_dir, pattern, output.identity)
+        matches = scan_matches(input_dir, pattern, output.identity, unlisted)
         if matches is None:
             matches = glob_matches(input_dir, pattern, output)
         for path, identity in matches:
@@ -1825,7 +1879,7 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recu
             else:
                 identities[path] = identity
     unique, duplicates = one_path_per_file(identities, not_inputs)
-    return InputSelection(unique, input_dir, ignored + duplicates)
+    return InputSelection(unique, input_dir, ignored + duplicates, tuple(sorted(set(unlisted))))
 
 
 def resolve_dots(path: str, cwd: str) -> str:
@@ -1891,11 +1945,14 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str,
 
 
 def find_inputs(config: Config) -> InputSelection:
+    """The inputs: never the run log nor a lock file, wherever they are (an --input_dir that
+    holds the --run_log holds its lock too)."""
     input_dir = str(config.input_dir) if config.input_dir is not None else None
-    run_log = frozenset(filter(None, [file_identity(str(config.run_log))]))
+    own = [config.run_log, config.run_log.with_name(RUN_LOG_LOCK.format(name=config.run_log.name)), config.lock_file]
+    not_inputs = frozenset(filter(None, (file_identity(str(path)) for path in own)))
     if config.input_list is not None:
-        return read_input_list(config.input_list, input_dir, str(config.output_dir), run_log)
-    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive, run_log)
+        return read_input_list(config.input_list, input_dir, str(config.output_dir), not_inputs)
+    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive, not_inputs)
 
 
 def relative_to_root(path: str, root: str) -> str:
@@ -3424,8 +3481,11 @@ class Stopper:
         return self.signum is not None
 
     def install(self) -> None:
+        """Each stop signal the run listens to (one ignored from the start, as by `nohup` or a
+        shell's `&`, stays ignored: see the top of the file)."""
         for signum in STOP_SIGNALS:
-            signal.signal(signum, self._on_signal)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._on_signal)
 
     def close(self) -> None:
         """The work is over (what is left is the run's closing line and summary, a moment): a
@@ -3450,7 +3510,7 @@ class Stopper:
         if self.said == 0:
             self.said = 1
             return (f"{signal.Signals(self.signum).name}: starting no new inputs; finishing those in progress "
-                    f"for up to {self.grace:.0f} s (press Ctrl-C again to stop now)")
+                    f"for up to {self.grace:.0f} s (a second Ctrl-C or SIGTERM stops now)")
         if self.forced and self.said == 1:
             self.said = 2
             return "second signal: stopping now; the inputs in progress are left for the next run"
@@ -5007,7 +5067,7 @@ class Progress:
 
     def say(self, message: str) -> None:
         if self.bar is not None:
-            self.bar.write(f"{PROG}: {message}", file=sys.stderr)
+            self.bar.write(f"{PROG}: {printable(message)}", file=sys.stderr)
         else:
             say(message)
 
@@ -5467,20 +5527,35 @@ def run(config: Config) -> ExitCode:
     lock = RunLock(config)
     try:
         selection, tasks, work = choose_work(config, locked=True)
-        if not tasks:
-            parse_device_arg(config.device)
-            say_no_inputs(config, selection)
-            return ExitCode.OK
-        read_documents(work)
-        if not any(needs_worker(task, work) for task in work.todo):  # nothing to do (or only files that
-            # cannot be read): no worker, no model; a misspelt device still shows
-            parse_device_arg(config.device)
-            return dispatch(config, pipeline, [], tasks, work, selection.ignored)
-        probe_run_log(config.run_log, config.output_dir)  # before a worker imports anything
-        return start_and_dispatch(config, pipeline, tasks, work, selection.ignored)
+        say_unlisted(selection)
+        code = run_selected(config, pipeline, selection, tasks, work)
+        return ExitCode.INPUTS_FAILED if code == ExitCode.OK and selection.unlisted else code
     finally:
         lock.release()
         remove_if_unused(created)
+
+
+def run_selected(config: Config, pipeline: PipelineRef, selection: InputSelection, tasks: list[Task],
+                 work: WorkSelection) -> ExitCode:
+    if not tasks:
+        parse_device_arg(config.device)
+        say_no_inputs(config, selection)
+        return ExitCode.OK
+    read_documents(work)
+    if not any(needs_worker(task, work) for task in work.todo):  # nothing to do (or only files that
+        # cannot be read): no worker, no model; a misspelt device still shows
+        parse_device_arg(config.device)
+        return dispatch(config, pipeline, [], tasks, work, selection.ignored)
+    probe_run_log(config.run_log, config.output_dir)  # before a worker imports anything
+    return start_and_dispatch(config, pipeline, tasks, work, selection.ignored)
+
+
+def say_unlisted(selection: InputSelection) -> None:
+    """A folder of the inputs that cannot be listed is named, as a failed input is, and makes
+    the exit code 1: its files are unknown, so no record can stand for them."""
+    for folder, why in selection.unlisted:
+        say(f"FAILED {os.path.join(folder, '')}: cannot list this folder ({why}); its files are not inputs "
+            "of this run (give the user running infer_mp.py read access, e.g. chmod a+rx)")
 
 
 def needs_worker(task: Task, work: WorkSelection) -> bool:
@@ -5577,6 +5652,7 @@ def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
         check_pipeline_options(pipeline, config.pipeline_kwargs, config.predict_kwargs)
         check_engine(config, plan[0].device.split(":")[0])
         selection, tasks, work = choose_work(config, locked=False)
+        say_unlisted(selection)
         read_documents(work)
         print_plan(config, pipeline, plan, len(selection.paths), work, selection.ignored, cluster)
         return ExitCode.OK
@@ -5615,7 +5691,7 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         elif task.page_count:
             left = len(pages_to_do(task, work.coverage.get(task.index)))
             name += f" ({task.page_count} pages" + (f", {left} left to do)" if left < task.page_count else ")")
-        lines.append(f"  {task.path} -> {name}")
+        lines.append(printable(f"  {task.path} -> {name}", raw_bytes=True))
     sys.stdout.reconfigure(errors="surrogateescape")  # file names that are not UTF-8, as they are
     try:
         print("\n".join(lines), flush=True)

@@ -91,6 +91,14 @@ def run_fake(src: Path, out: Path, *extra: str, env: dict | None = None, **kwarg
     return run_cli(*fake_args(src, out, *extra), env=env, **kwargs)
 
 
+def listen_to_stops() -> None:
+    """In a child, before it runs: Ctrl-C and SIGTERM at their defaults, as a terminal starts a
+    command (a pytest-xdist worker ignores SIGINT, which its children would inherit, and
+    infer_mp.py leaves a stop signal ignored that was ignored when it started)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Background(subprocess.Popen):
     """A run of infer_mp.py in the background, in a process group of its own (as a terminal
     starts a command: os.killpg is the terminal's Ctrl-C), its stdout and stderr in files that a
@@ -102,7 +110,8 @@ class Background(subprocess.Popen):
     def __init__(self, command: list[str], env: dict):
         self.logs = Path(tempfile.mkdtemp(prefix="infer_mp-test-"))
         with open(self.logs / "stdout", "wb") as stdout, open(self.logs / "stderr", "wb") as stderr:
-            super().__init__(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+            super().__init__(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True,
+                             preexec_fn=listen_to_stops)
         Background.running.append(self)
 
     def stdout_text(self) -> str:

@@ -165,6 +165,9 @@ class Takes:
     def __init__(self, device=None, cpu_threads=None, engine=None, engine_config=None):
         pass
 
+    def predict(self, input, **options):
+        return iter(())
+
 
 @pytest.fixture
 def no_native_bf16(monkeypatch, tmp_path):
@@ -375,6 +378,9 @@ class HoldsRecognizer:
 
     def __init__(self, **kwargs):
         self.recognizer = object.__new__(infer_mp.recognizer_class())
+
+    def predict(self, input, **options):
+        return iter(())
 
 
 @pytest.mark.parametrize("device, init_kwargs, padded", [

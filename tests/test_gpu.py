@@ -206,6 +206,9 @@ def start_worker(monkeypatch, module, providers: list[list[str]], init_kwargs: d
             cuda = {**options, "device_id": device.partition(":")[2] or "0"}
             self.sessions = [module.InferenceSession(p, cuda if CUDA in p else None) for p in providers]
 
+        def predict(self, input, **options):
+            return iter(())
+
     monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: Pipeline)
     worker = infer_mp.PipelineWorker(infer_mp.PipelineRef("json", "JSONDecoder"))
     options = infer_mp.WorkerOptions(infer_mp.PipelineRef("json", "JSONDecoder"), init_kwargs)
@@ -248,6 +251,9 @@ def test_ready_report_names_the_gpu_and_the_cudnn_search(monkeypatch):
 class Takes:
     def __init__(self, device=None, cpu_threads=None, engine=None, engine_config=None):
         pass
+
+    def predict(self, input, **options):
+        return iter(())
 
 
 def plan(engine_config: dict | None = None, threads: int | None = 2, device: str = "gpu:1") -> dict | None:

@@ -12,7 +12,20 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, SCRIPT, outputs, page_files, pdf_bytes, run_cli, run_log, tiff_bytes, write
+from conftest import (
+    FAKE,
+    ROOT,
+    SCRIPT,
+    fake_args,
+    injected,
+    outputs,
+    page_files,
+    pdf_bytes,
+    run_cli,
+    run_log,
+    tiff_bytes,
+    write,
+)
 
 STRICT = f"{ROOT / 'tests' / 'fake_pipeline.py'}:StrictPipeline"
 
@@ -280,3 +293,45 @@ def test_output_dir_inside_input_dir_is_never_an_input(tmp_path):
         assert run.code == 0, run.stderr
     assert page_files(out) == ["a.json", "sub/b.json"]
     assert "2 skipped" in run.stderr and "FAILED" not in run.stderr
+
+
+def test_a_subfolder_that_cannot_be_listed_is_named_and_exits_1_at_every_run(tmp_path):
+    """It was passed over without a word, exit 0: its scans were never read, and never said."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "a.png")
+    write(src / "locked" / "b.png")
+    env = {**injected(), "UNLISTABLE": str(src / "locked")}
+    for attempt in ("first", "no-op rerun"):
+        run = run_cli(*fake_args(src, out), "--recursive", env=env)
+        assert run.code == 1, (attempt, run.stderr)
+        assert f"FAILED {src / 'locked'}/: cannot list this folder (Permission denied)" in run.stderr, attempt
+        assert "Traceback" not in run.stderr
+    assert sorted(outputs(out)) == ["a.json"]
+    plan = run_cli(*fake_args(src, out), "--recursive", "--dry_run", env=env)
+    assert plan.code == 0 and f"FAILED {src / 'locked'}/" in plan.stderr
+    readable = run_cli(*fake_args(src, out), "--recursive")
+    assert readable.code == 0 and sorted(outputs(out)) == ["a.json", "locked/b.json"]
+
+
+def test_the_run_logs_lock_in_the_input_folder_is_not_an_input(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "a.png")
+    for _ in range(2):  # (the lock is there from the first run on)
+        run = run_cli(*fake_args(src, out), "--run_log", str(src / "run.jsonl"), "--input_glob_pattern", "**/*")
+        assert run.code == 0, run.stderr
+    assert sorted(outputs(out)) == ["a.json"]
+
+
+def test_a_file_name_with_a_newline_or_an_escape_sequence_is_one_line_that_cannot_drive_the_terminal(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    names = ["fail\nme.png", "x\x1b[2J\x1b[31mred.png", "byte\udcffname.png"]
+    for name in names:
+        write(src / name, "RAISE")
+    plan = run_cli(*fake_args(src, out), "--dry_run")
+    assert "fail\\nme.png -> fail\\nme.json" in plan.stdout and "\x1b" not in plan.stdout
+    run = run_cli(*fake_args(src, out))
+    assert run.code == 1
+    failed = [line for line in run.stderr.splitlines() if line.startswith("infer_mp.py: FAILED")]
+    assert len(failed) == 3 and "\x1b" not in run.stderr, run.stderr
+    assert {line.split(": ")[1].rpartition("/")[2] for line in failed} == {
+        "fail\\nme.png", "x\\x1b[2J\\x1b[31mred.png", "byte\\xffname.png"}

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import pytest
 import infer_mp
 from conftest import (
     FAKE,
+    SCRIPT,
     assert_invariant,
+    fake_args,
     latest_records,
     make_inputs,
     outputs,
@@ -395,6 +399,33 @@ def test_the_signal_handler_only_sets_flags(capsys):
     assert stop.requested and capsys.readouterr().err == ""
     assert "SIGTERM: starting no new inputs" in stop.announcement()
     assert stop.announcement() is None  # said once
+
+
+def test_the_stop_line_names_both_ways_to_stop_at_once():
+    """After a SIGTERM it said "press Ctrl-C again", to a run that no terminal may hold."""
+    stop = infer_mp.Stopper()
+    stop._on_signal(signal.SIGTERM, None)
+    assert stop.announcement().endswith("(a second Ctrl-C or SIGTERM stops now)")
+
+
+def test_ctrl_c_ignored_when_the_run_started_stays_ignored(tmp_path):
+    """`nohup` or a script's `cmd &` starts a run with SIGINT ignored: it was ignored until the
+    dispatch began and then stopped the run."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_inputs(src, 4)
+    busy = tmp_path / "busy.jsonl"
+    command = [sys.executable, str(SCRIPT), *fake_args(src, out)]
+    env = {**os.environ, "FAKE_PIPELINE_BUSY_LOG": str(busy), "FAKE_PIPELINE_DELAY": "0.5"}
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_for(busy.exists, 60)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "SIGINT" not in stderr, stderr
+    assert len(outputs(out)) == 4
 
 
 # -- starts and crashes ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import infer_mp
-from conftest import FAKE, ROOT, fake_paddle, fake_paddle_env, make_config, run_cli, write
+from conftest import FAKE, ROOT, SCRIPT, fake_paddle, fake_paddle_env, injected, make_config, run_cli, write
 
 
 def assert_usage_error(run, *fragments: str) -> None:
@@ -268,3 +268,71 @@ def test_the_readme_has_every_section_the_script_cites_and_every_exit_code():
         assert any(heading.startswith(name) for heading in headings), name
     table = set(re.findall(r"^\| (\d+) \|", readme, re.MULTILINE))
     assert table == {str(code.value) for code in infer_mp.ExitCode}
+
+
+@pytest.mark.parametrize("flag", ["--input_dir", "--output_dir", "--input_list", "--run_log"])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(one_input, tmp_path, flag):
+    """`--output_dir "$OUT"` with OUT unset: '' was the current folder, which got the outputs
+    and the run log (and an empty --input_dir OCR'd the current folder)."""
+    args = {"--input_dir": str(one_input), "--output_dir": str(tmp_path / "out"), flag: ""}
+    if flag == "--input_list":
+        del args["--input_dir"]
+    run = run_cli("--pipeline", FAKE, "--device", "cpu", *[part for pair in args.items() for part in pair],
+                  cwd=tmp_path)
+    assert_usage_error(run, f"{flag} is empty")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--batch_size", "-1"], "must be at least 1, got -1"),
+    (["--device", "gpu:0,0"], "names gpu:0 twice"),
+    (["--pipeline", "my_pipeline.py"], "name the class after a colon, e.g. 'my_pipeline.py:MyPipeline'"),
+    (["--predict_arg", "input=x.png"], "--predict_arg input: infer_mp.py gives predict() its inputs"),
+    (["--predict_arg", "page_windows=1"], "--predict_arg page_windows"),
+])
+def test_refusals_name_the_range_or_the_fix(one_input, tmp_path, argv, fragment):
+    options = dict(zip(["--pipeline", "--device"], [FAKE, "cpu"]))
+    extra = []
+    for flag, value in zip(argv[::2], argv[1::2]):
+        if flag in options:
+            options[flag] = value
+        else:
+            extra += [flag, value]
+    run = run_cli(*[part for pair in options.items() for part in pair], "--input_dir", str(one_input),
+                  "--output_dir", str(tmp_path / "out"), *extra, env=fake_paddle_env(tmp_path / "paddle", gpus=2))
+    assert_usage_error(run, fragment)
+
+
+def test_a_pipeline_class_without_predict_is_refused_before_any_input_fails(one_input, tmp_path):
+    """It failed every input, each recorded as its own failure, which a plain rerun then did
+    not retry: a fault of the pipeline, not of the inputs."""
+    source = "class NoPredict:\n    def __init__(self, device=None):\n        pass\n"
+    pipeline = write(tmp_path / "nopredict.py", source)
+    run = run_cli("--pipeline", f"{pipeline}:NoPredict", "--input_dir", str(one_input), "--device", "cpu",
+                  "--output_dir", str(tmp_path / "out"))
+    assert run.code == 3, run.stderr
+    assert "NoPredict has no predict() method" in run.stderr and "Traceback" not in run.stderr
+    log = tmp_path / "out" / "infer_mp.runlog.jsonl"
+    assert not log.exists() or '"status": "failed"' not in log.read_text()
+
+
+def test_an_unlistable_input_dir_is_refused(one_input, tmp_path):
+    """It said 'no inputs ... nothing to do' and exited 0, at every cron tick."""
+    run = run_cli("--pipeline", FAKE, "--input_dir", str(one_input), "--device", "cpu",
+                  "--output_dir", str(tmp_path / "out"), env={**injected(), "UNLISTABLE": str(one_input)})
+    assert_usage_error(run, "cannot list --input_dir", "Permission denied", "chmod")
+
+
+def test_an_input_list_may_be_a_pipe(one_input, tmp_path):
+    """`--input_list <(find ...)` gives /dev/fd/N, a pipe: it was refused as 'no such file'."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(["bash", "-c", '"$0" "$1" --pipeline "$2" --device cpu --output_dir "$3" '
+                                        '--input_list <(printf "%s\\n" "$4")',
+                          sys.executable, str(SCRIPT), FAKE, str(tmp_path / "out"), str(one_input / "a.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert [path.name for path in (tmp_path / "out").rglob("*.json")] == ["a.json"], run.stderr
+    folder = run_cli("--pipeline", FAKE, "--input_list", str(one_input), "--device", "cpu")
+    assert_usage_error(folder, "is a folder; give a file of paths")

@@ -9,6 +9,9 @@ it and refuses past twice it) set to N, so that a small test image meets it as a
 CASE_INSENSITIVE=folder: looking a name up in that folder (os.stat, os.lstat: what
 os.path.exists uses) ignores case, as on SMB, APFS or NTFS: `A.json` is found as `a.json`.
 
+UNLISTABLE=folder: listing that folder (os.scandir, os.listdir) fails with EACCES, as for a folder
+without read permission (which root would read anyway).
+
 SIGNAL_ON_STDERR=SIGINT:text: the process sends itself that signal once, just after it first writes
 `text` to stderr (a Ctrl-C at that instant, e.g. while it prints its summary).
 
@@ -229,6 +232,23 @@ def _install_signal_on_stderr(setting: str) -> None:
     sys.stderr = SignallingStream(sys.stderr)
 
 
+def _install_unlistable(folder: str) -> None:
+    real_scandir, real_listdir = os.scandir, os.listdir
+    folder = os.path.realpath(folder)
+
+    def refusing(function):
+        def listing(path=".", *args, **kwargs):
+            if not isinstance(path, int) and os.path.realpath(os.fsdecode(path)) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+            return function(path, *args, **kwargs)
+
+        return listing
+
+    os.scandir, os.listdir = refusing(real_scandir), refusing(real_listdir)
+
+
+if os.environ.get("UNLISTABLE"):
+    _install_unlistable(os.environ["UNLISTABLE"])
 if os.environ.get("SIGNAL_ON_STDERR"):
     _install_signal_on_stderr(os.environ["SIGNAL_ON_STDERR"])
 if os.environ.get("PILLOW_MAX_IMAGE_PIXELS"):
