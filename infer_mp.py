@@ -2160,7 +2160,9 @@ class Ledger:
         self.generation = 0  # the highest read; this run writes the next
         self.lines = 0  # in this run's own log
         self.inputs = 0  # ... and the inputs it describes
-        self.protected = set(protected)  # never deleted: inputs, run logs
+        self.protected = set(protected)  # never deleted nor overwritten: inputs, run logs
+        self.kept: set[str] = set()  # never deleted: what the tool placed in an input folder (see not_placed)
+        self.inputs_inside: str | None = None  # the input folder, where it lies inside the root (see not_placed)
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
         self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
         self.last_placing: dict[str, dict] = {}  # input -> its `placing` record no whole record followed
@@ -2268,11 +2270,13 @@ class Ledger:
             records.append(latest)
         return records + self.unfinished_ranges(key)
 
-    def overwritten(self, rel: str, record: dict) -> bool:
-        """Has another input placed this file since `record` listed it? (A run killed between
-        the rename and that input's record: the file holds the other input's text now.)"""
+    def placed_since(self, rel: str, record: dict) -> str | None:
+        """The input whose task placed this file after `record` listed it, if one did (a run
+        killed between the rename and that task's record): the file may hold that input's text
+        now, or, the same input's, another version's. It is not `record`'s to count as done;
+        another input's, it is not `record`'s to hold."""
         placement = self.placements.get(rel)
-        return placement is not None and placement[1] != record["input"] and placement[0] > record["_order"]
+        return placement[1] if placement is not None and placement[0] > record["_order"] else None
 
     def held_records(self) -> Iterator[tuple[str, dict]]:
         """(input, record) of every record that an input holds now (see held), over the whole
@@ -2315,33 +2319,36 @@ class Ledger:
 
     def held_files(self, key: str) -> set[str]:
         """The files the input's records hold, less those another input placed since (a name
-        a gone input freed: see overwritten)."""
+        a gone input freed: see placed_since)."""
         return {rel for record in self.held(key) for raw in files_of(record)
-                if (rel := self.normal(raw)) and not self.overwritten(raw, record)}
+                if (rel := self.normal(raw)) and self.placed_since(raw, record) in (None, key)}
 
     def keys(self) -> set[str]:
         return {*self.latest, *self.ranges}
 
     def not_placed(self, selection: InputSelection) -> InputSelection:
-        """The inputs less the --save files the tool placed, which an input folder inside the
-        output folder can hold (`--input_dir out/scans --recursive --save img`: a picture lands
-        beside its scan): passed over as not inputs, by the records, whatever their names. They
-        stay protected from deletion and overwriting (a hand-edited record, or a scan put in the
-        place of a picture, must not make an input deletable)."""
-        if not within(os.path.realpath(selection.root), self.root):
+        """The inputs less the files the tool placed, which an input folder inside the output
+        folder can hold (`--input_dir out/scans --recursive --save img`: a picture lands beside
+        its scan; with `--input_glob_pattern '**/*'` its JSON is matched too): passed over as
+        not inputs, by the records, whatever their names, unless the records know them as inputs
+        too (a hand-edited record listing a scan). They are never deleted (a scan may have been
+        put in the place of a picture), but placed again when their input changes."""
+        if not within(inputs := os.path.realpath(selection.root), self.root):
             return selection
-        extras = {rel for key in {*self.keys(), *self.last_placing}
+        self.inputs_inside = inputs
+        placed = {rel for key in {*self.keys(), *self.last_placing}
                   for record in [*self.held(key), *filter(None, [self.last_placing.get(key)])]
-                  for raw in record.get("extra_outputs") or () if (rel := self.normal(raw)) is not None}
+                  for raw in files_of(record) if (rel := self.normal(raw)) is not None}
         real: dict[str, str] = {}  # folder -> its real path (an input folder may be spelled through a link)
         spelled = set()
         for path in selection.paths:
             folder = os.path.dirname(path)
             if folder not in real:
                 real[folder] = os.path.realpath(folder)
-            if os.path.relpath(found := os.path.join(real[folder], os.path.basename(path)), self.root) in extras:
+            found = os.path.join(real[folder], os.path.basename(path))
+            if os.path.relpath(found, self.root) in placed and found not in self.latest and found not in self.ranges:
                 spelled.add(path)
-                self.protected.add(found)
+                self.kept.add(found)
         if not spelled:
             return selection
         return replace(selection, paths=[path for path in selection.paths if path not in spelled],
@@ -2416,8 +2423,8 @@ class Ledger:
                 or fnmatch.fnmatch(name, RUN_LOG_PATTERN)):
             return False
         real_folder = os.path.realpath(folder)
-        if (not within(real_folder, self.root) or os.path.join(real_folder, name) in self.protected
-                or path in self.protected):
+        real = os.path.join(real_folder, name)
+        if not within(real_folder, self.root) or real in self.protected or real in self.kept or path in self.protected:
             return False
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
@@ -2428,12 +2435,27 @@ class Ledger:
         except OSError:
             return False
         self.retired += 1
+        self.prune(folder)
         return True
 
-    def reconcile(self, keys: Iterable[str]) -> None:
-        """At start, under the lock: finish what a killed run left half-done for these inputs
-        (files placed without a record, stale files a kill kept from being retired)."""
-        for key in [key for key in keys if key in self.placed]:
+    def prune(self, folder: str) -> None:
+        """Remove the output folders that retiring a file emptied, up to the root: an empty one
+        would take the name of a later input's file (`x.json/` where x.png's JSON goes). Not one
+        that this run places files into (see check_folder), nor an input folder."""
+        while (folder != self.root and folder not in self._folders
+               and not (self.inputs_inside and within(folder, self.inputs_inside))):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return
+            folder = os.path.dirname(folder)
+
+    def reconcile(self, others: set[str]) -> None:
+        """At start, under the lock: finish what a killed run left half-done (files placed
+        without a record, stale files a kill kept from being retired), for every input but
+        `others` (another shard's: its run may be placing them now; an input gone since is in
+        no shard, so every shard does it)."""
+        for key in [key for key in self.placed if key not in others]:
             self.retire(key)
 
     # -- writing ----------------------------------------------------------------------------
@@ -2452,10 +2474,10 @@ class Ledger:
             self.retire(task.path)
 
     def prepare(self, task: Task, staged: str, prefix: str, pages: list[str], extras: list[str]) -> Moves:
-        """Where a task's staged files go, recorded first (unless the ledger has every one of
-        them for this input already); its worker renames them once the record is in the file
-        (see Staged), so a kill at any instant leaves no file that the ledger cannot
-        attribute. Raises OSError for a folder that lies outside the root, or a name that is
+        """Where a task's staged files go, recorded first; its worker renames them once the
+        record is in the file (see Staged), so a kill at any instant leaves no file that the
+        ledger cannot attribute, nor one whose text is not what its last record says (see
+        placed_since). Raises OSError for a folder that lies outside the root, or a name that is
         an input or a run log; then the task fails and nothing is placed."""
         names = [*pages, *extras]
         finals = [task.output_file(name) for name in names]
@@ -2466,16 +2488,12 @@ class Ledger:
             if path in self.protected:
                 raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         rels = [self.log.relative(path) for path in finals]
-        known = self.placed.get(task.path)
-        if known is None:  # (an input no record names yet holds nothing)
-            known = self.held_files(task.path) if task.path in self.latest or task.path in self.ranges else set()
-        if not known.issuperset(rels):
-            self._placing.append([task.path, rels[:len(pages)], rels[len(pages):]])
+        self._placing.append([task.path, rels[:len(pages)], rels[len(pages):]])
         renames = [(f"{staged}{os.sep}{prefix}{name}", final) for name, final in zip(names, finals)]
         return (None if prefix else staged), renames
 
     def record_placing(self) -> None:
-        """One `placing` line for the new names of a batch's tasks (see prepare), and the log
+        """One `placing` line for the files of a batch's tasks (see prepare), and the log
         flushed: in the file before any of them is renamed. In this run it matters only to
         what retire() may delete (see add)."""
         if self._placing:
@@ -2806,7 +2824,7 @@ def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
     outputs = record.get("outputs") or []
     pages = output_pages(record) if task.paged else [None]
     return (bool(outputs) and pages is not None and len(pages) == len(outputs)
-            and all(at_todays_name(task, page, ledger.root, rel) and not ledger.overwritten(rel, record)
+            and all(at_todays_name(task, page, ledger.root, rel) and ledger.placed_since(rel, record) is None
                     for page, rel in zip(pages, outputs)))
 
 
@@ -2886,7 +2904,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         selection.todo.append(task)
         held = ledger.held(task.path)
         if task.paged and held:
-            coverage = selection.coverage[task.index] = page_coverage(task, held, root, config.retry_failed)
+            coverage = selection.coverage[task.index] = page_coverage(task, held, ledger, config.retry_failed)
             selection.weak.update(((task.path, page), reading) for page, reading in coverage.weak.items())
         elif config.retry_failed and record and record.get("weak") and unchanged(task, record):
             reading = weak_reading(task, None, record, root)
@@ -2944,12 +2962,12 @@ def figure_in_file(path: str, recorded: dict) -> dict:
     return {**found, "pass": (passes if type(passes) is int else 1) + 1, "by": KILLED_PASS}
 
 
-def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -> Coverage:
+def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bool) -> Coverage:
     """The pages of `task` that its records of the file as it is now hold: done where the
-    file is still there, under the page's name today (whatever a later record says), else
-    failed (not with --retry_failed). A record's --save files stay with it while any of its
-    pages does."""
-    coverage = Coverage()
+    file is still there, under the page's name today (whatever a later record says), and not
+    placed again since (see Ledger.placed_since), else failed (not with --retry_failed). A
+    record's --save files stay with it while any of its pages does."""
+    coverage, root = Coverage(), ledger.root
     for record in held:
         if not unchanged(task, record):
             continue
@@ -2962,7 +2980,7 @@ def page_coverage(task: Task, held: list[dict], root: str, retry_failed: bool) -
                 if reading := weak_reading(task, page, record, root, rel):
                     coverage.weak[page] = reading
                 continue
-            if path := at_todays_name(task, page, root, rel):
+            if ledger.placed_since(rel, record) is None and (path := at_todays_name(task, page, root, rel)):
                 coverage.outputs[page] = path
                 coverage.weak_kept.discard(page)
                 coverage.weak_standing.discard(page)
@@ -3479,6 +3497,12 @@ class Stopper:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    @property
+    def cut_short(self) -> bool:
+        """Did the stop end the work? Only if the dispatch loop took it in (and said so); one that
+        came as the loop ended, with nothing left to do, changed nothing (see close)."""
+        return self.signum is not None and self.said > 0
 
     def install(self) -> None:
         """Each stop signal the run listens to (one ignored from the start, as by `nohup` or a
@@ -5473,7 +5497,7 @@ class Report:
         return lines
 
     def exit_code(self, stop: Stopper) -> ExitCode:
-        if stop.signum is not None:
+        if stop.cut_short:
             return ExitCode.TERMINATED if stop.signum == signal.SIGTERM else ExitCode.INTERRUPTED
         if self.output_error:
             return ExitCode.OUTPUT_FAILED
@@ -5594,16 +5618,15 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     selection = find_inputs(config)
     folded = locked and case_insensitive(config.output_dir)
     ledger = Ledger.read(config)
-    ledger.protected.update(selection.paths)  # never deleted
     selection = ledger.not_placed(selection)
+    ledger.protected.update(selection.paths)  # never deleted
     planned = plan_tasks(selection.root, config.output_dir, selection.paths, folded)
     if any(within(folder, str(config.run_log)) for folder in {task.out_dir for task in planned}):  # (each once)
         raise UsageError(f"--run_log {str(config.run_log)!r} is where the outputs of a subfolder of the inputs "
                          "go; give a path of its own, e.g. run.jsonl")
     ledger.protected.update(task.path for task in planned)
     if locked:  # finish what a killed run left half-done, then keep the log short
-        ledger.reconcile(ledger.placed if config.shard is None else
-                         [task.path for task in planned if in_shard(task, config.shard)])
+        ledger.reconcile({task.path for task in planned if not in_shard(task, config.shard)})
         if ledger.worth_compacting or has_second_name(config.run_log):
             ledger.compact(config.run_log)
     planned = avoid_claimed_names(planned, ledger, folded)

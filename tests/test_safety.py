@@ -401,6 +401,17 @@ def test_the_signal_handler_only_sets_flags(capsys):
     assert stop.announcement() is None  # said once
 
 
+def test_a_stop_that_came_as_the_work_ended_changes_nothing():
+    """A SIGTERM after the last input was done, before the dispatch loop saw it: the run said
+    nothing of it, left nothing undone, and exited 143."""
+    stop = infer_mp.Stopper()
+    stop._on_signal(signal.SIGTERM, None)
+    report = infer_mp.Report(0, 0, 0, None, infer_mp.Progress(0, 0, 3600))
+    assert report.exit_code(stop) == infer_mp.ExitCode.OK
+    stop.announcement()  # (taken in by the loop: it stops the work)
+    assert report.exit_code(stop) == infer_mp.ExitCode.TERMINATED
+
+
 def test_the_stop_line_names_both_ways_to_stop_at_once():
     """After a SIGTERM it said "press Ctrl-C again", to a run that no terminal may hold."""
     stop = infer_mp.Stopper()
