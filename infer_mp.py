@@ -2171,8 +2171,8 @@ class Ledger:
         self._holders: dict[str, set[str]] | None = None  # file -> inputs that hold it (built when needed)
         self._held: dict[str, set[str]] = {}  # input -> files it holds, as indexed in _holders
         self._written = itertools.count()
-        self._folders: dict[str, bool] = {}  # output folders checked this run: inside the root?
-        self._placing: list[list] = []  # [input, outputs, extras] of a batch's new names: see prepare
+        self._folders: set[str] = set()  # output folders checked this run (see check_folder, prune)
+        self._placing: list[list] = []  # [input, outputs, extras] of a batch's tasks: see prepare
         self.own_index = 0  # this run's log among those read (see read)
 
     # -- reading --------------------------------------------------------------------------
@@ -2330,15 +2330,16 @@ class Ledger:
         """The inputs less the files the tool placed, which an input folder inside the output
         folder can hold (`--input_dir out/scans --recursive --save img`: a picture lands beside
         its scan; with `--input_glob_pattern '**/*'` its JSON is matched too): passed over as
-        not inputs, by the records, whatever their names, unless the records know them as inputs
-        too (a hand-edited record listing a scan). They are never deleted (a scan may have been
-        put in the place of a picture), but placed again when their input changes."""
+        not inputs, by the records (every file the tool placed, held or not), whatever their
+        names, unless the records know them as inputs too (a hand-edited record listing a scan).
+        They are never deleted (a scan may have been put in the place of an old picture); at a
+        name that is a current input's output, they are that output, placed again when their
+        input changes."""
         if not within(inputs := os.path.realpath(selection.root), self.root):
             return selection
         self.inputs_inside = inputs
-        placed = {rel for key in {*self.keys(), *self.last_placing}
-                  for record in [*self.held(key), *filter(None, [self.last_placing.get(key)])]
-                  for raw in files_of(record) if (rel := self.normal(raw)) is not None}
+        held = (raw for _, record in self.held_records() for raw in files_of(record))
+        placed = {rel for raw in itertools.chain(self.placements, held) if (rel := self.normal(raw)) is not None}
         real: dict[str, str] = {}  # folder -> its real path (an input folder may be spelled through a link)
         spelled = set()
         for path in selection.paths:
@@ -2346,7 +2347,8 @@ class Ledger:
             if folder not in real:
                 real[folder] = os.path.realpath(folder)
             found = os.path.join(real[folder], os.path.basename(path))
-            if os.path.relpath(found, self.root) in placed and found not in self.latest and found not in self.ranges:
+            if (os.path.relpath(found, self.root) in placed
+                    and not (found in self.latest or found in self.ranges or found in self.last_placing)):
                 spelled.add(path)
                 self.kept.add(found)
         if not spelled:
@@ -2441,7 +2443,8 @@ class Ledger:
     def prune(self, folder: str) -> None:
         """Remove the output folders that retiring a file emptied, up to the root: an empty one
         would take the name of a later input's file (`x.json/` where x.png's JSON goes). Not one
-        that this run places files into (see check_folder), nor an input folder."""
+        that this run has made ready for a placement (see check_folder; one it makes later, it
+        makes again), nor an input folder."""
         while (folder != self.root and folder not in self._folders
                and not (self.inputs_inside and within(folder, self.inputs_inside))):
             try:
@@ -2453,8 +2456,7 @@ class Ledger:
     def reconcile(self, others: set[str]) -> None:
         """At start, under the lock: finish what a killed run left half-done (files placed
         without a record, stale files a kill kept from being retired), for every input but
-        `others` (another shard's: its run may be placing them now; an input gone since is in
-        no shard, so every shard does it)."""
+        `others` (those another shard's run may be placing now: see choose_work)."""
         for key in [key for key in self.placed if key not in others]:
             self.retire(key)
 
@@ -2518,21 +2520,24 @@ class Ledger:
             raise OSError(errno.ENOTDIR, f"{folder!r}: a file is where this output folder goes (an earlier "
                           "output under that name?); not written there, tried again by the next run") from None
         real_output_folder(folder, self.root)
-        self._folders[folder] = True
+        self._folders.add(folder)
 
     def compact(self, path: Path) -> None:
         """Rewrite this run's own log with only what the ledger reads (each input's last whole
-        record, its last done record, its page ranges since, and a `placing` record for files
-        it placed that could not be retired), atomically: a kill leaves the old log or the new
-        one, never half of one. Run under the run lock, after reconcile, before this run
-        appends. A closing `run` line is not kept: no-op reruns leave the log's size bounded."""
+        record, its last done record, its page ranges since, the `placing` lines since, and a
+        `placing` record for files it placed that could not be retired), atomically: a kill
+        leaves the old log or the new one, never half of one. Run under the run lock, after
+        reconcile, before this run appends. A closing `run` line is not kept: no-op reruns leave
+        the log's size bounded."""
         own = self.own_index
         wanted = set()
         for key in self.keys():
-            placing = self.last_placing.get(key)  # (kept only while no whole record followed it)
-            for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key), placing]:
+            for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key)]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
+        for order, key in self.placements.values():  # placing lines no whole record followed (see placed_since)
+            if order[2] == own and (key not in self.latest or order > self.latest[key]["_order"]):
+                wanted.add(order[3])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING,
                              "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
@@ -2817,8 +2822,8 @@ def output_pages(record: dict) -> list[int] | None:
 
 def is_complete(task: Task, record: dict | None, ledger: Ledger) -> bool:
     """Done means: the log says so, the input has not changed since, AND every output it
-    lists is there, under the name the input's page has today, and no other input placed it
-    since. A crash between writing outputs and logging them resolves to "redo", never to "skip"."""
+    lists is there, under the name the input's page has today, and no task placed it since
+    (see Ledger.placed_since). A crash between writing outputs and logging them resolves to "redo", never to "skip"."""
     if not record or record.get("status") != DONE or not unchanged(task, record):
         return False
     outputs = record.get("outputs") or []
@@ -3068,6 +3073,23 @@ def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False)
             task = replace(task, out_base=base)
         renamed.append(task)
     return renamed
+
+
+def shards_running(config: Config) -> bool:
+    """Does another shard of this count hold its lock now (a run of it is under way)?"""
+    index, count = config.shard
+    for other in range(count):
+        path = config.output_dir / LOCK_NAME.replace(".lock", f".shard-{other}-of-{count}.lock")
+        if other == index or not path.exists():
+            continue
+        try:
+            with open(path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (let go of as the file closes)
+        except BlockingIOError:
+            return True
+        except OSError:
+            continue
+    return False
 
 
 class RunLock:
@@ -5626,12 +5648,22 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
                          "go; give a path of its own, e.g. run.jsonl")
     ledger.protected.update(task.path for task in planned)
     if locked:  # finish what a killed run left half-done, then keep the log short
-        ledger.reconcile({task.path for task in planned if not in_shard(task, config.shard)})
+        ledger.reconcile(others_placing(config, planned, ledger))
         if ledger.worth_compacting or has_second_name(config.run_log):
             ledger.compact(config.run_log)
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]
     return selection, tasks, select_work(tasks, ledger, config)
+
+
+def others_placing(config: Config, planned: list[Task], ledger: Ledger) -> set[str]:
+    """The inputs that another shard's run may be placing files for, whose records it may not
+    have written yet: none without shards; the other shards' inputs; and while another shard
+    runs, inputs gone since too (it may have listed them before they went)."""
+    if config.shard is None:
+        return set()
+    others = {task.path for task in planned if not in_shard(task, config.shard)}
+    return others | (set(ledger.placed) - {task.path for task in planned}) if shards_running(config) else others
 
 
 def say_no_inputs(config: Config, selection: InputSelection) -> None:

@@ -971,3 +971,63 @@ def test_an_output_folder_emptied_by_retiring_is_removed_and_takes_no_name(dirs)
     run = run_fake(src, out, "--recursive")
     assert run.code == 0, run.stderr
     assert texts(out) == {"x.json": "X"}
+
+
+def test_a_compacted_log_keeps_the_placings_that_keep_an_old_record_from_counting(dirs, tmp_path):
+    """Compacting kept only an input's last `placing` line: an earlier page a killed run had
+    placed over the done version's page counted as that version's again once the old version
+    was put back, and kept the other version's text at every later run."""
+    src, out = dirs
+    document = write(src / "d.pdf", pdf_bytes(["one", "two"]))
+    assert run_fake(src, out, "--pages_per_task", "1").code == 0
+    first = document.stat()
+    write(document, pdf_bytes(["ONE", "TWO"]))
+    assert run_fake(src, out, "--pages_per_task", "1").code == 0
+    log = out / LOG
+    lines = log.read_text().splitlines(keepends=True)  # the second run's records of d.pdf, lost to a kill -9
+    second = max(json.loads(line).get("gen", 0) for line in lines)
+    log.write_text("".join(line for line in lines if not (json.loads(line).get("gen") == second
+                                                           and json.loads(line).get("input", "").endswith("d.pdf"))))
+    write(document, pdf_bytes(["one", "two"]))
+    os.utime(document, ns=(first.st_atime_ns, first.st_mtime_ns))
+    os.link(log, tmp_path / "backup.jsonl")  # (a run log with a second name is compacted first: see has_second_name)
+    assert run_fake(src, out, "--pages_per_task", "1", "--retry_failed").code == 0  # (compacts, selects nothing)
+    assert run_fake(src, out, "--pages_per_task", "1").code == 0
+    assert [content["text"] for content in outputs(out).values()] == ["one", "two"]
+
+
+def test_the_tools_files_in_an_input_folder_held_by_no_record_are_still_not_inputs(tmp_path):
+    """A changed scan failed: its JSON was retired, its picture beside the scans kept (it is
+    never deleted there), and the next run took that picture, held by no record now, for a scan."""
+    out = tmp_path / "out"
+    scan = write(out / "scans" / "scans" / "a.png", "A")
+    args = fake_args(out / "scans", out, "--recursive", "--save", "img")
+    assert run_cli(*args).code == 0
+    write(scan, "A2 RAISE")
+    assert run_cli(*args).code == 1
+    run = run_cli(*args)
+    assert run.code == 0 and "0 done" in run.stderr, run.stderr
+    assert sorted(path.name for path in out.rglob("*_vis*")) == ["a_vis.png"]
+
+
+def test_a_shard_leaves_alone_what_a_running_shard_placed_for_an_input_gone_since(dirs, tmp_path):
+    """A shard retired a file that another shard, still running, had just placed for an input
+    deleted since (its done record still in the log's buffer): that record then listed a file
+    that was gone, for good."""
+    src, out = dirs
+    names = [f"{stem}.png" for stem in "abcdefghij"]
+    first, waiting = [name for name in names if zlib.crc32(name.encode()) % 2 == 1][:2]
+    write(src / first, "hello")
+    write(src / waiting, "WAIT")
+    go = tmp_path / "go"
+    busy = start_fake(src, out, "--shard", "1/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go)})
+    output = out / first.replace(".png", ".json")
+    wait_for(output.exists, 60)
+    (src / first).unlink()
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    go.touch()
+    busy.communicate(timeout=60)
+    assert busy.returncode == 0
+    assert output.is_file()
+    assert run_fake(src, out).code == 0
+    assert_invariant(src, out, gone=(first,))
