@@ -901,9 +901,12 @@ def test_a_version_placed_over_a_done_one_and_killed_before_its_record_is_redone
     assert_invariant(src, out)
 
 
-def test_pages_placed_over_a_done_document_and_killed_before_their_records_are_redone(dirs):
+@pytest.mark.parametrize("compacted", [False, True])
+def test_pages_placed_over_a_done_document_and_killed_before_their_records_are_redone(dirs, tmp_path, compacted):
     """The same for a document's pages: the earlier version's done record, of the file as it is
-    again, kept the pages a killed run of the other version had placed under their names."""
+    again, kept the pages a killed run of the other version had placed under their names. And
+    compacting the log kept only the input's last `placing` line, so the pages placed before it
+    counted as the old version's again."""
     src, out = dirs
     document = write(src / "d.pdf", pdf_bytes(["one", "two"]))
     assert run_fake(src, out, "--pages_per_task", "1").code == 0
@@ -917,6 +920,9 @@ def test_pages_placed_over_a_done_document_and_killed_before_their_records_are_r
                                                            and json.loads(line).get("input", "").endswith("d.pdf"))))
     write(document, pdf_bytes(["one", "two"]))
     os.utime(document, ns=(first.st_atime_ns, first.st_mtime_ns))
+    if compacted:
+        os.link(log, tmp_path / "backup.jsonl")  # (a run log with a second name is compacted first: has_second_name)
+        assert run_fake(src, out, "--pages_per_task", "1", "--retry_failed").code == 0  # (compacts, selects nothing)
     assert run_fake(src, out, "--pages_per_task", "1").code == 0
     assert [content["text"] for content in outputs(out).values()] == ["one", "two"]
 
@@ -971,29 +977,6 @@ def test_an_output_folder_emptied_by_retiring_is_removed_and_takes_no_name(dirs)
     run = run_fake(src, out, "--recursive")
     assert run.code == 0, run.stderr
     assert texts(out) == {"x.json": "X"}
-
-
-def test_a_compacted_log_keeps_the_placings_that_keep_an_old_record_from_counting(dirs, tmp_path):
-    """Compacting kept only an input's last `placing` line: an earlier page a killed run had
-    placed over the done version's page counted as that version's again once the old version
-    was put back, and kept the other version's text at every later run."""
-    src, out = dirs
-    document = write(src / "d.pdf", pdf_bytes(["one", "two"]))
-    assert run_fake(src, out, "--pages_per_task", "1").code == 0
-    first = document.stat()
-    write(document, pdf_bytes(["ONE", "TWO"]))
-    assert run_fake(src, out, "--pages_per_task", "1").code == 0
-    log = out / LOG
-    lines = log.read_text().splitlines(keepends=True)  # the second run's records of d.pdf, lost to a kill -9
-    second = max(json.loads(line).get("gen", 0) for line in lines)
-    log.write_text("".join(line for line in lines if not (json.loads(line).get("gen") == second
-                                                           and json.loads(line).get("input", "").endswith("d.pdf"))))
-    write(document, pdf_bytes(["one", "two"]))
-    os.utime(document, ns=(first.st_atime_ns, first.st_mtime_ns))
-    os.link(log, tmp_path / "backup.jsonl")  # (a run log with a second name is compacted first: see has_second_name)
-    assert run_fake(src, out, "--pages_per_task", "1", "--retry_failed").code == 0  # (compacts, selects nothing)
-    assert run_fake(src, out, "--pages_per_task", "1").code == 0
-    assert [content["text"] for content in outputs(out).values()] == ["one", "two"]
 
 
 def test_the_tools_files_in_an_input_folder_held_by_no_record_are_still_not_inputs(tmp_path):
