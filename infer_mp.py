@@ -664,6 +664,11 @@ def checked_run_log(spelled: Path, output_dir: Path) -> Path:
     return real
 
 
+def shard_suffix(index: int, count: int) -> str:
+    """What a shard's run log and lock are named with (see RUN_LOG_NAME, LOCK_NAME)."""
+    return f".shard-{index}-of-{count}"
+
+
 def readable_folder(folder: Path) -> None:
     """Refuse an input folder that cannot be listed: a run would find nothing and say so, with
     exit 0, at every cron tick."""
@@ -712,7 +717,7 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"--input_dir {str(input_dir)!r} is inside infer_mp.py's own files in --output_dir "
                          f"(names starting {BOOKKEEPING_PREFIX!r}: its staging folder is emptied at every start); "
                          "move the inputs elsewhere")
-    shard_tag = f".shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""
+    shard_tag = shard_suffix(*args.shard) if args.shard else ""
     default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
     run_log = checked_run_log(Path(args.run_log) if args.run_log else default_log, output_dir)
     given_inputs = sorted({name for name, _ in args.predict_arg} & {"input", PAGE_WINDOWS_KEYWORD})
@@ -3079,7 +3084,7 @@ def shards_running(config: Config) -> bool:
     """Does another shard of this count hold its lock now (a run of it is under way)?"""
     index, count = config.shard
     for other in range(count):
-        path = config.output_dir / LOCK_NAME.replace(".lock", f".shard-{other}-of-{count}.lock")
+        path = config.output_dir / LOCK_NAME.replace(".lock", f"{shard_suffix(other, count)}.lock")
         if other == index or not path.exists():
             continue
         try:
