@@ -2170,7 +2170,6 @@ class Ledger:
         self.inputs_inside: str | None = None  # the input folder, where it lies inside the root (see not_placed)
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
         self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
-        self.last_placing: dict[str, dict] = {}  # input -> its `placing` record no whole record followed
         self.retired = 0
         self.log: RunLog | None = None
         self._holders: dict[str, set[str]] | None = None  # file -> inputs that hold it (built when needed)
@@ -2221,16 +2220,13 @@ class Ledger:
         if status == PLACING or key in self.placed or previous is not None or key in self.ranges:
             self.placed_by(key).update(files_of(record))
         if status == PLACING:
-            self.last_placing[key] = record
-            for raw in files_of(record):
-                self.placements[raw] = (order, key)
+            for raw in files_of(record):  # (the logs are read one after the other: keep the latest)
+                if raw not in self.placements or order > self.placements[raw][0]:
+                    self.placements[raw] = (order, key)
             return
         if "range" in record:
             self.ranges[key].append(record)
         else:
-            placing = self.last_placing.get(key)
-            if placing is not None and placing["_order"] < order:  # (see compact)
-                del self.last_placing[key]
             if previous is None or order >= previous["_order"]:
                 self.latest[key] = record
             if status == DONE:
@@ -2353,7 +2349,7 @@ class Ledger:
                 real[folder] = os.path.realpath(folder)
             found = os.path.join(real[folder], os.path.basename(path))
             if (os.path.relpath(found, self.root) in placed
-                    and not (found in self.latest or found in self.ranges or found in self.last_placing)):
+                    and not (found in self.latest or found in self.ranges or found in self.placed)):
                 spelled.add(path)
                 self.kept.add(found)
         if not spelled:

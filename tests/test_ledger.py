@@ -1014,3 +1014,23 @@ def test_a_shard_leaves_alone_what_a_running_shard_placed_for_an_input_gone_sinc
     assert output.is_file()
     assert run_fake(src, out).code == 0
     assert_invariant(src, out, gone=(first,))
+
+
+def test_the_latest_placing_of_a_file_counts_whatever_order_the_logs_are_read_in():
+    """The run logs are read one after the other (the shards', then this run's own): an older
+    `placing` line read later took the place of a newer one, so a record counted as done for a
+    file that another input had placed since."""
+    import infer_mp
+
+    ledger = infer_mp.Ledger("/out")
+
+    def record(generation: int, log: int, key: str, status: str) -> dict:
+        entry = {"time": "t", "gen": generation, "input": key, "status": status, "outputs": ["a.json"],
+                 "extra_outputs": []}
+        ledger.add(entry, (generation, "", log, 0))
+        return entry
+
+    record(3, 0, "/in/b.png", "placing")  # (a newer placing, in the log read first)
+    record(1, 1, "/in/a.png", "placing")
+    done = record(2, 1, "/in/a.png", "done")
+    assert ledger.placed_since("a.json", done) == "/in/b.png"
