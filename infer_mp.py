@@ -2332,7 +2332,8 @@ class Ledger:
         folder can hold (`--input_dir out/scans --recursive --save img`: a picture lands beside
         its scan; with `--input_glob_pattern '**/*'` its JSON is matched too): passed over as
         not inputs, by the records (every file the tool placed, held or not), whatever their
-        names, unless the records know them as inputs too (a hand-edited record listing a scan).
+        names, unless the records know them as inputs (see an_input: a hand-edited record listing
+        a scan).
         They are never deleted (a scan may have been put in the place of an old picture); at a
         name that is a current input's output, they are that output, placed again when their
         input changes."""
@@ -2348,14 +2349,21 @@ class Ledger:
             if folder not in real:
                 real[folder] = os.path.realpath(folder)
             found = os.path.join(real[folder], os.path.basename(path))
-            if (os.path.relpath(found, self.root) in placed
-                    and not (found in self.latest or found in self.ranges or found in self.placed)):
+            if (rel := os.path.relpath(found, self.root)) in placed and not self.an_input(found, rel):
                 spelled.add(path)
                 self.kept.add(found)
         if not spelled:
             return selection
         return replace(selection, paths=[path for path in selection.paths if path not in spelled],
                        ignored=selection.ignored + len(spelled))
+
+    def an_input(self, path: str, rel: str) -> bool:
+        """Is this file (a real path, and relative to the root) an input by the records: it has
+        records of its own, and no task placed a file there since (a picture put where a scan
+        that is gone since was)?"""
+        orders = [record["_order"] for record in [self.latest.get(path), *self.ranges.get(path, ())] if record]
+        placement = self.placements.get(rel)
+        return bool(orders) and (placement is None or placement[0] < max(orders))
 
     def holders(self) -> dict[str, set[str]]:
         """File -> the inputs whose current records hold it, over the whole ledger (built the
@@ -2536,8 +2544,9 @@ class Ledger:
             for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key)]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
-        for order, key in self.placements.values():  # placing lines no whole record followed (see placed_since)
-            if order[2] == own and (key not in self.latest or order > self.latest[key]["_order"]):
+        for order, key in self.placements.values():  # placing lines since a record that may count (see placed_since)
+            anchor = self.last_done.get(key) or self.latest.get(key)
+            if order[2] == own and (anchor is None or order > anchor["_order"]):
                 wanted.add(order[3])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING,

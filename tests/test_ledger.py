@@ -1034,3 +1034,40 @@ def test_the_latest_placing_of_a_file_counts_whatever_order_the_logs_are_read_in
     record(1, 1, "/in/a.png", "placing")
     done = record(2, 1, "/in/a.png", "done")
     assert ledger.placed_since("a.json", done) == "/in/b.png"
+
+
+def test_pages_of_a_version_that_failed_do_not_count_for_the_done_one_after_compaction(dirs, tmp_path):
+    """A newer version failed on one page, its good pages placed over the done version's;
+    compacting dropped those pages' placing line (a whole record, the failed one, followed it),
+    so the done version put back counted as done, over the newer version's text."""
+    src, out = dirs
+    document = write(src / "d.pdf", pdf_bytes(["one v1", "two v1"]))
+    assert run_fake(src, out).code == 0
+    first = document.stat()
+    write(document, pdf_bytes(["one v2", "two v2", "three RAISE"]))
+    assert run_fake(src, out).code == 1
+    os.link(out / LOG, tmp_path / "backup.jsonl")  # (compacted by the next run: see has_second_name)
+    assert run_fake(src, out).code == 0  # (its failure stands)
+    write(document, pdf_bytes(["one v1", "two v1"]))
+    os.utime(document, ns=(first.st_atime_ns, first.st_mtime_ns))
+    assert run_fake(src, out).code == 0
+    assert [content["text"] for content in outputs(out).values()] == ["one v1", "two v1"]
+
+
+def test_a_picture_placed_where_a_scan_that_is_gone_was_is_not_taken_for_that_scan(tmp_path):
+    """With the input folder inside the output folder, a scan there was done and removed, and
+    a picture the tool placed later took its path: the records knew that path as an input, so
+    the picture was OCR'd as that scan, and the picture's own scan then failed at every change."""
+    out = tmp_path / "out"
+    user_scan = write(out / "scans" / "a_vis.png", "user scan X")
+    args = fake_args(out / "scans", out, "--recursive", "--save", "img")
+    assert run_cli(*args).code == 0
+    user_scan.unlink()
+    scan = write(out / "scans" / "scans" / "a.png", "scan a v1")
+    assert run_cli(*args).code == 0 and (out / "scans" / "a_vis.png").is_file()
+    again = run_cli(*args)
+    assert again.code == 0 and "0 done" in again.stderr, again.stderr
+    write(scan, "scan a v2")
+    changed = run_cli(*args)
+    assert changed.code == 0 and "1 done" in changed.stderr, changed.stderr
+    assert texts(out)["scans/a.json"] == "scan a v2"
