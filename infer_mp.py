@@ -2544,9 +2544,12 @@ class Ledger:
             for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key)]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
-        for order, key in self.placements.values():  # placing lines since a record that may count (see placed_since)
+        # The placing lines since a record that may count (see placed_since), and those of a
+        # file placed where an input was (see an_input).
+        for raw, (order, key) in self.placements.items():
             anchor = self.last_done.get(key) or self.latest.get(key)
-            if order[2] == own and (anchor is None or order > anchor["_order"]):
+            if order[2] == own and (anchor is None or order > anchor["_order"]
+                                    or os.path.join(self.root, raw) in self.latest):
                 wanted.add(order[3])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING,
