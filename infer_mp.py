@@ -251,6 +251,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem and the fix."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.endswith("expected one argument"):  # (argparse takes a value that starts with '-' for a flag)
+            message += "; a value that starts with '-' goes after '=', as --shard=I/N"
         say(f"error: {message} (see --help)")
         sys.exit(ExitCode.USAGE)
 

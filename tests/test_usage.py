@@ -285,19 +285,19 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(one_input, tm
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--batch_size", "-1"], "must be at least 1, got -1"),
+    (["--shard", "-1/2"], "a value that starts with '-' goes after '=', as --shard=I/N"),
+    (["--shard=-1/2"], "expected I/N with 0 <= I < N"),
     (["--device", "gpu:0,0"], "names gpu:0 twice"),
     (["--pipeline", "my_pipeline.py"], "name the class after a colon, e.g. 'my_pipeline.py:MyPipeline'"),
     (["--predict_arg", "input=x.png"], "--predict_arg input: infer_mp.py gives predict() its inputs"),
     (["--predict_arg", "page_windows=1"], "--predict_arg page_windows"),
 ])
 def test_refusals_name_the_range_or_the_fix(one_input, tmp_path, argv, fragment):
-    options = dict(zip(["--pipeline", "--device"], [FAKE, "cpu"]))
-    extra = []
-    for flag, value in zip(argv[::2], argv[1::2]):
-        if flag in options:
-            options[flag] = value
-        else:
-            extra += [flag, value]
+    options, extra = {"--pipeline": FAKE, "--device": "cpu"}, list(argv)
+    for flag in options:
+        if flag in extra:
+            options[flag] = extra.pop(extra.index(flag) + 1)
+            extra.remove(flag)
     run = run_cli(*[part for pair in options.items() for part in pair], "--input_dir", str(one_input),
                   "--output_dir", str(tmp_path / "out"), *extra, env=fake_paddle_env(tmp_path / "paddle", gpus=2))
     assert_usage_error(run, fragment)
