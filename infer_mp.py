@@ -3090,21 +3090,24 @@ def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False)
     return renamed
 
 
+def lock_held(path: Path) -> bool:
+    """Does a run hold this lock file now? (Taken for an instant to see, if it is there; let
+    go of as the file closes.)"""
+    try:
+        with open(path, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def shards_running(config: Config) -> bool:
     """Does another shard of this count hold its lock now (a run of it is under way)?"""
     index, count = config.shard
-    for other in range(count):
-        path = config.output_dir / LOCK_NAME.replace(".lock", f"{shard_suffix(other, count)}.lock")
-        if other == index or not path.exists():
-            continue
-        try:
-            with open(path, "rb") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (let go of as the file closes)
-        except BlockingIOError:
-            return True
-        except OSError:
-            continue
-    return False
+    return any(lock_held(config.output_dir / LOCK_NAME.replace(".lock", f"{shard_suffix(other, count)}.lock"))
+               for other in range(count) if other != index)
 
 
 class RunLock:
@@ -5723,6 +5726,9 @@ def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
         check_engine(config, plan[0].device.split(":")[0])
         selection, tasks, work = choose_work(config, locked=False)
         say_unlisted(selection)
+        if lock_held(config.lock_file):
+            say("note: another infer_mp.py run is using --output_dir now: a run started now would exit 75 "
+                "(wait for it to finish)")
         read_documents(work)
         print_plan(config, pipeline, plan, len(selection.paths), work, selection.ignored, cluster)
         return ExitCode.OK

@@ -23,7 +23,9 @@ from conftest import (
     pdf_bytes,
     run_cli,
     run_log,
+    start_fake,
     tiff_bytes,
+    wait_for,
     write,
 )
 
@@ -162,6 +164,20 @@ def test_dry_run_prints_the_plan_and_touches_nothing(dirs):
     write(src / "b.png")
     run = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
     assert "1 to do, 2 already done" in run.stdout
+
+
+def test_dry_run_says_when_another_run_holds_the_output_folder(dirs, tmp_path):
+    """It listed the inputs to do and exited 0 while the run it stood for would exit 75."""
+    src, out = dirs
+    write(src / "a.png", "WAIT")
+    busy = start_fake(src, out, env={"FAKE_PIPELINE_WAIT_FILE": str(tmp_path / "go")})
+    wait_for(lambda: "1 input(s) to do" in busy.stderr_text(), 60)
+    plan = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
+    assert plan.code == 0 and "another infer_mp.py run is using --output_dir now" in plan.stderr, plan.stderr
+    (tmp_path / "go").touch()
+    busy.communicate(timeout=60)
+    quiet = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
+    assert "another infer_mp.py run" not in quiet.stderr
 
 
 def test_dry_run_shows_the_limits_the_run_would_work_under(dirs):
