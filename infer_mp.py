@@ -887,6 +887,9 @@ def parse_device_arg(text: str) -> tuple[str, list[int] | None]:
     cleaned = text.strip().replace(" ", "")
     if cleaned.lower() == "cpu":
         return "cpu", None
+    if "," in cleaned and ":" not in cleaned:
+        raise UsageError(f"malformed --device {text!r}: a list of devices is one type and its ids, as 'gpu:0,1'; "
+                         "the CPU is one device ('cpu'; --instances_per_device gives it more workers)")
     from paddlex.utils.device import SUPPORTED_DEVICE_TYPE, parse_device
 
     hint = "use e.g. 'cpu', 'gpu', 'gpu:0' or 'gpu:0,1,2,3'"
@@ -1235,6 +1238,10 @@ def check_pipeline_options(ref: PipelineRef, init_kwargs: dict, predict_kwargs: 
         except ValueError as error:
             raise option_error("pipeline option", str(error), known | set(ENGINE_OPTIONS)) from None
     elif unknown and not keyword_parameters(cls)[1]:
+        engine_flags = sorted(set(unknown) & set(ENGINE_OPTIONS))
+        if engine_flags:
+            raise UsageError(f"--{engine_flags[0]}: the pipeline class {ref.name!r} takes no {engine_flags[0]!r} "
+                             "argument (PaddleOCR's pipelines do); leave it out")
         raise option_error("pipeline option", f"Unknown argument: {sorted(unknown)[0]}", known)
     names, any_keyword = keyword_parameters(getattr(cls, "predict", None))
     unknown_predict = sorted(set(predict_kwargs) - names)

@@ -291,6 +291,9 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(one_input, tm
     (["--pipeline", "my_pipeline.py"], "name the class after a colon, e.g. 'my_pipeline.py:MyPipeline'"),
     (["--predict_arg", "input=x.png"], "--predict_arg input: infer_mp.py gives predict() its inputs"),
     (["--predict_arg", "page_windows=1"], "--predict_arg page_windows"),
+    (["--device", "cpu,cpu"], "the CPU is one device ('cpu'; --instances_per_device gives it more workers)"),
+    (["--pipeline", "json:JSONDecoder", "--engine", "onnxruntime"],
+     "--engine: the pipeline class 'JSONDecoder' takes no 'engine' argument"),
 ])
 def test_refusals_name_the_range_or_the_fix(one_input, tmp_path, argv, fragment):
     options, extra = {"--pipeline": FAKE, "--device": "cpu"}, list(argv)
