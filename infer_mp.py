@@ -671,6 +671,16 @@ def shard_suffix(index: int, count: int) -> str:
     return f".shard-{index}-of-{count}"
 
 
+def folder_lock(output_dir: Path, shard: tuple[int, int] | None) -> Path:
+    """The output folder's lock file of a run over all inputs, or of one shard (see RunLock)."""
+    return output_dir / LOCK_NAME.replace(".lock", f"{shard_suffix(*shard) if shard else ''}.lock")
+
+
+def run_log_lock(run_log: Path) -> Path:
+    """The lock file beside a run log (see RunLock)."""
+    return run_log.with_name(RUN_LOG_LOCK.format(name=run_log.name))
+
+
 def readable_folder(folder: Path) -> None:
     """Refuse an input folder that cannot be listed: a run would find nothing and say so, with
     exit 0, at every cron tick."""
@@ -744,7 +754,7 @@ def parse_config(argv: list[str] | None) -> Config:
         input_glob_patterns=tuple(args.input_glob_pattern or [DEFAULT_GLOB_PATTERN]),
         cpu_threads=args.cpu_threads,
         run_log=run_log,
-        lock_file=output_dir / LOCK_NAME.replace(".lock", f"{shard_tag}.lock"),
+        lock_file=folder_lock(output_dir, args.shard),
         input_list=args.input_list,
         recursive=args.recursive,
         shard=args.shard,
@@ -1962,7 +1972,7 @@ def find_inputs(config: Config) -> InputSelection:
     """The inputs: never the run log nor a lock file, wherever they are (an --input_dir that
     holds the --run_log holds its lock too)."""
     input_dir = str(config.input_dir) if config.input_dir is not None else None
-    own = [config.run_log, config.run_log.with_name(RUN_LOG_LOCK.format(name=config.run_log.name)), config.lock_file]
+    own = [config.run_log, run_log_lock(config.run_log), config.lock_file]
     not_inputs = frozenset(filter(None, (file_identity(str(path)) for path in own)))
     if config.input_list is not None:
         return read_input_list(config.input_list, input_dir, str(config.output_dir), not_inputs)
@@ -2165,7 +2175,7 @@ class Ledger:
     highest it read), not by machines' clocks; older records (no generation) by their time.
     Every path is relative to the output folder's real path, compared in one spelling."""
 
-    def __init__(self, root: str | Path, protected: Iterable[str] = ()):
+    def __init__(self, root: str | Path):
         self.root = str(root)
         self.latest: dict[str, dict] = {}  # by input: its last whole record
         self.last_done: dict[str, dict] = {}  # ... its last done whole record
@@ -2174,7 +2184,7 @@ class Ledger:
         self.generation = 0  # the highest read; this run writes the next
         self.lines = 0  # in this run's own log
         self.inputs = 0  # ... and the inputs it describes
-        self.protected = set(protected)  # never deleted nor overwritten: inputs, run logs
+        self.protected: set[str] = set()  # never deleted nor overwritten: inputs, run logs
         self.kept: set[str] = set()  # never deleted: what the tool placed in an input folder (see not_placed)
         self.inputs_inside: str | None = None  # the input folder, where it lies inside the root (see not_placed)
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
@@ -3113,8 +3123,7 @@ def lock_held(path: Path) -> bool:
 def shards_running(config: Config) -> bool:
     """Does another shard of this count hold its lock now (a run of it is under way)?"""
     index, count = config.shard
-    return any(lock_held(config.output_dir / LOCK_NAME.replace(".lock", f"{shard_suffix(other, count)}.lock"))
-               for other in range(count) if other != index)
+    return any(lock_held(folder_lock(config.output_dir, (other, count))) for other in range(count) if other != index)
 
 
 class RunLock:
@@ -3130,7 +3139,7 @@ class RunLock:
             self._take_folder(config)
             # The run log too: a run into another folder may name it with --run_log, and two runs
             # appending to one log, one of them compacting it, would lose lines.
-            log_lock = config.run_log.parent / RUN_LOG_LOCK.format(name=config.run_log.name)
+            log_lock = run_log_lock(config.run_log)
             with contextlib.suppress(OSError):  # if this fails, taking the lock says why
                 log_lock.parent.mkdir(parents=True, exist_ok=True)
             self._take(log_lock, fcntl.LOCK_EX, f"another infer_mp.py run is using the run log "
