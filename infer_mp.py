@@ -2100,11 +2100,11 @@ Moves = tuple[str | None, list[tuple[str, str | None]]]  # a task's (own staging
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
-    """(line number, record) of every line; None for a line that is not an input's record:
-    a run's closing line, a line cut short by a kill -9, a hand edit (its input then counts
-    as not done), or a `skipped` line of an earlier version (it only repeated a done record,
-    at a later time that would hide a change made before it). A batch's `placing` line gives
-    a record per input, all with its line number."""
+    """(line number, record) of every line; a run's closing line as it is; None for a line
+    that is neither: a line cut short by a kill -9, a hand edit (its input then counts as not
+    done), or a `skipped` line of an earlier version (it only repeated a done record, at a
+    later time that would hide a change made before it). A batch's `placing` line gives a
+    record per input, all with its line number."""
     try:
         with open(path, "rb") as handle:
             for number, line in enumerate(handle):
@@ -2118,6 +2118,8 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
                       and type(record.get("placing")) is list):
                     for entry in placing_records(record):
                         yield number, entry if well_formed(entry) else None
+                elif type(record) is dict and type(record.get("run")) is dict and type(record.get("gen", 0)) is int:
+                    yield number, record
                 else:
                     yield number, None
     except FileNotFoundError:
@@ -2150,6 +2152,11 @@ def placing_records(line: dict) -> Iterator[dict]:
 def files_of(record: dict) -> list[str]:
     """The files a record lists (as recorded: relative to the output folder)."""
     return [*(record.get("outputs") or ()), *(record.get("extra_outputs") or ())]
+
+
+def a_failure(record: dict) -> bool:
+    """Does the record say the input, or some of its pages, failed?"""
+    return record.get("status") == FAILED or bool(record.get("failed_pages"))
 
 
 def same_version(done: dict, later: dict) -> bool:
@@ -2197,6 +2204,8 @@ class Ledger:
         self._folders: set[str] = set()  # output folders checked this run (see check_folder, prune)
         self._placing: list[list] = []  # [input, outputs, extras] of a batch's tasks: see prepare
         self.own_index = 0  # this run's log among those read (see read)
+        self.finished: dict[tuple[int, int], int] = {}  # (log, generation) -> line: a run that exited 0 or 1
+        self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
     # -- reading --------------------------------------------------------------------------
 
@@ -2221,6 +2230,9 @@ class Ledger:
         number = -1
         for number, record in read_records(path):
             if record is None:
+                continue
+            if "run" in record:
+                self.note_run(record, index, number)
                 continue
             generation = record.get("gen", 0)
             self.add(record, (generation, "", index, number) if generation else (0, record["time"], index, number))
@@ -2254,6 +2266,23 @@ class Ledger:
                     self.last_done[key] = record
         if self._holders is not None:
             self._index(key)
+
+    def note_run(self, line: dict, index: int, number: int) -> None:
+        """A run's closing line: a run that finished reported the failures it recorded (see
+        reported). One of a version before 2026-12-03, without a generation, vouches for every
+        line before it."""
+        if "gen" not in line:
+            self.legacy[index] = number
+        elif line["run"].get("exit_code") in (ExitCode.OK, ExitCode.INPUTS_FAILED):
+            self.finished[index, line["gen"]] = number
+
+    def reported(self, record: dict) -> bool:
+        """Did the run that recorded this failure report it? One that finished did: with exit 1,
+        or with 0 where the failure stood from an earlier run. One stopped by a signal, killed
+        before its closing line, or stopped by a full disk did not: the next run reports it (see
+        select_work), so that a cron job sees exit 1 for every failure once."""
+        _, _, index, number = record["_order"]
+        return number < self.legacy.get(index, -1) or (index, record.get("gen", 0)) in self.finished
 
     def placed_by(self, key: str) -> set[str]:
         """Every file placed for the input, as recorded; started, the first time the input has
@@ -2563,6 +2592,9 @@ class Ledger:
             for record in [self.latest.get(key), self.last_done.get(key), *self.unfinished_ranges(key)]:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
+                    if a_failure(record):  # and the closing line that says it was reported
+                        wanted.add(self.finished.get((own, record.get("gen", 0)), -1))
+                        wanted.add(legacy if record["_order"][3] < (legacy := self.legacy.get(own, -1)) else -1)
         # The placing lines since a record that may count (see placed_since), and those of a
         # file placed where an input was (see an_input).
         for raw, (order, key) in self.placements.items():
@@ -2670,10 +2702,12 @@ class RunLog:
         relative to the output folder (see Ledger.prepare)."""
         self._append({"time": utc_now(), "gen": generation, "status": PLACING, "placing": entries})
 
-    def write_run(self, counts: dict[str, int], exit_code: int) -> None:
+    def write_run(self, counts: dict[str, int], exit_code: int, generation: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
-        what it counted and how it ended. Resume passes it over: it names no input."""
-        self._append({"time": utc_now(), "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
+        what it counted and how it ended; exit 0 or 1 says its failures were reported (see
+        Ledger.reported). Resume passes it over: it names no input."""
+        self._append({"time": utc_now(), "gen": generation,
+                      "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
         self.flush()
 
     def _append(self, record: dict) -> None:
@@ -2921,13 +2955,14 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         record, done = ledger.latest.get(task.path), ledger.last_done.get(task.path)
         # (The constructor, not dataclasses.replace: five times faster, for 100,000 inputs.)
         task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, source_identity(task.path))
-        failed_before = record is not None and (record.get("status") == FAILED or bool(record.get("failed_pages")))
-        failed_before = failed_before or any(r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
+        news = record is not None and a_failure(record) and not ledger.reported(record)
+        failed_before = (record is not None and a_failure(record)) or any(
+            r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
         if config.overwrite:
             selection.todo.append(task)
             continue
         complete = is_complete(task, record, ledger) or is_complete(task, done, ledger)
-        complete = complete and not (task.paged and record is not None and record.get("retry"))
+        complete = complete and not news and not (task.paged and record is not None and record.get("retry"))
         if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
             selection.complete.append((task, done))                   # counts as done, unless retried)
             continue
@@ -2936,8 +2971,11 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
                 selection.not_selected += 1
                 continue
         elif failed_before and record is not None and not record.get("retry") and unchanged(task, record):
-            selection.standing.append((task, record))
-            continue
+            if not news:
+                selection.standing.append((task, record))
+                continue
+            if not files_of(record):  # reported now: recorded again, by a run that can say so
+                selection.unreadable[task.index] = str(record.get("error") or "failed")
         selection.todo.append(task)
         held = ledger.held(task.path)
         if task.paged and held:
@@ -3023,7 +3061,7 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
                 coverage.weak_standing.discard(page)
                 if page in weak:  # (it stays weak: a later page's run must not make it good)
                     coverage.weak_kept.add(page)
-                    if "range" not in record:
+                    if "range" not in record and ledger.reported(record):
                         coverage.weak_standing.add(page)
                 if type(figure := figures.get(str(page))) is dict:
                     coverage.quality[page] = figure
@@ -3034,7 +3072,7 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
         if not retry_failed:
             for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
                 coverage.failed[page] = failed_reason(record, page)
-                if "range" not in record:
+                if "range" not in record and ledger.reported(record):
                     coverage.standing.add(page)
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
@@ -5864,7 +5902,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
         progress.close()
         stop.close()
     try:
-        work.ledger.log.write_run(report.counts(), int(report.exit_code(stop)))
+        work.ledger.log.write_run(report.counts(), int(report.exit_code(stop)), work.ledger.generation)
     except OutputFailed as error:
         report.output_error = report.output_error or str(error)
     for line in report.summary(stop):

@@ -320,6 +320,57 @@ def test_a_plain_rerun_that_first_records_a_document_as_failed_exits_1(dirs):
     assert not failed_lines(again.stderr, "doc.pdf")
 
 
+@pytest.mark.parametrize("kind, stop", [("image", signal.SIGTERM), ("image", signal.SIGKILL),
+                                        ("document", signal.SIGTERM)])
+def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_next_run(dirs, tmp_path, kind, stop):
+    """The run that recorded the failure ended by a signal (143, or a kill -9): it never exited 1
+    for it, so it is news to the next plain run (exit 1, named; not retried), and only then a
+    failure that stands."""
+    src, out = dirs
+    bad = write(src / "a.png", "RAISE") if kind == "image" else write(src / "a.pdf", pdf_bytes(["RAISE", "good"]))
+    write(src / "z.png", "WAIT")  # still running when the failure is recorded
+    gate = tmp_path / "gate"
+    env = {"FAKE_PIPELINE_WAIT_FILE": str(gate)}
+    process = start_fake(src, out, "--instances_per_device", "2", env=env)
+    wait_for(lambda: any(a_failure(r) for r in all_records(out)))
+    process.signal_group(stop)
+    process.communicate(timeout=60)
+    recorded = [r for r in all_records(out) if r["input"].endswith(bad.name)]
+    gate.touch()
+    run = run_fake(src, out, env=env)
+    assert run.code == 1 and failed_lines(run.stderr, bad.name), run.stderr
+    assert "failed before" not in run.stderr
+    records = [r for r in all_records(out) if r["input"].endswith(bad.name)]
+    assert records[:len(recorded)] == recorded and len(records) == len(recorded) + 1
+    assert records[-1]["device"] is None and records[-1]["outputs"] == recorded[-1]["outputs"]  # not tried again
+    again = run_fake(src, out, env=env)
+    assert again.code == 0 and "1 failed before" in again.stderr and not failed_lines(again.stderr, bad.name)
+    assert_invariant(src, out)
+
+
+def a_failure(record: dict) -> bool:
+    return record.get("status") == "failed" or bool(record.get("failed_pages"))
+
+
+@pytest.mark.parametrize("compacted", [False, True])
+def test_failures_in_a_run_log_of_a_version_without_generations_on_its_run_lines_stand(dirs, compacted):
+    """Closing lines of earlier versions have no generation: every failure before them counts as
+    reported, as it did then, compacted or not."""
+    src, out = dirs
+    make_inputs(src, 3)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    log = out / LOG
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [{key: value for key, value in line.items() if key != "gen" or "run" not in line} for line in lines]
+    padding = [{**r, "time": "2000-01-01T00:00:00+00:00"} for r in lines if "input" in r] * 300 if compacted else []
+    log.write_text("".join(json.dumps(line) + "\n" for line in padding + lines))
+    for _ in range(2):  # (the second after the compaction)
+        run = run_fake(src, out)
+        assert run.code == 0 and "1 failed before" in run.stderr, run.stderr
+    assert len(log.read_text().splitlines()) < len(padding) or not compacted
+
+
 # -- 8. the input folder reached through a link --------------------------------------------------
 
 

@@ -108,6 +108,8 @@ def test_a_mostly_superseded_run_log_is_compacted(dirs):
     assert {json.loads(line)["input"] for line in lines if "input" in line} == {r["input"] for r in inputs}
     assert not [p for p in out.iterdir() if p.name.endswith(".compact")]
     assert_invariant(src, out)
+    again = run_fake(src, out)  # the failure stands after the compaction too: its run said it (exit 1)
+    assert again.code == 0 and "1 failed before" in again.stderr, again.stderr
 
 
 def test_a_changed_input_is_done_again(dirs):
