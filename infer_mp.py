@@ -648,6 +648,15 @@ def retry_label(config: Config) -> str:
     return " ".join([config.pipeline, *(f"{key}={value}" for key, value in options.items())])
 
 
+def options_tag(config: Config) -> str:
+    """A short digest of what makes an input's text: the pipeline and its options, whatever
+    their order on the command line. Each record has it, so that a rerun with others says so
+    (see select_work) instead of skipping what is done without a word."""
+    described = json.dumps([config.pipeline, config.pipeline_kwargs, config.predict_kwargs], sort_keys=True,
+                           default=str)
+    return f"{zlib.crc32(described.encode('utf-8', 'surrogateescape')):08x}"
+
+
 def checked_run_log(spelled: Path, output_dir: Path) -> Path:
     """The run log's real path: a link is followed once, so that its lock, its compaction and
     every run see the one file. Refused where it is, or is named like, infer_mp.py's own files
@@ -2204,6 +2213,7 @@ class Ledger:
         self._folders: set[str] = set()  # output folders checked this run (see check_folder, prune)
         self._placing: list[list] = []  # [input, outputs, extras] of a batch's tasks: see prepare
         self.own_index = 0  # this run's log among those read (see read)
+        self.options = ""  # this run's pipeline and options, as each of its records says (see options_tag)
         self.finished: dict[tuple[int, int], int] = {}  # (log, generation) -> line: a run that exited 0 or 1
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
@@ -2215,6 +2225,7 @@ class Ledger:
         (With the garbage collector paused: a million records are a million new dicts, and
         its passes over them cost more than reading them.)"""
         ledger = cls(config.output_dir)  # (the run log is a real path: see checked_run_log)
+        ledger.options = options_tag(config)
         others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
         paths = [*others, config.run_log]
         ledger.protected.update(map(str, paths))
@@ -2527,7 +2538,7 @@ class Ledger:
         """An input's record (see RunLog.write), taken into the ledger; a whole record then
         retires what the input no longer holds. (After the record: a kill in between leaves
         a done input with its files, and the next run's reconcile retires them.)"""
-        record = self.log.write(task, status, generation=self.generation, **fields)
+        record = self.log.write(task, status, generation=self.generation, options=self.options, **fields)
         self.add(record, (self.generation, "", math.inf, next(self._written)))
         if task.pages is None:
             self.retire(task.path)
@@ -2650,7 +2661,7 @@ class RunLog:
         except OSError as error:
             raise cannot_write(f"the run log {str(path)!r}", error) from None
 
-    def write(self, task: Task, status: str, *, generation: int = 0, outputs: Iterable[str] = (),
+    def write(self, task: Task, status: str, *, generation: int = 0, options: str = "", outputs: Iterable[str] = (),
               extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
               error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool | list[int] = False,
               quality: dict | None = None, weak: dict[int, str] | None = None) -> dict:
@@ -2675,6 +2686,8 @@ class RunLog:
         }
         # None for a file that was not there: whatever is there next is a change.
         record["size"], record["mtime_ns"] = task.source or (None, None)
+        if options:
+            record["options"] = options
         if task.page_count is not None:
             record["page_count"] = task.page_count
         if task.pages is not None:
@@ -2943,6 +2956,7 @@ class WorkSelection:
     coverage: dict[int, Coverage] = field(default_factory=dict)  # by task index: documents begun earlier
     unreadable: dict[int, str] = field(default_factory=dict)  # by task index: why it cannot be done (read_documents)
     weak: dict[tuple[str, int | None], Reading] = field(default_factory=dict)  # (input, page): redone weak pages
+    other_options: int = 0  # skipped, done or failed with another pipeline or options (see options_tag)
 
 
 def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelection:
@@ -2965,6 +2979,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         complete = complete and not news and not (task.paged and record is not None and record.get("retry"))
         if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
             selection.complete.append((task, done))                   # counts as done, unless retried)
+            selection.other_options += done.get("options", ledger.options) != ledger.options
             continue
         if config.retry_failed:
             if not failed_before:
@@ -2973,6 +2988,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         elif failed_before and record is not None and not record.get("retry") and unchanged(task, record):
             if not news:
                 selection.standing.append((task, record))
+                selection.other_options += record.get("options", ledger.options) != ledger.options
                 continue
             if not files_of(record):  # reported now: recorded again, by a run that can say so
                 selection.unreadable[task.index] = str(record.get("error") or "failed")
@@ -5784,11 +5800,21 @@ def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
             say("note: another infer_mp.py run is using --output_dir now: a run started now would exit 75 "
                 "(wait for it to finish)")
         read_documents(work)
+        say_other_options(work)
         print_plan(config, pipeline, plan, len(selection.paths), work, selection.ignored, cluster)
         return ExitCode.OK
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def say_other_options(work: WorkSelection) -> None:
+    """A rerun with another --pipeline or other options skips what earlier runs did, as any
+    rerun does: said, so that nobody takes their text for this pipeline's."""
+    if work.other_options:
+        say(f"note: {work.other_options} input(s) skipped were done, or failed, by a run with another --pipeline "
+            "or other pipeline options; they are kept (--overwrite redoes every input, --retry_failed the failed "
+            "ones)")
 
 
 def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], planned: int,
@@ -5868,6 +5894,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
     say(f"{len(work.todo)} input(s) to do{shard}, {len(work.complete)} already done; {pages} page(s)"
         + (f" ({ranges} page ranges of documents)" if ranges else "") + f"{workers} -> {config.output_dir}"
         + (f"; on the {cluster.describe()}" if cluster else ""))
+    say_other_options(work)
     stop = Stopper()
     stop.install()
     progress = Progress(pages, len(work.todo), config.progress_interval)

@@ -761,3 +761,21 @@ def test_a_run_log_named_from_another_folder_is_locked(dirs, tmp_path):
     with hold(out / ".infer_mp.runlog.jsonl.log.lock", fcntl.LOCK_EX):  # a run into `out` is going on
         run = run_fake(src, tmp_path / "out2", "--run_log", str(out / "infer_mp.runlog.jsonl"))
         assert run.code == 75 and "run log" in run.stderr
+
+
+def test_a_rerun_with_another_pipeline_or_options_says_what_it_skips(dirs):
+    """A rerun into a finished folder with another --pipeline_arg skips what is done, as any
+    rerun does; it said nothing, and a user took the old text for the new options'."""
+    src, out = dirs
+    make_inputs(src, 2)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out, "--pipeline_arg", "score_shift=0", "--pipeline_arg", "delay=0").code == 1
+    same = run_fake(src, out, "--pipeline_arg", "delay=0", "--pipeline_arg", "score_shift=0")  # (another order)
+    assert same.code == 0 and "note:" not in same.stderr, same.stderr
+    for extra in ((), ("--dry_run",)):
+        other = run_fake(src, out, "--pipeline_arg", "score_shift=0.1", *extra)
+        assert other.code == 0 and "note: 3 input(s) skipped were done, or failed, by a run with" in other.stderr
+        assert "--overwrite redoes every input, --retry_failed the failed ones" in other.stderr, other.stderr
+    redone = run_fake(src, out, "--pipeline_arg", "score_shift=0.1", "--overwrite")
+    assert redone.code == 1 and "note:" not in redone.stderr
+    assert "note:" not in run_fake(src, out, "--pipeline_arg", "score_shift=0.1").stderr
