@@ -5298,6 +5298,8 @@ class Report:
     weak_readings: dict[tuple[str, int | None], Reading] = field(default_factory=dict)  # --retry_failed: to beat
     retry_by: str = ""  # --retry_failed: this pass's pipeline and options, said in its pages' figures
     kept: dict[int, dict[int | None, tuple[str, bool]]] = field(default_factory=dict)  # see keep_earlier
+    failure_kinds: dict[str, str] = field(default_factory=dict)  # see note_failure
+    failures_noted: int = 0
 
     def gated(self, quality: dict) -> dict:
         """The pages (keys of `quality`) that --min_page_score finds weak, and why."""
@@ -5450,6 +5452,16 @@ class Report:
         self.ledger.write(task, FAILED, device=spec and spec.device, attempts=attempts, error=error, retry=retry)
         self.ledger.log.flush()
         self.failed += 1
+        self.note_failure(task, [error])
+
+    def note_failure(self, task: Task, errors: list[str]) -> None:
+        """Its errors, less the input's name and numbers: where every input of a run failed the
+        same way, the pipeline or an option is more likely at fault than the inputs (see summary)."""
+        self.failures_noted += 1
+        for error in errors:
+            if len(self.failure_kinds) < 2:
+                kind = re.sub(r"\d+", "#", error.replace(task.path, "").replace(os.path.basename(task.path), ""))
+                self.failure_kinds.setdefault(kind, f"{task.path}: {error}")
 
     def pages_done(self, event: TaskDone, outputs: list[str], extras: list[str]) -> None:
         """Some pages of a document, done (and perhaps some failed): a record for a range."""
@@ -5536,6 +5548,7 @@ class Report:
             self.done += 1
         elif first_time or weak.keys() - document.standing:
             self.failed += 1
+            self.note_failure(task, list(failed.values()) + ([f"weak: {why}" for why in weak.values()]))
         else:  # only pages that failed in an earlier finished run, not retried: a standing failure
             self.standing += 1
             self.total -= 1
@@ -5600,6 +5613,11 @@ class Report:
         if self.standing:
             lines.append(f"{self.standing} input(s) failed in an earlier run and have not changed since: not retried "
                          "(a changed file is); --retry_failed retries them")
+        if self.failed > 1 and not self.done and self.failures_noted == self.failed and len(self.failure_kinds) == 1:
+            lines.append(f"all {self.failed} failed inputs failed the same way (such as "
+                         f"{next(iter(self.failure_kinds.values()))}): if the pipeline or an option is at "
+                         "fault, not the inputs, fix it and rerun with --retry_failed (a plain rerun does not retry "
+                         "an unchanged file that failed)")
         if self.failed or self.failed_pages:
             lines.append(f"failed inputs are in the run log {str(self.ledger.log.path)!r} "
                          '(lines with "status": "failed"; a document\'s failed pages in "failed_pages"); '

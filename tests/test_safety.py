@@ -779,3 +779,18 @@ def test_a_rerun_with_another_pipeline_or_options_says_what_it_skips(dirs):
     redone = run_fake(src, out, "--pipeline_arg", "score_shift=0.1", "--overwrite")
     assert redone.code == 1 and "note:" not in redone.stderr
     assert "note:" not in run_fake(src, out, "--pipeline_arg", "score_shift=0.1").stderr
+
+
+@pytest.mark.parametrize("good, kind", [(0, "image"), (1, "image"), (0, "document")])
+def test_every_input_failing_the_same_way_is_said_to_look_like_the_pipelines_fault(dirs, good, kind):
+    """A wrong option fails every input with one error, each recorded as that input's failure,
+    which a plain rerun does not retry: the summary says so, and what to do, when all failed
+    alike (not when some input was done)."""
+    src, out = dirs
+    for name in ("a", "b10", "c"):  # ("cannot decode input a.png", "... b10.png", ...)
+        write(src / f"{name}.png", "RAISE") if kind == "image" else write(src / f"{name}.pdf", pdf_bytes(["RAISE"] * 2))
+    make_inputs(src, good)
+    run = run_fake(src, out)
+    hint = "all 3 failed inputs failed the same way (such as "
+    assert run.code == 1 and (hint in run.stderr) == (not good), run.stderr
+    assert "fix it and rerun with --retry_failed" in run.stderr or good
