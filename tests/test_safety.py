@@ -770,7 +770,9 @@ def test_a_rerun_with_another_pipeline_or_options_says_what_it_skips(dirs):
     make_inputs(src, 2)
     write(src / "bad.png", "RAISE")
     assert run_fake(src, out, "--pipeline_arg", "score_shift=0", "--pipeline_arg", "delay=0").code == 1
-    same = run_fake(src, out, "--pipeline_arg", "delay=0", "--pipeline_arg", "score_shift=0")  # (another order)
+    spelled = os.path.relpath(FAKE, src.parent)  # the same file, spelled from another folder; another order
+    same = run_cli("--pipeline", spelled, "--input_dir", "in", "--device", "cpu", "--output_dir", "out",
+                   "--pipeline_arg", "delay=0", "--pipeline_arg", "score_shift=0", cwd=src.parent)
     assert same.code == 0 and "note:" not in same.stderr, same.stderr
     for extra in ((), ("--dry_run",)):
         other = run_fake(src, out, "--pipeline_arg", "score_shift=0.1", *extra)
