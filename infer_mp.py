@@ -2244,7 +2244,7 @@ class Ledger:
         for number, record in read_records(path):
             if record is None:
                 continue
-            if "run" in record:
+            if "input" not in record:  # (see read_records)
                 self.note_run(record, index, number)
                 continue
             generation = record.get("gen", 0)
@@ -2283,10 +2283,13 @@ class Ledger:
     def note_run(self, line: dict, index: int, number: int) -> None:
         """A run's closing line: a run that finished reported the failures it recorded (see
         reported). One of a version before 2026-12-03, without a generation, vouches for every
-        line before it."""
+        line before it. (Its generation counts as the records' do: a run that wrote nothing else
+        has one of its own.)"""
         if "gen" not in line:
             self.legacy[index] = number
-        elif line["run"].get("exit_code") in (ExitCode.OK, ExitCode.INPUTS_FAILED):
+            return
+        self.generation = max(self.generation, line["gen"])
+        if line["run"].get("exit_code") in (ExitCode.OK, ExitCode.INPUTS_FAILED):
             self.finished[index, line["gen"]] = number
 
     def reported(self, record: dict) -> bool:
@@ -2541,6 +2544,8 @@ class Ledger:
         retires what the input no longer holds. (After the record: a kill in between leaves
         a done input with its files, and the next run's reconcile retires them.)"""
         record = self.log.write(task, status, generation=self.generation, options=self.options, **fields)
+        if a_failure(record):  # in the file at once: a kill must not take a failure already said
+            self.log.flush()
         self.add(record, (self.generation, "", math.inf, next(self._written)))
         if task.pages is None:
             self.retire(task.path)
@@ -2957,6 +2962,7 @@ class WorkSelection:
     ledger: Ledger | None = None
     coverage: dict[int, Coverage] = field(default_factory=dict)  # by task index: documents begun earlier
     unreadable: dict[int, str] = field(default_factory=dict)  # by task index: why it cannot be done (read_documents)
+    again: dict[int, dict] = field(default_factory=dict)  # by task index: a failure to report again (see reported)
     weak: dict[tuple[str, int | None], Reading] = field(default_factory=dict)  # (input, page): redone weak pages
     other_options: int = 0  # skipped, done or failed with another pipeline or options (see options_tag)
 
@@ -2992,8 +2998,8 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
                 selection.standing.append((task, record))
                 selection.other_options += record.get("options", ledger.options) != ledger.options
                 continue
-            if not files_of(record):  # reported now: recorded again, by a run that can say so
-                selection.unreadable[task.index] = str(record.get("error") or "failed")
+            if not (task.paged and record.get("failed_pages")):  # (a document's: see page_coverage)
+                selection.again[task.index] = record
         selection.todo.append(task)
         held = ledger.held(task.path)
         if task.paged and held:
@@ -5452,8 +5458,20 @@ class Report:
         self.failed_pages += 1
         self.progress.say(f"FAILED {task.path}: {error}")
         self.ledger.write(task, FAILED, device=spec and spec.device, attempts=attempts, error=error, retry=retry)
-        self.ledger.log.flush()
         self.failed += 1
+        self.note_failure(task, [error])
+
+    def report_again(self, task: Task, record: dict) -> None:
+        """A failure that a run stopped before it ended recorded (see Ledger.reported): said,
+        counted and recorded again as it was, without a worker; a weak image keeps its text."""
+        root, error = self.ledger.root, str(record.get("error") or "failed")
+        weak = {None: error.removeprefix("weak page: ")} if record.get("weak") else None
+        self.progress.say(f"FAILED {task.path}: {error}")
+        self.ledger.write(task, FAILED, outputs=[os.path.join(root, rel) for rel in record.get("outputs") or ()],
+                          extras=[os.path.join(root, rel) for rel in record.get("extra_outputs") or ()],
+                          error=None if weak else error, quality=record.get("quality"), weak=weak)
+        self.failed += 1
+        self.failed_pages += 1
         self.note_failure(task, [error])
 
     def note_failure(self, task: Task, errors: list[str]) -> None:
@@ -5715,7 +5733,7 @@ def say_unlisted(selection: InputSelection) -> None:
 def needs_worker(task: Task, work: WorkSelection) -> bool:
     """Has this input to do anything a worker must do (it is readable, and if a document,
     has pages left that an earlier run did not finish)?"""
-    if task.index in work.unreadable:
+    if task.index in work.unreadable or task.index in work.again:
         return False
     return not task.page_count or bool(pages_to_do(task, work.coverage.get(task.index)))
 
@@ -5864,6 +5882,8 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         name = os.path.relpath(task.output_path("{page}" if task.paged else None), config.output_dir)
         if task.index in work.unreadable:
             name = f"fails: {work.unreadable[task.index]}"
+        elif task.index in work.again:
+            name = f"reported again (failed in a run that was stopped): {work.again[task.index].get('error')}"
         elif task.page_count:
             left = len(pages_to_do(task, work.coverage.get(task.index)))
             name += f" ({task.page_count} pages" + (f", {left} left to do)" if left < task.page_count else ")")
@@ -5904,7 +5924,7 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], task
 
 def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,
                     ignored: int, warm: WarmPool | None, cluster: RayCluster | None) -> ExitCode:
-    readable = [task for task in work.todo if task.index not in work.unreadable]
+    readable = [task for task in work.todo if task.index not in work.unreadable and task.index not in work.again]
     todo = split_documents([task for task in readable if needs_worker(task, work)], work.coverage, len(plan),
                            config.pages_per_task, 1 + max((task.index for task in work.todo), default=0))
     pages = sum(task.weight for task in todo) + len(work.unreadable)
@@ -5926,6 +5946,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
         for task in work.todo:
             if task.index in work.unreadable:  # (a file there that cannot be read: the file's fault)
                 report.handle(TaskFailed(task, None, work.unreadable[task.index]))
+            elif task.index in work.again:
+                report.report_again(task, work.again[task.index])
         for task in readable:
             if task.page_count:
                 coverage = work.coverage.get(task.index) or Coverage()

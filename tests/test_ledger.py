@@ -320,32 +320,72 @@ def test_a_plain_rerun_that_first_records_a_document_as_failed_exits_1(dirs):
     assert not failed_lines(again.stderr, "doc.pdf")
 
 
-@pytest.mark.parametrize("kind, stop", [("image", signal.SIGTERM), ("image", signal.SIGKILL),
-                                        ("document", signal.SIGTERM)])
-def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_next_run(dirs, tmp_path, kind, stop):
+STOPPED_FAILURES = {  # an input that fails, and the options it fails under
+    "image": ("a.png", "RAISE", ()),
+    "document": ("a.pdf", pdf_bytes(["RAISE", "good"]), ()),
+    "weak image": ("a.png", "SCORES:0.2", ("--min_page_score", "0.5")),  # (failed, its text kept)
+}
+
+
+@pytest.mark.parametrize("kind, stop, no_op_first", [
+    ("image", signal.SIGTERM, False), ("image", signal.SIGKILL, False), ("document", signal.SIGTERM, False),
+    ("weak image", signal.SIGTERM, False), ("image", signal.SIGTERM, True)])
+def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_next_run(dirs, tmp_path, kind, stop,
+                                                                                        no_op_first):
     """The run that recorded the failure ended by a signal (143, or a kill -9): it never exited 1
-    for it, so it is news to the next plain run (exit 1, named; not retried), and only then a
-    failure that stands."""
+    for it, so it is news to the next plain run (exit 1, named; not tried again, a weak image's
+    text kept), and only then a failure that stands. (A no-op run before it, which writes only
+    its closing line, has a generation of its own: its exit 0 says nothing of a later run's.)"""
     src, out = dirs
-    bad = write(src / "a.png", "RAISE") if kind == "image" else write(src / "a.pdf", pdf_bytes(["RAISE", "good"]))
+    name, content, extra = STOPPED_FAILURES[kind]
+    if no_op_first:
+        write(src / "fine.png", "fine")
+        assert run_fake(src, out).code == 0 and run_fake(src, out).code == 0
+    bad = write(src / name, content)
     write(src / "z.png", "WAIT")  # still running when the failure is recorded
     gate = tmp_path / "gate"
     env = {"FAKE_PIPELINE_WAIT_FILE": str(gate)}
-    process = start_fake(src, out, "--instances_per_device", "2", env=env)
+    process = start_fake(src, out, "--instances_per_device", "2", *extra, env=env)
     wait_for(lambda: any(a_failure(r) for r in all_records(out)))
     process.signal_group(stop)
     process.communicate(timeout=60)
     recorded = [r for r in all_records(out) if r["input"].endswith(bad.name)]
     gate.touch()
-    run = run_fake(src, out, env=env)
+    run = run_fake(src, out, *extra, env=env)
     assert run.code == 1 and failed_lines(run.stderr, bad.name), run.stderr
     assert "failed before" not in run.stderr
     records = [r for r in all_records(out) if r["input"].endswith(bad.name)]
     assert records[:len(recorded)] == recorded and len(records) == len(recorded) + 1
     assert records[-1]["device"] is None and records[-1]["outputs"] == recorded[-1]["outputs"]  # not tried again
-    again = run_fake(src, out, env=env)
+    again = run_fake(src, out, *extra, env=env)
     assert again.code == 0 and "1 failed before" in again.stderr and not failed_lines(again.stderr, bad.name)
     assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("kind", ["document", "weak image"])
+def test_a_failure_reaches_the_run_log_when_it_is_said(dirs, tmp_path, kind):
+    """A document's failed pages, or a weak image, were said (FAILED) and then stayed in the log's
+    buffer while other inputs ran: a kill -9 lost them, and the next run read the input again."""
+    src, out = dirs
+    name, content, extra = STOPPED_FAILURES[kind]
+    bad = write(src / name, content)
+    write(src / "z.png", "WAIT")
+    process = start_fake(src, out, "--instances_per_device", "2", *extra,
+                         env={"FAKE_PIPELINE_WAIT_FILE": str(tmp_path / "gate")})
+    process.wait_for_stderr(f"FAILED {bad}")
+    wait_for(lambda: any(a_failure(r) and "range" not in r for r in all_records(out)), timeout=10)
+
+
+@pytest.mark.parametrize("value", ["by hand", None, 3, {}])
+def test_an_input_record_with_a_run_field_added_by_hand_is_still_its_record(dirs, value):
+    src, out = dirs
+    write(src / "a.png", "fine")
+    assert run_fake(src, out).code == 0
+    log = out / LOG
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**line, "run": value} if "input" in line else line) + "\n" for line in lines))
+    run = run_fake(src, out)
+    assert run.code == 0 and "0 input(s) to do, 1 already done" in run.stderr, run.stderr
 
 
 def a_failure(record: dict) -> bool:
