@@ -653,8 +653,8 @@ def options_tag(config: Config) -> str:
     their order on the command line and however their files are spelled. Each record has it,
     so that a rerun with others says so (see select_work) instead of skipping what is done
     without a word."""
-    module, _, name = config.pipeline.rpartition(":")
-    pipeline = f"{os.path.realpath(module)}:{name}" if module.endswith(".py") or "/" in module else config.pipeline
+    module, _, name = config.pipeline.rpartition(":")  # (PaddleOCR is paddleocr:PaddleOCR; see resolve_pipeline)
+    pipeline = f"{os.path.abspath(module) if module.endswith('.py') or '/' in module else module or 'paddleocr'}:{name}"
     described = json.dumps([pipeline, config.pipeline_kwargs, config.predict_kwargs], sort_keys=True, default=str)
     return f"{zlib.crc32(described.encode('utf-8', 'surrogateescape')):08x}"
 
@@ -2129,7 +2129,8 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
                       and type(record.get("placing")) is list):
                     for entry in placing_records(record):
                         yield number, entry if well_formed(entry) else None
-                elif type(record) is dict and type(record.get("run")) is dict and type(record.get("gen", 0)) is int:
+                elif (type(record) is dict and type(record.get("run")) is dict and "input" not in record
+                      and type(record.get("gen", 0)) is int):
                     yield number, record
                 else:
                     yield number, None
@@ -2543,7 +2544,7 @@ class Ledger:
         """An input's record (see RunLog.write), taken into the ledger; a whole record then
         retires what the input no longer holds. (After the record: a kill in between leaves
         a done input with its files, and the next run's reconcile retires them.)"""
-        record = self.log.write(task, status, generation=self.generation, options=self.options, **fields)
+        record = self.log.write(task, status, generation=self.generation, **{"options": self.options, **fields})
         if a_failure(record):  # in the file at once: a kill must not take a failure already said
             self.log.flush()
         self.add(record, (self.generation, "", math.inf, next(self._written)))
@@ -2993,12 +2994,13 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
             if not failed_before:
                 selection.not_selected += 1
                 continue
-        elif failed_before and record is not None and not record.get("retry") and unchanged(task, record):
+        elif (failed_before and record is not None and not record.get("retry") and unchanged(task, record)
+              and all(os.path.isfile(os.path.join(root, rel)) for rel in record.get("outputs") or ())):
             if not news:
                 selection.standing.append((task, record))
                 selection.other_options += record.get("options", ledger.options) != ledger.options
                 continue
-            if not (task.paged and record.get("failed_pages")):  # (a document's: see page_coverage)
+            if not (task.paged and (record.get("failed_pages") or record.get("weak_pages"))):  # (see page_coverage)
                 selection.again[task.index] = record
         selection.todo.append(task)
         held = ledger.held(task.path)
@@ -5466,13 +5468,17 @@ class Report:
         counted and recorded again as it was, without a worker; a weak image keeps its text."""
         root, error = self.ledger.root, str(record.get("error") or "failed")
         weak = {None: error.removeprefix("weak page: ")} if record.get("weak") else None
-        self.progress.say(f"FAILED {task.path}: {error}")
-        self.ledger.write(task, FAILED, outputs=[os.path.join(root, rel) for rel in record.get("outputs") or ()],
-                          extras=[os.path.join(root, rel) for rel in record.get("extra_outputs") or ()],
-                          error=None if weak else error, quality=record.get("quality"), weak=weak)
+        outputs = [os.path.join(root, rel) for rel in record.get("outputs") or ()]
+        kept = f" (its text is kept in {outputs[0]!r}: --retry_failed redoes it)" if weak and outputs else ""
+        self.progress.say(f"FAILED {task.path}: {error}{kept}")
+        self.ledger.write(task, FAILED, outputs=outputs, extras=[os.path.join(root, rel) for rel in
+                                                                 record.get("extra_outputs") or ()],
+                          error=None if weak else error, quality=record.get("quality"), weak=weak,
+                          options=record.get("options", ""))
         self.failed += 1
         self.failed_pages += 1
-        self.note_failure(task, [error])
+        if not weak:  # (as a weak image read in this run: see summary)
+            self.note_failure(task, [error])
 
     def note_failure(self, task: Task, errors: list[str]) -> None:
         """Its errors, less the input's name and numbers: where every input of a run failed the

@@ -324,12 +324,13 @@ STOPPED_FAILURES = {  # an input that fails, and the options it fails under
     "image": ("a.png", "RAISE", ()),
     "document": ("a.pdf", pdf_bytes(["RAISE", "good"]), ()),
     "weak image": ("a.png", "SCORES:0.2", ("--min_page_score", "0.5")),  # (failed, its text kept)
+    "weak document": ("a.pdf", pdf_bytes(["page 0 SCORES:0.9", "page 1 SCORES:0.2"]), ("--min_page_score", "0.5")),
 }
 
 
 @pytest.mark.parametrize("kind, stop, no_op_first", [
     ("image", signal.SIGTERM, False), ("image", signal.SIGKILL, False), ("document", signal.SIGTERM, False),
-    ("weak image", signal.SIGTERM, False), ("image", signal.SIGTERM, True)])
+    ("weak image", signal.SIGTERM, False), ("weak document", signal.SIGKILL, False), ("image", signal.SIGTERM, True)])
 def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_next_run(dirs, tmp_path, kind, stop,
                                                                                         no_op_first):
     """The run that recorded the failure ended by a signal (143, or a kill -9): it never exited 1
@@ -357,6 +358,8 @@ def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_ne
     records = [r for r in all_records(out) if r["input"].endswith(bad.name)]
     assert records[:len(recorded)] == recorded and len(records) == len(recorded) + 1
     assert records[-1]["device"] is None and records[-1]["outputs"] == recorded[-1]["outputs"]  # not tried again
+    for field in ("failed_pages", "weak_pages", "weak", "options"):  # recorded again as it was
+        assert records[-1].get(field) == recorded[-1].get(field), field
     again = run_fake(src, out, *extra, env=env)
     assert again.code == 0 and "1 failed before" in again.stderr and not failed_lines(again.stderr, bad.name)
     assert_invariant(src, out)
@@ -374,6 +377,18 @@ def test_a_failure_reaches_the_run_log_when_it_is_said(dirs, tmp_path, kind):
                          env={"FAKE_PIPELINE_WAIT_FILE": str(tmp_path / "gate")})
     process.wait_for_stderr(f"FAILED {bad}")
     wait_for(lambda: any(a_failure(r) and "range" not in r for r in all_records(out)), timeout=10)
+
+
+def test_a_run_line_with_an_input_field_added_by_hand_is_passed_over(dirs):
+    src, out = dirs
+    write(src / "a.png", "fine")
+    assert run_fake(src, out).code == 0
+    log = out / LOG
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**line, "input": "see ticket 12"} if "run" in line else line) + "\n"
+                           for line in lines))
+    run = run_fake(src, out)
+    assert run.code == 0 and "0 input(s) to do, 1 already done" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("value", ["by hand", None, 3, {}])
@@ -1167,3 +1182,19 @@ def test_a_picture_placed_where_a_scan_that_is_gone_was_is_not_taken_for_that_sc
     changed = run_cli(*args)
     assert changed.code == 0 and "1 done" in changed.stderr, changed.stderr
     assert texts(out)["scans/a.json"] == "scan a v2"
+
+
+@pytest.mark.parametrize("kind", ["weak image", "document"])
+def test_a_failure_whose_kept_text_was_deleted_by_hand_is_redone(dirs, kind):
+    """A weak image's text, or a failed document's good page, deleted by hand: the failure stood,
+    and the file was never made again (an output deleted by hand is redone, as for a done input)."""
+    src, out = dirs
+    name, content, extra = STOPPED_FAILURES[kind]
+    write(src / name, content)
+    assert run_fake(src, out, *extra).code == 1
+    kept = out / ("a.json" if kind == "weak image" else "a_1.json")
+    kept.unlink()
+    run = run_fake(src, out, *extra)
+    assert kept.is_file() and "1 page(s)" in run.stderr.splitlines()[0], run.stderr
+    assert run.code == (1 if kind == "weak image" else 0), run.stderr  # (a weak image is weak again: news)
+    assert_invariant(src, out)

@@ -22,6 +22,7 @@ from conftest import (
     assert_invariant,
     fake_args,
     latest_records,
+    make_config,
     make_inputs,
     outputs,
     page_files,
@@ -796,3 +797,30 @@ def test_every_input_failing_the_same_way_is_said_to_look_like_the_pipelines_fau
     hint = "all 3 failed inputs failed the same way (such as "
     assert run.code == 1 and (hint in run.stderr) == (not good), run.stderr
     assert "fix it and rerun with --retry_failed" in run.stderr or good
+
+
+def test_the_options_digest_takes_the_pipeline_however_it_is_spelled():
+    tag = infer_mp.options_tag
+    assert tag(make_config(pipeline="PaddleOCR")) == tag(make_config(pipeline="paddleocr:PaddleOCR"))
+    assert tag(make_config(pipeline="PaddleOCR")) != tag(make_config(pipeline="PPStructureV3"))
+
+
+def test_a_failure_reported_again_by_a_run_with_other_options_keeps_its_own(dirs, tmp_path):
+    """Failed under options A in a run that was stopped, reported again by a run with B: it
+    failed under A, and a later run with A does not count it as another pipeline's."""
+    src, out = dirs
+    write(src / "a.png", "RAISE")
+    write(src / "z.png", "WAIT")
+    gate = tmp_path / "gate"
+    env = {"FAKE_PIPELINE_WAIT_FILE": str(gate)}
+    first = ("--pipeline_arg", "raise_on=NOTHING")
+    process = start_fake(src, out, *first, env=env)
+    wait_for(lambda: (out / "infer_mp.runlog.jsonl").exists() and any(r.get("status") == "failed"
+                                                                      for r in run_log(out)))
+    process.signal_group(signal.SIGKILL)
+    process.communicate(timeout=60)
+    gate.touch()
+    assert run_fake(src, out, "--pipeline_arg", "score_shift=0.1", env=env).code == 1
+    back = run_fake(src, out, *first, env=env)
+    assert back.code == 0 and "note: 1 input(s) skipped" in back.stderr, back.stderr  # z.png's, not a.png's
+    assert_invariant(src, out)
