@@ -656,8 +656,10 @@ def run_log_benchmark(args: argparse.Namespace, work: Path) -> None:
     for name, lines in rows:
         runs = [Contender(script.name, script.script) for script in scripts]
         after = {}
-        for _ in range(args.rounds):
-            for run in runs:  # interleaved: baseline, new, baseline, new, ...
+        for round_index in range(args.rounds):
+            # Interleaved, the order turned each round (baseline, new; new, baseline; ...): the
+            # second of a pair runs after the first one's million-record process (memory, caches).
+            for run in runs if round_index % 2 == 0 else runs[::-1]:
                 run.seconds.append(log_start_up(run.script, log, lines, inputs, out, count))
                 after[run.name] = sum(1 for _ in open(log, "rb"))
         for run in runs:
