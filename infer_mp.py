@@ -650,11 +650,12 @@ def retry_label(config: Config) -> str:
 
 def options_tag(config: Config) -> str:
     """A short digest of what makes an input's text: the pipeline and its options, whatever
-    their order on the command line and however their files are spelled. Each record has it,
-    so that a rerun with others says so (see select_work) instead of skipping what is done
-    without a word."""
+    their order on the command line and however its file is spelled (by its real path). Each
+    record has it, so that a rerun with others says so (see select_work) instead of skipping
+    what is done without a word."""
     module, _, name = config.pipeline.rpartition(":")  # (PaddleOCR is paddleocr:PaddleOCR; see resolve_pipeline)
-    pipeline = f"{os.path.abspath(module) if module.endswith('.py') or '/' in module else module or 'paddleocr'}:{name}"
+    module = os.path.realpath(module) if module.endswith(".py") or "/" in module else module or "paddleocr"
+    pipeline = f"{module}:{name}"
     described = json.dumps([pipeline, config.pipeline_kwargs, config.predict_kwargs], sort_keys=True, default=str)
     return f"{zlib.crc32(described.encode('utf-8', 'surrogateescape')):08x}"
 

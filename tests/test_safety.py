@@ -799,10 +799,13 @@ def test_every_input_failing_the_same_way_is_said_to_look_like_the_pipelines_fau
     assert "fix it and rerun with --retry_failed" in run.stderr or good
 
 
-def test_the_options_digest_takes_the_pipeline_however_it_is_spelled():
+def test_the_options_digest_takes_the_pipeline_however_it_is_spelled(tmp_path):
     tag = infer_mp.options_tag
     assert tag(make_config(pipeline="PaddleOCR")) == tag(make_config(pipeline="paddleocr:PaddleOCR"))
     assert tag(make_config(pipeline="PaddleOCR")) != tag(make_config(pipeline="PPStructureV3"))
+    (tmp_path / "link").symlink_to(Path(FAKE.rpartition(":")[0]).parent)
+    linked = f"{tmp_path}/link/fake_pipeline.py:FakePipeline"
+    assert tag(make_config(pipeline=FAKE)) == tag(make_config(pipeline=linked))
 
 
 def test_a_failure_reported_again_by_a_run_with_other_options_keeps_its_own(dirs, tmp_path):
