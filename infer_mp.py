@@ -2971,17 +2971,18 @@ class WorkSelection:
 
 def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelection:
     """Complete inputs are skipped; one that failed and has not changed since is not retried
-    (its failure stands, reported once) unless --retry_failed; --overwrite redoes all. A
-    document begun earlier is done from where it stopped: see Coverage."""
+    (its failure stands, reported once: by this run if the run that recorded it was stopped,
+    see Ledger.reported) unless --retry_failed; --overwrite redoes all. A document begun
+    earlier is done from where it stopped: see Coverage."""
     selection = WorkSelection([], [], ledger=ledger)
     root = ledger.root
     for task in tasks:
         record, done = ledger.latest.get(task.path), ledger.last_done.get(task.path)
         # (The constructor, not dataclasses.replace: five times faster, for 100,000 inputs.)
         task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, source_identity(task.path))
-        news = record is not None and a_failure(record) and not ledger.reported(record)
-        failed_before = (record is not None and a_failure(record)) or any(
-            r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
+        failed = record is not None and a_failure(record)
+        news = failed and not ledger.reported(record)  # (recorded by a run that was stopped before it said so)
+        failed_before = failed or any(r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
         if config.overwrite:
             selection.todo.append(task)
             continue
@@ -5575,7 +5576,7 @@ class Report:
             self.done += 1
         elif first_time or weak.keys() - document.standing:
             self.failed += 1
-            self.note_failure(task, list(failed.values()) + ([f"weak: {why}" for why in weak.values()]))
+            self.note_failure(task, [*failed.values(), *(f"weak: {why}" for why in weak.values())])
         else:  # only pages that failed in an earlier finished run, not retried: a standing failure
             self.standing += 1
             self.total -= 1
