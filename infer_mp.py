@@ -5962,7 +5962,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
                 report.documents[task.path] = Document(
                     task, len(pages_to_do(task, coverage)), dict(coverage.outputs), list(coverage.extras),
                     dict(coverage.failed), coverage.standing | coverage.weak_standing, quality=dict(coverage.quality),
-                    weak=dict.fromkeys(coverage.weak_kept, "weak in an earlier run"))
+                    weak={page: weak_reason(coverage.quality.get(page), config.min_page_score or 0.0)
+                          or "by an earlier run's --min_page_score" for page in coverage.weak_kept})
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             report.finish(document)
         if todo:

@@ -358,7 +358,7 @@ def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_ne
     records = [r for r in all_records(out) if r["input"].endswith(bad.name)]
     assert records[:len(recorded)] == recorded and len(records) == len(recorded) + 1
     assert records[-1]["device"] is None and records[-1]["outputs"] == recorded[-1]["outputs"]  # not tried again
-    for field in ("failed_pages", "weak_pages", "weak", "options"):  # recorded again as it was
+    for field in ("failed_pages", "weak_pages", "weak", "options", "error"):  # recorded again as it was
         assert records[-1].get(field) == recorded[-1].get(field), field
     again = run_fake(src, out, *extra, env=env)
     assert again.code == 0 and "1 failed before" in again.stderr and not failed_lines(again.stderr, bad.name)
