@@ -2299,8 +2299,14 @@ class Ledger:
         or with 0 where the failure stood from an earlier run. One stopped by a signal, killed
         before its closing line, or stopped by a full disk did not: the next run reports it (see
         select_work), so that a cron job sees exit 1 for every failure once."""
+        return self.reported_by(record) >= 0
+
+    def reported_by(self, record: dict) -> int:
+        """The line, in the record's log, of the closing line that says so (see reported); -1
+        if none does."""
         _, _, index, number = record["_order"]
-        return number < self.legacy.get(index, -1) or (index, record.get("gen", 0)) in self.finished
+        legacy = self.legacy.get(index, -1)
+        return legacy if number < legacy else self.finished.get((index, record.get("gen", 0)), -1)
 
     def placed_by(self, key: str) -> set[str]:
         """Every file placed for the input, as recorded; started, the first time the input has
@@ -2613,8 +2619,7 @@ class Ledger:
                 if record is not None and record["_order"][2] == own:
                     wanted.add(record["_order"][3])
                     if a_failure(record):  # and the closing line that says it was reported
-                        wanted.add(self.finished.get((own, record.get("gen", 0)), -1))
-                        wanted.add(legacy if record["_order"][3] < (legacy := self.legacy.get(own, -1)) else -1)
+                        wanted.add(self.reported_by(record))
         # The placing lines since a record that may count (see placed_since), and those of a
         # file placed where an input was (see an_input).
         for raw, (order, key) in self.placements.items():
