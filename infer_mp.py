@@ -144,6 +144,7 @@ RUN_LOG_NAME = "infer_mp.runlog.jsonl"  # in --output_dir unless --run_log says 
 LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 RUN_LOG_LOCK = ".{name}.log.lock"  # beside the run log (never one of the names above, whatever the log's name)
+LOCK_WAIT_SECONDS = 0.25  # a lock is tried this long before a run is refused: another's probe holds it an instant
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
@@ -2308,6 +2309,11 @@ class Ledger:
         legacy = self.legacy.get(index, -1)
         return legacy if number < legacy else self.finished.get((index, record.get("gen", 0)), -1)
 
+    def placed_elsewhere(self, keys: set[str]) -> set[str]:
+        """Those of `keys` for which another log than this run's own has the last `placing`
+        record of a file (another shard's run placed it, and may be placing it now)."""
+        return {key for order, key in self.placements.values() if key in keys and order[2] != self.own_index}
+
     def placed_by(self, key: str) -> set[str]:
         """Every file placed for the input, as recorded; started, the first time the input has
         a second record, from what it holds (its one record's files)."""
@@ -2350,6 +2356,12 @@ class Ledger:
         another input's, it is not `record`'s to hold."""
         placement = self.placements.get(rel)
         return placement[1] if placement is not None and placement[0] > record["_order"] else None
+
+    def placed_for_another(self, raw: str, key: str) -> bool:
+        """Was this file placed last for another input? Then it is that input's to hold, or to
+        retire (a shard's run may have placed it, its record not written yet)."""
+        placement = self.placements.get(raw)
+        return placement is not None and placement[1] != key
 
     def held_records(self) -> Iterator[tuple[str, dict]]:
         """(input, record) of every record that an input holds now (see held), over the whole
@@ -2487,7 +2499,7 @@ class Ledger:
             holders = self.holders()
             for raw in candidates:
                 rel = self.normal(raw)
-                if rel is not None and (rel in held or rel in holders):
+                if rel is not None and (rel in held or rel in holders or self.placed_for_another(raw, key)):
                     continue
                 if rel is None or self.remove(rel):
                     placed.discard(raw)
@@ -2841,15 +2853,16 @@ def run_tag(shard: tuple[int, int] | None) -> str:
 
 def clear_staging(root: Path, shard: tuple[int, int] | None) -> None:
     """Remove what killed workers left in the staging folder: all of it for a run over all
-    inputs (it holds the folder alone, see RunLock), only its own shard's for a shard (other
-    shards may be writing there right now)."""
+    inputs (it holds the folder alone, see RunLock); for a shard, its own shard's and a run's
+    over all inputs (none runs beside a shard), not other shards' (they may be writing there
+    right now)."""
     staging = root / STAGING_DIR
     if shard is None:
         shutil.rmtree(staging, ignore_errors=True)
         return
     with contextlib.suppress(OSError):
         for entry in os.scandir(staging):
-            if entry.name.startswith(run_tag(shard) + "-"):
+            if entry.name.startswith((run_tag(shard) + "-", run_tag(None) + "-")):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -3191,6 +3204,20 @@ def lock_held(path: Path) -> bool:
     return False
 
 
+def take_lock(handle: Any, mode: int) -> None:
+    """flock without blocking, tried again for LOCK_WAIT_SECONDS: a lock that another run's
+    lock_held takes for an instant is not a run holding it. Raises OSError if it stays held."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def shards_running(config: Config) -> bool:
     """Does another shard of this count hold its lock now (a run of it is under way)?"""
     index, count = config.shard
@@ -3244,7 +3271,7 @@ class RunLock:
         except OSError as error:
             raise cannot_write(where or f"in --output_dir {str(self.output_dir)!r}", error) from None
         try:
-            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            take_lock(handle, mode)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip()
@@ -5798,11 +5825,15 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
 def others_placing(config: Config, planned: list[Task], ledger: Ledger) -> set[str]:
     """The inputs that another shard's run may be placing files for, whose records it may not
     have written yet: none without shards; the other shards' inputs; and while another shard
-    runs, inputs gone since too (it may have listed them before they went)."""
+    runs, inputs gone since that another shard's log has placed files for (it may have listed
+    them before they went). Those this shard's own log placed are its own: no other run
+    places them, and this one retires them, whichever shards run beside it."""
     if config.shard is None:
         return set()
     others = {task.path for task in planned if not in_shard(task, config.shard)}
-    return others | (set(ledger.placed) - {task.path for task in planned}) if shards_running(config) else others
+    if shards_running(config):
+        others |= ledger.placed_elsewhere(set(ledger.placed) - {task.path for task in planned})
+    return others
 
 
 def say_no_inputs(config: Config, selection: InputSelection) -> None:

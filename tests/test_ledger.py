@@ -1122,6 +1122,63 @@ def test_a_shard_leaves_alone_what_a_running_shard_placed_for_an_input_gone_sinc
     assert_invariant(src, out, gone=(first,))
 
 
+def test_a_shard_retires_its_own_killed_runs_leftover_while_another_shard_runs(dirs, tmp_path):
+    """Shards that always run at once (one cron line per machine, all at the same minute): a
+    file that a killed run of shard 1 placed for an input deleted since was left while any
+    other shard ran, so it was never retired. Only shard 1's runs placed it (its log says so):
+    shard 1 retires it, whatever other shard is running."""
+    src, out = dirs
+    names = [f"{stem}.png" for stem in "abcdefghij"]
+    gone = [name for name in names if zlib.crc32(name.encode()) % 2 == 1][0]
+    waiting = [name for name in names if zlib.crc32(name.encode()) % 2 == 0][0]
+    write(src / waiting, "WAIT")
+    go = tmp_path / "go"
+    busy = start_fake(src, out, "--shard", "0/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go)})
+    busy.wait_for_stderr("input(s) to do")
+    write(src / gone, "hello")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", gone)
+    (src / gone).unlink()
+    run = run_fake(src, out, "--shard", "1/2")
+    assert run.code == 0, run.stderr
+    assert not (out / gone.replace(".png", ".json")).exists()
+    go.touch()
+    busy.communicate(timeout=60)
+    assert busy.returncode == 0, busy.stderr_text()
+    assert_invariant(src, out, gone=(gone,))
+
+
+def test_retiring_a_gone_inputs_leftover_spares_a_name_another_shard_placed_since(dirs, tmp_path):
+    """A killed run of shard 1 left a.json for a.png, deleted since; shard 0, running, placed
+    a.jpg's text under that freed name, its record still in its log's buffer. Shard 1, retiring
+    a.png's leftover, must not delete the file a.jpg's record is about to list."""
+    src, out = dirs
+    assert [zlib.crc32(name.encode()) % 2 for name in ("a.png", "b.png", "a.jpg", "h.png")] == [1, 1, 0, 0]
+    write(src / "a.png", "gone")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+    write(src / "b.png", "WAIT")
+    go1, go0 = tmp_path / "go1", tmp_path / "go0"
+    shard1 = start_fake(src, out, "--shard", "1/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go1)})
+    shard1.wait_for_stderr("input(s) to do")
+    write(src / "a.jpg", "a jpg")
+    write(src / "h.png", "WAIT")
+    shard0 = start_fake(src, out, "--shard", "0/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go0)})
+    wait_for(lambda: texts(out).get("a.json") == "a jpg", 60)
+    go1.touch()
+    shard1.communicate(timeout=60)
+    assert shard1.returncode == 0, shard1.stderr_text()
+    run = run_fake(src, out, "--shard", "1/2")
+    assert run.code == 0, run.stderr
+    assert texts(out).get("a.json") == "a jpg"
+    go0.touch()
+    shard0.communicate(timeout=60)
+    assert shard0.returncode == 0, shard0.stderr_text()
+    assert texts(out).get("a.json") == "a jpg"
+    assert_invariant(src, out, gone=("a.png",))
+
+
 def test_the_latest_placing_of_a_file_counts_whatever_order_the_logs_are_read_in():
     """The run logs are read one after the other (the shards', then this run's own): an older
     `placing` line read later took the place of a newer one, so a record counted as done for a

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def shard_of(name: str, count: int) -> int:
 
 def test_a_shard_removes_only_its_own_stale_staging(dirs):
     """Shards share the staging folder: one must not delete what another is writing right now.
+    What a killed run over all inputs left is nobody's now (no such run works beside a shard):
+    it went only with the next run over all inputs, which shards that always run may never see.
     What an older version left beside the outputs is nobody's the ledger knows: it stays."""
     src, out = dirs
     write(src / "x.png", "mine")
@@ -67,9 +70,10 @@ def test_a_shard_removes_only_its_own_stale_staging(dirs):
     staging = out / ".infer_mp.staging"
     theirs = write(staging / "s1of2-12345-abcdef" / "0" / "x_1.json", "{}")  # being written by shard 1's worker
     mine = write(staging / "s0of2-999-abcdef" / "0" / "x.json", "{}")  # left by a killed shard-0 run
+    killed = write(staging / "all-998-abcdef" / "0" / "x.json", "{}")  # left by a killed run over all inputs
     unknown = write(out / ".x.json.12345.tmp.json", "{}")
     assert run_fake(src, out, "--shard", "0/2").code == 0
-    assert theirs.exists() and not mine.exists()
+    assert theirs.exists() and not mine.exists() and not killed.exists()
     assert run_fake(src, out).code == 0  # a run over all inputs has the folder alone
     assert not theirs.exists() and not staging.exists() and unknown.exists()
 
@@ -174,6 +178,25 @@ def hold(path: Path, mode: int):
     handle = open(path, "a+")
     fcntl.flock(handle, mode | fcntl.LOCK_NB)
     return handle
+
+
+def test_a_shard_starting_while_another_shard_probes_its_lock_is_not_refused(tmp_path):
+    """A shard sees whether another of its count is running by taking that one's lock for an
+    instant (lock_held): a shard starting in that instant was refused (exit 75) although no run
+    of it was going on. A lock held that briefly is waited for."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = make_config(output_dir=out, shard=(1, 2), lock_file=infer_mp.folder_lock(out, (1, 2)),
+                         run_log=out / "infer_mp.shard-1-of-2.runlog.jsonl")
+    probe = hold(config.lock_file, fcntl.LOCK_EX)  # as another shard's lock_held takes it
+    timer = threading.Timer(0.05, probe.close)
+    timer.start()
+    try:
+        infer_mp.RunLock(config).release()
+    finally:
+        timer.join()
+    with hold(config.lock_file, fcntl.LOCK_EX), pytest.raises(infer_mp.RunLocked):  # a run of it: refused
+        infer_mp.RunLock(config)
 
 
 def test_runs_that_would_overlap_are_refused_before_any_worker(dirs, tmp_path):
