@@ -2971,6 +2971,7 @@ class Coverage:
     weak: dict[int, Reading] = field(default_factory=dict)  # --retry_failed: weak pages redone
     weak_kept: set[int] = field(default_factory=set)  # weak pages done, not redone
     weak_standing: set[int] = field(default_factory=set)  # ... of those, weak in a finished run's whole record
+    options: set[str] = field(default_factory=set)  # the records' options (see options_tag), of the pages it keeps
 
 
 @dataclass
@@ -3115,9 +3116,11 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
         if kept:
             coverage.extras += [path for rel in record.get("extra_outputs") or []
                                 if os.path.isfile(path := os.path.join(root, rel))]
+            coverage.options.add(record.get("options", ""))
         if not retry_failed:
             for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
                 coverage.failed[page] = failed_reason(record, page)
+                coverage.options.add(record.get("options", ""))
                 if "range" not in record and ledger.reported(record):
                     coverage.standing.add(page)
     for page in coverage.outputs:
@@ -5584,17 +5587,19 @@ class Report:
         if document.left <= 0:
             self.finish(document)
 
-    def finish(self, document: Document) -> None:
+    def finish(self, document: Document, options: str | None = None) -> None:
         """Every page of the document is done or failed: its whole record, which lists all
         its pages' files (earlier runs' too) and supersedes its ranges' records. Failed pages
-        are named; past --max_page_error_rate the document counts as failed."""
+        are named; past --max_page_error_rate the document counts as failed. `options`: those
+        of the earlier runs that did every page (see options_tag), recorded instead of this run's."""
         task, failed, weak = document.task, document.failed, document.weak
         count = task.page_count or 0
         good = bool(document.outputs) and len(failed) + len(weak) <= self.max_page_error_rate * count
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
         self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=list(dict.fromkeys(document.extras)),
                           device=document.device, attempts=document.attempts, seconds=document.seconds,
-                          failed_pages=failed, quality=document.quality, weak=weak, retry=sorted(document.retry))
+                          failed_pages=failed, quality=document.quality, weak=weak, retry=sorted(document.retry),
+                          **({"options": options} if options is not None else {}))
         del self.documents[task.path]
         if failed or weak:
             rate = f" (within --max_page_error_rate {self.max_page_error_rate:g})" if good else ""
@@ -5926,6 +5931,8 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         name = os.path.relpath(task.output_path("{page}" if task.paged else None), config.output_dir)
         if task.index in work.unreadable:
             name = f"fails: {work.unreadable[task.index]}"
+        elif too_large := oversized(task, config.max_image_pixels):
+            name = f"fails: {too_large}"
         elif task.index in work.again:
             name = f"reported again (failed in a run that was stopped): {work.again[task.index].get('error')}"
         elif task.page_count:
@@ -6001,7 +6008,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
                     weak={page: weak_reason(coverage.quality.get(page), config.min_page_score or 0.0)
                           or "by an earlier run's --min_page_score" for page in coverage.weak_kept})
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
-            report.finish(document)
+            options = work.coverage[document.task.index].options
+            report.finish(document, next(iter(options)) if len(options) == 1 else None)
         if todo:
             report.memory_limit = memory_limit(config, len(plan))
             options = worker_options(pipeline, config, report.memory_limit[0])

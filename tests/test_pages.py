@@ -327,10 +327,13 @@ def png_header(width: int, height: int) -> bytes:
 
 def test_an_image_past_the_pixel_limit_fails_alone_before_it_is_decoded(tmp_path):
     """A 30000 x 30000 PNG (900 MP: a worker decoding one went to 5.4 GB) fails, named, with the
-    flag that raises the limit; the other inputs are done; raising the limit lets it through."""
+    flag that raises the limit; the other inputs are done; raising the limit lets it through.
+    --dry_run names it too (it listed it as to do, as if it would be read)."""
     src, out, busy = tmp_path / "in", tmp_path / "out", tmp_path / "busy.jsonl"
     make_inputs(src, 2)
     write(src / "bomb.png", png_header(30000, 30000))
+    plan = run_fake(src, out, "--dry_run")  # says so before the run
+    assert "bomb.png -> fails: 30000 x 30000 pixels (900 MP) is more than --max_image_pixels" in plan.stdout
     run = run_fake(src, out, "--batch_size", "3", env={"FAKE_PIPELINE_BUSY_LOG": str(busy)})
     assert run.code == 1, run.stderr
     [failed] = [line for line in run.stderr.splitlines() if "FAILED" in line]

@@ -831,11 +831,14 @@ def test_the_options_digest_takes_the_pipeline_however_it_is_spelled(tmp_path):
     assert tag(make_config(pipeline=FAKE)) == tag(make_config(pipeline=linked))
 
 
-def test_a_failure_reported_again_by_a_run_with_other_options_keeps_its_own(dirs, tmp_path):
+@pytest.mark.parametrize("name, content", [("a.png", "RAISE"), ("a.pdf", pdf_bytes(["RAISE", "good"]))],
+                         ids=["image", "document"])
+def test_a_failure_reported_again_by_a_run_with_other_options_keeps_its_own(dirs, tmp_path, name, content):
     """Failed under options A in a run that was stopped, reported again by a run with B: it
-    failed under A, and a later run with A does not count it as another pipeline's."""
+    failed under A, and a later run with A does not count it as another pipeline's (a
+    document's record took B's)."""
     src, out = dirs
-    write(src / "a.png", "RAISE")
+    write(src / name, content)
     write(src / "z.png", "WAIT")
     gate = tmp_path / "gate"
     env = {"FAKE_PIPELINE_WAIT_FILE": str(gate)}
