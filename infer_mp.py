@@ -2211,6 +2211,7 @@ class Ledger:
         self.leftovers: dict[str, list[str]] = {}  # placed, held by nobody, and not deletable
         self.placements: dict[str, tuple[tuple, str]] = {}  # file -> (order, input) of its last `placing` record
         self.retired = 0
+        self.dry: list[str] | None = None  # --dry_run: the files retiring would delete, listed, not deleted
         self.log: RunLog | None = None
         self._holders: dict[str, set[str]] | None = None  # file -> inputs that hold it (built when needed)
         self._held: dict[str, set[str]] = {}  # input -> files it holds, as indexed in _holders
@@ -2511,7 +2512,7 @@ class Ledger:
     def remove(self, rel: str) -> bool:
         """Delete one placed file; True once it is gone. Only a regular file, really inside the
         root (no link on the way leads out), never bookkeeping, an input or a run log. A file
-        that cannot be deleted stays, and is tried again on the next run."""
+        that cannot be deleted stays, and is tried again on the next run. (--dry_run: listed.)"""
         path = os.path.join(self.root, rel)
         folder, name = os.path.split(path)
         if (name.startswith(BOOKKEEPING_PREFIX) or rel.split(os.sep, 1)[0] == STAGING_DIR
@@ -2524,6 +2525,9 @@ class Ledger:
         try:
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 return False
+            if self.dry is not None:
+                self.dry.append(rel)
+                return True
             os.unlink(path)
         except FileNotFoundError:
             return True
@@ -5818,10 +5822,10 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
         raise UsageError(f"--run_log {str(config.run_log)!r} is where the outputs of a subfolder of the inputs "
                          "go; give a path of its own, e.g. run.jsonl")
     ledger.protected.update(task.path for task in planned)
-    if locked:  # finish what a killed run left half-done, then keep the log short
-        ledger.reconcile(others_placing(config, planned, ledger))
-        if ledger.worth_compacting or has_second_name(config.run_log):
-            ledger.compact(config.run_log)
+    ledger.dry = None if locked else []  # (--dry_run: what finishing a killed run's work would delete, listed)
+    ledger.reconcile(others_placing(config, planned, ledger))  # finish what a killed run left half-done
+    if locked and (ledger.worth_compacting or has_second_name(config.run_log)):  # ... and keep the log short
+        ledger.compact(config.run_log)
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]
     return selection, tasks, select_work(tasks, ledger, config)
@@ -5918,6 +5922,10 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         f"{work.not_selected} not selected (--retry_failed), {ignored} ignored (not an input)",
         f"output: {config.output_dir}; run log {config.run_log}",
     ]
+    if stale := work.ledger.dry:
+        lines.append(f"first deleted: {len(stale)} file(s) that earlier runs placed and no record holds now (a killed "
+                     f"run's, an older version's): {', '.join(stale[:WORST_PAGES_SHOWN])}"
+                     + (", ..." if len(stale) > WORST_PAGES_SHOWN else ""))
     engine = config.pipeline_kwargs.get("engine")
     providers = (config.pipeline_kwargs.get("engine_config") or {}).get("providers")
     lines.append(f"engine: {engine or 'the pipeline default'}"

@@ -1068,6 +1068,23 @@ def test_a_shard_retires_what_a_killed_run_placed_for_an_input_gone_since(dirs):
     assert not (out / mine[0].replace(".png", ".json")).exists()
 
 
+def test_dry_run_lists_what_the_run_would_delete_first(dirs):
+    """A killed run's file for an input gone since: the run deletes it as it starts, and
+    --dry_run, which said nothing of it, now lists it (and deletes nothing)."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    write(src / "b.png", "B")
+    assert run_fake(src, out).code == 0
+    drop_last_done_record(out / LOG, "a.png")
+    (src / "a.png").unlink()
+    plan = run_fake(src, out, "--dry_run")
+    [line] = [line for line in plan.stdout.splitlines() if line.startswith("first deleted: ")]
+    assert line.startswith("first deleted: 1 file(s) that earlier runs placed") and line.endswith(": a.json"), line
+    assert (out / "a.json").is_file()
+    assert run_fake(src, out).code == 0 and not (out / "a.json").exists()
+    assert "first deleted" not in run_fake(src, out, "--dry_run").stdout
+
+
 def test_an_output_folder_emptied_by_retiring_is_removed_and_takes_no_name(dirs):
     """A subfolder's input changed and failed: its old JSON was retired, its emptied output
     folder left, and an image of the folder's name added later got that name as its output,
