@@ -13,3 +13,9 @@ SEED, ROUNDS = 1, 18
 
 def test_outputs_stay_owned_and_current_through_random_changes_and_kills(tmp_path):
     torture(SEED, ROUNDS, tmp_path, say=lambda line: None)
+
+
+def test_shards_that_always_run_at_once_keep_the_outputs_owned_and_current(tmp_path):
+    """Every run is shards 0/2 and 1/2 at once, each killed at random or not, the last one too:
+    no run over all inputs ever tidies up after them."""
+    torture(2, 10, tmp_path, say=lambda line: None, shards=True)

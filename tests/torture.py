@@ -2,7 +2,10 @@
 a worker at a random instant, or not), and check after every run that each output belongs to
 exactly one input's record and holds that input's current text.
 
-    python tests/torture.py --rounds 200 --seed 7 [--keep DIR]
+    python tests/torture.py --rounds 200 --seed 7 [--keep DIR] [--shards]
+
+With --shards every round runs shards 0/2 and 1/2 at once, each killed or not on its own, and so
+does the last round: shards that always overlap must leave the folder as a run over all inputs does.
 
 The changes follow from the seed alone; the kills land at random instants, so a seed that failed
 may need a few tries to fail again. Every input's content embeds a unique version ("v17 scan.png",
@@ -52,6 +55,7 @@ class World:
     gone: dict[str, dict[str, bytes]] = field(default_factory=dict)  # deleted input -> its outputs then
     history: list[str] = field(default_factory=list)
     version: int = 0
+    shards: bool = False  # every run is two shards at once (see run_round)
 
     def __post_init__(self) -> None:
         self.src, self.out = self.root / "in", self.root / "out"
@@ -194,9 +198,9 @@ def is_worker(pid: int) -> bool:
 class Run:
     """infer_mp.py in the background; once left, every process it started is gone."""
 
-    def __init__(self, w: World, flags: list[str], delay: float):
+    def __init__(self, w: World, flags: list[str], delay: float, log: str = "infer_mp.runlog.jsonl"):
         env = {"FAKE_PIPELINE_DELAY": str(delay), "PADDLE_PDX_DISABLE_MODEL_SOURCE_CHECK": "True"}
-        self.log = w.out / "infer_mp.runlog.jsonl"
+        self.log = w.out / log
         self.logged = self.log_lines()
         self.process = start_fake(w.src, w.out, *flags, env=env)
         self.seen: dict[int, int] = {}
@@ -265,26 +269,42 @@ def plan_kill(rng: random.Random, pages: int, delay: float) -> tuple[str, int, f
 
 
 def run_round(w: World, kill: bool = True) -> Outcome:
+    """One run, or with --shards two at once (shards 0/2 and 1/2), each maybe killed."""
     rng = w.rng
     flags = ["--batch_size", str(rng.choice((1, 2)))]
     flags += ["--instances_per_device", "2"] if rng.random() < 0.5 else []
     flags += ["--pages_per_task", "2"] if rng.random() < 0.5 else []
     delay = rng.choice((0.05, 0.1, 0.2))
     pages = sum(len(c) if isinstance(c, tuple) else 1 for c in w.inputs.values())
-    target, records, at = plan_kill(rng, pages, delay) if kill else ("none", 0, 0.0)
-    when, choice = f"{at:.2f} s after {f'{records} new record(s)' if records else 'its start'}", rng.random()
-    what = f"run {' '.join(flags)}, delay {delay} s"
-    with Run(w, flags, delay) as run:
-        if target != "none" and run.running_after(records, at):
-            if target == "coordinator":
-                run.kill_coordinator()
-                return Outcome(f"{what}, coordinator killed {when}", killed=True)
-            worker = run.kill_worker(choice)
-            what += f", worker {worker} killed {when}" if worker else f", no worker left to kill {when}"
-        try:
-            _, stderr = run.process.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return Outcome(f"{what}, hung", killed=True, problem=f"the run did not end in {RUN_TIMEOUT} s")
+    shards = [f"{index}/2" for index in range(2)] if w.shards else [None]
+    plans = [(plan_kill(rng, pages, delay) if kill else ("none", 0, 0.0), rng.random()) for _ in shards]
+    outcomes = []
+    with contextlib.ExitStack() as stack:
+        runs = []
+        for shard in shards:
+            extra, log = (("--shard", shard), f"infer_mp.shard-{shard.replace('/', '-of-')}.runlog.jsonl") \
+                if shard else ((), "infer_mp.runlog.jsonl")
+            runs.append((stack.enter_context(Run(w, [*flags, *extra], delay, log)), " ".join([*flags, *extra])))
+        for (run, named), plan in zip(runs, plans):
+            outcomes.append(end_run(run, f"run {named}, delay {delay} s", *plan))
+    return Outcome("; ".join(outcome.what for outcome in outcomes), killed=any(o.killed for o in outcomes),
+                   problem=next((o.problem for o in outcomes if o.problem), None))
+
+
+def end_run(run: Run, what: str, kill: tuple[str, int, float], choice: float) -> Outcome:
+    """Kill its coordinator or a worker as planned (see plan_kill), and wait for its end."""
+    target, records, at = kill
+    when = f"{at:.2f} s after {f'{records} new record(s)' if records else 'its start'}"
+    if target != "none" and run.running_after(records, at):
+        if target == "coordinator":
+            run.kill_coordinator()
+            return Outcome(f"{what}, coordinator killed {when}", killed=True)
+        worker = run.kill_worker(choice)
+        what += f", worker {worker} killed {when}" if worker else f", no worker left to kill {when}"
+    try:
+        _, stderr = run.process.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return Outcome(f"{what}, hung", killed=True, problem=f"the run did not end in {RUN_TIMEOUT} s")
     code = run.process.returncode
     return Outcome(f"{what} -> exit {code}", problem=code and f"the run exited {code}:\n{stderr.strip()[-1500:]}")
 
@@ -390,10 +410,10 @@ def describe(w: World, seed: int, round_: int, problems: list[Problem]) -> str:
     return "\n".join([*lines, "history:", *("  " + line for line in w.history)])
 
 
-def torture(seed: int, rounds: int, root: Path, say=print) -> None:
+def torture(seed: int, rounds: int, root: Path, say=print, shards: bool = False) -> None:
     """`rounds` rounds of change, run (maybe killed) and check in `root`, then one run to the
     end with no change and no kill; raises Violation with the story so far."""
-    w = World(root.resolve(), random.Random(seed))
+    w = World(root.resolve(), random.Random(seed), shards=shards)
     w.src.mkdir(parents=True, exist_ok=True)
     for round_ in range(rounds + 1):
         changes = mutate(w) if round_ < rounds else []
@@ -411,12 +431,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--keep", type=Path, help="leave the input and output folders in KEEP/seed-N")
+    parser.add_argument("--shards", action="store_true", help="every run: shards 0/2 and 1/2 at once")
     args = parser.parse_args()
     root = args.keep / f"seed-{args.seed}" if args.keep else Path(tempfile.mkdtemp(prefix="torture-"))
     shutil.rmtree(root, ignore_errors=True)
     started = time.monotonic()
     try:
-        torture(args.seed, args.rounds, root)
+        torture(args.seed, args.rounds, root, shards=args.shards)
         print(f"torture: seed {args.seed}, {args.rounds} rounds: invariant held ({time.monotonic() - started:.0f} s)")
         return 0
     except Violation as violation:
