@@ -684,6 +684,11 @@ def shard_suffix(index: int, count: int) -> str:
     return f".shard-{index}-of-{count}"
 
 
+def default_run_log(output_dir: Path, shard: tuple[int, int] | None) -> Path:
+    """The run log of a run over all inputs, or of one shard, where --run_log does not name one."""
+    return output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_suffix(*shard) if shard else ''}.runlog")
+
+
 def folder_lock(output_dir: Path, shard: tuple[int, int] | None) -> Path:
     """The output folder's lock file of a run over all inputs, or of one shard (see RunLock)."""
     return output_dir / LOCK_NAME.replace(".lock", f"{shard_suffix(*shard) if shard else ''}.lock")
@@ -742,9 +747,8 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError(f"--input_dir {str(input_dir)!r} is inside infer_mp.py's own files in --output_dir "
                          f"(names starting {BOOKKEEPING_PREFIX!r}: its staging folder is emptied at every start); "
                          "move the inputs elsewhere")
-    shard_tag = shard_suffix(*args.shard) if args.shard else ""
-    default_log = output_dir / RUN_LOG_NAME.replace(".runlog", f"{shard_tag}.runlog")
-    run_log = checked_run_log(Path(args.run_log) if args.run_log else default_log, output_dir)
+    run_log = checked_run_log(Path(args.run_log) if args.run_log else default_run_log(output_dir, args.shard),
+                              output_dir)
     given_inputs = sorted({name for name, _ in args.predict_arg} & {"input", PAGE_WINDOWS_KEYWORD})
     if given_inputs:
         raise UsageError(f"--predict_arg {given_inputs[0]}: infer_mp.py gives predict() its inputs (and a document's "
@@ -2112,15 +2116,22 @@ Moves = tuple[str | None, list[tuple[str, str | None]]]  # a task's (own staging
 #                                                            removed, see Report.keep_earlier)])
 
 
-def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
+def read_records(path: Path, start: tuple[int, int] = (0, 0),
+                 ends: dict[Path, tuple[int, int, int]] | None = None) -> Iterator[tuple[int, dict | None]]:
     """(line number, record) of every line; a run's closing line as it is; None for a line
     that is neither: a line cut short by a kill -9, a hand edit (its input then counts as not
     done), or a `skipped` line of an earlier version (it only repeated a done record, at a
     later time that would hide a change made before it). A batch's `placing` line gives a
-    record per input, all with its line number."""
+    record per input, all with its line number. From `start` (an offset and its line's number,
+    where an earlier reading ended: see Ledger.catch_up); `ends` gets where this one ended, before
+    a last line still without its newline (being written: read again whole next time), and the
+    file's inode (a compaction replaces the file)."""
+    offset, first = start
+    number, line = first - 1, b"\n"
     try:
         with open(path, "rb") as handle:
-            for number, line in enumerate(handle):
+            handle.seek(offset)
+            for number, line in enumerate(handle, first):
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
@@ -2136,6 +2147,10 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None]]:
                     yield number, record
                 else:
                     yield number, None
+            if ends is not None:
+                whole = line.endswith(b"\n")
+                ends[path] = (handle.tell() - (0 if whole else len(line)), number + whole,
+                              os.fstat(handle.fileno()).st_ino)
     except FileNotFoundError:
         return
     except OSError as error:
@@ -2156,11 +2171,12 @@ def well_formed(record: Any) -> bool:
 
 
 def placing_records(line: dict) -> Iterator[dict]:
-    """A `placing` line's records, one per input: [input, outputs, extra outputs] each."""
+    """A `placing` line's records, one per input: [input, outputs, extra outputs] each; with the
+    run that wrote it (`shard`: see run_tag; none before 2026-12-03)."""
     for entry in line["placing"]:
         if type(entry) is list and len(entry) == 3:
             yield {"time": line.get("time"), "gen": line.get("gen", 0), "input": entry[0], "status": PLACING,
-                   "outputs": entry[1], "extra_outputs": entry[2]}
+                   "outputs": entry[1], "extra_outputs": entry[2], "shard": line.get("shard")}
 
 
 def files_of(record: dict) -> list[str]:
@@ -2221,6 +2237,9 @@ class Ledger:
         self.own_index = 0  # this run's log among those read (see read)
         self.options = ""  # this run's pipeline and options, as each of its records says (see options_tag)
         self.finished: dict[tuple[int, int], int] = {}  # (log, generation) -> line: a run that exited 0 or 1
+        self.writers: dict[int, set[str | None]] = defaultdict(set)  # log -> the runs whose placing lines it has
+        self.tails: dict[int, tuple[Path, tuple[int, int, int]]] = {}  # other logs: where reading them ended
+        self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
     # -- reading --------------------------------------------------------------------------
@@ -2242,10 +2261,11 @@ class Ledger:
         ledger.own_index = len(paths) - 1
         return ledger
 
-    def read_log(self, path: Path, index: int, own: bool) -> None:
+    def read_log(self, path: Path, index: int, own: bool, start: tuple[int, int] = (0, 0)) -> None:
         inputs: set[str] = set()
         number = -1
-        for number, record in read_records(path):
+        ends: dict[Path, tuple[int, int, int]] = {}
+        for number, record in read_records(path, start, ends):
             if record is None:
                 continue
             if "input" not in record:  # (see read_records)
@@ -2257,6 +2277,27 @@ class Ledger:
                 inputs.add(record["input"])
         if own:
             self.lines, self.inputs = number + 1, len(inputs)
+        elif path in ends:
+            self.tails[index] = (path, ends[path])
+
+    def catch_up(self) -> None:
+        """Read what the shards running beside this one have written to their logs since this
+        run read them (a log that was not there then: all of it): a file that one of them placed
+        meanwhile is its input's, not a leftover to retire (see retire)."""
+        known = {path for path, _ in self.tails.values()}
+        for path in self.beside:
+            if path not in known and path.exists():  # (a log of its own: its index below all others)
+                self.read_log(path, -1 - len(self.tails), own=False)
+        for index, (path, (offset, number, inode)) in list(self.tails.items()):
+            try:
+                status = os.stat(path)
+            except OSError:
+                continue
+            if status.st_ino != inode or status.st_size < offset:  # compacted since: read whole again
+                offset = 0
+            elif status.st_size == offset:
+                continue
+            self.read_log(path, index, own=False, start=(offset, number))
 
     def add(self, record: dict, order: tuple) -> None:
         """One record, at its place in the merged order (see read_log)."""
@@ -2268,6 +2309,7 @@ class Ledger:
         if status == PLACING or key in self.placed or previous is not None or key in self.ranges:
             self.placed_by(key).update(files_of(record))
         if status == PLACING:
+            self.writers[order[2]].add(record.get("shard"))
             for raw in files_of(record):  # (the logs are read one after the other: keep the latest)
                 if raw not in self.placements or order > self.placements[raw][0]:
                     self.placements[raw] = (order, key)
@@ -2310,10 +2352,12 @@ class Ledger:
         legacy = self.legacy.get(index, -1)
         return legacy if number < legacy else self.finished.get((index, record.get("gen", 0)), -1)
 
-    def placed_elsewhere(self, keys: set[str]) -> set[str]:
-        """Those of `keys` for which another log than this run's own has the last `placing`
-        record of a file (another shard's run placed it, and may be placing it now)."""
-        return {key for order, key in self.placements.values() if key in keys and order[2] != self.own_index}
+    def placed_in_logs_of(self, runs: set[str], keys: set[str]) -> set[str]:
+        """Those of `keys` for which a log that one of these `runs` (see run_tag) writes, or a
+        version that did not say which run wrote it, has the last `placing` record of a file."""
+        logs = {index for index, writers in self.writers.items()
+                if index != self.own_index and (None in writers or writers & runs)}
+        return {key for order, key in self.placements.values() if key in keys and order[2] in logs}
 
     def placed_by(self, key: str) -> set[str]:
         """Every file placed for the input, as recorded; started, the first time the input has
@@ -2500,6 +2544,8 @@ class Ledger:
             holders = self.holders()
             for raw in candidates:
                 rel = self.normal(raw)
+                if rel is not None and self.beside:
+                    self.catch_up()  # (a shard beside this run may have placed it since it read the logs)
                 if rel is not None and (rel in held or rel in holders or self.placed_for_another(raw, key)):
                     continue
                 if rel is None or self.remove(rel):
@@ -2559,8 +2605,8 @@ class Ledger:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def open(self, path: Path) -> None:
-        self.log = RunLog(path, Path(self.root))
+    def open(self, path: Path, shard: tuple[int, int] | None = None) -> None:
+        self.log = RunLog(path, Path(self.root), run_tag(shard))
         self.generation += 1
 
     def write(self, task: Task, status: str, **fields: Any) -> None:
@@ -2675,8 +2721,8 @@ class RunLog:
     """Append-only JSON Lines: the ledger's journal (see Ledger), and a line per run; written by
     the coordinator alone and flushed per line, so a kill loses at most the line being written."""
 
-    def __init__(self, path: Path, output_dir: Path):
-        self.path, self.output_dir = path, output_dir
+    def __init__(self, path: Path, output_dir: Path, tag: str = "all"):
+        self.path, self.output_dir, self.tag = path, output_dir, tag  # tag: the run's (see run_tag)
         self.prefix = os.path.join(str(output_dir), "")
         self.flushed = time.monotonic()
         try:
@@ -2743,7 +2789,7 @@ class RunLog:
     def write_placing(self, entries: list[list], generation: int) -> None:
         """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
         relative to the output folder (see Ledger.prepare)."""
-        self._append({"time": utc_now(), "gen": generation, "status": PLACING, "placing": entries})
+        self._append({"time": utc_now(), "gen": generation, "status": PLACING, "shard": self.tag, "placing": entries})
 
     def write_run(self, counts: dict[str, int], exit_code: int, generation: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
@@ -3225,10 +3271,12 @@ def take_lock(handle: Any, mode: int) -> None:
             time.sleep(0.01)
 
 
-def shards_running(config: Config) -> bool:
-    """Does another shard of this count hold its lock now (a run of it is under way)?"""
+def shards_running(config: Config) -> set[str]:
+    """The other shards of this count that hold their locks now (a run of each is under way),
+    as their runs are tagged (see run_tag)."""
     index, count = config.shard
-    return any(lock_held(folder_lock(config.output_dir, (other, count))) for other in range(count) if other != index)
+    return {run_tag((other, count)) for other in range(count)
+            if other != index and lock_held(folder_lock(config.output_dir, (other, count)))}
 
 
 class RunLock:
@@ -3294,7 +3342,7 @@ class RunLock:
                 continue
             with contextlib.suppress(OSError), open(path, "a+", encoding="utf-8") as handle:
                 try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    take_lock(handle, fcntl.LOCK_EX)  # (a shard of our count starting takes it this way too)
                 except OSError:
                     other = path.name.split("-of-")[-1].split(".")[0]
                     raise RunLocked(f"shards of another count ({other}) are using --output_dir "
@@ -5839,9 +5887,11 @@ def others_placing(config: Config, planned: list[Task], ledger: Ledger) -> set[s
     places them, and this one retires them, whichever shards run beside it."""
     if config.shard is None:
         return set()
+    index, count = config.shard
+    ledger.beside = [default_run_log(config.output_dir, (other, count)) for other in range(count) if other != index]
     others = {task.path for task in planned if not in_shard(task, config.shard)}
-    if shards_running(config):
-        others |= ledger.placed_elsewhere(set(ledger.placed) - {task.path for task in planned})
+    if running := shards_running(config):
+        others |= ledger.placed_in_logs_of(running, set(ledger.placed) - {task.path for task in planned})
     return others
 
 
@@ -5939,10 +5989,10 @@ def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], pl
         name = os.path.relpath(task.output_path("{page}" if task.paged else None), config.output_dir)
         if task.index in work.unreadable:
             name = f"fails: {work.unreadable[task.index]}"
-        elif too_large := oversized(task, config.max_image_pixels):
-            name = f"fails: {too_large}"
         elif task.index in work.again:
             name = f"reported again (failed in a run that was stopped): {work.again[task.index].get('error')}"
+        elif too_large := oversized(task, config.max_image_pixels):
+            name = f"fails: {too_large}"
         elif task.page_count:
             left = len(pages_to_do(task, work.coverage.get(task.index)))
             name += f" ({task.page_count} pages" + (f", {left} left to do)" if left < task.page_count else ")")
@@ -5973,7 +6023,7 @@ def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], task
              ignored: int, warm: WarmPool | None = None, cluster: RayCluster | None = None) -> ExitCode:
     """Every check has passed: clean up after killed workers, open the run log, and run."""
     clear_staging(config.output_dir, config.shard)
-    work.ledger.open(config.run_log)
+    work.ledger.open(config.run_log, config.shard)
     try:
         return dispatch_logged(config, pipeline, plan, work, ignored, warm, cluster)
     finally:

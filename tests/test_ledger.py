@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -1165,6 +1166,26 @@ def test_a_shard_retires_its_own_killed_runs_leftover_while_another_shard_runs(d
     assert_invariant(src, out, gone=(gone,))
 
 
+@pytest.mark.parametrize("killed", ["all inputs", "3 shards"])
+def test_a_leftover_of_a_run_that_cannot_be_running_now_is_retired_while_shards_overlap(dirs, killed):
+    """A killed run over all inputs, or of a shard of another count, left g.json for g.png, gone
+    since. Neither kind of run can be running beside a shard (the locks refuse it), yet every
+    shard left it while another shard ran: with shards that always overlap, it stayed."""
+    src, out = dirs
+    write(src / "g.png", "gone")
+    shard = ("--shard", f"{zlib.crc32(b'g.png') % 3}/3") if killed == "3 shards" else ()
+    assert run_fake(src, out, *shard).code == 0
+    log = out / (f"infer_mp.shard-{shard[1].replace('/', '-of-')}.runlog.jsonl" if shard else LOG)
+    drop_last_done_record(log, "g.png")
+    (src / "g.png").unlink()
+    with open(out / ".infer_mp.shard-1-of-2.lock", "a+") as lock:  # shard 1 is running (as lock_held sees it)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = run_fake(src, out, "--shard", "0/2")
+    assert run.code == 0, run.stderr
+    assert not (out / "g.json").exists()
+    assert_invariant(src, out, gone=("g.png",))
+
+
 def test_retiring_a_gone_inputs_leftover_spares_a_name_another_shard_placed_since(dirs, tmp_path):
     """A killed run of shard 1 left a.json for a.png, deleted since; shard 0, running, placed
     a.jpg's text under that freed name, its record still in its log's buffer. Shard 1, retiring
@@ -1193,6 +1214,45 @@ def test_retiring_a_gone_inputs_leftover_spares_a_name_another_shard_placed_sinc
     shard0.communicate(timeout=60)
     assert shard0.returncode == 0, shard0.stderr_text()
     assert texts(out).get("a.json") == "a jpg"
+    assert_invariant(src, out, gone=("a.png",))
+
+
+@pytest.mark.parametrize("neighbour", ["still running", "finished"])
+def test_a_file_another_shard_placed_after_this_run_read_the_logs_is_not_retired(dirs, tmp_path, monkeypatch,
+                                                                                 neighbour):
+    """Shard 1 read the logs; then shard 0 placed a.jpg's text under a.json, a name that a.png,
+    gone since, left behind in a killed run of shard 1; then shard 1 retired a.png's leftover by
+    the logs as it had read them, deleting shard 0's new file (its done record then listed a
+    missing file). It reads what the other shards wrote meanwhile before it deletes anything."""
+    import infer_mp
+
+    src, out = dirs
+    write(src / "a.png", "gone")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+    write(src / "a.jpg", "WAIT a jpg")
+    go = tmp_path / "go"
+    env = {"FAKE_PIPELINE_WAIT_FILE": str(go)}
+    shard0 = start_fake(src, out, "--shard", "0/2", env=env) if neighbour == "still running" else None
+    if shard0:
+        shard0.wait_for_stderr("input(s) to do")
+    reconcile = infer_mp.Ledger.reconcile
+
+    def shard0_places_first(ledger, others):  # (between this run's reading of the logs and its retiring)
+        go.touch()
+        if shard0:
+            wait_for(lambda: texts(out).get("a.json") == "WAIT a jpg", 60)
+        else:
+            assert run_fake(src, out, "--shard", "0/2", env=env).code == 0
+        reconcile(ledger, others)
+
+    monkeypatch.setattr(infer_mp.Ledger, "reconcile", shard0_places_first)
+    assert infer_mp.main(fake_args(src, out, "--shard", "1/2")) == 0
+    if shard0:
+        shard0.communicate(timeout=60)
+        assert shard0.returncode == 0, shard0.stderr_text()
+    assert texts(out).get("a.json") == "WAIT a jpg"
     assert_invariant(src, out, gone=("a.png",))
 
 

@@ -12,6 +12,7 @@ import pytest
 import infer_mp
 from conftest import (
     FAKE,
+    all_records,
     assert_invariant,
     bare_backend,
     injected,
@@ -343,6 +344,20 @@ def test_an_image_past_the_pixel_limit_fails_alone_before_it_is_decoded(tmp_path
     again = run_fake(src, out, "--retry_failed", "--max_image_pixels", "0")  # no limit: the pipeline reads it
     assert again.code == 0, again.stderr
     assert page_files(out) == ["bomb.json", "p00.json", "p01.json"]
+
+
+def test_dry_run_names_an_image_past_the_pixel_limit_reported_again_as_such(tmp_path):
+    """Failed for its size in a run that was then stopped: the next run reports it again from its
+    record, and --dry_run said it would fail for its size instead."""
+    src, out, gate = tmp_path / "in", tmp_path / "out", tmp_path / "gate"
+    write(src / "bomb.png", png_header(30000, 30000))
+    write(src / "z.png", "WAIT")
+    process = start_fake(src, out, "--instances_per_device", "2", env={"FAKE_PIPELINE_WAIT_FILE": str(gate)})
+    wait_for(lambda: any(r.get("status") == "failed" for r in all_records(out)))
+    process.signal_group(signal.SIGTERM)
+    process.communicate(timeout=60)
+    plan = run_fake(src, out, "--dry_run")
+    assert "bomb.png -> reported again (failed in a run that was stopped): " in plan.stdout, plan.stdout
 
 
 def test_pdf_pages_render_under_the_pixel_limit_and_tiff_frames_past_it_fail(tmp_path):

@@ -182,8 +182,9 @@ def hold(path: Path, mode: int):
 
 def test_a_shard_starting_while_another_shard_probes_its_lock_is_not_refused(tmp_path):
     """A shard sees whether another of its count is running by taking that one's lock for an
-    instant (lock_held): a shard starting in that instant was refused (exit 75) although no run
-    of it was going on. A lock held that briefly is waited for."""
+    instant (lock_held), and whether shards of another count are, by taking theirs: a shard
+    starting in that instant was refused (exit 75) although no such run was going on. A lock
+    held that briefly is waited for."""
     out = tmp_path / "out"
     out.mkdir()
     config = make_config(output_dir=out, shard=(1, 2), lock_file=infer_mp.folder_lock(out, (1, 2)),
@@ -197,6 +198,13 @@ def test_a_shard_starting_while_another_shard_probes_its_lock_is_not_refused(tmp
         timer.join()
     with hold(config.lock_file, fcntl.LOCK_EX), pytest.raises(infer_mp.RunLocked):  # a run of it: refused
         infer_mp.RunLock(config)
+    other_count = hold(out / ".infer_mp.shards-of-3.lock", fcntl.LOCK_EX)  # (left by shards of 3, gone now)
+    timer = threading.Timer(0.05, other_count.close)  # as a shard of our count starting beside us takes it
+    timer.start()
+    try:
+        infer_mp.RunLock(config).release()
+    finally:
+        timer.join()
 
 
 def test_runs_that_would_overlap_are_refused_before_any_worker(dirs, tmp_path):
