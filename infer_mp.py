@@ -749,6 +749,10 @@ def parse_config(argv: list[str] | None) -> Config:
                          "move the inputs elsewhere")
     run_log = checked_run_log(Path(args.run_log) if args.run_log else default_run_log(output_dir, args.shard),
                               output_dir)
+    if args.shard and not (run_log.parent == output_dir and fnmatch.fnmatch(run_log.name, RUN_LOG_PATTERN)):
+        say(f"note: --run_log {args.run_log!r} is not a log the other shards read (those in --output_dir named "
+            f"{RUN_LOG_PATTERN}): they cannot see what this shard placed, and may delete a file of it that has the "
+            "name of an input of theirs gone since; leave --run_log out (each shard has a log of its own)")
     given_inputs = sorted({name for name, _ in args.predict_arg} & {"input", PAGE_WINDOWS_KEYWORD})
     if given_inputs:
         raise UsageError(f"--predict_arg {given_inputs[0]}: infer_mp.py gives predict() its inputs (and a document's "
@@ -3244,12 +3248,12 @@ def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False)
     return renamed
 
 
-def lock_held(path: Path) -> bool:
-    """Does a run hold this lock file now? (Taken for an instant to see, if it is there; let
-    go of as the file closes.)"""
+def lock_held(path: Path, mode: int = fcntl.LOCK_EX) -> bool:
+    """Does a run hold this lock file now (so that it cannot be taken in `mode`)? (Taken for an
+    instant to see, if it is there; let go of as the file closes.)"""
     try:
         with open(path, "rb") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     except OSError:
@@ -3269,6 +3273,18 @@ def take_lock(handle: Any, mode: int) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def would_be_refused(config: Config) -> bool:
+    """Would a run started now be refused its locks (exit 75)? For --dry_run, which takes none:
+    each lock that RunLock would take, looked at for an instant, in the mode it would take it."""
+    if config.shard is None:
+        return lock_held(config.lock_file)
+    own_count = SHARD_COUNT_LOCK.format(count=config.shard[1])
+    other_counts = [path for path in config.output_dir.glob(SHARD_COUNT_LOCK.format(count="*"))
+                    if path.name != own_count]
+    return (lock_held(config.output_dir / LOCK_NAME, fcntl.LOCK_SH) or lock_held(config.lock_file)
+            or any(map(lock_held, other_counts)))
 
 
 def shards_running(config: Config) -> set[str]:
@@ -5937,7 +5953,7 @@ def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
         check_engine(config, plan[0].device.split(":")[0])
         selection, tasks, work = choose_work(config, locked=False)
         say_unlisted(selection)
-        if lock_held(config.lock_file):
+        if would_be_refused(config):
             say("note: another infer_mp.py run is using --output_dir now: a run started now would exit 75 "
                 "(wait for it to finish)")
         read_documents(work)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -178,6 +179,14 @@ def test_dry_run_says_when_another_run_holds_the_output_folder(dirs, tmp_path):
     busy.communicate(timeout=60)
     quiet = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run")
     assert "another infer_mp.py run" not in quiet.stderr
+    for held, mode, shard, refused in [(".infer_mp.lock", fcntl.LOCK_EX, "0/2", True),  # a run over all inputs
+                                       (".infer_mp.lock", fcntl.LOCK_SH, "0/2", False),  # ... shards of 2: fine
+                                       (".infer_mp.shards-of-2.lock", fcntl.LOCK_SH, "0/3", True)]:
+        with open(out / held, "a+") as lock:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+            plan = run_fake("--input_dir", str(src), "--output_dir", str(out), "--dry_run", "--shard", shard)
+            real = run_fake("--input_dir", str(src), "--output_dir", str(out), "--shard", shard)
+        assert ("another infer_mp.py run is using" in plan.stderr) == refused == (real.code == 75), (held, shard)
 
 
 def test_dry_run_shows_the_limits_the_run_would_work_under(dirs):

@@ -336,6 +336,19 @@ def test_a_run_log_with_a_second_name_gets_a_file_of_its_own(dirs, tmp_path, spe
     assert "0 input(s) to do" in run_fake(src, out, *extra).stderr
 
 
+def test_a_shard_with_a_run_log_the_other_shards_do_not_read_is_told(dirs, tmp_path):
+    """Shards read each other's logs only in --output_dir, by their pattern: a shard given a
+    --run_log elsewhere ran unseen, and another shard could delete its file as a leftover."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    note = "is not a log the other shards read"
+    for log, told in [(tmp_path / "shard0.jsonl", True), (out / "shard0.jsonl", True),
+                      (out / "infer_mp.zero.runlog.jsonl", False), (None, False)]:
+        run = run_fake(src, out, "--shard", "0/2", *(("--run_log", str(log)) if log else ()))
+        assert run.code == 0 and (note in run.stderr) == told, (log, run.stderr)
+    assert note not in run_fake(src, out, "--run_log", str(tmp_path / "all.jsonl")).stderr  # (no shard: one log)
+
+
 def test_a_run_log_where_a_subfolders_outputs_go_is_refused(tmp_path):
     """--recursive --run_log out/sub, beside inputs in/sub/: every run failed in/sub/b.png as
     'a file is where this output folder goes', for good, blaming an earlier output."""
