@@ -2288,7 +2288,7 @@ class Ledger:
         """Read what the shards running beside this one have written to their logs since this
         run read them (a log that was not there then: all of it): a file that one of them placed
         meanwhile is its input's, not a leftover to retire (see retire)."""
-        known = {path for path, _ in self.tails.values()}
+        generation, known = self.generation, {path for path, _ in self.tails.values()}
         for path in self.beside:
             if path not in known and path.exists():  # (a log of its own: its index below all others)
                 self.read_log(path, -1 - len(self.tails), own=False)
@@ -2302,6 +2302,7 @@ class Ledger:
             elif status.st_size == offset:
                 continue
             self.read_log(path, index, own=False, start=(offset, number))
+        self.generation = generation  # (this run's records, and its closing line, keep the one it has)
 
     def add(self, record: dict, order: tuple) -> None:
         """One record, at its place in the merged order (see read_log)."""

@@ -1256,6 +1256,27 @@ def test_a_file_another_shard_placed_after_this_run_read_the_logs_is_not_retired
     assert_invariant(src, out, gone=("a.png",))
 
 
+def test_reading_another_shards_new_lines_leaves_this_runs_generation_as_it_is(tmp_path):
+    """A shard that started after this run writes a higher generation: taken in mid-run (see
+    Ledger.catch_up), it raised this run's own, so that its closing line no longer vouched for the
+    failures it had recorded before (they were reported again by the next run)."""
+    import infer_mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = out / "infer_mp.shard-0-of-2.runlog.jsonl"
+    other.write_text(json.dumps({"time": "t", "gen": 1, "input": "/in/a.png", "status": "done", "outputs": []}) + "\n")
+    config = make_config(output_dir=out, run_log=out / "infer_mp.shard-1-of-2.runlog.jsonl", shard=(1, 2))
+    ledger = infer_mp.Ledger.read(config)
+    ledger.beside = [other]
+    ledger.open(config.run_log, config.shard)
+    assert ledger.generation == 2
+    with open(other, "a") as log:
+        log.write(json.dumps({"time": "t", "gen": 7, "input": "/in/c.png", "status": "done", "outputs": []}) + "\n")
+    ledger.catch_up()
+    assert "/in/c.png" in ledger.latest and ledger.generation == 2
+
+
 def test_the_latest_placing_of_a_file_counts_whatever_order_the_logs_are_read_in():
     """The run logs are read one after the other (the shards', then this run's own): an older
     `placing` line read later took the place of a newer one, so a record counted as done for a
