@@ -749,10 +749,11 @@ def parse_config(argv: list[str] | None) -> Config:
                          "move the inputs elsewhere")
     run_log = checked_run_log(Path(args.run_log) if args.run_log else default_run_log(output_dir, args.shard),
                               output_dir)
-    if args.shard and not (run_log.parent == output_dir and fnmatch.fnmatch(run_log.name, RUN_LOG_PATTERN)):
-        say(f"note: --run_log {args.run_log!r} is not a log the other shards read (those in --output_dir named "
-            f"{RUN_LOG_PATTERN}): they cannot see what this shard placed, and may delete a file of it that has the "
-            "name of an input of theirs gone since; leave --run_log out (each shard has a log of its own)")
+    if args.shard and run_log != default_run_log(output_dir, args.shard):
+        say(f"note: --run_log {args.run_log!r} is not where the other shards look for this shard's log (they read "
+            f"{default_run_log(output_dir, args.shard).name} in --output_dir as they run): they may not see what it "
+            "placed, and may delete a file of it that has the name of an input of theirs gone since; leave "
+            "--run_log out (each shard has a log of its own)")
     given_inputs = sorted({name for name, _ in args.predict_arg} & {"input", PAGE_WINDOWS_KEYWORD})
     if given_inputs:
         raise UsageError(f"--predict_arg {given_inputs[0]}: infer_mp.py gives predict() its inputs (and a document's "
@@ -2121,15 +2122,15 @@ Moves = tuple[str | None, list[tuple[str, str | None]]]  # a task's (own staging
 
 
 def read_records(path: Path, start: tuple[int, int] = (0, 0),
-                 ends: dict[Path, tuple[int, int, int]] | None = None) -> Iterator[tuple[int, dict | None]]:
+                 ends: dict[Path, tuple[int, int, int, int]] | None = None) -> Iterator[tuple[int, dict | None]]:
     """(line number, record) of every line; a run's closing line as it is; None for a line
     that is neither: a line cut short by a kill -9, a hand edit (its input then counts as not
     done), or a `skipped` line of an earlier version (it only repeated a done record, at a
     later time that would hide a change made before it). A batch's `placing` line gives a
     record per input, all with its line number. From `start` (an offset and its line's number,
     where an earlier reading ended: see Ledger.catch_up); `ends` gets where this one ended, before
-    a last line still without its newline (being written: read again whole next time), and the
-    file's inode (a compaction replaces the file)."""
+    a last line still without its newline (being written: read again whole next time), the file's
+    inode (a compaction replaces the file) and its size then."""
     offset, first = start
     number, line = first - 1, b"\n"
     try:
@@ -2153,8 +2154,9 @@ def read_records(path: Path, start: tuple[int, int] = (0, 0),
                     yield number, None
             if ends is not None:
                 whole = line.endswith(b"\n")
-                ends[path] = (handle.tell() - (0 if whole else len(line)), number + whole,
-                              os.fstat(handle.fileno()).st_ino)
+                size = handle.tell()
+                ends[path] = (size - (0 if whole else len(line)), number + whole, os.fstat(handle.fileno()).st_ino,
+                              size)
     except FileNotFoundError:
         return
     except OSError as error:
@@ -2242,7 +2244,8 @@ class Ledger:
         self.options = ""  # this run's pipeline and options, as each of its records says (see options_tag)
         self.finished: dict[tuple[int, int], int] = {}  # (log, generation) -> line: a run that exited 0 or 1
         self.writers: dict[int, set[str | None]] = defaultdict(set)  # log -> the runs whose placing lines it has
-        self.tails: dict[int, tuple[Path, tuple[int, int, int]]] = {}  # other logs: where reading them ended
+        self.tails: dict[int, tuple[Path, tuple[int, int, int, int]]] = {}  # other logs: where reading them ended
+        self.placed_meanwhile: set[str] | None = None  # files that catch_up found placed since this run read
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
@@ -2268,7 +2271,7 @@ class Ledger:
     def read_log(self, path: Path, index: int, own: bool, start: tuple[int, int] = (0, 0)) -> None:
         inputs: set[str] = set()
         number = -1
-        ends: dict[Path, tuple[int, int, int]] = {}
+        ends: dict[Path, tuple[int, int, int, int]] = {}
         for number, record in read_records(path, start, ends):
             if record is None:
                 continue
@@ -2289,18 +2292,20 @@ class Ledger:
         run read them (a log that was not there then: all of it): a file that one of them placed
         meanwhile is its input's, not a leftover to retire (see retire)."""
         generation, known = self.generation, {path for path, _ in self.tails.values()}
+        if self.placed_meanwhile is None:
+            self.placed_meanwhile = set()
         for path in self.beside:
             if path not in known and path.exists():  # (a log of its own: its index below all others)
                 self.read_log(path, -1 - len(self.tails), own=False)
-        for index, (path, (offset, number, inode)) in list(self.tails.items()):
+        for index, (path, (offset, number, inode, size)) in list(self.tails.items()):
             try:
                 status = os.stat(path)
             except OSError:
                 continue
+            if path not in self.beside or (status.st_ino, status.st_size) == (inode, size):
+                continue  # (nothing new; a run over all inputs, or of another count, is not running)
             if status.st_ino != inode or status.st_size < offset:  # compacted since: read whole again
                 offset = 0
-            elif status.st_size == offset:
-                continue
             self.read_log(path, index, own=False, start=(offset, number))
         self.generation = generation  # (this run's records, and its closing line, keep the one it has)
 
@@ -2315,6 +2320,8 @@ class Ledger:
             self.placed_by(key).update(files_of(record))
         if status == PLACING:
             self.writers[order[2]].add(record.get("shard"))
+            if self.placed_meanwhile is not None:
+                self.placed_meanwhile.update(files_of(record))
             for raw in files_of(record):  # (the logs are read one after the other: keep the latest)
                 if raw not in self.placements or order > self.placements[raw][0]:
                     self.placements[raw] = (order, key)
@@ -2551,7 +2558,8 @@ class Ledger:
                 rel = self.normal(raw)
                 if rel is not None and self.beside:
                     self.catch_up()  # (a shard beside this run may have placed it since it read the logs)
-                if rel is not None and (rel in held or rel in holders or self.placed_for_another(raw, key)):
+                if rel is not None and (rel in held or rel in holders or self.placed_for_another(raw, key)
+                                        or raw in (self.placed_meanwhile or ())):
                     continue
                 if rel is None or self.remove(rel):
                     placed.discard(raw)
@@ -2672,7 +2680,7 @@ class Ledger:
         real_output_folder(folder, self.root)
         self._folders.add(folder)
 
-    def compact(self, path: Path) -> None:
+    def compact(self, path: Path, tag: str = "all") -> None:
         """Rewrite this run's own log with only what the ledger reads (each input's last whole
         record, its last done record, its page ranges since, the `placing` lines since, and a
         `placing` record for files it placed that could not be retired), atomically: a kill
@@ -2687,15 +2695,24 @@ class Ledger:
                     wanted.add(record["_order"][3])
                     if a_failure(record):  # and the closing line that says it was reported
                         wanted.add(self.reported_by(record))
-        # The placing lines since a record that may count (see placed_since), and those of a
+        # The placing lines since a record that may count (see placed_since): the input's own,
+        # or another input's that lists the file (a name a gone input freed); and those of a
         # file placed where an input was (see an_input).
+        dropped = {}
         for raw, (order, key) in self.placements.items():
             anchor = self.last_done.get(key) or self.latest.get(key)
-            if order[2] == own and (anchor is None or order > anchor["_order"]
-                                    or os.path.join(self.root, raw) in self.latest):
+            if order[2] != own:
+                continue
+            if anchor is None or order > anchor["_order"] or os.path.join(self.root, raw) in self.latest:
                 wanted.add(order[3])
+            else:
+                dropped[raw] = (order, key)
+        for key, record in self.held_records() if dropped else ():
+            for raw in files_of(record):
+                if raw in dropped and dropped[raw][1] != key and record["_order"] < dropped[raw][0]:
+                    wanted.add(dropped[raw][0][3])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
-        extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING,
+        extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING, "shard": tag,
                              "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
         for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.compact"):  # of a killed compaction
             with contextlib.suppress(OSError):
@@ -5812,11 +5829,13 @@ def run(config: Config) -> ExitCode:
     created = prepare_output_dir(config.output_dir)
     lock = RunLock(config)
     try:
+        clear_staging(config.output_dir, config.shard)
         selection, tasks, work = choose_work(config, locked=True)
         say_unlisted(selection)
         code = run_selected(config, pipeline, selection, tasks, work)
         return ExitCode.INPUTS_FAILED if code == ExitCode.OK and selection.unlisted else code
     finally:
+        clear_staging(config.output_dir, config.shard)
         lock.release()
         remove_if_unused(created)
 
@@ -5890,7 +5909,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     ledger.dry = None if locked else []  # (--dry_run: what finishing a killed run's work would delete, listed)
     ledger.reconcile(others_placing(config, planned, ledger))  # finish what a killed run left half-done
     if locked and (ledger.worth_compacting or has_second_name(config.run_log)):  # ... and keep the log short
-        ledger.compact(config.run_log)
+        ledger.compact(config.run_log, run_tag(config.shard))
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]
     return selection, tasks, select_work(tasks, ledger, config)
@@ -6038,14 +6057,12 @@ def describe_limits(config: Config, workers: int) -> str:
 
 def dispatch(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], tasks: list[Task], work: WorkSelection,
              ignored: int, warm: WarmPool | None = None, cluster: RayCluster | None = None) -> ExitCode:
-    """Every check has passed: clean up after killed workers, open the run log, and run."""
-    clear_staging(config.output_dir, config.shard)
+    """Every check has passed: open the run log, and run."""
     work.ledger.open(config.run_log, config.shard)
     try:
         return dispatch_logged(config, pipeline, plan, work, ignored, warm, cluster)
     finally:
         work.ledger.log.close()
-        clear_staging(config.output_dir, config.shard)
 
 
 def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], work: WorkSelection,

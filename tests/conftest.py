@@ -347,10 +347,11 @@ def well_formed(record: object) -> bool:
                     for files in (record.get("outputs"), record.get("extra_outputs") or [])))
 
 
-def all_records(folder: Path) -> list[dict]:
+def all_records(folder: Path, placing: bool = False) -> list[dict]:
     """Every input record of every run log in the folder (all shards), in the ledger's order:
     by generation ("gen", one more each run), records without one (older versions) first, by
-    time; then by log and line. Each gets "_order"; `placing` records are left out."""
+    time; then by log and line. Each gets "_order"; `placing` records are left out, unless
+    `placing` (then a batch's line gives one per input, as infer_mp.read_records does)."""
     records = []
     for index, log in enumerate(run_log_paths(folder)):
         lines = log.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
@@ -359,10 +360,15 @@ def all_records(folder: Path) -> list[dict]:
                 record = json.loads(line)
             except (ValueError, RecursionError):  # a torn or hand-made line, as infer_mp.py passes over
                 continue
-            if well_formed(record) and record.get("status") != "placing":
-                gen = record.get("gen") or 0
-                record["_order"] = (gen, "" if gen else record["time"], index, number)
-                records.append(record)
+            entries = [record]
+            if placing and isinstance(record, dict) and isinstance(record.get("placing"), list):
+                entries = [{**record, "input": entry[0], "outputs": entry[1], "extra_outputs": entry[2]}
+                           for entry in record["placing"] if isinstance(entry, list) and len(entry) == 3]
+            for entry in entries:
+                if well_formed(entry) and (placing or entry.get("status") != "placing"):
+                    gen = entry.get("gen") or 0
+                    entry["_order"] = (gen, "" if gen else entry["time"], index, number)
+                    records.append(entry)
     return sorted(records, key=lambda record: record["_order"])
 
 
@@ -377,7 +383,8 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
     input's, or the good pages of a document with failed pages), those of its last done record
     while the failure after it is of the same file version (or of a file that was not there),
     and those of the page ranges recorded since (a document a run did not finish); less the
-    files that another input recorded since (a name a gone input freed, taken by another)."""
+    files that another input recorded or placed since (a name a gone input freed, taken by
+    another; a compacted log may keep only the `placing` line that took it)."""
     records = all_records(folder)
     latest = latest_records(folder)
     last_done = {r["input"]: r for r in records if "range" not in r and r["status"] == "done"}
@@ -393,7 +400,7 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
         key = record["input"]
         if "range" in record and (key not in latest or record["_order"] > latest[key]["_order"]):
             held.setdefault(key, set()).update(record["outputs"], record.get("extra_outputs") or [])
-    last_listed = {rel: record["input"] for record in records
+    last_listed = {rel: record["input"] for record in all_records(folder, placing=True)
                    for rel in [*record["outputs"], *(record.get("extra_outputs") or [])]}
     return {key: {rel for rel in files if last_listed.get(rel, key) == key} for key, files in held.items()}
 

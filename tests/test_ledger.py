@@ -702,6 +702,23 @@ def free_a_name(src: Path, out: Path, away: Path) -> None:
     write(src / "a.jpg", "JPG")
 
 
+def test_compaction_keeps_the_placing_that_took_a_name_from_a_gone_inputs_record(dirs, tmp_path):
+    """a.jpg took a.json, a name gone a.png's record lists; then a.bmp came and a.jpg moved to
+    a.jpg.json, a.json retired. Compaction dropped a.jpg's placing of a.json (superseded by a.jpg's
+    own later record), so a.png's record held a.json again: a file listed but not there."""
+    src, out = dirs
+    free_a_name(src, out, tmp_path)
+    assert run_fake(src, out).code == 0
+    write(src / "a.bmp", "BMP")
+    assert run_fake(src, out).code == 0
+    with open(out / LOG, "a") as log:  # (long enough to be compacted by the next run)
+        log.writelines(json.dumps({"time": "2026-01-01T00:00:00+00:00", "gen": 1, "run": {"exit_code": 0}}) + "\n"
+                       for _ in range(1100))
+    assert run_fake(src, out).code == 0
+    assert len((out / LOG).read_text().splitlines()) < 50  # compacted
+    assert_invariant(src, out, gone=("a.png",))
+
+
 def test_a_name_freed_by_a_gone_input_stays_with_the_input_that_took_it(dirs, tmp_path):
     """a.png done as a.json, then moved away and its a.json deleted by hand: a new a.jpg takes
     the free name. The gone input's record still lists a.json, but a.jpg placed it last: a
@@ -1275,6 +1292,56 @@ def test_reading_another_shards_new_lines_leaves_this_runs_generation_as_it_is(t
         log.write(json.dumps({"time": "t", "gen": 7, "input": "/in/c.png", "status": "done", "outputs": []}) + "\n")
     ledger.catch_up()
     assert "/in/c.png" in ledger.latest and ledger.generation == 2
+
+
+def test_a_file_placed_again_for_the_same_input_after_this_run_read_the_logs_is_not_retired(dirs, tmp_path,
+                                                                                            monkeypatch):
+    """A killed run of shard 1 left a.json for a.png, then gone; shard 0 read the logs (shard 1
+    not running: a.png's leftover is its to retire); meanwhile a.png came back and shard 1 placed
+    a.json for it again. Shard 0 saw that placing, of the same input, and deleted the finished
+    output of a current input."""
+    import infer_mp
+
+    src, out = dirs
+    write(src / "a.png", "old")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+    reconcile, started = infer_mp.Ledger.reconcile, []
+
+    def shard1_places_first(ledger, others):
+        write(src / "a.png", "new")
+        write(src / "p.png", "WAIT")  # (shard 1 keeps running, a.png's done record in its buffer)
+        started.append(start_fake(src, out, "--shard", "1/2", env={"FAKE_PIPELINE_WAIT_FILE": str(tmp_path / "go")}))
+        wait_for(lambda: texts(out).get("a.json") == "new", 60)
+        reconcile(ledger, others)
+
+    monkeypatch.setattr(infer_mp.Ledger, "reconcile", shard1_places_first)
+    assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0
+    (tmp_path / "go").touch()
+    started[0].communicate(timeout=60)
+    assert started[0].returncode == 0, started[0].stderr_text()
+    assert texts(out).get("a.json") == "new"
+    assert_invariant(src, out)
+
+
+def test_a_compacted_logs_line_of_leftovers_says_which_run_wrote_it(dirs):
+    """Compaction rewrote the files it could not retire as a `placing` line without `shard`: the
+    whole log then counted as an older version's, perhaps running, and shards that overlap left
+    a killed run's leftovers in it for good."""
+    src, out = dirs
+    write(src / "stuck.png", "stuck")
+    assert run_fake(src, out).code == 0
+    drop_last_done_record(out / LOG, "stuck.png")
+    (src / "stuck.png").unlink()
+    (out / "stuck.json").unlink()
+    (out / "stuck.json").mkdir()  # (it cannot be retired: a folder is there now)
+    with open(out / LOG, "a") as log:
+        log.writelines(json.dumps({"time": "2026-01-01T00:00:00+00:00", "gen": 1, "run": {"exit_code": 0}}) + "\n"
+                       for _ in range(1100))
+    assert run_fake(src, out).code == 0
+    placing = [json.loads(line) for line in (out / LOG).read_text().splitlines() if '"placing"' in line]
+    assert placing and all(line.get("shard") == "all" for line in placing), placing
 
 
 def test_the_latest_placing_of_a_file_counts_whatever_order_the_logs_are_read_in():

@@ -76,6 +76,11 @@ def test_a_shard_removes_only_its_own_stale_staging(dirs):
     assert theirs.exists() and not mine.exists() and not killed.exists()
     assert run_fake(src, out).code == 0  # a run over all inputs has the folder alone
     assert not theirs.exists() and not staging.exists() and unknown.exists()
+    killed = write(staging / "s1of2-997-abcdef" / "0" / "x_1.json", "{}")
+    for name in ("x.png", "x_1.png"):
+        (src / name).unlink()
+    run = run_fake(src, out, "--shard", "1/2")  # (torture, seed 505: a run with no inputs left it)
+    assert run.code == 0 and "no inputs" in run.stderr and not killed.exists()
 
 
 # -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
@@ -337,13 +342,15 @@ def test_a_run_log_with_a_second_name_gets_a_file_of_its_own(dirs, tmp_path, spe
 
 
 def test_a_shard_with_a_run_log_the_other_shards_do_not_read_is_told(dirs, tmp_path):
-    """Shards read each other's logs only in --output_dir, by their pattern: a shard given a
-    --run_log elsewhere ran unseen, and another shard could delete its file as a leftover."""
+    """Shards read each other's logs in --output_dir by their pattern when they start, and by
+    their default names as they run: a shard given another --run_log ran unseen, and another
+    shard could delete its file as a leftover."""
     src, out = dirs
     write(src / "a.png", "A")
-    note = "is not a log the other shards read"
+    note = "is not where the other shards look"
     for log, told in [(tmp_path / "shard0.jsonl", True), (out / "shard0.jsonl", True),
-                      (out / "infer_mp.zero.runlog.jsonl", False), (None, False)]:
+                      (out / "infer_mp.zero.runlog.jsonl", True), (out / "infer_mp.shard-0-of-2.runlog.jsonl", False),
+                      (None, False)]:
         run = run_fake(src, out, "--shard", "0/2", *(("--run_log", str(log)) if log else ()))
         assert run.code == 0 and (note in run.stderr) == told, (log, run.stderr)
     assert note not in run_fake(src, out, "--run_log", str(tmp_path / "all.jsonl")).stderr  # (no shard: one log)
