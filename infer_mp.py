@@ -145,6 +145,8 @@ LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 RUN_LOG_LOCK = ".{name}.log.lock"  # beside the run log (never one of the names above, whatever the log's name)
 LOCK_WAIT_SECONDS = 0.25  # a lock is tried this long before a run is refused: another's probe holds it an instant
+PLACING_LOCK = ".infer_mp.placing.lock"  # in --output_dir: shards check and write their placing lines one at a time
+PLACING_LOCK_SECONDS = 10.0  # ... waited for this long at most (a stopped shard holding it does not stop the others)
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
@@ -197,7 +199,7 @@ OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 # An output folder that is a link (or a file) where a folder should be, or a folder where an
 # output file goes: refused, and the input recorded failed, but as the folder's fault: the next
 # run tries it again (see select_work).
-FOLDER_ERRNOS = frozenset({errno.EXDEV, errno.ELOOP, errno.ENOTDIR, errno.EISDIR})
+FOLDER_ERRNOS = frozenset({errno.EXDEV, errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EBUSY})
 
 
 def cannot_write(what: str, error: OSError) -> UserError:
@@ -2246,6 +2248,7 @@ class Ledger:
         self.writers: dict[int, set[str | None]] = defaultdict(set)  # log -> the runs whose placing lines it has
         self.tails: dict[int, tuple[Path, tuple[int, int, int, int]]] = {}  # other logs: where reading them ended
         self.placed_meanwhile: set[str] | None = None  # files that catch_up found placed since this run read
+        self._placing_lock: Any = None  # a shard's run: see check_not_taken
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
@@ -2648,6 +2651,8 @@ class Ledger:
             if path in self.protected:
                 raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         rels = [self.log.relative(path) for path in finals]
+        if self.beside:
+            self.check_not_taken(task, rels)
         self._placing.append([task.path, rels[:len(pages)], rels[len(pages):]])
         renames = [(f"{staged}{os.sep}{prefix}{name}", final) for name, final in zip(names, finals)]
         return (None if prefix else staged), renames
@@ -2662,6 +2667,35 @@ class Ledger:
                 self.placed_by(key).update(outputs, extras)
             self._placing = []
         self.log.flush()
+        if self._placing_lock is not None:
+            fcntl.flock(self._placing_lock, fcntl.LOCK_UN)
+
+    def check_not_taken(self, task: Task, rels: list[str]) -> None:
+        """A shard's run: has another shard placed one of these names for another input since
+        this run read the logs? The inputs changed between the two runs' starts (a.png, listed
+        by one, deleted; a.jpg, listed by the other, added), and each named its input a.json:
+        the later rename would put a deleted input's text under a current one's name, and the
+        logs could not say which came last. Checked under a lock that the shards take in turn
+        until their placing line is in the file (see record_placing). Raises OSError (EBUSY:
+        the next run names the input afresh, see FOLDER_ERRNOS)."""
+        if self._placing_lock is None:
+            self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
+        deadline = time.monotonic() + PLACING_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(self._placing_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break  # (checked without it)
+                time.sleep(0.01)
+        self.catch_up()
+        for rel in rels:
+            placement = self.placements.get(rel)
+            if rel in (self.placed_meanwhile or ()) and placement is not None and placement[1] != task.path:
+                raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: another shard placed it for "
+                              f"{placement[1]!r} since this run listed the inputs (they changed meanwhile); not "
+                              "placed: the next run names this input afresh")
 
     def check_folder(self, folder: str) -> None:
         """Create an output folder; refuse one whose real path leads out of the root (a linked

@@ -1344,6 +1344,31 @@ def test_a_compacted_logs_line_of_leftovers_says_which_run_wrote_it(dirs):
     assert placing and all(line.get("shard") == "all" for line in placing), placing
 
 
+@pytest.mark.parametrize("last", ["0/2", "all"])
+def test_two_shards_never_place_one_name_for_two_inputs(dirs, tmp_path, last):
+    """Shard 1 listed and read a.png; a.png was then deleted and a.jpg added; shard 0, started
+    after, named a.jpg a.json and finished; shard 1 then renamed a.png's text over it. Every later
+    run took a.jpg for done, its a.json holding a deleted input's text (review 3). The later
+    placing now sees the earlier one and leaves the name alone: its input is named afresh."""
+    src, out, busy, go = *dirs, tmp_path / "busy.log", tmp_path / "go"
+    assert [zlib.crc32(name.encode()) % 2 for name in ("a.png", "a.jpg")] == [1, 0]
+    write(src / "a.png", "WAIT a png")
+    shard1 = start_fake(src, out, "--shard", "1/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go),
+                                                           "FAKE_PIPELINE_BUSY_LOG": str(busy)})
+    wait_for(lambda: busy.exists() and "a.png" in busy.read_text(), 60)
+    (src / "a.png").unlink()
+    write(src / "a.jpg", "a jpg")
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    go.touch()
+    shard1.communicate(timeout=60)
+    assert "another shard placed it" in shard1.stderr_text(), shard1.stderr_text()
+    run = run_fake(src, out, *(("--shard", last) if last != "all" else ()))
+    assert run.code == 0, run.stderr
+    [output] = latest_by_name(out)["a.jpg"]["outputs"]
+    assert texts(out)[output] == "a jpg"
+    assert_invariant(src, out, gone=("a.png",))
+
+
 def test_the_latest_placing_of_a_file_counts_whatever_order_the_logs_are_read_in():
     """The run logs are read one after the other (the shards', then this run's own): an older
     `placing` line read later took the place of a newer one, so a record counted as done for a
