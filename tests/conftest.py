@@ -406,10 +406,11 @@ def held_outputs(folder: Path) -> dict[str, set[str]]:
 
 
 def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: bool = False) -> None:
-    """What must hold after any run, however it ended: every file a record holds exists, and
-    every output JSON was written for exactly one current input (the one the fake pipeline
-    names in it), from its current content (an image's), and that input holds it (see
-    held_outputs). `gone`: names of inputs moved away on purpose, whose outputs are kept.
+    """What must hold after any run, however it ended: every file a record holds exists (a
+    current input's holds its own text), and every output JSON was written for exactly one
+    current input (the one the fake pipeline names in it), from its current content (an
+    image's), and that input holds it (see held_outputs). `gone`: names of inputs moved away on
+    purpose, whose outputs are kept.
     `killed`: the run was just killed (kill -9), or could not write its run log: a task's files
     placed before its done record was written are not held yet, and its staging folder is left
     to the next run; the rest holds."""
@@ -417,6 +418,10 @@ def assert_invariant(src: Path, out: Path, gone: tuple[str, ...] = (), killed: b
     for key, names in held.items():
         for name in names:
             assert (out / name).is_file(), f"{name} of {key} is recorded done but missing"
+            if name.endswith(".json") and Path(key).is_file() and not killed:  # (a current input's: its own text)
+                source = json.loads((out / name).read_text(encoding="utf-8")).get("input_path") or ""
+                assert src not in Path(source).parents or os.path.realpath(source) == os.path.realpath(key), \
+                    f"{name}, which {key}'s record holds, has {source}'s text"
     for name in page_files(out):
         content = json.loads((out / name).read_text(encoding="utf-8"))
         source = Path(content["input_path"])
