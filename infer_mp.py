@@ -2680,15 +2680,8 @@ class Ledger:
         the next run names the input afresh, see FOLDER_ERRNOS)."""
         if self._placing_lock is None:
             self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
-        deadline = time.monotonic() + PLACING_LOCK_SECONDS
-        while True:
-            try:
-                fcntl.flock(self._placing_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break  # (checked without it)
-                time.sleep(0.01)
+        with contextlib.suppress(BlockingIOError):  # (held past that: checked without it)
+            take_lock(self._placing_lock, fcntl.LOCK_EX, PLACING_LOCK_SECONDS)
         self.catch_up()
         for rel in rels:
             placement = self.placements.get(rel)
@@ -3313,10 +3306,10 @@ def lock_held(path: Path, mode: int = fcntl.LOCK_EX) -> bool:
     return False
 
 
-def take_lock(handle: Any, mode: int) -> None:
-    """flock without blocking, tried again for LOCK_WAIT_SECONDS: a lock that another run's
-    lock_held takes for an instant is not a run holding it. Raises OSError if it stays held."""
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+def take_lock(handle: Any, mode: int, seconds: float = LOCK_WAIT_SECONDS) -> None:
+    """flock without blocking, tried again for `seconds`: a lock that another run's lock_held
+    takes for an instant is not a run holding it. Raises OSError if it stays held."""
+    deadline = time.monotonic() + seconds
     while True:
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
