@@ -3325,11 +3325,14 @@ def would_be_refused(config: Config) -> bool:
     each lock that RunLock would take, looked at for an instant, in the mode it would take it."""
     if config.shard is None:
         return lock_held(config.lock_file)
-    own_count = SHARD_COUNT_LOCK.format(count=config.shard[1])
-    other_counts = [path for path in config.output_dir.glob(SHARD_COUNT_LOCK.format(count="*"))
-                    if path.name != own_count]
     return (lock_held(config.output_dir / LOCK_NAME, fcntl.LOCK_SH) or lock_held(config.lock_file)
-            or any(map(lock_held, other_counts)))
+            or any(map(lock_held, other_count_locks(config.output_dir, config.shard[1]))))
+
+
+def other_count_locks(output_dir: Path, count: int) -> list[Path]:
+    """The lock files of shard counts other than `count` (see RunLock._refuse_other_counts)."""
+    own = SHARD_COUNT_LOCK.format(count=count)
+    return [path for path in output_dir.glob(SHARD_COUNT_LOCK.format(count="*")) if path.name != own]
 
 
 def shards_running(config: Config) -> set[str]:
@@ -3398,9 +3401,7 @@ class RunLock:
 
     def _refuse_other_counts(self, count: int) -> None:
         """Shards of another count split the inputs differently: they would overlap ours."""
-        for path in self.output_dir.glob(SHARD_COUNT_LOCK.format(count="*")):
-            if path.name == SHARD_COUNT_LOCK.format(count=count):
-                continue
+        for path in other_count_locks(self.output_dir, count):
             with contextlib.suppress(OSError), open(path, "a+", encoding="utf-8") as handle:
                 try:
                     take_lock(handle, fcntl.LOCK_EX)  # (a shard of our count starting takes it this way too)
