@@ -2248,7 +2248,9 @@ class Ledger:
         self.writers: dict[int, set[str | None]] = defaultdict(set)  # log -> the runs whose placing lines it has
         self.tails: dict[int, tuple[Path, tuple[int, int, int, int]]] = {}  # other logs: where reading them ended
         self.placed_meanwhile: set[str] | None = None  # files that catch_up found placed since this run read
-        self._placing_lock: Any = None  # a shard's run: see check_not_taken
+        self._placing_lock: Any = None  # a shard's run: see take_turn
+        self._turn = False  # ... this run holds it
+        self._turn_missed = False  # ... it was held by another past the wait
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
@@ -2557,17 +2559,24 @@ class Ledger:
             if self.log is not None:  # the record that supersedes them in the file before they go
                 self.log.flush()
             holders = self.holders()
-            for raw in candidates:
-                rel = self.normal(raw)
-                if rel is not None and self.beside:
-                    self.catch_up()  # (a shard beside this run may have placed it since it read the logs)
-                if rel is not None and (rel in held or rel in holders or self.placed_for_another(raw, key)
-                                        or raw in (self.placed_meanwhile or ())):
-                    continue
-                if rel is None or self.remove(rel):
-                    placed.discard(raw)
-                else:
-                    self.leftovers.setdefault(key, []).append(rel)
+            # A shard beside this run may have placed one of them since it read the logs: read
+            # on, in the shards' placing turn, so that none can place one between that and the unlink.
+            ours = bool(self.beside) and self.dry is None and not self._turn and self.take_turn()
+            try:
+                if self.beside:
+                    self.catch_up()
+                for raw in candidates:
+                    rel = self.normal(raw)
+                    if rel is not None and (rel in held or rel in holders or self.placed_for_another(raw, key)
+                                            or raw in (self.placed_meanwhile or ())):
+                        continue
+                    if rel is None or self.remove(rel):
+                        placed.discard(raw)
+                    else:
+                        self.leftovers.setdefault(key, []).append(rel)
+            finally:
+                if ours:
+                    self.end_turn()
         if all(raw in held for raw in placed):  # what it holds says the rest: see add()
             del self.placed[key]
 
@@ -2667,8 +2676,7 @@ class Ledger:
                 self.placed_by(key).update(outputs, extras)
             self._placing = []
         self.log.flush()
-        if self._placing_lock is not None:
-            fcntl.flock(self._placing_lock, fcntl.LOCK_UN)
+        self.end_turn()
 
     def check_not_taken(self, task: Task, rels: list[str]) -> None:
         """A shard's run: has another shard placed one of these names for another input since
@@ -2678,10 +2686,7 @@ class Ledger:
         logs could not say which came last. Checked under a lock that the shards take in turn
         until their placing line is in the file (see record_placing). Raises OSError (EBUSY:
         the next run names the input afresh, see FOLDER_ERRNOS)."""
-        if self._placing_lock is None:
-            self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
-        with contextlib.suppress(BlockingIOError):  # (held past that: checked without it)
-            take_lock(self._placing_lock, fcntl.LOCK_EX, PLACING_LOCK_SECONDS)
+        self.take_turn()
         self.catch_up()
         for rel in rels:
             placement = self.placements.get(rel)
@@ -2689,6 +2694,28 @@ class Ledger:
                 raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: another shard placed it for "
                               f"{placement[1]!r} since this run listed the inputs (they changed meanwhile); not "
                               "placed: the next run names this input afresh")
+
+    def take_turn(self) -> bool:
+        """A shard's run: the lock that the shards take in turn to check and write their placing
+        lines (see check_not_taken), and to retire files (see retire). False if another holds it
+        past PLACING_LOCK_SECONDS (a stopped shard must not stop the others): then done without,
+        and until it is free again, tried once, not waited for."""
+        if self._turn:
+            return True
+        if self._placing_lock is None:
+            self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
+        try:
+            take_lock(self._placing_lock, fcntl.LOCK_EX, 0.0 if self._turn_missed else PLACING_LOCK_SECONDS)
+        except BlockingIOError:
+            self._turn_missed = True
+            return False
+        self._turn, self._turn_missed = True, False
+        return True
+
+    def end_turn(self) -> None:
+        if self._turn:
+            fcntl.flock(self._placing_lock, fcntl.LOCK_UN)
+            self._turn = False
 
     def check_folder(self, folder: str) -> None:
         """Create an output folder; refuse one whose real path leads out of the root (a linked

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -1269,6 +1270,40 @@ def test_a_file_another_shard_placed_after_this_run_read_the_logs_is_not_retired
     if shard0:
         shard0.communicate(timeout=60)
         assert shard0.returncode == 0, shard0.stderr_text()
+    assert texts(out).get("a.json") == "WAIT a jpg"
+    assert_invariant(src, out, gone=("a.png",))
+
+
+def test_no_shard_places_a_file_between_another_shards_last_look_at_the_logs_and_its_unlink(dirs, tmp_path,
+                                                                                           monkeypatch):
+    """Shard 1, retiring a.png's leftover a.json (a.png gone since), read the other shards'
+    logs once more, found nothing new, and deleted the file; in between, shard 0 had placed
+    a.jpg's text under that freed name, and its done record then listed a missing file. The
+    read and the unlink now happen in the shards' placing turn, which shard 0 waits for."""
+    import infer_mp
+
+    src, out = dirs
+    write(src / "a.png", "gone")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+    write(src / "a.jpg", "WAIT a jpg")
+    go = tmp_path / "go"
+    shard0 = start_fake(src, out, "--shard", "0/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go)})
+    shard0.wait_for_stderr("input(s) to do")
+    catch_up = infer_mp.Ledger.catch_up
+
+    def shard0_places_meanwhile(ledger):  # (after this run's last look, before its unlink)
+        catch_up(ledger)
+        if not go.exists():
+            go.touch()
+            with contextlib.suppress(AssertionError):  # (shard 0 waits for the turn: it places later)
+                wait_for(lambda: texts(out).get("a.json") == "WAIT a jpg", 3)
+
+    monkeypatch.setattr(infer_mp.Ledger, "catch_up", shard0_places_meanwhile)
+    assert infer_mp.main(fake_args(src, out, "--shard", "1/2")) == 0
+    shard0.communicate(timeout=60)
+    assert shard0.returncode == 0, shard0.stderr_text()
     assert texts(out).get("a.json") == "WAIT a jpg"
     assert_invariant(src, out, gone=("a.png",))
 
