@@ -1308,6 +1308,40 @@ def test_no_shard_places_a_file_between_another_shards_last_look_at_the_logs_and
     assert_invariant(src, out, gone=("a.png",))
 
 
+def test_a_placing_turn_held_by_a_stopped_shard_is_waited_for_once(dirs, monkeypatch):
+    """A shard stopped while it holds the placing turn (Slurm suspends with SIGSTOP) must not
+    stop the others, nor cost them PLACING_LOCK_SECONDS per input: after one wait, they go on
+    without the turn, trying it once each time, and still retire what is theirs to retire."""
+    import infer_mp
+
+    src, out = dirs
+    gone = [f"g{number}.png" for number in range(3)]
+    assert {zlib.crc32(name.encode()) % 2 for name in gone} == {0}
+    for name in gone:
+        write(src / name, name)
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    for name in gone:
+        drop_last_done_record(out / "infer_mp.shard-0-of-2.runlog.jsonl", name)
+        (src / name).unlink()
+    write(src / "g7.png", "kept")
+    monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
+    waits = []
+    take_lock = infer_mp.take_lock
+
+    def counted(handle, mode, seconds=infer_mp.LOCK_WAIT_SECONDS):
+        if os.path.basename(handle.name) == infer_mp.PLACING_LOCK:
+            waits.append(seconds)
+        take_lock(handle, mode, seconds)
+
+    monkeypatch.setattr(infer_mp, "take_lock", counted)
+    with open(out / infer_mp.PLACING_LOCK, "a+") as stopped_shard:
+        fcntl.flock(stopped_shard, fcntl.LOCK_EX)
+        assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0
+    assert len(waits) == 4 and waits.count(0.2) == 1, waits
+    assert sorted(texts(out)) == ["g7.json"]
+    assert_invariant(src, out, gone=gone)
+
+
 def test_reading_another_shards_new_lines_leaves_this_runs_generation_as_it_is(tmp_path):
     """A shard that started after this run writes a higher generation: taken in mid-run (see
     Ledger.catch_up), it raised this run's own, so that its closing line no longer vouched for the
