@@ -2250,7 +2250,7 @@ class Ledger:
         self.placed_meanwhile: set[str] | None = None  # files that catch_up found placed since this run read
         self._placing_lock: Any = None  # a shard's run: see take_turn
         self._turn = False  # ... this run holds it
-        self._turn_missed = False  # ... it was held by another past the wait
+        self._turn_missed = ""  # ... why this run could not have it, the last time it tried
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
@@ -2683,33 +2683,45 @@ class Ledger:
         this run read the logs? The inputs changed between the two runs' starts (a.png, listed
         by one, deleted; a.jpg, listed by the other, added), and each named its input a.json:
         the later rename would put a deleted input's text under a current one's name, and the
-        logs could not say which came last. Checked under a lock that the shards take in turn
-        until their placing line is in the file (see record_placing). Raises OSError (EBUSY:
-        the next run names the input afresh, see FOLDER_ERRNOS)."""
-        self.take_turn()
+        logs could not say which came last. Checked in the shards' placing turn, held until the
+        placing line is in the file (see record_placing). Without the turn, a name last placed
+        for another input is not taken at all: the shard that holds the turn may be about to
+        retire that file (see retire). Raises OSError (EBUSY: the next run names the input
+        afresh, see FOLDER_ERRNOS)."""
+        turn = self.take_turn()
         self.catch_up()
         for rel in rels:
             placement = self.placements.get(rel)
-            if rel in (self.placed_meanwhile or ()) and placement is not None and placement[1] != task.path:
+            if placement is None or placement[1] == task.path:
+                continue
+            if rel in (self.placed_meanwhile or ()):
                 raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: another shard placed it for "
                               f"{placement[1]!r} since this run listed the inputs (they changed meanwhile); not "
                               "placed: the next run names this input afresh")
+            if not turn:
+                raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: it was placed for {placement[1]!r}, "
+                              f"and the shards' placing turn ({PLACING_LOCK}) {self._turn_missed}: not placed, "
+                              "as a shard may be retiring it; the next run places it")
 
     def take_turn(self) -> bool:
         """A shard's run: the lock that the shards take in turn to check and write their placing
         lines (see check_not_taken), and to retire files (see retire). False if another holds it
-        past PLACING_LOCK_SECONDS (a stopped shard must not stop the others): then done without,
-        and until it is free again, tried once, not waited for."""
+        past PLACING_LOCK_SECONDS (a stopped shard must not stop the others), or it cannot be
+        had: then done without (see check_not_taken), and until it is free again, tried once,
+        not waited for."""
         if self._turn:
             return True
-        if self._placing_lock is None:
-            self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
         try:
+            if self._placing_lock is None:
+                self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
             take_lock(self._placing_lock, fcntl.LOCK_EX, 0.0 if self._turn_missed else PLACING_LOCK_SECONDS)
         except BlockingIOError:
-            self._turn_missed = True
+            self._turn_missed = f"is held by another shard past {PLACING_LOCK_SECONDS:g} s (a shard stopped?)"
             return False
-        self._turn, self._turn_missed = True, False
+        except OSError as error:
+            self._turn_missed = f"cannot be had ({error.strerror})"
+            return False
+        self._turn, self._turn_missed = True, ""
         return True
 
     def end_turn(self) -> None:

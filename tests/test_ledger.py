@@ -1342,6 +1342,54 @@ def test_a_placing_turn_held_by_a_stopped_shard_is_waited_for_once(dirs, monkeyp
     assert_invariant(src, out, gone=gone)
 
 
+def test_without_the_placing_turn_a_shard_takes_no_name_that_was_another_inputs(dirs, monkeypatch):
+    """Shard 1, stopped past PLACING_LOCK_SECONDS in its placing turn just before it deletes
+    a.json (the leftover of a.png, gone since), resumes and deletes it: shard 0, which went on
+    without the turn, had placed a.jpg's text under that freed name meanwhile, and its done
+    record then listed a missing file. Without the turn, a shard leaves such a name alone
+    (that input fails, and the next run places it); names nobody else had, it places."""
+    import infer_mp
+
+    src, out = dirs
+    write(src / "a.png", "gone")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+    write(src / "a.jpg", "a jpg")
+    write(src / "g7.png", "g7")
+    monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
+    with open(out / ".infer_mp.shard-1-of-2.lock", "a+") as shard1, open(out / infer_mp.PLACING_LOCK, "a+") as turn:
+        fcntl.flock(shard1, fcntl.LOCK_EX)  # shard 1 is running (as lock_held sees it), stopped in its turn
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 1
+    assert texts(out) == {"a.json": "gone", "g7.json": "g7"}
+    assert run_fake(src, out, "--shard", "1/2").code == 0  # (shard 1 retires a.png's leftover)
+    run = run_fake(src, out, "--shard", "0/2")
+    assert run.code == 0, run.stderr
+    assert texts(out) == {"a.json": "a jpg", "g7.json": "g7"}
+    assert_invariant(src, out, gone=("a.png",))
+
+
+def test_a_placing_lock_that_cannot_be_opened_costs_the_shards_only_its_protection(dirs):
+    """A folder where the shards' placing lock goes (a hand-made one): each shard's run ended in
+    a traceback as it came to retire a file."""
+    src, out = dirs
+    names = [f"g{number}.png" for number in range(3)]
+    for name in names:
+        write(src / name, name)
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-0-of-2.runlog.jsonl", "g0.png")
+    (src / "g0.png").unlink()
+    write(src / "g1.png", "g1 changed")
+    (out / ".infer_mp.placing.lock").unlink()  # (the first run made it)
+    (out / ".infer_mp.placing.lock").mkdir()
+    run = run_fake(src, out, "--shard", "0/2")
+    assert run.code == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    assert texts(out) == {"g1.json": "g1 changed", "g2.json": "g2.png"}
+    assert_invariant(src, out, gone=("g0.png",))
+
+
 def test_reading_another_shards_new_lines_leaves_this_runs_generation_as_it_is(tmp_path):
     """A shard that started after this run writes a higher generation: taken in mid-run (see
     Ledger.catch_up), it raised this run's own, so that its closing line no longer vouched for the
