@@ -351,6 +351,9 @@ def test_a_failure_recorded_by_a_run_that_was_then_stopped_is_reported_by_the_ne
     process = start_fake(src, out, "--instances_per_device", "2", *extra, env=env)
     wait_for(lambda: any(a_failure(r) for r in all_records(out)))
     process.signal_group(stop)
+    if stop == signal.SIGTERM:  # (and again, not to wait STOP_GRACE_SECONDS for z.png: stopped the same way)
+        process.wait_for_stderr("starting no new inputs")
+        process.signal_group(stop)
     process.communicate(timeout=60)
     recorded = [r for r in all_records(out) if r["input"].endswith(bad.name)]
     gate.touch()
