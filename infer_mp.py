@@ -2701,7 +2701,7 @@ class Ledger:
             if not turn:
                 raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: it was placed for {placement[1]!r}, "
                               f"and the shards' placing turn ({PLACING_LOCK}) {self._turn_missed}: not placed, "
-                              "as a shard may be retiring it; the next run places it")
+                              "as a shard may be retiring it; a later run that has the turn places it")
 
     def take_turn(self) -> bool:
         """A shard's run: the lock that the shards take in turn to check and write their placing
