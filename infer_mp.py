@@ -2251,6 +2251,7 @@ class Ledger:
         self._placing_lock: Any = None  # a shard's run: see take_turn
         self._turn = False  # ... this run holds it
         self._turn_missed = ""  # ... why this run could not have it, the last time it tried
+        self.put_off = False  # retiring put off for want of the turn: the log is not compacted (see choose_work)
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
 
@@ -2560,8 +2561,12 @@ class Ledger:
                 self.log.flush()
             holders = self.holders()
             # A shard beside this run may have placed one of them since it read the logs: read
-            # on, in the shards' placing turn, so that none can place one between that and the unlink.
-            ours = bool(self.beside) and self.dry is None and not self._turn and self.take_turn()
+            # on, in the shards' placing turn, so that none can place one between that and the
+            # unlink. Without the turn, nothing is retired (see put_off).
+            ours = bool(self.beside) and self.dry is None and not self._turn
+            if ours and not self.take_turn():
+                self.put_off = True
+                return
             try:
                 if self.beside:
                     self.catch_up()
@@ -2627,6 +2632,8 @@ class Ledger:
         `others` (those another shard's run may be placing now: see choose_work)."""
         for key in [key for key in self.placed if key not in others]:
             self.retire(key)
+            if self.put_off:  # (the rest too: each try would wait for the turn)
+                return
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -2705,24 +2712,29 @@ class Ledger:
 
     def take_turn(self) -> bool:
         """A shard's run: the lock that the shards take in turn to check and write their placing
-        lines (see check_not_taken), and to retire files (see retire). False if another holds it
-        past PLACING_LOCK_SECONDS (a stopped shard must not stop the others), or it cannot be
-        had: then done without (see check_not_taken), and until it is free again, tried once,
-        not waited for."""
+        lines (see check_not_taken), and to retire files (see retire). False if another shard
+        holds it past PLACING_LOCK_SECONDS (a stopped one must not stop the others; from then on
+        waited for LOCK_WAIT_SECONDS a try, until it is had again): see those two for what a
+        shard then does without it."""
         if self._turn:
             return True
+        seconds = LOCK_WAIT_SECONDS if self._turn_missed else PLACING_LOCK_SECONDS
         try:
-            if self._placing_lock is None:
-                self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
-            take_lock(self._placing_lock, fcntl.LOCK_EX, 0.0 if self._turn_missed else PLACING_LOCK_SECONDS)
-        except BlockingIOError:
-            self._turn_missed = f"is held by another shard past {PLACING_LOCK_SECONDS:g} s (a shard stopped?)"
-            return False
+            take_lock(self._placing_lock, fcntl.LOCK_EX, seconds)
         except OSError as error:
-            self._turn_missed = f"cannot be had ({error.strerror})"
+            self._turn_missed = (f"is held by another shard (waited for {seconds:g} s: a shard stopped?)"
+                                 if isinstance(error, BlockingIOError) else f"cannot be had ({error.strerror})")
             return False
         self._turn, self._turn_missed = True, ""
         return True
+
+    def open_turn(self) -> None:
+        """A shard's run, as it starts: the shards' placing lock opened (see take_turn), so that
+        one that cannot be is said before any work."""
+        try:
+            self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
+        except OSError as error:
+            raise cannot_write(f"the shards' placing lock {os.path.join(self.root, PLACING_LOCK)!r}", error) from None
 
     def end_turn(self) -> None:
         if self._turn:
@@ -5975,7 +5987,8 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     ledger.protected.update(task.path for task in planned)
     ledger.dry = None if locked else []  # (--dry_run: what finishing a killed run's work would delete, listed)
     ledger.reconcile(others_placing(config, planned, ledger))  # finish what a killed run left half-done
-    if locked and (ledger.worth_compacting or has_second_name(config.run_log)):  # ... and keep the log short
+    # ... and keep the log short (not while retiring is put off: the lines that say what to retire stay)
+    if locked and not ledger.put_off and (ledger.worth_compacting or has_second_name(config.run_log)):
         ledger.compact(config.run_log, run_tag(config.shard))
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]
@@ -5992,6 +6005,8 @@ def others_placing(config: Config, planned: list[Task], ledger: Ledger) -> set[s
         return set()
     index, count = config.shard
     ledger.beside = [default_run_log(config.output_dir, (other, count)) for other in range(count) if other != index]
+    if ledger.dry is None:
+        ledger.open_turn()
     others = {task.path for task in planned if not in_shard(task, config.shard)}
     if running := shards_running(config):
         others |= ledger.placed_in_logs_of(running, set(ledger.placed) - {task.path for task in planned})

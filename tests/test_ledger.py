@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -1311,38 +1312,90 @@ def test_no_shard_places_a_file_between_another_shards_last_look_at_the_logs_and
     assert_invariant(src, out, gone=("a.png",))
 
 
-def test_a_placing_turn_held_by_a_stopped_shard_is_waited_for_once(dirs, monkeypatch):
+def gone_leftovers(src: Path, out: Path, names: list[str]) -> None:
+    """Shard 0 did these inputs, was killed before their done records reached its log, and the
+    inputs were deleted since: their files are leftovers for shard 0 to retire."""
+    assert {zlib.crc32(name.encode()) % 2 for name in names} == {0}
+    for name in names:
+        write(src / name, name)
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    for name in names:
+        drop_last_done_record(out / "infer_mp.shard-0-of-2.runlog.jsonl", name)
+        (src / name).unlink()
+
+
+def counted_placing_waits(monkeypatch, before=None) -> list[float]:
+    """The waits of this process's tries for the shards' placing turn, in order, each after
+    `before(number of the try)` if given."""
+    import infer_mp
+
+    waits: list[float] = []
+    take_lock = infer_mp.take_lock
+
+    def counted(handle, mode, seconds=infer_mp.LOCK_WAIT_SECONDS):
+        if os.path.basename(handle.name) != infer_mp.PLACING_LOCK:
+            return take_lock(handle, mode, seconds)
+        waits.append(seconds)
+        if before:
+            before(len(waits))
+        return take_lock(handle, mode, seconds)
+
+    monkeypatch.setattr(infer_mp, "take_lock", counted)
+    return waits
+
+
+def test_a_placing_turn_held_by_a_stopped_shard_costs_one_wait_and_puts_retiring_off(dirs, monkeypatch):
     """A shard stopped while it holds the placing turn (Slurm suspends with SIGSTOP) must not
-    stop the others, nor cost them PLACING_LOCK_SECONDS per input: after one wait, they go on
-    without the turn, trying it once each time, and still retire what is theirs to retire."""
+    stop the others, nor cost them PLACING_LOCK_SECONDS per input; nor may they retire files
+    without the turn (between their last look at the logs and the unlink, the stopped shard,
+    resumed, may place one): they put retiring off to a later run, and place what no other
+    input had."""
     import infer_mp
 
     src, out = dirs
     gone = [f"g{number}.png" for number in range(3)]
-    assert {zlib.crc32(name.encode()) % 2 for name in gone} == {0}
-    for name in gone:
-        write(src / name, name)
-    assert run_fake(src, out, "--shard", "0/2").code == 0
-    for name in gone:
-        drop_last_done_record(out / "infer_mp.shard-0-of-2.runlog.jsonl", name)
-        (src / name).unlink()
+    gone_leftovers(src, out, gone)
     write(src / "g7.png", "kept")
     monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
-    waits = []
-    take_lock = infer_mp.take_lock
-
-    def counted(handle, mode, seconds=infer_mp.LOCK_WAIT_SECONDS):
-        if os.path.basename(handle.name) == infer_mp.PLACING_LOCK:
-            waits.append(seconds)
-        take_lock(handle, mode, seconds)
-
-    monkeypatch.setattr(infer_mp, "take_lock", counted)
+    waits = counted_placing_waits(monkeypatch)
     with open(out / infer_mp.PLACING_LOCK, "a+") as stopped_shard:
         fcntl.flock(stopped_shard, fcntl.LOCK_EX)
         assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0
-    assert len(waits) == 4 and waits.count(0.2) == 1, waits
+    assert waits == [0.2, infer_mp.LOCK_WAIT_SECONDS], waits
+    assert sorted(texts(out)) == ["g0.json", "g1.json", "g2.json", "g7.json"]
+    assert run_fake(src, out, "--shard", "0/2").code == 0
     assert sorted(texts(out)) == ["g7.json"]
     assert_invariant(src, out, gone=gone)
+
+
+def test_after_a_missed_turn_a_turn_held_for_a_moment_is_waited_for(dirs, monkeypatch):
+    """Once a shard had missed the turn, it tried it without waiting: a healthy shard holding it
+    for its usual moment made this one refuse a name (exit 1, "a shard stopped?")."""
+    import infer_mp
+
+    src, out = dirs
+    gone_leftovers(src, out, ["g0.png"])
+    write(src / "a.png", "gone")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+    write(src / "a.jpg", "a jpg")
+    monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
+    other = open(out / infer_mp.PLACING_LOCK, "a+")
+    fcntl.flock(other, fcntl.LOCK_EX)  # held past the wait of the first try, then for a moment
+
+    def before(number):
+        if number == 2:
+            fcntl.flock(other, fcntl.LOCK_UN)
+            fcntl.flock(other, fcntl.LOCK_EX)
+            threading.Timer(0.05, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+
+    waits = counted_placing_waits(monkeypatch, before)
+    with other, open(out / ".infer_mp.shard-1-of-2.lock", "a+") as shard1:
+        fcntl.flock(shard1, fcntl.LOCK_EX)  # shard 1 is running (as lock_held sees it)
+        assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0
+    assert len(waits) >= 2 and waits[1] == infer_mp.LOCK_WAIT_SECONDS, waits
+    assert texts(out).get("a.json") == "a jpg"
 
 
 def test_without_the_placing_turn_a_shard_takes_no_name_that_was_another_inputs(dirs, monkeypatch):
@@ -1373,23 +1426,24 @@ def test_without_the_placing_turn_a_shard_takes_no_name_that_was_another_inputs(
     assert_invariant(src, out, gone=("a.png",))
 
 
-def test_a_placing_lock_that_cannot_be_opened_costs_the_shards_only_its_protection(dirs):
+def test_a_placing_lock_that_cannot_be_opened_is_said_before_a_shard_does_anything(dirs):
     """A folder where the shards' placing lock goes (a hand-made one): each shard's run ended in
     a traceback as it came to retire a file."""
     src, out = dirs
-    names = [f"g{number}.png" for number in range(3)]
-    for name in names:
-        write(src / name, name)
-    assert run_fake(src, out, "--shard", "0/2").code == 0
-    drop_last_done_record(out / "infer_mp.shard-0-of-2.runlog.jsonl", "g0.png")
-    (src / "g0.png").unlink()
-    write(src / "g1.png", "g1 changed")
-    (out / ".infer_mp.placing.lock").unlink()  # (the first run made it)
-    (out / ".infer_mp.placing.lock").mkdir()
+    gone_leftovers(src, out, ["g0.png"])
+    write(src / "g1.png", "g1")
+    lock = out / ".infer_mp.placing.lock"
+    lock.unlink()  # (the first run made it)
+    lock.mkdir()
+    before = texts(out)
     run = run_fake(src, out, "--shard", "0/2")
-    assert run.code == 0, run.stderr
-    assert "Traceback" not in run.stderr
-    assert texts(out) == {"g1.json": "g1 changed", "g2.json": "g2.png"}
+    assert run.code == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"cannot write the shards' placing lock {str(lock)!r}: Is a directory" in run.stderr
+    assert texts(out) == before
+    assert run_fake(src, out, "--shard", "0/2", "--dry_run").code == 0
+    lock.rmdir()
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    assert texts(out) == {"g1.json": "g1"}
     assert_invariant(src, out, gone=("g0.png",))
 
 
