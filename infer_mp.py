@@ -81,6 +81,7 @@ import enum
 import errno
 import fcntl
 import fnmatch
+import functools
 import gc
 import glob
 import importlib
@@ -1734,7 +1735,7 @@ class Task:
     pages: tuple[int, int] | None = None  # a range of them, [start, stop): see split_documents
     alone: bool = False  # a weak page read again: a range never merged with others (see Reading)
 
-    @property
+    @functools.cached_property  # (asked for about five times a task: once per Task made)
     def paged(self) -> bool:
         """A PDF or TIFF: its outputs are `{out_base}_{page}.json`, an image's `{out_base}.json`."""
         return os.path.splitext(self.path)[1].lower() in PAGED_SUFFIXES
@@ -5585,6 +5586,8 @@ class Report:
         and whether this pass failed them: this pass read them no better (see better_reading)
         or failed them. Noted in self.kept, and said once the task is done. A kept reading stays
         weak, unless this run's --min_page_score passes it."""
+        if not self.weak_readings:
+            return {}
         task = done.task
         figures = dict(zip(pages_read(done) or (), done.quality))
         kept: dict[int | None, tuple[str, bool]] = {}
