@@ -24,11 +24,13 @@ import platform
 import random
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -459,15 +461,30 @@ for path in paths:
 """
 
 
+def tiny_png() -> bytes:
+    """A valid 1 x 1 grey PNG (67 bytes), made without Pillow."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1 x 1, 8-bit grey
+    pixels = zlib.compress(b"\0\x80")  # one row: no filter, grey 128
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
 def write_tiny_inputs(folder: Path, count: int, per_folder: int = 1000) -> list[str]:
-    marker = folder / f".complete-{count}"
+    """`count` real 1 x 1 PNGs in nested folders. (Until 2026-12-03 they were one-letter text
+    files named .png: Pillow, asked for an image's size by infer_mp.py's --max_image_pixels
+    check, then tried every format it knows on each, about 0.2 ms of worker time an input that
+    no real image costs.)"""
+    marker = folder / f".complete-png-{count}"
     paths = [str(folder / f"d{i // per_folder:04d}" / f"s{i // 100 % 10}" / f"f{i:07d}.png") for i in range(count)]
     if not marker.exists():
         shutil.rmtree(folder, ignore_errors=True)
+        image = tiny_png()
         for path in paths:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as handle:
-                handle.write("x")
+            with open(path, "wb") as handle:
+                handle.write(image)
         marker.touch()
     return paths
 
