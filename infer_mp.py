@@ -81,7 +81,6 @@ import enum
 import errno
 import fcntl
 import fnmatch
-import functools
 import gc
 import glob
 import importlib
@@ -1734,11 +1733,12 @@ class Task:
     page_count: int | None = None  # a document's pages, read before dispatch (see count_pages)
     pages: tuple[int, int] | None = None  # a range of them, [start, stop): see split_documents
     alone: bool = False  # a weak page read again: a range never merged with others (see Reading)
+    # A PDF or TIFF: its outputs are `{out_base}_{page}.json`, an image's `{out_base}.json`. (Set
+    # once per Task made, not a property: it is asked for about five times a task.)
+    paged: bool = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property  # (asked for about five times a task: once per Task made)
-    def paged(self) -> bool:
-        """A PDF or TIFF: its outputs are `{out_base}_{page}.json`, an image's `{out_base}.json`."""
-        return os.path.splitext(self.path)[1].lower() in PAGED_SUFFIXES
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paged", os.path.splitext(self.path)[1].lower() in PAGED_SUFFIXES)
 
     @property
     def page_numbers(self) -> range:

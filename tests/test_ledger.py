@@ -1011,6 +1011,15 @@ def drop_last_done_record(log: Path, name: str) -> None:
     log.write_text("".join(lines[:last] + lines[last + 1:]))
 
 
+def shard1_left_a_json(src: Path, out: Path) -> None:
+    """A killed run of shard 1 left a.json for a.png, deleted since: a leftover for shard 1 to
+    retire, under a name that another input may take."""
+    write(src / "a.png", "gone")
+    assert run_fake(src, out, "--shard", "1/2").code == 0
+    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
+    (src / "a.png").unlink()
+
+
 def test_a_version_placed_over_a_done_one_and_killed_before_its_record_is_redone(dirs):
     """Killed after a changed input's new text was renamed over its output, before its record
     reached the file: the output held the new text under the old version's done record, so the
@@ -1214,10 +1223,7 @@ def test_retiring_a_gone_inputs_leftover_spares_a_name_another_shard_placed_sinc
     a.png's leftover, must not delete the file a.jpg's record is about to list."""
     src, out = dirs
     assert [zlib.crc32(name.encode()) % 2 for name in ("a.png", "b.png", "a.jpg", "h.png")] == [1, 1, 0, 0]
-    write(src / "a.png", "gone")
-    assert run_fake(src, out, "--shard", "1/2").code == 0
-    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
-    (src / "a.png").unlink()
+    shard1_left_a_json(src, out)
     write(src / "b.png", "WAIT")
     go1, go0 = tmp_path / "go1", tmp_path / "go0"
     shard1 = start_fake(src, out, "--shard", "1/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go1)})
@@ -1249,10 +1255,7 @@ def test_a_file_another_shard_placed_after_this_run_read_the_logs_is_not_retired
     import infer_mp
 
     src, out = dirs
-    write(src / "a.png", "gone")
-    assert run_fake(src, out, "--shard", "1/2").code == 0
-    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
-    (src / "a.png").unlink()
+    shard1_left_a_json(src, out)
     write(src / "a.jpg", "WAIT a jpg")
     go = tmp_path / "go"
     env = {"FAKE_PIPELINE_WAIT_FILE": str(go)}
@@ -1287,10 +1290,7 @@ def test_no_shard_places_a_file_between_another_shards_last_look_at_the_logs_and
     import infer_mp
 
     src, out = dirs
-    write(src / "a.png", "gone")
-    assert run_fake(src, out, "--shard", "1/2").code == 0
-    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
-    (src / "a.png").unlink()
+    shard1_left_a_json(src, out)
     write(src / "a.jpg", "WAIT a jpg")
     go = tmp_path / "go"
     shard0 = start_fake(src, out, "--shard", "0/2", env={"FAKE_PIPELINE_WAIT_FILE": str(go)})
@@ -1375,10 +1375,7 @@ def test_after_a_missed_turn_a_turn_held_for_a_moment_is_waited_for(dirs, monkey
 
     src, out = dirs
     gone_leftovers(src, out, ["g0.png"])
-    write(src / "a.png", "gone")
-    assert run_fake(src, out, "--shard", "1/2").code == 0
-    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
-    (src / "a.png").unlink()
+    shard1_left_a_json(src, out)
     write(src / "a.jpg", "a jpg")
     monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
     other = open(out / infer_mp.PLACING_LOCK, "a+")
@@ -1407,10 +1404,7 @@ def test_without_the_placing_turn_a_shard_takes_no_name_that_was_another_inputs(
     import infer_mp
 
     src, out = dirs
-    write(src / "a.png", "gone")
-    assert run_fake(src, out, "--shard", "1/2").code == 0
-    drop_last_done_record(out / "infer_mp.shard-1-of-2.runlog.jsonl", "a.png")
-    (src / "a.png").unlink()
+    shard1_left_a_json(src, out)
     write(src / "a.jpg", "a jpg")
     write(src / "g7.png", "g7")
     monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
