@@ -5990,8 +5990,9 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     ledger.protected.update(task.path for task in planned)
     ledger.dry = None if locked else []  # (--dry_run: what finishing a killed run's work would delete, listed)
     ledger.reconcile(others_placing(config, planned, ledger))  # finish what a killed run left half-done
-    # ... and keep the log short (not while retiring is put off: the lines that say what to retire stay)
-    if locked and not ledger.put_off and (ledger.worth_compacting or has_second_name(config.run_log)):
+    # ... and keep the log short (not while retiring is put off: the lines that say what to retire
+    # stay), and its own (a hard-linked backup's copy must not grow)
+    if locked and (has_second_name(config.run_log) or (ledger.worth_compacting and not ledger.put_off)):
         ledger.compact(config.run_log, run_tag(config.shard))
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]

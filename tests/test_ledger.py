@@ -1368,6 +1368,29 @@ def test_a_placing_turn_held_by_a_stopped_shard_costs_one_wait_and_puts_retiring
     assert_invariant(src, out, gone=gone)
 
 
+def test_a_hard_linked_log_gets_a_file_of_its_own_while_retiring_is_put_off(dirs, tmp_path, monkeypatch):
+    """A backup made with `cp -al` shares the shard's log: the run gives the log a file of its own
+    before it appends, also when it puts retiring off (and otherwise leaves the log uncompacted)."""
+    import infer_mp
+
+    src, out = dirs
+    gone_leftovers(src, out, ["g0.png"])
+    log = out / "infer_mp.shard-0-of-2.runlog.jsonl"
+    backup = tmp_path / "backup.jsonl"
+    os.link(log, backup)
+    kept = backup.read_bytes()
+    write(src / "g7.png", "g7")
+    monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
+    with open(out / infer_mp.PLACING_LOCK, "a+") as stopped_shard:
+        fcntl.flock(stopped_shard, fcntl.LOCK_EX)
+        assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0
+    assert backup.read_bytes() == kept
+    assert "g0.json" in texts(out)
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    assert sorted(texts(out)) == ["g7.json"]
+    assert_invariant(src, out, gone=("g0.png",))
+
+
 def test_after_a_missed_turn_a_turn_held_for_a_moment_is_waited_for(dirs, monkeypatch):
     """Once a shard had missed the turn, it tried it without waiting: a healthy shard holding it
     for its usual moment made this one refuse a name (exit 1, "a shard stopped?")."""
