@@ -2765,7 +2765,8 @@ class Ledger:
         `placing` record for files it placed that could not be retired), atomically: a kill
         leaves the old log or the new one, never half of one. Run under the run lock, after
         reconcile, before this run appends. A closing `run` line is not kept: no-op reruns leave
-        the log's size bounded."""
+        the log's size bounded. While retiring is put off (see put_off), every line is kept: the
+        old lines say what is still to retire."""
         own = self.own_index
         wanted = set()
         for key in self.keys():
@@ -2800,7 +2801,7 @@ class Ledger:
         try:
             with open(path, "rb") as reader, open(temporary, "wb") as writer:
                 for number, line in enumerate(reader):
-                    if number in wanted:
+                    if number in wanted or self.put_off:
                         writer.write(line if line.endswith(b"\n") else line + b"\n")
                 writer.writelines(extra)
                 writer.flush()
@@ -5990,8 +5991,8 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     ledger.protected.update(task.path for task in planned)
     ledger.dry = None if locked else []  # (--dry_run: what finishing a killed run's work would delete, listed)
     ledger.reconcile(others_placing(config, planned, ledger))  # finish what a killed run left half-done
-    # ... and keep the log short (not while retiring is put off: the lines that say what to retire
-    # stay), and its own (a hard-linked backup's copy must not grow)
+    # ... and keep the log short (not while retiring is put off), and its own (a hard-linked
+    # backup's copy must not grow)
     if locked and (has_second_name(config.run_log) or (ledger.worth_compacting and not ledger.put_off)):
         ledger.compact(config.run_log, run_tag(config.shard))
     planned = avoid_claimed_names(planned, ledger, folded)

@@ -1370,25 +1370,29 @@ def test_a_placing_turn_held_by_a_stopped_shard_costs_one_wait_and_puts_retiring
 
 def test_a_hard_linked_log_gets_a_file_of_its_own_while_retiring_is_put_off(dirs, tmp_path, monkeypatch):
     """A backup made with `cp -al` shares the shard's log: the run gives the log a file of its own
-    before it appends, also when it puts retiring off (and otherwise leaves the log uncompacted)."""
+    before it appends, also when it puts retiring off; and then keeps every line of it (a
+    compacted copy had lost the lines that said a shortened PDF's last page was still to retire,
+    so that it stayed for good)."""
     import infer_mp
 
     src, out = dirs
-    gone_leftovers(src, out, ["g0.png"])
-    log = out / "infer_mp.shard-0-of-2.runlog.jsonl"
-    backup = tmp_path / "backup.jsonl"
-    os.link(log, backup)
-    kept = backup.read_bytes()
-    write(src / "g7.png", "g7")
+    assert zlib.crc32(b"d0.pdf") % 2 == 0
+    write(src / "d0.pdf", pdf_bytes(["page a", "page b", "page c"]))
+    assert run_fake(src, out, "--shard", "0/2").code == 0
+    write(src / "d0.pdf", pdf_bytes(["page a", "page b"]))
+    log, backup = out / "infer_mp.shard-0-of-2.runlog.jsonl", tmp_path / "backup.jsonl"
     monkeypatch.setattr(infer_mp, "PLACING_LOCK_SECONDS", 0.2)
     with open(out / infer_mp.PLACING_LOCK, "a+") as stopped_shard:
         fcntl.flock(stopped_shard, fcntl.LOCK_EX)
+        assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0  # (d0_2.json: retiring put off)
+        os.link(log, backup)
+        kept = backup.read_bytes()
         assert infer_mp.main(fake_args(src, out, "--shard", "0/2")) == 0
     assert backup.read_bytes() == kept
-    assert "g0.json" in texts(out)
+    assert "d0_2.json" in texts(out)
     assert run_fake(src, out, "--shard", "0/2").code == 0
-    assert sorted(texts(out)) == ["g7.json"]
-    assert_invariant(src, out, gone=("g0.png",))
+    assert sorted(texts(out)) == ["d0_0.json", "d0_1.json"]
+    assert_invariant(src, out)
 
 
 def test_after_a_missed_turn_a_turn_held_for_a_moment_is_waited_for(dirs, monkeypatch):
