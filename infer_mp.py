@@ -2732,10 +2732,11 @@ class Ledger:
     def open_turn(self) -> None:
         """A shard's run, as it starts: the shards' placing lock opened (see take_turn), so that
         one that cannot be is said before any work."""
+        path = os.path.join(self.root, PLACING_LOCK)
         try:
-            self._placing_lock = open(os.path.join(self.root, PLACING_LOCK), "a+")
+            self._placing_lock = open(path, "a+")
         except OSError as error:
-            raise cannot_write(f"the shards' placing lock {os.path.join(self.root, PLACING_LOCK)!r}", error) from None
+            raise cannot_write(f"the shards' placing lock {path!r}", error) from None
 
     def end_turn(self) -> None:
         if self._turn:
