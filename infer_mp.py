@@ -678,7 +678,30 @@ def checked_run_log(spelled: Path, output_dir: Path) -> Path:
     if real.exists() and not real.is_file():
         raise UsageError(f"--run_log {str(spelled)!r} is not a regular file; give a file path "
                          "(it is read and appended to)")
+    if not a_run_log(real):
+        raise UsageError(f"--run_log {str(spelled)!r} holds something else (its first line is not an infer_mp.py "
+                         "record, and compacting would drop every such line); give a path of its own, e.g. run.jsonl")
     return real
+
+
+def a_run_log(path: Path) -> bool:
+    """Is the file missing, empty, or a run log: its first line a record (every version's
+    starts RECORD_START), or one cut short by a kill (a part of a record's start)?"""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(RUN_LOG_PROBE_BYTES)
+    except FileNotFoundError:
+        return True
+    except OSError as error:
+        raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        record = None
+    if type(record) is dict:
+        return bool(record.keys() & {"time", "input", "run"})
+    cut = first.rstrip(b"\n")
+    return first == b"" or (cut != b"" and (RECORD_START.startswith(cut) or cut.startswith(RECORD_START)))
 
 
 def shard_suffix(index: int, count: int) -> str:
@@ -2101,6 +2124,8 @@ def plan_tasks(root: str | Path, output_dir: str | Path, paths: list[str], folde
 
 DONE, FAILED, PLACING = "done", "failed", "placing"
 FOLDER_CLAIM = ""  # the holder of a name that an output folder takes (see Ledger.json_owners): no input
+RECORD_START = b'{"time": '  # how every line of a run log starts (json.dumps, "time" first)
+RUN_LOG_PROBE_BYTES = 1 << 20  # read of a run log's first line to tell it is one (see a_run_log)
 RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
 BOOKKEEPING_PREFIX = ".infer_mp"  # the lock files, the staging folder: never outputs
 STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here, and rename into place when told

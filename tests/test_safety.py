@@ -287,6 +287,31 @@ def test_a_run_log_that_is_not_a_file_is_refused(dirs):
     assert run.code == 2 and "--run_log" in run.stderr and "not a regular file" in run.stderr
 
 
+@pytest.mark.parametrize("dry", [False, True])
+def test_a_run_log_that_holds_something_else_is_refused_and_kept(dirs, tmp_path, dry):
+    """--run_log ocr-cron.log (the cron job's own log): compaction kept only its JSON lines,
+    so 1,200 lines of someone's log were wiped; a short one got records appended."""
+    src, out = dirs
+    make_inputs(src, 2)
+    cron_log = tmp_path / "ocr-cron.log"
+    cron_log.write_text("".join(f"2026-12-0{n % 9 + 1} 03:00 ocr tick {n}\n" for n in range(1200)))
+    before = cron_log.read_bytes()
+    run = run_fake(src, out, "--run_log", str(cron_log), *(["--dry_run"] if dry else []))
+    assert run.code == 2 and "--run_log" in run.stderr and "holds something else" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert cron_log.read_bytes() == before and not any(out.rglob("*.json"))
+
+
+@pytest.mark.parametrize("first", [b"", b'{"ti', b'{"time": "2026-12-0'])
+def test_a_run_log_whose_first_line_a_kill_cut_short_is_still_a_run_log(dirs, tmp_path, first):
+    src, out = dirs
+    make_inputs(src, 2)
+    log = tmp_path / "run.jsonl"
+    log.write_bytes(first)
+    run = run_fake(src, out, "--run_log", str(log))
+    assert run.code == 0 and "2 done" in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("where", ["in/a.png", "out/.infer_mp.lock", "out/.infer_mp.staging",
                                    "out/.infer_mp.staging/log.jsonl", "out/.infer_mp.shard-0-of-2.lock",
                                    "logs/.other.jsonl.log.lock", "out/a.json", "out/a.md"])
