@@ -107,7 +107,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 PROG = "infer_mp.py"
 
@@ -1806,20 +1806,38 @@ def file_identity(path: str) -> tuple[int, int] | None:
 
 
 def one_path_per_file(identities: dict[str, tuple[int, int] | None],
-                      not_inputs: frozenset[tuple[int, int]] = frozenset()) -> tuple[list[str], int]:
+                      not_inputs: frozenset[tuple[int, int]] = frozenset(),
+                      recorded: Callable[[str], bool] = lambda key: False) -> tuple[list[str], int]:
     """Sorted, with each file once: a symlink beside its target, or a file reached through a
-    linked folder, is the same input. The first path in sorted order is kept. Paths that are
-    not files (listed but missing) are kept: they fail later, named. Files in `not_inputs`
-    (the run log, which a link among the inputs may reach) are dropped."""
-    kept, seen, dropped = [], set(not_inputs), 0
+    linked folder, is the same input. The first path in sorted order is kept, unless paths of
+    the file are inputs of earlier runs (`recorded`, by input_key): those are kept, each with its
+    own outputs, so that a link added beside a done input never takes its place (its outputs
+    would then keep their old text when it changes). Paths that are not files (listed but
+    missing) are kept: they fail later, named. Files in `not_inputs` (the run log, which a link
+    among the inputs may reach) are dropped."""
+    kept, dropped = [], 0
+    files: dict[tuple[int, int], list[str]] = defaultdict(list)
     for path in sorted(identities):
         identity = identities[path]
-        if identity is not None and identity in seen:
+        if identity is None:
+            kept.append(path)
+        elif identity in not_inputs:
             dropped += 1
-            continue
-        seen.add(identity)
-        kept.append(path)
-    return kept, dropped
+        else:
+            files[identity].append(path)
+    for paths in files.values():
+        chosen = paths[:1]
+        if len(paths) > 1:  # (rare: a realpath per path only here)
+            by_key = {input_key(path): path for path in reversed(paths)}  # (the first path of each key)
+            chosen = sorted(path for key, path in by_key.items() if recorded(key)) or chosen
+        kept.extend(chosen)
+        dropped += len(paths) - len(chosen)
+    return sorted(kept), dropped
+
+
+def input_key(path: str) -> str:
+    """The key of an input's records: its name in its folder's real path (see plan_tasks)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 def path_identity(path: str) -> tuple[int, int] | None:
@@ -1927,7 +1945,8 @@ def glob_matches(input_dir: str, pattern: str, output: OutputFolder) -> list[tup
 
 
 def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recursive: bool = False,
-                not_inputs: frozenset[tuple[int, int]] = frozenset()) -> InputSelection:
+                not_inputs: frozenset[tuple[int, int]] = frozenset(),
+                recorded: Callable[[str], bool] = lambda key: False) -> InputSelection:
     """Files matching any pattern; `recursive` matches each (a NAME) in every subfolder.
     Directories are never inputs, nor is anything in the output folder (see OutputFolder), and
     with the default pattern only the types the pipeline reads are taken; everything passed
@@ -1950,7 +1969,7 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recu
                 ignored += 1
             else:
                 identities[path] = identity
-    unique, duplicates = one_path_per_file(identities, not_inputs)
+    unique, duplicates = one_path_per_file(identities, not_inputs, recorded)
     return InputSelection(unique, input_dir, ignored + duplicates, tuple(sorted(set(unlisted))))
 
 
@@ -1998,7 +2017,8 @@ class ListedPaths:
 
 
 def read_input_list(source: str, input_dir: str | None, output_dir: str,
-                    not_inputs: frozenset[tuple[int, int]] = frozenset()) -> InputSelection:
+                    not_inputs: frozenset[tuple[int, int]] = frozenset(),
+                    recorded: Callable[[str], bool] = lambda key: False) -> InputSelection:
     """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
     folder, each placed by itself (see ListedPaths)."""
     try:
@@ -2012,19 +2032,21 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str,
     placed = {listed.place(path) for path in sorted(unique)}
     ignored = len(unique) - len(placed - {None})  # in the output folder, or two spellings of one path
     paths, duplicates = one_path_per_file({path: file_identity(path) for path in placed if path is not None},
-                                          not_inputs)
+                                          not_inputs, recorded)
     return InputSelection(paths, listed.root, ignored + duplicates)
 
 
-def find_inputs(config: Config) -> InputSelection:
+def find_inputs(config: Config, recorded: Callable[[str], bool] = lambda key: False) -> InputSelection:
     """The inputs: never the run log nor a lock file, wherever they are (an --input_dir that
-    holds the --run_log holds its lock too)."""
+    holds the --run_log holds its lock too). `recorded`: which inputs have records (see
+    one_path_per_file)."""
     input_dir = str(config.input_dir) if config.input_dir is not None else None
     own = [config.run_log, run_log_lock(config.run_log), config.lock_file]
     not_inputs = frozenset(filter(None, (file_identity(str(path)) for path in own)))
     if config.input_list is not None:
-        return read_input_list(config.input_list, input_dir, str(config.output_dir), not_inputs)
-    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive, not_inputs)
+        return read_input_list(config.input_list, input_dir, str(config.output_dir), not_inputs, recorded)
+    return glob_inputs(input_dir, config.input_glob_patterns, str(config.output_dir), config.recursive, not_inputs,
+                       recorded)
 
 
 def relative_to_root(path: str, root: str) -> str:
@@ -2499,6 +2521,10 @@ class Ledger:
 
     def keys(self) -> set[str]:
         return {*self.latest, *self.ranges}
+
+    def recorded(self, key: str) -> bool:
+        """Has an earlier run a record of this input (see one_path_per_file)?"""
+        return key in self.latest or key in self.ranges
 
     def not_placed(self, selection: InputSelection) -> InputSelection:
         """The inputs less the files the tool placed, which an input folder inside the output
@@ -6005,9 +6031,9 @@ def probe_run_log(path: Path, output_dir: Path) -> None:
 def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task], WorkSelection]:
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
-    selection = find_inputs(config)
-    folded = locked and case_insensitive(config.output_dir)
     ledger = Ledger.read(config)
+    selection = find_inputs(config, ledger.recorded)
+    folded = locked and case_insensitive(config.output_dir)
     selection = ledger.not_placed(selection)
     ledger.protected.update(selection.paths)  # never deleted
     planned = plan_tasks(selection.root, config.output_dir, selection.paths, folded)

@@ -208,6 +208,41 @@ def test_symlinks_followed_and_each_file_done_once(dirs):
     assert texts == ["A", "B", "T"]
 
 
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_link_added_beside_a_done_input_never_takes_its_place(dirs, link):
+    """`ln -s b.png in/a.png` after b.png was done: a.png sorted first, so b.png was passed
+    over as its duplicate, and once b.png changed, b.json kept its first text for good."""
+    src, out = dirs
+    write(src / "b.png", "v1")
+    assert run_fake(src, out).code == 0
+    if link == "symbolic":
+        os.symlink("b.png", src / "a.png")
+    else:
+        os.link(src / "b.png", src / "a.png")
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 skipped" in run.stderr and "1 ignored" in run.stderr, run.stderr
+    write(src / "b.png", "v2")  # (in place: the hard link sees it too)
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 done" in run.stderr, run.stderr
+    assert json.loads((out / "b.json").read_text())["text"] == "v2" and not (out / "a.json").exists()
+    assert_invariant(src, out)
+
+
+def test_a_done_input_replaced_by_a_link_to_another_keeps_its_name(dirs):
+    """Both names were inputs of an earlier run: each stays one, with its own outputs, so
+    a.json never keeps the text of the a.png that is gone."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    write(src / "b.png", "B")
+    assert run_fake(src, out).code == 0
+    (src / "a.png").unlink()
+    os.symlink("b.png", src / "a.png")
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 done" in run.stderr and "1 skipped" in run.stderr, run.stderr
+    assert json.loads((out / "a.json").read_text())["text"] == "B"
+    assert_invariant(src, out)
+
+
 def test_symlink_loop_under_recursion_terminates(dirs):
     src, out = dirs
     write(src / "a" / "x.png")
