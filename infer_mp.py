@@ -2302,6 +2302,7 @@ class Ledger:
         self.put_off = False  # retiring put off for want of the turn: the log is not compacted (see choose_work)
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
+        self.still_ours: Callable[[], bool] = lambda: True  # is the root the folder this run locked? (see RunLock)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -2656,6 +2657,7 @@ class Ledger:
             if self.dry is not None:
                 self.dry.append(rel)
                 return True
+            self.check_still_ours()
             os.unlink(path)
         except FileNotFoundError:
             return True
@@ -2729,6 +2731,7 @@ class Ledger:
         """One `placing` line for the files of a batch's tasks (see prepare), and the log
         flushed: in the file before any of them is renamed. In this run it matters only to
         what retire() may delete (see add)."""
+        self.check_still_ours()
         if self._placing:
             self.log.write_placing(self._placing, self.generation)
             for key, outputs, extras in self._placing:
@@ -2736,6 +2739,13 @@ class Ledger:
             self._placing = []
         self.log.flush()
         self.end_turn()
+
+    def check_still_ours(self) -> None:
+        """Stop (exit 74) before placing or deleting anything in an output folder that is no
+        longer the one this run locked (see RunLock.still_ours)."""
+        if not self.still_ours():
+            raise OutputFailed(f"--output_dir {self.root!r} was deleted or moved while this run used it (its lock "
+                               "file is gone); placing and deleting nothing more in it: rerun to finish")
 
     def check_not_taken(self, task: Task, rels: list[str]) -> None:
         """A shard's run: has another shard placed one of these names for another input since
@@ -3472,9 +3482,22 @@ class RunLock:
             self.release()
             raise
 
+    def still_ours(self) -> bool:
+        """Is --output_dir still the folder this run locked? One deleted (`rm -rf out`) or moved
+        away while the run works has no lock file of ours: another run may lock the new one,
+        where this run's placing and retiring would overwrite or delete that run's files."""
+        try:
+            held = os.fstat(self.handles[self.folder_handle].fileno())
+            there = os.stat(self.lock_path)
+        except (OSError, IndexError):
+            return False
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
     def _take_folder(self, config: Config) -> None:
+        self.lock_path = config.lock_file
         if config.shard is None:
             self._take(config.lock_file, fcntl.LOCK_EX, "another infer_mp.py run{holder} is using")
+            self.folder_handle = len(self.handles) - 1
             self._write_pid(self.handles[-1])
             return
         main = self.output_dir / LOCK_NAME
@@ -3486,6 +3509,7 @@ class RunLock:
         self._refuse_other_counts(count)
         self._take(config.lock_file, fcntl.LOCK_EX,
                    f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
+        self.folder_handle = len(self.handles) - 1
         self._write_pid(self.handles[-1])
 
     def _take(self, path: Path, mode: int, refusal: str, where: str | None = None,
@@ -5966,13 +5990,17 @@ def run(config: Config) -> ExitCode:
     try:
         clear_staging(config.output_dir, config.shard)
         selection, tasks, work = choose_work(config, locked=True)
+        work.ledger.still_ours = lock.still_ours
         say_unlisted(selection)
         code = run_selected(config, pipeline, selection, tasks, work)
         return ExitCode.INPUTS_FAILED if code == ExitCode.OK and selection.unlisted else code
     finally:
-        clear_staging(config.output_dir, config.shard)
+        ours = lock.still_ours()  # (else what is there now is another run's)
+        if ours:
+            clear_staging(config.output_dir, config.shard)
         lock.release()
-        remove_if_unused(created)
+        if ours:
+            remove_if_unused(created)
 
 
 def run_selected(config: Config, pipeline: PipelineRef, selection: InputSelection, tasks: list[Task],

@@ -884,6 +884,32 @@ def test_the_options_digest_takes_the_pipeline_however_it_is_spelled(tmp_path):
     assert tag(make_config(pipeline=FAKE)) == tag(make_config(pipeline=linked))
 
 
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_an_output_folder_deleted_or_moved_mid_run_is_never_written_by_that_run_again(dirs, tmp_path, how):
+    """`rm -rf out` while a run works: a second run locked the new out/ (exit 0, not 75), and
+    the first one then placed its older text over the second's, with no record of it."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    write(src / "z.png", "old WAIT")
+    gate = tmp_path / "gate"
+    env = {"FAKE_PIPELINE_WAIT_FILE": str(gate)}
+    first = start_fake(src, out, env=env)
+    wait_for(lambda: (out / "a.json").exists())
+    if how == "deleted":
+        shutil.rmtree(out)
+    else:
+        out.rename(tmp_path / "moved")
+    write(src / "z.png", "new")
+    second = run_fake(src, out)
+    assert second.code == 0 and "2 done" in second.stderr, second.stderr
+    gate.touch()
+    first.communicate(timeout=60)
+    assert first.returncode == 74 and "was deleted or moved while this run used it" in first.stderr_text()
+    assert json.loads((out / "z.json").read_text())["text"] == "new"
+    assert_invariant(src, out)
+    assert run_fake(src, out).code == 0 and (out / "infer_mp.runlog.jsonl").exists()
+
+
 @pytest.mark.parametrize("name, content", [("a.png", "RAISE"), ("a.pdf", pdf_bytes(["RAISE", "good"]))],
                          ids=["image", "document"])
 def test_a_failure_reported_again_by_a_run_with_other_options_keeps_its_own(dirs, tmp_path, name, content):
