@@ -2240,6 +2240,14 @@ def files_of(record: dict) -> list[str]:
     return [*(record.get("outputs") or ()), *(record.get("extra_outputs") or ())]
 
 
+def failed_on(done: dict | None, later: dict) -> bool:
+    """Did `later`, a failure after `done`, fail on the very file `done` was made from (under
+    --overwrite, or other options)? Then `done` no longer says the input is done: the failure
+    stands. (A file that was not there, or a record without size, says nothing.)"""
+    return (done is not None and later.get("size") is not None and later.get("mtime_ns") is not None
+            and (later["size"], later["mtime_ns"]) == (done.get("size"), done.get("mtime_ns")))
+
+
 def a_failure(record: dict) -> bool:
     """Does the record say the input, or some of its pages, failed?"""
     return record.get("status") == FAILED or bool(record.get("failed_pages"))
@@ -3219,7 +3227,8 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         if config.overwrite:
             selection.todo.append(task)
             continue
-        complete = is_complete(task, record, ledger) or is_complete(task, done, ledger)
+        complete = is_complete(task, record, ledger) or (not (failed and failed_on(done, record))
+                                                         and is_complete(task, done, ledger))
         complete = complete and not news and not (task.paged and record is not None and record.get("retry"))
         if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
             selection.complete.append((task, done))                   # counts as done, unless retried)

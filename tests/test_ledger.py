@@ -130,6 +130,27 @@ def kill_on_delete(folder: Path, names: list[str]) -> tuple[dict[str, str], Path
 # -- 1. an output folder spelled with `..` --------------------------------------------------------
 
 
+@pytest.mark.parametrize("name, content", [("a.png", "ZAP"), ("a.pdf", pdf_bytes(["ZAP", "good"]))],
+                         ids=["image", "document"])
+def test_a_done_input_that_fails_under_overwrite_is_then_a_standing_failure(dirs, name, content):
+    """Done, then failed on the same file under --overwrite with other options: later plain
+    runs counted it "skipped (already done)" from the older done record, so the failure was
+    never said again and --dry_run counted 0 failed before."""
+    src, out = dirs
+    write(src / name, content)
+    assert run_fake(src, out).code == 0
+    texts = {path.name: json.loads(path.read_text())["text"] for path in out.glob("*.json")}
+    failing = run_fake(src, out, "--overwrite", "--pipeline_arg", "raise_on=ZAP", "--max_page_error_rate", "0")
+    assert failing.code == 1, failing.stderr
+    dry = run_fake(src, out, "--dry_run")
+    assert dry.code == 0 and "0 already done (skipped), 1 failed before and unchanged" in dry.stdout, dry.stdout
+    again = run_fake(src, out)
+    assert again.code == 0 and "0 skipped (already done), 1 failed before (not retried)" in again.stderr, again.stderr
+    assert {path.name: json.loads(path.read_text())["text"] for path in out.glob("*.json")} == texts  # kept
+    retried = run_fake(src, out, "--retry_failed")
+    assert retried.code == 0 and "1 done" in retried.stderr, retried.stderr
+
+
 def test_dotdot_output_dir_a_new_input_does_not_overwrite_a_gone_inputs_output(dirs, tmp_path):
     src, out = dirs
     write(src / "a.jpg", "JPG")
