@@ -6017,6 +6017,7 @@ def run_selected(config: Config, pipeline: PipelineRef, selection: InputSelectio
     if not tasks:
         parse_device_arg(config.device)
         say_no_inputs(config, selection)
+        log_idle_run(config, work.ledger, ExitCode.INPUTS_FAILED if selection.unlisted else ExitCode.OK)
         return ExitCode.OK
     read_documents(work)
     if not any(needs_worker(task, work) for task in work.todo):  # nothing to do (or only files that
@@ -6025,6 +6026,20 @@ def run_selected(config: Config, pipeline: PipelineRef, selection: InputSelectio
         return dispatch(config, pipeline, [], tasks, work, selection.ignored)
     probe_run_log(config.run_log, config.output_dir)  # before a worker imports anything
     return start_and_dispatch(config, pipeline, tasks, work, selection.ignored)
+
+
+def log_idle_run(config: Config, ledger: Ledger, code: ExitCode) -> None:
+    """A run that found no inputs: its closing line, in a run log that is there already (a
+    cron tick over an emptied input folder is on record; a first run with a misspelt path
+    leaves nothing behind)."""
+    if not config.run_log.exists():
+        return
+    ledger.open(config.run_log, config.shard)
+    try:
+        counts = Report(0, 0, 0, ledger, progress=None).counts()  # type: ignore[arg-type]  (all 0 but retired)
+        ledger.log.write_run(counts, int(code), ledger.generation)
+    finally:
+        ledger.log.close()
 
 
 def say_unlisted(selection: InputSelection) -> None:

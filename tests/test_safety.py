@@ -86,6 +86,23 @@ def test_a_shard_removes_only_its_own_stale_staging(dirs):
 # -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
 
 
+def test_a_run_that_finds_no_inputs_adds_its_line_to_a_run_log_that_is_there(dirs, tmp_path):
+    """Every run appends one line about itself: a cron tick over an emptied input folder
+    added none. A first run with a misspelt path still leaves nothing behind."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    assert run_fake(src, out).code == 0
+    (src / "a.png").unlink()
+    runs = len(run_log(out, runs=True))
+    empty = run_fake(src, out)
+    assert empty.code == 0 and "no inputs" in empty.stderr, empty.stderr
+    closing = run_log(out, runs=True)
+    assert len(closing) == runs + 1 and closing[-1]["run"]["done"] == 0 and closing[-1]["run"]["exit_code"] == 0
+    assert (out / "a.json").exists()
+    fresh = tmp_path / "fresh"
+    assert run_fake(src, fresh).code == 0 and not fresh.exists()
+
+
 def test_a_rerun_with_nothing_to_do_adds_one_line_and_starts_no_worker(dirs, tmp_path):
     src, out = dirs
     make_inputs(src, 3, pdf_pages=2)
