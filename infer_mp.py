@@ -1989,8 +1989,8 @@ class ListedPaths:
     holds: a path below the root (--input_dir, else the current folder) mirrors its place
     there, any other under `_outside/` followed by its absolute path. A path that reaches a
     folder of the root through another spelling (a link, the root's real path) is spelled
-    through the root, as a walk of the root would list it. Paths in the output folder are
-    passed over (see OutputFolder). Real paths are taken once per folder."""
+    through the root, as a walk of the root would list it. Paths in the output folder, and the
+    root itself, are passed over (see OutputFolder). Real paths are taken once per folder."""
 
     def __init__(self, root: str, output_dir: str) -> None:
         self.root = root
@@ -2004,8 +2004,8 @@ class ListedPaths:
         real = self.real_folders.get(folder)
         if real is None:
             real = self.real_folders[folder] = os.path.realpath(folder)
-        if self.output.holds(real):
-            return None
+        if self.output.holds(real) or path == self.root or os.path.join(real, name) == self.real_root:
+            return None  # (the root itself: `find scans` lists scans)
         if not within(path, self.root) and within(real, self.real_root):
             path = os.path.normpath(os.path.join(self.root, os.path.relpath(real, self.real_root), name))
         rel = relative_to_root(path, self.root)
@@ -2030,9 +2030,12 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str,
     listed = ListedPaths(resolve_dots(input_dir, cwd) if input_dir is not None else cwd, output_dir)
     unique = {resolve_dots(os.fsdecode(entry), cwd) for entry in entries if entry.strip()}
     placed = {listed.place(path) for path in sorted(unique)}
-    ignored = len(unique) - len(placed - {None})  # in the output folder, or two spellings of one path
-    paths, duplicates = one_path_per_file({path: file_identity(path) for path in placed if path is not None},
-                                          not_inputs, recorded)
+    identities = {path: file_identity(path) for path in placed if path is not None}
+    for path in [path for path, identity in identities.items() if identity is None]:  # (not a file: rare)
+        if os.path.realpath(path) == listed.real_root:  # the root by another spelling (a link to it)
+            del identities[path]
+    ignored = len(unique) - len(identities)  # in the output folder, the root, or two spellings of one path
+    paths, duplicates = one_path_per_file(identities, not_inputs, recorded)
     return InputSelection(paths, listed.root, ignored + duplicates)
 
 
