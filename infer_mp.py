@@ -2313,6 +2313,7 @@ class Ledger:
         self.put_off = False  # retiring put off for want of the turn: the log is not compacted (see choose_work)
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
+        self.last_run: dict[int, tuple[int, str | None]] = {}  # log -> (line, output folder) of its last closing line
         self.still_ours: Callable[[], bool] = lambda: True  # is the root the folder this run locked? (see RunLock)
 
     # -- reading --------------------------------------------------------------------------
@@ -2409,12 +2410,26 @@ class Ledger:
         reported). One of a version before 2026-12-03, without a generation, vouches for every
         line before it. (Its generation counts as the records' do: a run that wrote nothing else
         has one of its own.)"""
+        self.last_run[index] = (number, line["run"].get("output_dir"))
         if "gen" not in line:
             self.legacy[index] = number
             return
         self.generation = max(self.generation, line["gen"])
         if line["run"].get("exit_code") in (ExitCode.OK, ExitCode.INPUTS_FAILED):
             self.finished[index, line["gen"]] = number
+
+    def check_output_folder(self, run_log: Path) -> None:
+        """Refuse a run log kept outside the output folder whose last run wrote into another
+        output folder that is still there: one log for two folders lets each take the other's
+        records for its own (a stale text in one is never redone). A folder moved away (not
+        there any more) is this one, moved; a log inside the folder is the folder's, also in a copy."""
+        folder = self.last_run.get(self.own_index, (0, None))[1]
+        if (folder is None or folder == self.root or within(str(run_log), self.root)
+                or type(folder) is not str or not os.path.isdir(folder)):
+            return
+        raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
+                         f"(each output folder needs its own run log); give this run a --run_log of its own, or "
+                         "leave --run_log out")
 
     def reported(self, record: dict) -> bool:
         """Did the run that recorded this failure report it? One that finished did: with exit 1,
@@ -2837,9 +2852,10 @@ class Ledger:
         record, its last done record, its page ranges since, the `placing` lines since, and a
         `placing` record for files it placed that could not be retired), atomically: a kill
         leaves the old log or the new one, never half of one. Run under the run lock, after
-        reconcile, before this run appends. A closing `run` line is not kept: no-op reruns leave
-        the log's size bounded. While retiring is put off (see put_off), every line is kept: the
-        old lines say what is still to retire."""
+        reconcile, before this run appends. Of the closing `run` lines only the last is kept
+        (it names the output folder: see check_output_folder): no-op reruns leave the log's size
+        bounded. While retiring is put off (see put_off), every line is kept: the old lines say
+        what is still to retire."""
         own = self.own_index
         wanted = set()
         for key in self.keys():
@@ -2864,6 +2880,8 @@ class Ledger:
             for raw in files_of(record):
                 if raw in dropped and dropped[raw][1] != key and record["_order"] < dropped[raw][0]:
                     wanted.add(dropped[raw][0][3])
+        if own in self.last_run:  # (one line: which output folder the log is for, see check_output_folder)
+            wanted.add(self.last_run[own][0])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING, "shard": tag,
                              "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
@@ -2970,8 +2988,8 @@ class RunLog:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
         what it counted and how it ended; exit 0 or 1 says its failures were reported (see
         Ledger.reported). Resume passes it over: it names no input."""
-        self._append({"time": utc_now(), "gen": generation,
-                      "run": {**counts, "exit_code": exit_code, "pid": os.getpid()}})
+        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), "output_dir": str(self.output_dir)}
+        self._append({"time": utc_now(), "gen": generation, "run": closing})
         self.flush()
 
     def _append(self, record: dict) -> None:
@@ -6087,6 +6105,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
     ledger = Ledger.read(config)
+    ledger.check_output_folder(config.run_log)
     selection = find_inputs(config, ledger.recorded)
     folded = locked and case_insensitive(config.output_dir)
     selection = ledger.not_placed(selection)

@@ -782,6 +782,25 @@ def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
     assert run_fake(src, out, "--run_log", str(log)).code == 0
 
 
+def test_one_run_log_for_two_output_folders_is_refused(dirs, tmp_path):
+    """--run_log shared.jsonl for out/ and out2/: out2's records were taken for out's, so when
+    a.png changed and out was redone, out2/a.json kept the old text for good, exit 0."""
+    src, out = dirs
+    out2, log = tmp_path / "out2", tmp_path / "shared.jsonl"
+    write(src / "a.png", "v1")
+    assert run_fake(src, out, "--run_log", str(log)).code == 0
+    before = log.read_bytes()
+    run = run_fake(src, out2, "--run_log", str(log))
+    assert run.code == 2 and "holds the records of another output folder" in run.stderr, run.stderr
+    assert log.read_bytes() == before and not out2.exists()
+    closing = log.read_bytes().splitlines(keepends=True)[-1]
+    log.write_bytes(log.read_bytes() + closing * 1100)  # many no-op reruns: compacted, it still says whose it is
+    assert run_fake(src, out, "--run_log", str(log)).code == 0 and len(log.read_bytes().splitlines()) < 10
+    assert run_fake(src, out2, "--run_log", str(log)).code == 2
+    out.rename(tmp_path / "moved")  # the folder moved: the log goes with it
+    assert run_fake(src, tmp_path / "moved", "--run_log", str(log)).code == 0
+
+
 @pytest.mark.parametrize("shard", [None, "1/2"])
 def test_a_run_log_named_like_the_folders_lock_is_not_refused_as_locked(dirs, shard):
     """--run_log out/infer_mp: its lock, `.infer_mp.lock`, was the folder's own, so every run was
