@@ -127,6 +127,12 @@ DEFAULT_MAX_ATTEMPTS = 3  # times an input may be in a worker that dies before i
 # models, from network disks, and TensorRT builds its engines on a first start (many minutes).
 DEFAULT_START_TIMEOUT = 1800.0
 START_TRIES = 3  # starts in a row a worker slot gets once the pipeline has started in the run
+# Upper bounds of counts and times, so that a slip (an extra digit, `inf`) is one clear error:
+# a plan is built per instance, a shard reads every other shard's log, and waits take at most
+# what a poll() can (2,147,483 s).
+MAX_INSTANCES_PER_DEVICE = 1024
+MAX_SHARDS = 10_000
+MAX_SECONDS = 1_000_000  # 11.6 days
 DEFAULT_PAGES_PER_TASK = 10  # pages of a document one task renders at most: see README, "Big documents"
 # Pixels an image may have (width x height) before it is refused, and a PDF page rendered
 # smaller: Pillow's error threshold (twice its warning at 89 MP), PaddleX's own PDF cap. A
@@ -253,9 +259,14 @@ names would collide in one folder (a.jpg beside a.png) use their full file name 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the problem and the fix."""
 
+    argv: list[str] = []  # what it parses (see parse_config): the fix names the value given
+
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.endswith("expected one argument"):  # (argparse takes a value that starts with '-' for a flag)
-            message += "; a value that starts with '-' goes after '=', as --shard=I/N"
+            flag = message.removeprefix("argument ").split(":")[0].split("/")[-1]
+            given = [value for name, value in zip(self.argv, self.argv[1:]) if name == flag and value.startswith("-")]
+            if given:
+                message += f"; a value that starts with '-' goes after '=', as {flag}={given[0]}"
         say(f"error: {message} (see --help)")
         sys.exit(ExitCode.USAGE)
 
@@ -274,10 +285,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def instance_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_INSTANCES_PER_DEVICE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INSTANCES_PER_DEVICE}, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = number(text, float, "a number of seconds")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_SECONDS:,} s, got {text}")
     return value
 
 
@@ -305,7 +323,7 @@ def parse_value(text: str) -> Any:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: nested deeper than Python's stack)
         return text
     return value if not isinstance(value, float) or math.isfinite(value) else text
 
@@ -327,7 +345,7 @@ def boolean(text: str) -> bool:
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
@@ -336,8 +354,8 @@ def json_object(text: str) -> dict:
 
 def shard(text: str) -> tuple[int, int]:
     index, sep, count = text.partition("/")
-    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count) <= MAX_SHARDS):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N <= {MAX_SHARDS:,} (e.g. 0/4), got {text!r}")
     return int(index), int(count)
 
 
@@ -388,7 +406,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output_dir", default="output", help="Output directory (default: output).")
     parser.add_argument(
         "--instances_per_device",
-        type=positive_int,
+        type=instance_count,
         default=1,
         help="Number of pipeline instances (worker processes) per device (default: 1).",
     )
@@ -735,7 +753,9 @@ def readable_folder(folder: Path) -> None:
 
 
 def parse_config(argv: list[str] | None) -> Config:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     for flag in ("input_dir", "output_dir", "input_list", "run_log"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():  # ('' would be the current folder)
             raise UsageError(f"--{flag} is empty (an unset shell variable?); give a path")

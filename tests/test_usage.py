@@ -146,6 +146,12 @@ def test_bad_numbers(one_input, flag, value):
     assert_usage_error(run, flag)
 
 
+def test_a_value_nested_deeper_than_the_stack_is_a_string_not_a_traceback(one_input, tmp_path):
+    run = run_cli("--pipeline", FAKE, "--device", "cpu", "--input_dir", str(one_input), "--output_dir",
+                  str(tmp_path / "out"), "--predict_arg", "x=" + "[" * 1000, "--dry_run")
+    assert run.code == 0 and "Traceback" not in run.stderr, run.stderr
+
+
 def test_missing_required_flag():
     run = run_cli("--input_dir", ".", "--device", "cpu")
     assert_usage_error(run, "--pipeline")
@@ -285,13 +291,22 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(one_input, tm
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--batch_size", "-1"], "must be at least 1, got -1"),
-    (["--shard", "-1/2"], "a value that starts with '-' goes after '=', as --shard=I/N"),
+    (["--shard", "-1/2"], "a value that starts with '-' goes after '=', as --shard=-1/2"),
     (["--shard=-1/2"], "expected I/N with 0 <= I < N"),
     (["--device", "gpu:0,0"], "names gpu:0 twice"),
     (["--pipeline", "my_pipeline.py"], "name the class after a colon, e.g. 'my_pipeline.py:MyPipeline'"),
     (["--predict_arg", "input=x.png"], "--predict_arg input: infer_mp.py gives predict() its inputs"),
     (["--predict_arg", "page_windows=1"], "--predict_arg page_windows"),
     (["--device", "cpu,cpu"], "the CPU is one device ('cpu'; --instances_per_device gives it more workers)"),
+    (["--input_dir", "-in"], "a value that starts with '-' goes after '=', as --input_dir=-in"),
+    # A slip of the keyboard: a traceback (OverflowError in a poll) or a run that hung, eating
+    # memory, even with --dry_run (a plan entry per instance; every other shard's log named).
+    (["--start_timeout", "inf"], "--start_timeout: must be more than 0 and at most 1,000,000 s, got inf"),
+    (["--start_timeout", "2147484", "--dry_run"], "at most 1,000,000 s, got 2147484"),
+    (["--task_timeout", "nan"], "--task_timeout: must be more than 0"),
+    (["--instances_per_device", "99999999999999999999", "--dry_run"], "must be at most 1024"),
+    (["--shard", "0/10000000", "--dry_run"], "0 <= I < N <= 10,000"),
+    (["--engine_config", "[" * 1000], "--engine_config: expected a JSON object"),
     (["--pipeline", "json:JSONDecoder", "--engine", "onnxruntime"],
      "--engine: the pipeline class 'JSONDecoder' takes no 'engine' argument"),
 ])
