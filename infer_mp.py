@@ -2052,9 +2052,10 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str,
     placed = {listed.place(path) for path in sorted(unique)}
     identities = {path: file_identity(path) for path in placed if path is not None}
     for path in [path for path, identity in identities.items() if identity is None]:  # (not a file: rare)
-        if os.path.realpath(path) == listed.real_root:  # the root by another spelling (a link to it)
+        real = os.path.realpath(path)
+        if real == listed.real_root or listed.output.holds(real):  # the root (a link to it), the output folder
             del identities[path]
-    ignored = len(unique) - len(identities)  # in the output folder, the root, or two spellings of one path
+    ignored = len(unique) - len(identities)  # in the output folder or it, the root, two spellings of one path
     paths, duplicates = one_path_per_file(identities, not_inputs, recorded)
     return InputSelection(paths, listed.root, ignored + duplicates)
 

@@ -199,15 +199,16 @@ def test_with_input_dir_a_listed_path_below_it_is_mirrored_however_either_is_spe
 
 
 @pytest.mark.parametrize("input_dir, listing", [("scans", "scans"), ("scans", "scans-link/"), (None, ".")])
-def test_the_root_itself_in_a_list_is_ignored(tmp_path, monkeypatch, input_dir, listing):
+def test_the_root_itself_or_the_output_folder_in_a_list_is_ignored(tmp_path, monkeypatch, input_dir, listing):
     """`find scans -newer stamp -print0` lists scans itself: the whole run stopped, exit 2,
     "cannot place '_outside/...'"."""
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "scans" / "a.png")
     os.symlink("scans", tmp_path / "scans-link")
-    selection = listed(tmp_path, listing, "scans/a.png",
+    (tmp_path / "out").mkdir()  # ... and `find .` lists the output folder: ignored, as what is in it is
+    selection = listed(tmp_path, listing, "scans/a.png", "out", "./out/",
                        input_dir=None if input_dir is None else (tmp_path / input_dir).absolute())
-    assert placed(selection) == ["a.png" if input_dir else "scans/a.png"] and selection.ignored == 1
+    assert placed(selection) == ["a.png" if input_dir else "scans/a.png"] and selection.ignored == 2
 
 
 def test_a_listed_path_under_a_folder_named_outside_cannot_be_placed(tmp_path):
