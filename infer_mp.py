@@ -4441,7 +4441,7 @@ class Backend:
             return
         else:
             if worker.timed_out is not None:
-                reason = f"timed out (no result within {worker.timed_out:.0f} s, --task_timeout)"
+                reason = f"timed out (no result within {worker.timed_out:g} s, --task_timeout)"
             yield from self._requeue_or_fail(worker, reason, restart)
         if restart:
             self.workers[worker.spec.slot] = self._start(worker.spec)
@@ -6166,12 +6166,14 @@ def others_placing(config: Config, planned: list[Task], ledger: Ledger) -> set[s
 
 
 def say_no_inputs(config: Config, selection: InputSelection) -> None:
+    if config.shard and selection.paths:  # inputs, but none in this shard's share
+        say(f"no inputs in shard {config.shard[0]}/{config.shard[1]}: the {len(selection.paths)} input(s) "
+            "found all fall to other shards; nothing to do")
+        return
     listed = "every path in it is in the output folder" if selection.ignored and not selection.paths else "it is empty"
     say("no inputs: " + (f"the list {config.input_list!r}: {listed}" if config.input_list is not None else
                          f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}"
-                         + (" or its subfolders" if config.recursive else ""))
-        + (f" (in shard {config.shard[0]}/{config.shard[1]})" if config.shard and selection.paths else "")
-        + "; nothing to do")
+                         + (" or its subfolders" if config.recursive else "")) + "; nothing to do")
 
 
 def start_and_dispatch(config: Config, pipeline: PipelineRef, tasks: list[Task], work: WorkSelection,

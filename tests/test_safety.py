@@ -83,6 +83,16 @@ def test_a_shard_removes_only_its_own_stale_staging(dirs):
     assert run.code == 0 and "no inputs" in run.stderr and not killed.exists()
 
 
+def test_a_shard_whose_share_is_empty_says_so(dirs):
+    """It said "nothing matches * in 'in' (in shard 1/2)", as if the folder were empty."""
+    src, out = dirs
+    write(src / "x.png", "mine")
+    other = 1 - shard_of("x.png", 2)
+    run = run_fake(src, out, f"--shard={other}/2")
+    assert run.code == 0 and f"no inputs in shard {other}/2: the 1 input(s) found all fall to other shards" \
+        in run.stderr and "nothing matches" not in run.stderr, run.stderr
+
+
 # -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
 
 
