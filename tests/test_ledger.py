@@ -910,6 +910,25 @@ def test_a_gone_subfolders_output_folder_keeps_its_name_from_a_file(tmp_path):
     assert json.loads((out / "x.json" / "y.json").read_text())["text"] == "folder"
 
 
+def test_a_new_subfolder_named_like_a_gone_inputs_output_keeps_that_text(tmp_path):
+    """docs/runs.md: a new subfolder x.json/ where x.png, moved away, left out/x.json: its
+    inputs fail at every run, and the gone input's finished text is never deleted; once it is
+    moved, the next run does the subfolder."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "x.png", "gone")
+    assert run_fake(src, out, "--recursive").code == 0
+    (src / "x.png").unlink()
+    write(src / "x.json" / "y.png", "new")
+    for _ in range(2):
+        run = run_fake(src, out, "--recursive")
+        assert run.code == 1 and "a file is where this output folder goes" in run.stderr, run.stderr
+        assert json.loads((out / "x.json").read_text())["text"] == "gone"
+    (out / "x.json").rename(tmp_path / "kept.json")
+    run = run_fake(src, out, "--recursive")
+    assert run.code == 0 and "1 done" in run.stderr, run.stderr
+    assert json.loads((out / "x.json" / "y.json").read_text())["text"] == "new"
+
+
 def test_a_folder_where_an_output_goes_is_the_folders_fault_and_tried_again(dirs):
     """A folder made where an input's JSON goes: the input failed "Is a directory" as its own
     fault, and no plain rerun tried it again once the folder was moved away."""

@@ -181,6 +181,20 @@ def test_a_failure_is_reported_once(dirs, tmp_path):
     assert run.code == 1 and "1 failed" in run.stderr
 
 
+def test_a_failure_said_before_a_full_disk_stopped_the_run_is_said_again_once(dirs):
+    """README: a run stopped by a full disk (exit 74) exits 74, never 1, though it printed a
+    FAILED line: the next plain run says that failure again and exits 1, later ones 0."""
+    src, out = dirs
+    make_inputs(src, 6)
+    bad = write(src / "a.png", "RAISE")
+    full = run_fake(src, out, env={"FAKE_PIPELINE_ENOSPC_AFTER": "2"})
+    assert full.code == 74 and f"FAILED {bad}" in full.stderr, full.stderr
+    again = run_fake(src, out)
+    assert again.code == 1 and f"FAILED {bad}" in again.stderr, again.stderr
+    later = run_fake(src, out)
+    assert later.code == 0 and "1 failed before (not retried)" in later.stderr, later.stderr
+
+
 def test_a_listed_file_that_was_missing_is_retried_when_it_is_back(dirs, tmp_path):
     src, out = dirs
     make_inputs(src, 1)
