@@ -149,6 +149,19 @@ def test_a_mostly_superseded_run_log_is_compacted(dirs):
     assert again.code == 0 and "1 failed before" in again.stderr, again.stderr
 
 
+def test_a_run_log_is_compacted_from_1000_lines_not_before(dirs):
+    """docs/runs.md, Bounded log: compacted at the start of a run once it has at least 1,000
+    lines and more than three per input."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    assert run_fake(src, out).code == 0
+    log = out / "infer_mp.runlog.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:-1] + [lines[-1]] * (999 - len(lines) + 1)))  # no-op reruns' lines
+    assert run_fake(src, out).code == 0 and len(log.read_text().splitlines()) == 1000  # 999 read: kept
+    assert run_fake(src, out).code == 0 and len(log.read_text().splitlines()) < 10  # 1,000 read: compacted
+
+
 def test_a_changed_input_is_done_again(dirs):
     src, out = dirs
     make_inputs(src, 2)
