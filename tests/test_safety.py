@@ -808,6 +808,33 @@ def test_a_file_changed_before_an_upgrade_is_redone(dirs):
     assert json.loads((out / "a.json").read_text())["text"] == "new text"
 
 
+def test_a_record_of_a_version_without_size_counts_unchanged_if_the_file_is_not_newer(dirs):
+    """docs/runs.md, Resume: a record written before size and mtime_ns existed (and before
+    generations) counts as unchanged if the file is not newer than the record."""
+    src, out = dirs
+    kept = write(src / "a.png", "text")
+    os.utime(kept, (1_700_000_000, 1_700_000_000))  # 2023-11-14T22:13:20: before the record
+    write(out / "a.json", json.dumps({"input_path": str(kept), "text": "text"}))
+    old = {"time": "2023-11-14T22:20:00+00:00", "input": str(kept), "status": "done", "pages": 1,
+           "outputs": ["a.json"], "extra_outputs": [], "error": None}
+    (out / "infer_mp.runlog.jsonl").write_text(json.dumps(old) + "\n")
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 skipped" in run.stderr and "note:" not in run.stderr, run.stderr
+
+
+def test_worker_counts_and_limits_are_not_pipeline_options(dirs):
+    """docs/runs.md, Another pipeline: a rerun with other --instances_per_device, --cpu_threads
+    or limits says nothing of another pipeline."""
+    src, out = dirs
+    make_inputs(src, 2)
+    assert run_fake(src, out).code == 0
+    run = run_fake(src, out, "--instances_per_device", "2", "--cpu_threads", "1", "--batch_size", "2",
+                   "--task_timeout", "60", "--max_attempts", "1")
+    assert run.code == 0 and "2 skipped" in run.stderr and "another --pipeline" not in run.stderr, run.stderr
+    other = run_fake(src, out, "--pipeline_arg", "score_shift=0.1")  # (the check can fail)
+    assert "2 input(s) skipped were done, or failed, by a run with another --pipeline" in other.stderr
+
+
 def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
     src, out = dirs
     make_inputs(src, 2)
