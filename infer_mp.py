@@ -167,7 +167,7 @@ class ExitCode(enum.IntEnum):
     INPUTS_FAILED = 1, "the run finished, but some inputs or pages failed (each is named on stderr)"
     USAGE = 2, "usage error (flag, path, device, pipeline); nothing was processed"
     NO_WORKERS = 3, "no worker could create its pipeline; nothing more could be processed"
-    OUTPUT_FAILED = 74, "writing outputs failed (disk full, read-only filesystem): stopped; fix it and rerun"
+    OUTPUT_FAILED = 74, "writing outputs failed (disk full, read-only, output folder gone): stopped; fix it and rerun"
     LOCKED = 75, "another run is using --output_dir (try again later)"
     INTERRUPTED = 130, "interrupted (Ctrl-C, SIGINT)"
     TERMINATED = 143, "stopped by SIGTERM"
