@@ -696,15 +696,14 @@ def checked_run_log(spelled: Path, output_dir: Path) -> Path:
     if real.exists() and not real.is_file():
         raise UsageError(f"--run_log {str(spelled)!r} is not a regular file; give a file path "
                          "(it is read and appended to)")
-    if not a_run_log(real):
-        raise UsageError(f"--run_log {str(spelled)!r} holds something else (its first line is not an infer_mp.py "
-                         "record, and compacting would drop every such line); give a path of its own, e.g. run.jsonl")
     return real
 
 
 def a_run_log(path: Path) -> bool:
-    """Is the file missing, empty, or a run log: its first line a record (every version's
-    starts RECORD_START), or one cut short by a kill (a part of a record's start)?"""
+    """Is the file missing, empty, or a run log: its first line one of infer_mp.py's (an input's
+    record, a `placing` line, a run's closing line; a JSON log of another tool, with a `time`
+    too, is none), or one cut short by a kill (the start of one: every version's starts
+    RECORD_START)?"""
     try:
         with open(path, "rb") as handle:
             first = handle.readline(RUN_LOG_PROBE_BYTES)
@@ -713,13 +712,14 @@ def a_run_log(path: Path) -> bool:
     except OSError as error:
         raise UsageError(f"cannot read the run log {str(path)!r}: {error.strerror}") from None
     try:
-        record = json.loads(first)
+        line = json.loads(first)
     except (ValueError, RecursionError):
-        record = None
-    if type(record) is dict:
-        return bool(record.keys() & {"time", "input", "run"})
-    cut = first.rstrip(b"\n")
-    return first == b"" or (cut != b"" and (RECORD_START.startswith(cut) or cut.startswith(RECORD_START)))
+        cut = first.rstrip(b"\n")
+        return first == b"" or (cut != b"" and (RECORD_START.startswith(cut) or cut.startswith(RECORD_START)))
+    return type(line) is dict and "time" in line and (
+        ("input" in line and line.get("status") in STATUSES | {"skipped"})  # (skipped: see read_records)
+        or (line.get("status") == PLACING and type(line.get("placing")) is list)
+        or type(line.get("run")) is dict)
 
 
 def shard_suffix(index: int, count: int) -> str:
@@ -794,6 +794,9 @@ def parse_config(argv: list[str] | None) -> Config:
                          "move the inputs elsewhere")
     run_log = checked_run_log(Path(args.run_log) if args.run_log else default_run_log(output_dir, args.shard),
                               output_dir)
+    if args.run_log and not a_run_log(run_log):  # (the default one is infer_mp.py's by its name)
+        raise UsageError(f"--run_log {args.run_log!r} holds something else (its first line is not an infer_mp.py "
+                         "record, and compacting would drop every such line); give a path of its own, e.g. run.jsonl")
     if args.shard and run_log != default_run_log(output_dir, args.shard):
         say(f"note: --run_log {args.run_log!r} is not where the other shards look for this shard's log (they read "
             f"{default_run_log(output_dir, args.shard).name} in --output_dir as they run): they may not see what it "

@@ -341,14 +341,22 @@ def test_a_run_log_that_is_not_a_file_is_refused(dirs):
     assert run.code == 2 and "--run_log" in run.stderr and "not a regular file" in run.stderr
 
 
-@pytest.mark.parametrize("dry", [False, True])
-def test_a_run_log_that_holds_something_else_is_refused_and_kept(dirs, tmp_path, dry):
+OTHER_LOGS = {
+    "cron": lambda n: f"2026-12-0{n % 9 + 1} 03:00 ocr tick {n}\n",
+    "json": lambda n: json.dumps({"time": "2026-01-01T00:00:00Z", "level": "info", "msg": f"request {n}"}) + "\n",
+    "run": lambda n: json.dumps({"time": "2026-01-01T00:00:00Z", "run": n, "input": "x"}) + "\n",
+}
+
+
+@pytest.mark.parametrize("kind, dry", [("cron", False), ("cron", True), ("json", False), ("run", False)])
+def test_a_run_log_that_holds_something_else_is_refused_and_kept(dirs, tmp_path, kind, dry):
     """--run_log ocr-cron.log (the cron job's own log): compaction kept only its JSON lines,
-    so 1,200 lines of someone's log were wiped; a short one got records appended."""
+    so 1,200 lines of someone's log were wiped; a short one got records appended. So were the
+    lines of another tool's JSON log (logrus, pino, Docker: a `time` in each)."""
     src, out = dirs
     make_inputs(src, 2)
     cron_log = tmp_path / "ocr-cron.log"
-    cron_log.write_text("".join(f"2026-12-0{n % 9 + 1} 03:00 ocr tick {n}\n" for n in range(1200)))
+    cron_log.write_text("".join(map(OTHER_LOGS[kind], range(1200))))
     before = cron_log.read_bytes()
     run = run_fake(src, out, "--run_log", str(cron_log), *(["--dry_run"] if dry else []))
     assert run.code == 2 and "--run_log" in run.stderr and "holds something else" in run.stderr, run.stderr
