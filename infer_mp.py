@@ -151,6 +151,7 @@ LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 RUN_LOG_LOCK = ".{name}.log.lock"  # beside the run log (never one of the names above, whatever the log's name)
 LOCK_WAIT_SECONDS = 0.25  # a lock is tried this long before a run is refused: another's probe holds it an instant
+LOCK_OPEN_TRIES = 3  # a lock file unlinked as it was locked is opened again (see RunLock._take)
 PLACING_LOCK = ".infer_mp.placing.lock"  # in --output_dir: shards check and write their placing lines one at a time
 PLACING_LOCK_SECONDS = 10.0  # ... waited for this long at most (a stopped shard holding it does not stop the others)
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
@@ -3489,6 +3490,15 @@ def take_lock(handle: Any, mode: int, seconds: float = LOCK_WAIT_SECONDS) -> Non
             time.sleep(0.01)
 
 
+def same_file(handle: Any, path: Path) -> bool:
+    """Is the open file still the one at `path` (not unlinked, nor replaced)?"""
+    try:
+        held, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
 def would_be_refused(config: Config) -> bool:
     """Would a run started now be refused its locks (exit 75)? For --dry_run, which takes none:
     each lock that RunLock would take, looked at for an instant, in the mode it would take it."""
@@ -3540,12 +3550,7 @@ class RunLock:
         """Is --output_dir still the folder this run locked? One deleted (`rm -rf out`) or moved
         away while the run works has no lock file of ours: another run may lock the new one,
         where this run's placing and retiring would overwrite or delete that run's files."""
-        try:
-            held = os.fstat(self.handles[self.folder_handle].fileno())
-            there = os.stat(self.lock_path)
-        except (OSError, IndexError):
-            return False
-        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+        return self.folder_handle < len(self.handles) and same_file(self.handles[self.folder_handle], self.lock_path)
 
     def _take_folder(self, config: Config) -> None:
         self.lock_path = config.lock_file
@@ -3568,18 +3573,26 @@ class RunLock:
 
     def _take(self, path: Path, mode: int, refusal: str, where: str | None = None,
               instead: str = "use another --output_dir") -> None:
-        try:
-            handle = open(path, "a+", encoding="utf-8")
-        except OSError as error:
-            raise cannot_write(where or f"in --output_dir {str(self.output_dir)!r}", error) from None
-        try:
-            take_lock(handle, mode)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip()
+        """Lock the file at `path`: the one there once it is locked (a run that found nothing
+        to do removes the lock files it created, unlinking each while it holds it: see
+        remove_if_unused; then this opens the new one)."""
+        for _ in range(LOCK_OPEN_TRIES):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "a+", encoding="utf-8")
+            except OSError as error:
+                raise cannot_write(where or f"in --output_dir {str(self.output_dir)!r}", error) from None
+            try:
+                take_lock(handle, mode)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip()
+                handle.close()
+                raise RunLocked(refusal.format(holder=f" (pid {holder})" if holder else "") + f" --output_dir "
+                                f"{str(self.output_dir)!r}; wait for it to finish, or {instead}") from None
+            if same_file(handle, path):
+                break
             handle.close()
-            raise RunLocked(refusal.format(holder=f" (pid {holder})" if holder else "")
-                            + f" --output_dir {str(self.output_dir)!r}; wait for it to finish, or {instead}") from None
         self.handles.append(handle)
 
     def _refuse_other_counts(self, count: int) -> None:
@@ -6015,7 +6028,9 @@ def prepare_output_dir(output_dir: Path) -> list[Path]:
 
 def remove_if_unused(created: list[Path]) -> None:
     """A run that wrote nothing (a usage error found under the lock, no inputs) leaves no
-    output folder behind that it created: only its lock files are in it."""
+    output folder behind that it created: only lock files are in it, none held (a lock file
+    another run holds stays, and the folder with it). Not for a shard: its folder is its
+    sibling shards' too (see run)."""
     if not created:
         return
     output_dir = created[-1]
@@ -6026,8 +6041,9 @@ def remove_if_unused(created: list[Path]) -> None:
     if not all(name.startswith(".infer_mp") and name.endswith(".lock") for name in names):
         return
     for name in names:
-        with contextlib.suppress(OSError):
-            os.unlink(output_dir / name)
+        with contextlib.suppress(OSError), open(output_dir / name, "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held by another run: OSError, it stays)
+            os.unlink(output_dir / name)  # while locked: a run that opened it since sees it go (see RunLock)
     for folder in reversed(created):
         with contextlib.suppress(OSError):
             folder.rmdir()  # fails, as wanted, if anything else is in it
@@ -6053,7 +6069,7 @@ def run(config: Config) -> ExitCode:
         if ours:
             clear_staging(config.output_dir, config.shard)
         lock.release()
-        if ours:
+        if ours and config.shard is None:
             remove_if_unused(created)
 
 

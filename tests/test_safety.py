@@ -93,6 +93,29 @@ def test_a_shard_whose_share_is_empty_says_so(dirs):
         in run.stderr and "nothing matches" not in run.stderr, run.stderr
 
 
+def test_a_shard_that_finds_nothing_leaves_the_folder_and_the_others_locks(dirs, tmp_path):
+    """Shard 0 made the output folder and found no inputs: it removed the folder's lock files
+    as its own leftovers, shard 1's too while shard 1 held them, and shard 1 then stopped,
+    exit 74, as if the folder had been deleted (its --run_log elsewhere: only locks there)."""
+    src, out = dirs
+    names = [name for name in (f"p{n}.png" for n in range(40)) if shard_of(name, 2) == 1][:2]
+    for name in names:
+        write(src / name, "WAIT")
+    listing, gate, busy = tmp_path / "list", tmp_path / "gate", tmp_path / "busy.jsonl"
+    os.mkfifo(listing)
+    first = start_fake(src, out, "--shard", "0/2", "--input_list", str(listing), "--run_log", str(tmp_path / "0.jsonl"))
+    wait_for(lambda: (out / ".infer_mp.shard-0-of-2.lock").exists())  # it made the folder; now it reads the list
+    second = start_fake(src, out, "--shard", "1/2", "--run_log", str(tmp_path / "1.jsonl"),
+                        env={"FAKE_PIPELINE_WAIT_FILE": str(gate), "FAKE_PIPELINE_BUSY_LOG": str(busy)})
+    wait_for(busy.exists)
+    listing.write_text("")  # shard 0's list: empty
+    first.communicate(timeout=60)
+    assert first.returncode == 0 and "no inputs" in first.stderr_text(), first.stderr_text()
+    gate.touch()
+    second.communicate(timeout=60)
+    assert second.returncode == 0 and "2 done" in second.stderr_text(), second.stderr_text()
+
+
 # -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
 
 
