@@ -1829,16 +1829,18 @@ def file_identity(path: str) -> tuple[int, int] | None:
     return (status.st_dev, status.st_ino) if status else None
 
 
-def one_path_per_file(identities: dict[str, tuple[int, int] | None],
+def one_path_per_file(identities: dict[str, tuple[int, int] | None], root: str,
                       not_inputs: frozenset[tuple[int, int]] = frozenset(),
-                      recorded: Callable[[str], bool] = lambda key: False) -> tuple[list[str], int]:
+                      recorded: Callable[[str], list[str] | None] = lambda key: None) -> tuple[list[str], int]:
     """Sorted, with each file once: a symlink beside its target, or a file reached through a
     linked folder, is the same input. The first path in sorted order is kept, unless paths of
-    the file are inputs of earlier runs (`recorded`, by input_key): those are kept, each with its
-    own outputs, so that a link added beside a done input never takes its place (its outputs
-    would then keep their old text when it changes). Paths that are not files (listed but
-    missing) are kept: they fail later, named. Files in `not_inputs` (the run log, which a link
-    among the inputs may reach) are dropped."""
+    the file are inputs of earlier runs (`recorded`: the outputs of an input's records, by
+    input_key; None without records): those are kept, each with its own outputs, so that a link
+    added beside a done input never takes its place (its outputs would then keep their old text
+    when it changes); of one input's paths (through a linked folder), the one whose outputs the
+    records list. Paths that are not files (listed but missing) are kept: they fail later,
+    named. Files in `not_inputs` (the run log, which a link among the inputs may reach) are
+    dropped."""
     kept, dropped = [], 0
     files: dict[tuple[int, int], list[str]] = defaultdict(list)
     for path in sorted(identities):
@@ -1852,11 +1854,21 @@ def one_path_per_file(identities: dict[str, tuple[int, int] | None],
     for paths in files.values():
         chosen = paths[:1]
         if len(paths) > 1:  # (rare: a realpath per path only here)
-            by_key = {input_key(path): path for path in reversed(paths)}  # (the first path of each key)
-            chosen = sorted(path for key, path in by_key.items() if recorded(key)) or chosen
+            by_key: dict[str, list[str]] = defaultdict(list)
+            for path in paths:
+                by_key[input_key(path)].append(path)
+            chosen = sorted(recorded_path(spellings, outputs, root) for key, spellings in by_key.items()
+                            if (outputs := recorded(key)) is not None) or chosen
         kept.extend(chosen)
         dropped += len(paths) - len(chosen)
     return sorted(kept), dropped
+
+
+def recorded_path(paths: list[str], outputs: list[str], root: str) -> str:
+    """Of an input's paths (sorted), the one whose output folder its records' outputs are in;
+    else the first."""
+    folders = {os.path.dirname(output) for output in outputs}
+    return next((path for path in paths if os.path.dirname(relative_to_root(path, root)) in folders), paths[0])
 
 
 def input_key(path: str) -> str:
@@ -1970,7 +1982,7 @@ def glob_matches(input_dir: str, pattern: str, output: OutputFolder) -> list[tup
 
 def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recursive: bool = False,
                 not_inputs: frozenset[tuple[int, int]] = frozenset(),
-                recorded: Callable[[str], bool] = lambda key: False) -> InputSelection:
+                recorded: Callable[[str], list[str] | None] = lambda key: None) -> InputSelection:
     """Files matching any pattern; `recursive` matches each (a NAME) in every subfolder.
     Directories are never inputs, nor is anything in the output folder (see OutputFolder), and
     with the default pattern only the types the pipeline reads are taken; everything passed
@@ -1993,7 +2005,7 @@ def glob_inputs(input_dir: str, patterns: tuple[str, ...], output_dir: str, recu
                 ignored += 1
             else:
                 identities[path] = identity
-    unique, duplicates = one_path_per_file(identities, not_inputs, recorded)
+    unique, duplicates = one_path_per_file(identities, input_dir, not_inputs, recorded)
     return InputSelection(unique, input_dir, ignored + duplicates, tuple(sorted(set(unlisted))))
 
 
@@ -2042,7 +2054,7 @@ class ListedPaths:
 
 def read_input_list(source: str, input_dir: str | None, output_dir: str,
                     not_inputs: frozenset[tuple[int, int]] = frozenset(),
-                    recorded: Callable[[str], bool] = lambda key: False) -> InputSelection:
+                    recorded: Callable[[str], list[str] | None] = lambda key: None) -> InputSelection:
     """Paths one per line (NUL-separated if the list holds a NUL), relative to the current
     folder, each placed by itself (see ListedPaths)."""
     try:
@@ -2060,11 +2072,11 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str,
         if real == listed.real_root or listed.output.holds(real):  # the root (a link to it), the output folder
             del identities[path]
     ignored = len(unique) - len(identities)  # in the output folder or it, the root, two spellings of one path
-    paths, duplicates = one_path_per_file(identities, not_inputs, recorded)
+    paths, duplicates = one_path_per_file(identities, listed.root, not_inputs, recorded)
     return InputSelection(paths, listed.root, ignored + duplicates)
 
 
-def find_inputs(config: Config, recorded: Callable[[str], bool] = lambda key: False) -> InputSelection:
+def find_inputs(config: Config, recorded: Callable[[str], list[str] | None] = lambda key: None) -> InputSelection:
     """The inputs: never the run log nor a lock file, wherever they are (an --input_dir that
     holds the --run_log holds its lock too). `recorded`: which inputs have records (see
     one_path_per_file)."""
@@ -2574,9 +2586,13 @@ class Ledger:
     def keys(self) -> set[str]:
         return {*self.latest, *self.ranges}
 
-    def recorded(self, key: str) -> bool:
-        """Has an earlier run a record of this input (see one_path_per_file)?"""
-        return key in self.latest or key in self.ranges
+    def recorded(self, key: str) -> list[str] | None:
+        """The outputs this input's records list; None if no earlier run has a record of it
+        (see one_path_per_file)."""
+        if key not in self.latest and key not in self.ranges:
+            return None
+        records = [self.latest.get(key), self.last_done.get(key), *self.ranges.get(key, ())]
+        return [output for record in records if record for output in record.get("outputs") or ()]
 
     def not_placed(self, selection: InputSelection) -> InputSelection:
         """The inputs less the files the tool placed, which an input folder inside the output

@@ -228,6 +228,20 @@ def test_a_link_added_beside_a_done_input_never_takes_its_place(dirs, link):
     assert_invariant(src, out)
 
 
+def test_a_linked_folder_added_beside_a_done_inputs_folder_never_takes_its_place(dirs):
+    """Review: `ln -s real in/link` after real/a.png was done, with a pattern matching both:
+    link/a.png sorts first, and as the same input (one key) it took the record's place: the
+    input was done again as out/link/a.json, and out/real/a.json retired."""
+    src, out = dirs
+    write(src / "real" / "a.png", "A")
+    assert run_fake(src, out, "--input_glob_pattern", "*/*.png").code == 0
+    os.symlink("real", src / "link")
+    run = run_fake(src, out, "--input_glob_pattern", "*/*.png")
+    assert run.code == 0 and "1 skipped" in run.stderr and "retired" not in run.stderr, run.stderr
+    assert page_files(out) == ["real/a.json"]
+    assert_invariant(src, out)
+
+
 def test_a_done_input_replaced_by_a_link_to_another_keeps_its_name(dirs):
     """Both names were inputs of an earlier run: each stays one, with its own outputs, so
     a.json never keeps the text of the a.png that is gone."""
