@@ -133,6 +133,7 @@ START_TRIES = 3  # starts in a row a worker slot gets once the pipeline has star
 MAX_INSTANCES_PER_DEVICE = 1024
 MAX_SHARDS = 10_000
 MAX_SECONDS = 1_000_000  # 11.6 days
+MAX_NESTING = 100  # levels of lists and objects in a JSON value given on the command line
 DEFAULT_PAGES_PER_TASK = 10  # pages of a document one task renders at most: see README, "Big documents"
 # Pixels an image may have (width x height) before it is refused, and a PDF page rendered
 # smaller: Pillow's error threshold (twice its warning at 89 MP), PaddleX's own PDF cap. A
@@ -323,10 +324,29 @@ def parse_value(text: str) -> Any:
     if lowered in ("null", "none"):
         return None
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # (RecursionError: nested deeper than Python's stack)
+        value = shallow_json(text)
+    except ValueError:
         return text
     return value if not isinstance(value, float) or math.isfinite(value) else text
+
+
+def shallow_json(text: str) -> Any:
+    """json.loads, but a value nested deeper than MAX_NESTING is refused: a worker gets it
+    pickled, and pickling one a few hundred levels deep fails (deeper still, so does parsing)."""
+    too_deep = argparse.ArgumentTypeError(f"a JSON value nested deeper than {MAX_NESTING} levels, "
+                                          f"got {text[:80]!r}{'...' if len(text) > 80 else ''}")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    level = [(value, 1)]
+    while level:  # (without recursion)
+        item, depth = level.pop()
+        if isinstance(item, (list, dict)):
+            if depth > MAX_NESTING:
+                raise too_deep
+            level.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -345,9 +365,9 @@ def boolean(text: str) -> bool:
 
 def json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as error:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({error})") from None
+        value = shallow_json(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text[:200]!r} ({error})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
     return value
