@@ -3391,13 +3391,16 @@ def figure_in_file(path: str, recorded: dict) -> dict:
 
 def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bool) -> Coverage:
     """The pages of `task` that its records of the file as it is now hold: done where the
-    file is still there, under the page's name today (whatever a later record says), and not
-    placed again since (see Ledger.placed_since), else failed (not with --retry_failed). A
-    record's --save files stay with it while any of its pages does."""
+    file is still there, under the page's name today, not placed again since (see
+    Ledger.placed_since), and not failed by a later record (its file stays, held by the earlier
+    record, but the page is to redo), else failed (not with --retry_failed). A record's --save
+    files stay with it while any of its pages does."""
     coverage, root = Coverage(), ledger.root
     for record in held:
         if not unchanged(task, record):
             continue
+        for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
+            coverage.outputs.pop(page, None)  # failed since an earlier record held it (--overwrite): to redo
         kept = False
         weak = record.get("weak_pages") if type(record.get("weak_pages")) is list else []
         redo = set(weak) if retry_failed else set()  # (see --min_page_score)

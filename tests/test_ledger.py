@@ -151,6 +151,25 @@ def test_a_done_input_that_fails_under_overwrite_is_then_a_standing_failure(dirs
     assert retried.code == 0 and "1 done" in retried.stderr, retried.stderr
 
 
+@pytest.mark.parametrize("pages_per_task", ["1", "100"])
+def test_retry_failed_reads_a_document_page_that_failed_under_overwrite_again(dirs, pages_per_task):
+    """Review: a document done, then its page 1 failed under --overwrite: --retry_failed
+    counted page 1 done by the earlier record (its file still there) and recorded the document
+    done, 0 pages read, exit 0, though the page failed under these options."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["one", "two ZAP", "three"]))
+    flags = ("--pages_per_task", pages_per_task)
+    assert run_fake(src, out, *flags).code == 0
+    zap = ("--pipeline_arg", "raise_on=ZAP", *flags)
+    assert run_fake(src, out, "--overwrite", *zap).code == 1
+    again = run_fake(src, out, "--retry_failed", *zap)
+    assert again.code == 1 and "page 1 of 3 failed" in again.stderr, again.stderr
+    assert json.loads((out / "doc_1.json").read_text())["text"] == "two ZAP"  # the earlier text is kept
+    fixed = run_fake(src, out, "--retry_failed", *flags)
+    assert fixed.code == 0 and "1 done" in fixed.stderr, fixed.stderr
+    assert_invariant(src, out)
+
+
 def test_dotdot_output_dir_a_new_input_does_not_overwrite_a_gone_inputs_output(dirs, tmp_path):
     src, out = dirs
     write(src / "a.jpg", "JPG")
