@@ -2088,10 +2088,9 @@ def read_input_list(source: str, input_dir: str | None, output_dir: str,
     placed = {listed.place(path) for path in sorted(unique)}
     identities = {path: file_identity(path) for path in placed if path is not None}
     for path in [path for path, identity in identities.items() if identity is None]:  # (not a file: rare)
-        real = os.path.realpath(path)
-        if real == listed.real_root or listed.output.holds(real):  # the root (a link to it), the output folder
+        if os.path.isdir(path):  # (`find scans -newer stamp` lists scans, and its changed subfolders)
             del identities[path]
-    ignored = len(unique) - len(identities)  # in the output folder or it, the root, two spellings of one path
+    ignored = len(unique) - len(identities)  # in the output folder, folders, two spellings of one path
     paths, duplicates = one_path_per_file(identities, listed.root, not_inputs, recorded)
     return InputSelection(paths, listed.root, ignored + duplicates)
 
@@ -2831,8 +2830,8 @@ class Ledger:
         """Stop (exit 74) before placing or deleting anything in an output folder that is no
         longer the one this run locked (see RunLock.still_ours)."""
         if not self.still_ours():
-            raise OutputFailed(f"--output_dir {self.root!r} was deleted or moved while this run used it (its lock "
-                               "file is gone); placing and deleting nothing more in it: rerun to finish")
+            raise OutputFailed(f"--output_dir {self.root!r}, or its lock file, was deleted or moved while this run "
+                               "used it; placing and deleting nothing more in it")
 
     def check_not_taken(self, task: Task, rels: list[str]) -> None:
         """A shard's run: has another shard placed one of these names for another input since
@@ -6228,7 +6227,8 @@ def say_no_inputs(config: Config, selection: InputSelection) -> None:
         say(f"no inputs in shard {config.shard[0]}/{config.shard[1]}: the {len(selection.paths)} input(s) "
             "found all fall to other shards; nothing to do")
         return
-    listed = "every path in it is in the output folder" if selection.ignored and not selection.paths else "it is empty"
+    listed = ("none of its paths is an input (folders, or files in the output folder)" if selection.ignored
+              else "it is empty")
     say("no inputs: " + (f"the list {config.input_list!r}: {listed}" if config.input_list is not None else
                          f"nothing matches {', '.join(config.input_glob_patterns)} in {str(config.input_dir)!r}"
                          + (" or its subfolders" if config.recursive else "")) + "; nothing to do")

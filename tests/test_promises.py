@@ -91,23 +91,22 @@ def test_the_closing_line_says_how_each_run_ended(dirs, tmp_path):
 
 
 def test_an_input_list_with_blank_lines_repeats_and_folders(tmp_path):
-    """Blank lines passed over, a path listed twice (spelled two ways) done once, a folder a
-    failed input (named, exit 1), as docs/usage.md says."""
+    """Blank lines passed over, a path listed twice (spelled two ways) done once, a folder not
+    an input (ignored), a missing path a failed input (named, exit 1), as docs/usage.md says."""
     src, out = tmp_path / "in", tmp_path / "out"
     make_inputs(src, 2)
     (src / "folder").mkdir()
     listing = write(tmp_path / "list.txt", "\n".join(["", str(src / "p00.png"), "   ", str(src / "p01.png"), "",
                                                       str(src / "p00.png"), f"{src}/./p01.png", str(src / "folder"),
-                                                      ""]))
+                                                      str(src / "missing.png"), ""]))
     run = run_fake(src, out, "--input_list", str(listing))
-    assert run.code == 1, run.stderr
+    assert run.code == 1 and "1 ignored" in run.stderr, run.stderr
     assert page_files(out) == ["p00.json", "p01.json"]
     records = run_log(out)
     assert sorted((Path(r["input"]).name, r["status"]) for r in records) == [
-        ("folder", "failed"), ("p00.png", "done"), ("p01.png", "done")]
+        ("missing.png", "failed"), ("p00.png", "done"), ("p01.png", "done")]
     assert [line for line in run.stderr.splitlines() if "FAILED" in line] == [
-        line for line in run.stderr.splitlines() if "FAILED" in line and str(src / "folder") in line]
-    assert run.stdout == ""
+        line for line in run.stderr.splitlines() if "FAILED" in line and str(src / "missing.png") in line]
 
 
 def test_a_pdf_with_no_pages_fails_alone_and_named(dirs):

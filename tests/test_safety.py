@@ -1040,7 +1040,8 @@ def test_an_output_folder_deleted_or_moved_mid_run_is_never_written_by_that_run_
     assert second.code == 0 and "2 done" in second.stderr, second.stderr
     gate.touch()
     first.communicate(timeout=60)
-    assert first.returncode == 74 and "was deleted or moved while this run used it" in first.stderr_text()
+    assert first.returncode == 74, first.stderr_text()
+    assert "or its lock file, was deleted or moved while this run used it" in first.stderr_text()
     assert json.loads((out / "z.json").read_text())["text"] == "new"
     assert_invariant(src, out)
     assert run_fake(src, out).code == 0 and (out / "infer_mp.runlog.jsonl").exists()

@@ -199,16 +199,17 @@ def test_with_input_dir_a_listed_path_below_it_is_mirrored_however_either_is_spe
 
 
 @pytest.mark.parametrize("input_dir, listing", [("scans", "scans"), ("scans", "scans-link/"), (None, ".")])
-def test_the_root_itself_or_the_output_folder_in_a_list_is_ignored(tmp_path, monkeypatch, input_dir, listing):
+def test_folders_in_a_list_the_root_and_the_output_folder_too_are_ignored(tmp_path, monkeypatch, input_dir, listing):
     """`find scans -newer stamp -print0` lists scans itself: the whole run stopped, exit 2,
     "cannot place '_outside/...'"."""
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "scans" / "a.png")
     os.symlink("scans", tmp_path / "scans-link")
     (tmp_path / "out").mkdir()  # ... and `find .` lists the output folder: ignored, as what is in it is
-    selection = listed(tmp_path, listing, "scans/a.png", "out", "./out/",
+    (tmp_path / "scans" / "sub").mkdir()  # ... and a subfolder: not an input either (it failed, exit 1)
+    selection = listed(tmp_path, listing, "scans/a.png", "out", "./out/", "scans/sub",
                        input_dir=None if input_dir is None else (tmp_path / input_dir).absolute())
-    assert placed(selection) == ["a.png" if input_dir else "scans/a.png"] and selection.ignored == 2
+    assert placed(selection) == ["a.png" if input_dir else "scans/a.png"] and selection.ignored == 3
 
 
 def test_a_listed_path_under_a_folder_named_outside_cannot_be_placed(tmp_path):
@@ -243,5 +244,6 @@ def test_a_list_of_outputs_only_says_so(tmp_path):
     (tmp_path / "list").write_text("out/a_vis.png\n")
     run = run_list("list", cwd=tmp_path)
     assert run.code == 0, run.stderr
-    assert "no inputs: the list 'list': every path in it is in the output folder; nothing to do" in run.stderr
+    assert ("no inputs: the list 'list': none of its paths is an input (folders, or files in the output folder); "
+            "nothing to do") in run.stderr
     assert not (tmp_path / "out" / "out").exists()
