@@ -2291,7 +2291,8 @@ def placing_records(line: dict) -> Iterator[dict]:
     for entry in line["placing"]:
         if type(entry) is list and len(entry) == 3:
             yield {"time": line.get("time"), "gen": line.get("gen", 0), "input": entry[0], "status": PLACING,
-                   "outputs": entry[1], "extra_outputs": entry[2], "shard": line.get("shard")}
+                   "outputs": entry[1], "extra_outputs": entry[2], "shard": line.get("shard"),
+                   "output_dir": line.get("output_dir")}
 
 
 def files_of(record: dict) -> list[str]:
@@ -2369,7 +2370,8 @@ class Ledger:
         self.put_off = False  # retiring put off for want of the turn: the log is not compacted (see choose_work)
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
-        self.last_run: dict[int, tuple[int, str | None]] = {}  # log -> (line, output folder) of its last closing line
+        self.last_closing: dict[int, int] = {}  # log -> the line of its last closing line
+        self.log_folder: dict[int, str] = {}  # log -> the output folder its last line that names one names
         self.still_ours: Callable[[], bool] = lambda: True  # is the root the folder this run locked? (see RunLock)
 
     # -- reading --------------------------------------------------------------------------
@@ -2405,6 +2407,7 @@ class Ledger:
             self.add(record, (generation, "", index, number) if generation else (0, record["time"], index, number))
             if own:
                 inputs.add(record["input"])
+                self.note_folder(record, index)
         if own:
             self.lines, self.inputs = number + 1, len(inputs)
         elif path in ends:
@@ -2466,7 +2469,8 @@ class Ledger:
         reported). One of a version before 2026-12-03, without a generation, vouches for every
         line before it. (Its generation counts as the records' do: a run that wrote nothing else
         has one of its own.)"""
-        self.last_run[index] = (number, line["run"].get("output_dir"))
+        self.last_closing[index] = number
+        self.note_folder(line["run"], index)
         if "gen" not in line:
             self.legacy[index] = number
             return
@@ -2474,14 +2478,19 @@ class Ledger:
         if line["run"].get("exit_code") in (ExitCode.OK, ExitCode.INPUTS_FAILED):
             self.finished[index, line["gen"]] = number
 
+    def note_folder(self, line: dict, index: int) -> None:
+        """The output folder a `placing` line or a closing line names (since 2026-12-04)."""
+        if type(folder := line.get("output_dir")) is str:
+            self.log_folder[index] = folder
+
     def check_output_folder(self, run_log: Path) -> None:
-        """Refuse a run log kept outside the output folder whose last run wrote into another
-        output folder that is still there: one log for two folders lets each take the other's
-        records for its own (a stale text in one is never redone). A folder moved away (not
-        there any more) is this one, moved; a log inside the folder is the folder's, also in a copy."""
-        folder = self.last_run.get(self.own_index, (0, None))[1]
-        if (folder is None or folder == self.root or within(str(run_log), self.root)
-                or type(folder) is not str or not os.path.isdir(folder)):
+        """Refuse a run log kept outside the output folder whose last line that names one (a
+        `placing` line, a closing line) names another that is still there: one log for two
+        folders lets each take the other's records for its own (a stale text in one is never
+        redone). A folder moved away (not there any more) is this one, moved; a log inside the
+        folder is the folder's, also in a copy."""
+        folder = self.log_folder.get(self.own_index)
+        if folder is None or folder == self.root or within(str(run_log), self.root) or not os.path.isdir(folder):
             return
         raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
                          f"(each output folder needs its own run log); give this run a --run_log of its own, or "
@@ -2940,8 +2949,8 @@ class Ledger:
             for raw in files_of(record):
                 if raw in dropped and dropped[raw][1] != key and record["_order"] < dropped[raw][0]:
                     wanted.add(dropped[raw][0][3])
-        if own in self.last_run:  # (one line: which output folder the log is for, see check_output_folder)
-            wanted.add(self.last_run[own][0])
+        if own in self.last_closing:  # (one line: which output folder the log is for, see check_output_folder)
+            wanted.add(self.last_closing[own])
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING, "shard": tag,
                              "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
@@ -3042,7 +3051,8 @@ class RunLog:
     def write_placing(self, entries: list[list], generation: int) -> None:
         """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
         relative to the output folder (see Ledger.prepare)."""
-        self._append({"time": utc_now(), "gen": generation, "status": PLACING, "shard": self.tag, "placing": entries})
+        self._append({"time": utc_now(), "gen": generation, "status": PLACING, "shard": self.tag, "placing": entries,
+                      "output_dir": str(self.output_dir)})
 
     def write_run(self, counts: dict[str, int], exit_code: int, generation: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):

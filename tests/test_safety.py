@@ -901,6 +901,21 @@ def test_one_run_log_for_two_output_folders_is_refused(dirs, tmp_path):
     assert run_fake(src, tmp_path / "moved", "--run_log", str(log)).code == 0
 
 
+def test_one_run_log_for_two_output_folders_is_refused_after_a_killed_first_run(dirs, tmp_path):
+    """Review: the first run into out/ was killed before its closing line: out2/ took its
+    records for its own. Its `placing` lines name the folder too."""
+    src, out = dirs
+    log = tmp_path / "shared.jsonl"
+    write(src / "a.png", "A")
+    write(src / "b.png", "WAIT")
+    first = start_fake(src, out, "--run_log", str(log), env={"FAKE_PIPELINE_WAIT_FILE": str(tmp_path / "gate")})
+    wait_for(lambda: (out / "a.json").exists())
+    first.signal_group(signal.SIGKILL)
+    first.communicate(timeout=60)
+    run = run_fake(src, tmp_path / "out2", "--run_log", str(log))
+    assert run.code == 2 and "holds the records of another output folder" in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("shard", [None, "1/2"])
 def test_a_run_log_named_like_the_folders_lock_is_not_refused_as_locked(dirs, shard):
     """--run_log out/infer_mp: its lock, `.infer_mp.lock`, was the folder's own, so every run was
