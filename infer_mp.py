@@ -266,7 +266,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.endswith("expected one argument"):  # (argparse takes a value that starts with '-' for a flag)
             flag = message.removeprefix("argument ").split(":")[0].split("/")[-1]
-            given = [value for name, value in zip(self.argv, self.argv[1:]) if name == flag and value.startswith("-")]
+            given = [value for name, value in zip(self.argv, self.argv[1:])  # (also as abbreviated: --out)
+                     if name.startswith("--") and flag.startswith(name) and value.startswith("-")]
             if given:
                 message += f"; a value that starts with '-' goes after '=', as {flag}={given[0]}"
         say(f"error: {message} (see --help)")
@@ -472,7 +473,7 @@ def build_parser() -> ArgumentParser:
         type=shard,
         default=None,
         metavar="I/N",
-        help="Process only shard I of N (0 <= I < N): a stable, disjoint share of the inputs, "
+        help="Process only shard I of N (0 <= I < N <= 10,000): a stable, disjoint share of the inputs, "
         "chosen by a hash of each input's relative path, for N machines or an array job.",
     )
     inputs.add_argument(

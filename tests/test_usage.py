@@ -302,6 +302,7 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(one_input, tm
     (["--predict_arg", "page_windows=1"], "--predict_arg page_windows"),
     (["--device", "cpu,cpu"], "the CPU is one device ('cpu'; --instances_per_device gives it more workers)"),
     (["--input_dir", "-in"], "a value that starts with '-' goes after '=', as --input_dir=-in"),
+    (["--out", "-weird"], "a value that starts with '-' goes after '=', as --output_dir=-weird"),
     # A slip of the keyboard: a traceback (OverflowError in a poll) or a run that hung, eating
     # memory, even with --dry_run (a plan entry per instance; every other shard's log named).
     (["--start_timeout", "inf"], "--start_timeout: must be more than 0 and at most 1,000,000 s, got inf"),
