@@ -2408,7 +2408,6 @@ class Ledger:
             self.add(record, (generation, "", index, number) if generation else (0, record["time"], index, number))
             if own:
                 inputs.add(record["input"])
-                self.note_folder(record, index)
         if own:
             self.lines, self.inputs = number + 1, len(inputs)
         elif path in ends:
@@ -2447,6 +2446,7 @@ class Ledger:
             self.placed_by(key).update(files_of(record))
         if status == PLACING:
             self.writers[order[2]].add(record.get("shard"))
+            self.note_folder(record, order[2])
             if self.placed_meanwhile is not None:
                 self.placed_meanwhile.update(files_of(record))
             for raw in files_of(record):  # (the logs are read one after the other: keep the latest)
