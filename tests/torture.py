@@ -206,7 +206,12 @@ class Run:
         self.seen: dict[int, int] = {}
 
     def log_lines(self) -> int:
-        return self.log.read_bytes().count(b"\n") if self.log.exists() else 0
+        """(A run probes a log that is not there yet by creating it and removing it again: see
+        infer_mp.probe_run_log.)"""
+        try:
+            return self.log.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
 
     def running_after(self, records: int, seconds: float) -> bool:
         """Wait until it has logged `records` more lines, then `seconds`; still running?"""
