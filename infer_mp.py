@@ -152,7 +152,7 @@ LOCK_NAME = ".infer_mp.lock"  # in --output_dir: one run at a time (see RunLock)
 SHARD_COUNT_LOCK = ".infer_mp.shards-of-{count}.lock"  # held shared by the shards of one count
 RUN_LOG_LOCK = ".{name}.log.lock"  # beside the run log (never one of the names above, whatever the log's name)
 LOCK_WAIT_SECONDS = 0.25  # a lock is tried this long before a run is refused: another's probe holds it an instant
-LOCK_OPEN_TRIES = 3  # a lock file unlinked as it was locked is opened again (see RunLock._take)
+LOCK_OPEN_TRIES = 10  # a lock file unlinked as it was locked is opened again (see RunLock._take)
 PLACING_LOCK = ".infer_mp.placing.lock"  # in --output_dir: shards check and write their placing lines one at a time
 PLACING_LOCK_SECONDS = 10.0  # ... waited for this long at most (a stopped shard holding it does not stop the others)
 OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirrored folder
@@ -741,7 +741,7 @@ def a_run_log(path: Path) -> bool:
     return type(line) is dict and "time" in line and (
         ("input" in line and line.get("status") in STATUSES | {"skipped"})  # (skipped: see read_records)
         or (line.get("status") == PLACING and type(line.get("placing")) is list)
-        or type(line.get("run")) is dict)
+        or (type(line.get("run")) is dict and "exit_code" in line["run"]))
 
 
 def shard_suffix(index: int, count: int) -> str:
@@ -3543,7 +3543,7 @@ def same_file(handle: Any, path: Path) -> bool:
     """Is the open file still the one at `path` (not unlinked, nor replaced)?"""
     try:
         held, there = os.fstat(handle.fileno()), os.stat(path)
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: a closed handle)
         return False
     return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
@@ -3640,9 +3640,11 @@ class RunLock:
                 raise RunLocked(refusal.format(holder=f" (pid {holder})" if holder else "") + f" --output_dir "
                                 f"{str(self.output_dir)!r}; wait for it to finish, or {instead}") from None
             if same_file(handle, path):
-                break
+                self.handles.append(handle)
+                return
             handle.close()
-        self.handles.append(handle)
+        raise RunLocked(f"another infer_mp.py run is removing its lock files in --output_dir {str(self.output_dir)!r} "
+                        "as this one starts; try again")
 
     def _refuse_other_counts(self, count: int) -> None:
         """Shards of another count split the inputs differently: they would overlap ours."""

@@ -116,6 +116,37 @@ def test_a_shard_that_finds_nothing_leaves_the_folder_and_the_others_locks(dirs,
     assert second.returncode == 0 and "2 done" in second.stderr_text(), second.stderr_text()
 
 
+REMOVER = """
+import fcntl, os, sys, time
+path, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+    except OSError:
+        pass
+"""
+
+
+def test_a_lock_file_removed_again_and_again_as_the_run_starts_is_exit_75_not_a_traceback(dirs):
+    """Review: a run over all inputs that found nothing removes its lock files, each unlinked
+    while it holds it; a run starting then reopens one it locked after it was unlinked, but
+    after its last try it kept the closed file: a traceback (ValueError), or a run without
+    its run log's lock."""
+    src, out = dirs
+    make_inputs(src, 1)
+    out.mkdir()
+    remover = subprocess.Popen([sys.executable, "-c", REMOVER, str(out / ".infer_mp.lock"), "4"])
+    try:
+        run = run_fake(src, out)
+    finally:
+        remover.wait(60)
+    assert run.code in (0, 75) and "Traceback" not in run.stderr, run.stderr
+    if run.code == 75:
+        assert "is removing its lock files" in run.stderr and run_fake(src, out).code == 0
+
+
 # -- the run log: bounded, keyed on the file, one truth for all shards ------------------------------
 
 
@@ -368,10 +399,12 @@ OTHER_LOGS = {
     "cron": lambda n: f"2026-12-0{n % 9 + 1} 03:00 ocr tick {n}\n",
     "json": lambda n: json.dumps({"time": "2026-01-01T00:00:00Z", "level": "info", "msg": f"request {n}"}) + "\n",
     "run": lambda n: json.dumps({"time": "2026-01-01T00:00:00Z", "run": n, "input": "x"}) + "\n",
+    "run dict": lambda n: json.dumps({"time": "2026-01-01T00:00:00Z", "level": "info", "run": {"x": n}}) + "\n",
 }
 
 
-@pytest.mark.parametrize("kind, dry", [("cron", False), ("cron", True), ("json", False), ("run", False)])
+@pytest.mark.parametrize("kind, dry", [("cron", False), ("cron", True), ("json", False), ("run", False),
+                                       ("run dict", True)])
 def test_a_run_log_that_holds_something_else_is_refused_and_kept(dirs, tmp_path, kind, dry):
     """--run_log ocr-cron.log (the cron job's own log): compaction kept only its JSON lines,
     so 1,200 lines of someone's log were wiped; a short one got records appended. So were the
