@@ -2340,7 +2340,7 @@ class Ledger:
     def __init__(self, root: str | Path):
         self.root = str(root)
         self.latest: dict[str, dict] = {}  # by input: its last whole record
-        self.last_done: dict[str, dict] = {}  # ... its last done whole record
+        self.last_done: dict[str, dict] = {}  # ... its last done whole record, or weak one (failed, its text kept)
         self.ranges: dict[str, list[dict]] = defaultdict(list)  # ... its page ranges' records
         self.placed: dict[str, set[str]] = {}  # inputs with more than one record: every file ever placed
         self.generation = 0  # the highest read; this run writes the next
@@ -2458,7 +2458,7 @@ class Ledger:
         else:
             if previous is None or order >= previous["_order"]:
                 self.latest[key] = record
-            if status == DONE:
+            if status == DONE or record.get("weak") is True or record.get("weak_pages"):  # (text kept: see held)
                 previous = self.last_done.get(key)
                 if previous is None or order >= previous["_order"]:
                     self.last_done[key] = record

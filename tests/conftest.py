@@ -380,14 +380,15 @@ def latest_records(folder: Path) -> dict[str, dict]:
 
 def held_outputs(folder: Path) -> dict[str, set[str]]:
     """The files each input's current records hold: those its last whole record lists (a done
-    input's, or the good pages of a document with failed pages), those of its last done record
-    while the failure after it is of the same file version (or of a file that was not there),
+    input's, or the good pages of a document with failed pages), those of its last done (or
+    weak) record while the failure after it is of the same file version (or of a file that was not there),
     and those of the page ranges recorded since (a document a run did not finish); less the
     files that another input recorded or placed since (a name a gone input freed, taken by
     another; a compacted log may keep only the `placing` line that took it)."""
     records = all_records(folder)
     latest = latest_records(folder)
-    last_done = {r["input"]: r for r in records if "range" not in r and r["status"] == "done"}
+    last_done = {r["input"]: r for r in records  # (or a weak one: failed, its text kept)
+                 if "range" not in r and (r["status"] == "done" or r.get("weak") is True or r.get("weak_pages"))}
     held: dict[str, set[str]] = {}
     for key, record in latest.items():
         held[key] = set(record["outputs"]) | set(record.get("extra_outputs") or [])

@@ -170,6 +170,26 @@ def test_retry_failed_reads_a_document_page_that_failed_under_overwrite_again(di
     assert_invariant(src, out)
 
 
+@pytest.mark.parametrize("name, content", [("i.png", "ZAP SCORES:0.5,0.6"),
+                                           ("d.pdf", pdf_bytes(["alpha", "ZAP SCORES:0.5,0.6", "gamma"]))],
+                         ids=["image", "document"])
+def test_a_weak_pages_kept_text_survives_an_overwrite_pass_that_fails_it(dirs, name, content):
+    """Review (older than the ledger's last changes): a weak page's text, kept under
+    --min_page_score, was deleted by an --overwrite pass that failed that page; a failing
+    --retry_failed pass kept it, as a done page's text is kept."""
+    src, out = dirs
+    write(src / name, content)
+    gate = ("--min_page_score", "0.9")
+    assert run_fake(src, out, *gate).code == 1
+    kept = {path.name: json.loads(path.read_text())["text"] for path in out.glob("*.json")}
+    assert run_fake(src, out, *gate, "--overwrite", "--pipeline_arg", "raise_on=ZAP").code == 1
+    assert {path.name: json.loads(path.read_text())["text"] for path in out.glob("*.json")} == kept
+    assert_invariant(src, out)
+    again = run_fake(src, out, *gate, "--retry_failed")
+    assert again.code == 1 and "Traceback" not in again.stderr, again.stderr  # (weak again: it stays)
+    assert {path.name for path in out.glob("*.json")} == set(kept)
+
+
 def test_dotdot_output_dir_a_new_input_does_not_overwrite_a_gone_inputs_output(dirs, tmp_path):
     src, out = dirs
     write(src / "a.jpg", "JPG")
