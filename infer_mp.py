@@ -97,6 +97,7 @@ import re
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -1489,26 +1490,55 @@ def cuda_driver_too_old() -> str | None:
 
 
 def cuda_provider_problem() -> str | None:
-    """Why ONNX Runtime's CUDA provider cannot start here, or None. Its library is loaded as
-    ONNX Runtime loads it (after its provider bridge, in this process, so with whatever the
-    pipeline's imports loaded), so the dynamic loader names the CUDA or cuDNN library that is
-    missing or of the wrong version, where ONNX Runtime itself would only warn and run every
-    session on the CPU. None also where this ONNX Runtime has no CUDA provider (check_engine
-    says that) or is not installed."""
+    """Why ONNX Runtime's CUDA provider cannot start here, or None. The dynamic loader lists
+    the libraries that the provider's library needs without running any of its code (ldd):
+    loaded as a plain library, its initializers crash the process without ONNX Runtime's
+    provider host (a segmentation fault with onnxruntime-gpu 1.31.1 on an H200). So it names
+    the CUDA or cuDNN library that is missing or of the wrong version, where ONNX Runtime
+    itself would only warn and run every session on the CPU. Libraries this process has
+    already loaded count as found, as they would for ONNX Runtime. None also where this ONNX
+    Runtime has no CUDA provider (check_engine says that), or where no ldd can tell."""
     capi = cuda_provider_folder()
     if capi is None:
         return None
+    missing = unresolved_libraries((capi / CUDA_PROVIDER_LIBRARY).resolve())  # ($ORIGIN: its real folder)
+    if not missing:
+        return None
+    built = onnxruntime_cuda_build(capi)
+    cuda = f"CUDA {built[0]}.{built[1]}" if built else "the CUDA version"
+    return (f"ONNX Runtime's CUDA provider cannot load here ({'; '.join(missing)}): it needs the "
+            f"{cuda} and cuDNN libraries it was built for, where the dynamic loader finds them (a CUDA toolkit "
+            "and cuDNN install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
+
+
+LDD_TIMEOUT = 30.0  # seconds; the loader only reads the libraries' headers
+
+
+def unresolved_libraries(library: Path) -> list[str]:
+    """What keeps the dynamic loader from loading `library`, as ldd reports it without running
+    the library's code: ['libcudnn.so.9: not found'], or ['libX.so: not a dynamic executable'];
+    [] where everything is found (or already loaded here), or where no ldd can tell (not glibc)."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return []
     try:
-        if (capi / CUDA_PROVIDER_BRIDGE).is_file():
-            ctypes.CDLL(str(capi / CUDA_PROVIDER_BRIDGE), mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(str(capi / CUDA_PROVIDER_LIBRARY))
-    except OSError as error:
-        built = onnxruntime_cuda_build(capi)
-        cuda = f"CUDA {built[0]}.{built[1]}" if built else "the CUDA version"
-        return (f"ONNX Runtime's CUDA provider cannot load here ({' '.join(str(error).split())}): it needs the "
-                f"{cuda} and cuDNN libraries it was built for, where the dynamic loader finds them (a CUDA toolkit "
-                "and cuDNN install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
-    return None
+        listing = subprocess.run([ldd, str(library)], capture_output=True, text=True, errors="replace",
+                                 timeout=LDD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    loaded = loaded_library_names()
+    missing = [f"{name}: not found" for line in listing.stdout.splitlines()
+               if (parts := line.split("=>"))[-1].strip() == "not found" and (name := parts[0].strip()) not in loaded]
+    if listing.returncode != 0 and not missing:
+        said = " ".join((listing.stderr or listing.stdout).split()) or f"ldd exit {listing.returncode}"
+        return [f"{library.name}: {said}"]
+    return missing
+
+
+def loaded_library_names() -> set[str]:
+    """The file names of the shared libraries mapped into this process (Linux)."""
+    maps = read_text("/proc/self/maps") or ""
+    return {Path(line.split(maxsplit=5)[5]).name for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
 
 
 OPENVINO_PROVIDER = "OpenVINOExecutionProvider"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,47 @@ def test_provider_library_that_will_not_load_is_named(monkeypatch, tmp_path):
     assert problem.startswith("ONNX Runtime's CUDA provider cannot load here (")
     assert "libonnxruntime_providers_cuda.so" in problem and "CUDA 13.0 and cuDNN" in problem
     assert "'GPU from PyPI'" in problem
+
+
+def onnxruntime_capi() -> Path:
+    """The installed ONNX Runtime's capi folder, with its provider bridge (skip without one)."""
+    found = infer_mp.onnxruntime_folder()
+    if found is None or not (found / "capi" / infer_mp.CUDA_PROVIDER_BRIDGE).is_file():
+        pytest.skip("needs an ONNX Runtime build with its provider bridge (requirements-dev.txt)")
+    return found / "capi"
+
+
+def test_a_provider_library_is_checked_without_running_its_code(tmp_path):
+    """An ONNX Runtime provider library crashes the process (SIGSEGV) when loaded as a plain
+    library, outside ONNX Runtime's provider host: onnxruntime-gpu 1.31.1's CUDA provider did
+    so on an H200, before any page. OpenVINO's provider library here does the same."""
+    capi = onnxruntime_capi()
+    provider = capi / "libonnxruntime_providers_openvino.so"
+    if not provider.is_file():
+        pytest.skip("needs onnxruntime-openvino's provider library (requirements-dev.txt)")
+    (tmp_path / "capi").mkdir()
+    (tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY).symlink_to(provider)
+    (tmp_path / "capi" / infer_mp.CUDA_PROVIDER_BRIDGE).symlink_to(capi / infer_mp.CUDA_PROVIDER_BRIDGE)
+    check = ("import sys; from pathlib import Path; import infer_mp; "
+             "infer_mp.onnxruntime_folder = lambda: Path(sys.argv[1]); print(infer_mp.cuda_provider_problem())")
+    done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr[-2000:]
+
+
+def test_a_missing_dependency_of_the_provider_is_named(monkeypatch, tmp_path):
+    """The dynamic loader's view: the library it cannot find, by name; nothing said where no
+    ldd can tell (the workers still refuse a silent fallback to the CPU)."""
+    bridge = (onnxruntime_capi() / infer_mp.CUDA_PROVIDER_BRIDGE).read_bytes()
+    assert bridge.count(b"libgcc_s.so.1\0") == 1
+    write(tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY, bridge.replace(b"libgcc_s.so.1\0", b"libgcc_q.so.1\0"))
+    write(tmp_path / "capi" / "build_and_package_info.py", "package_name = 'onnxruntime-gpu'\ncuda_version = '13.0'\n")
+    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
+    problem = infer_mp.cuda_provider_problem()
+    assert problem.startswith("ONNX Runtime's CUDA provider cannot load here (libgcc_q.so.1: not found): it needs the "
+                              "CUDA 13.0 and cuDNN libraries"), problem
+    monkeypatch.setattr(infer_mp.shutil, "which", lambda name: None)
+    assert infer_mp.cuda_provider_problem() is None
 
 
 # -- check_engine on a GPU ---------------------------------------------------------------------
