@@ -147,6 +147,7 @@ class Setting:
     memory: list[int] = field(default_factory=list)  # peak GPU memory used, MiB, per round
     similarity: list[float] = field(default_factory=list)
     recall: list[float] = field(default_factory=list)
+    failure: str | None = None  # why its last round failed: the row says so, and the sweep goes on
 
 
 def plan_settings(args: argparse.Namespace, gpus: list[int], input_dir: Path, out: Path,
@@ -298,17 +299,20 @@ def mean_recall(read: dict[str, list[str]], truth: dict[str, str]) -> float:
 
 
 def run_once(setting: Setting, out: Path, truth: dict[str, str], interval_ms: int) -> None:
+    """One round of one row; a failure is noted in the row (a crash on one setting, as a
+    segmentation fault of every GPU run once was, must not lose the rows measured before)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with GpuSampler([nvml_index(g) for g in setting.gpus], interval_ms, out) as sampler:
         started = time.perf_counter()
         done = subprocess.run(setting.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ended = time.perf_counter()
-    if done.returncode != 0:
-        raise SystemExit(f"{setting.name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     produced = sum(1 for p in out.glob("*.json") if not p.name.startswith("."))
-    if produced != len(truth):
-        raise SystemExit(f"{setting.name}: {produced} JSON files for {len(truth)} pages")
+    if done.returncode != 0 or produced != len(truth):
+        last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        setting.failure = f"exit {done.returncode}, {produced} of {len(truth)} pages: {last[:200]}"
+        print(f"{setting.name} failed ({done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return
     setting.seconds.append(ended - started)
     setting.after_first.append(ended - (sampler.first_output or started))
     busy = sampler.busy_percent()
@@ -334,10 +338,13 @@ def table(settings: list[Setting], pages: int) -> str:
             "(mean) | peak GPU memory (MiB) | vs bare loop | text similarity | word recall |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in settings:
+        if not s.seconds:
+            rows.append(f"| {s.name} | {len(s.gpus)} | failed: {s.failure} |" + " |" * 8)
+            continue
         seconds = median(s.seconds)
         after = median(s.after_first)
         steady = f"{(pages - 1) / after:.2f}" if pages > 1 and after > 0 else "-"
-        versus = f"{median(bare.seconds) / seconds:.2f}x" if bare else "-"
+        versus = f"{median(bare.seconds) / seconds:.2f}x" if bare and bare.seconds else "-"
         rows.append(f"| {s.name} | {len(s.gpus)} | {seconds:.1f} | {pages / seconds:.2f} | "
                     f"{pages / seconds / len(s.gpus):.2f} | {steady} | {percent(s.busy)} | {max(s.memory) or '-'} | "
                     f"{versus} | {median(s.similarity):.3f} | {median(s.recall):.4f} |")
@@ -390,9 +397,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"measuring {len(settings)} settings x {args.rounds} round(s) on {args.pages} pages ...", file=sys.stderr)
     for round_index in range(args.rounds):
         for setting in settings:  # interleaved: A B C A B C ...
+            setting.failure = None
             run_once(setting, out, truth, args.sample_ms)
-            print(f"  round {round_index + 1}: {setting.name}: {setting.seconds[-1]:.1f} s, GPU busy "
-                  f"{setting.busy[-1]:.0f}%", file=sys.stderr, flush=True)
+            if setting.failure is None:
+                print(f"  round {round_index + 1}: {setting.name}: {setting.seconds[-1]:.1f} s, GPU busy "
+                      f"{setting.busy[-1]:.0f}%", file=sys.stderr, flush=True)
     print(f"\n{args.pages} dense pages (20 lines), {MODELS[args.model][1]}, --engine {args.engine}; "
           f"{time.strftime('%Y-%m-%d')}; {gpu_names(gpus)}; {infer_mp.available_cores()} cores, "
           f"Python {platform.python_version()}, {versions()}; "

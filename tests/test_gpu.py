@@ -425,6 +425,24 @@ def test_benchmark_scores_text_against_the_known_text(bench, tmp_path):
     assert bench.similarity(read, truth) == 0.5
 
 
+def test_a_failing_row_is_shown_and_the_sweep_goes_on(bench, tmp_path):
+    """Every GPU run once crashed (SIGSEGV): the first failing row ended the whole benchmark,
+    losing the bare loop measured before it."""
+    truth = {"a.json": "total amount due 12"}
+    crash = bench.Setting("crashes", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"],
+                          [0], 1, 1)
+    write_page = "import json, sys; json.dump({'rec_texts': ['total amount due 12']}, open(sys.argv[1], 'w'))"
+    works = bench.Setting("works", [sys.executable, "-c", write_page, str(tmp_path / "out" / "a.json")], [0])
+    for setting in (crash, works):
+        bench.run_once(setting, tmp_path / "out", truth, 50)
+    assert crash.failure == "exit 3, 0 of 1 pages: boom" and not crash.seconds
+    assert works.failure is None and works.recall == [1.0]
+    table = bench.table([works, crash], 1).splitlines()
+    assert table[2].startswith("| works | 1 |") and "| 1.000 | 1.0000 |" in table[2]
+    assert table[3].startswith("| crashes | 1 | failed: exit 3, 0 of 1 pages: boom |")
+    assert table[3].count("|") == table[2].count("|")
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--model", "v6", "--engine", "paddle_static"], "--model v6"),
     (["--instances", "0"], "--instances"),
