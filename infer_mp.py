@@ -1385,7 +1385,7 @@ def create_pipeline(ref: PipelineRef, spec: WorkerSpec, init_kwargs: dict) -> An
     if engine_config is not None:
         kwargs["engine_config"] = engine_config
     pipeline = cls(**kwargs)
-    install_recognizer_speedups(pad_widths=tunes_openvino(spec, init_kwargs, engine_config))
+    install_recognizer_speedups(recognizer_padding(spec, init_kwargs, engine_config))
     return pipeline
 
 
@@ -1588,20 +1588,37 @@ def openvino_options(threads: int | None) -> dict:
 # mobile: word recall 0.9967 -> 0.9960 at float32), as with bf16; docs/engines.md has the
 # figures and the way back.
 REC_WIDTH_STEP = 32
+WIDTH_STEPS = "width steps"
+# ONNX Runtime's CUDA provider (1.31.1, cuDNN 9, on an H200) sets its convolutions up again
+# whenever a recognizer call's input shape differs from the call before it: 1.4-2.3 s a call
+# for PP-OCRv6_small, against 0.01 s for the same shape again; PaddleX's batches change shape
+# at nearly every call (4 calls a dense page: 3.0 s a page, of which the detector, one shape
+# for same-size pages, 4 ms). Where infer_mp.py sets the CUDA provider's options, a worker
+# keeps the recognizer's input at one shape: every batch filled up to the recognizer's batch
+# size with blank lines (their output dropped), and padded on to the widest width the worker
+# has run so far (PaddleX caps widths at 3,200 columns), in steps of REC_WIDTH_STEP; unless
+# word boxes are asked for, as for WIDTH_STEPS. Measured in docs/install.md, "GPU from PyPI".
+ONE_SHAPE = "one shape"
+RECOGNIZER_PADDING_SAID = {  # in a worker's engine line
+    WIDTH_STEPS: f"recognizer batches padded to widths in steps of {REC_WIDTH_STEP} where no word boxes are asked "
+                 "for, as OpenVINO plans each new shape",
+    ONE_SHAPE: "recognizer batches kept at one shape (full batches, the widest width so far) where no word boxes "
+               "are asked for, as the CUDA provider sets up again at each new shape",
+}
 
 
-def install_recognizer_speedups(pad_widths: bool = False) -> None:
+def install_recognizer_speedups(padding: str | None = None) -> None:
     """Patch this process's PaddleX recognizer, if the pipeline loaded it and it has the shape
     the patch was written for (PaddleX 3.x); otherwise leave it as it is: its CTC decoder, and
-    with pad_widths, where the pipeline has a recognizer, its batches (see REC_WIDTH_STEP)."""
+    with a padding (WIDTH_STEPS or ONE_SHAPE), where the pipeline has a recognizer, its batches."""
     processors = sys.modules.get("paddlex.inference.models.text_recognition.processors")
     decoder = getattr(processors, "CTCLabelDecode", None)
     if decoder is not None and hasattr(decoder, "decode") and not hasattr(decoder.__call__, "infer_mp"):
         decoder.__call__ = ctc_decode_without_copy(decoder.__call__)
     predictor = recognizer_class()
-    if pad_widths and predictor is not None and not hasattr(predictor.process, "infer_mp"):
+    if padding and predictor is not None and not hasattr(predictor.process, "infer_mp"):
         if live_instances(predictor):  # (not a detection-only pipeline)
-            predictor.process = process_in_width_steps(predictor.process)
+            predictor.process = process_in_width_steps(predictor.process, one_shape=padding == ONE_SHAPE)
 
 
 def recognizer_class() -> type | None:
@@ -1611,22 +1628,56 @@ def recognizer_class() -> type | None:
     return predictor if predictor is not None and callable(getattr(predictor, "process", None)) else None
 
 
-def process_in_width_steps(whole: Any) -> Any:
+def process_in_width_steps(whole: Any, one_shape: bool = False) -> Any:
     def process(self: Any, batch_data: Any, return_word_box: bool = False, **kwargs: Any) -> Any:
         """PaddleX's recognition of a batch, its lines padded on to a width in steps of
-        REC_WIDTH_STEP; PaddleX's own widths where word boxes are asked for, by the call or
-        by the pipeline's config (PaddleX places them by the unpadded width)."""
+        REC_WIDTH_STEP (with one_shape: see ONE_SHAPE); PaddleX's own widths where word boxes
+        are asked for, by the call or by the pipeline's config (PaddleX places them by the
+        unpadded width)."""
         batcher = getattr(self, "pre_tfs", {}).get("ToBatch")
         if return_word_box or getattr(self, "return_word_box", True) or batcher is None:
             return whole(self, batch_data, return_word_box, **kwargs)
-        self.pre_tfs["ToBatch"] = lambda imgs: pad_to_width_step(batcher(imgs))
-        try:
-            return whole(self, batch_data, return_word_box, **kwargs)
-        finally:
-            self.pre_tfs["ToBatch"] = batcher
+        if not one_shape:
+            self.pre_tfs["ToBatch"] = lambda imgs: pad_to_width_step(batcher(imgs))
+            try:
+                return whole(self, batch_data, return_word_box, **kwargs)
+            finally:
+                self.pre_tfs["ToBatch"] = batcher
+        return process_in_one_shape(self, whole, batcher, batch_data, return_word_box, **kwargs)
 
-    process.infer_mp = True  # type: ignore[attr-defined]
+    process.infer_mp = ONE_SHAPE if one_shape else WIDTH_STEPS  # type: ignore[attr-defined]
     return process
+
+
+def process_in_one_shape(self: Any, whole: Any, batcher: Any, batch_data: Any, return_word_box: bool,
+                         **kwargs: Any) -> Any:
+    """PaddleX's recognition of a batch at the recognizer's one shape (ONE_SHAPE): the batch
+    filled up with blank lines and widened to the widest width so far; the model's outputs for
+    the blank lines dropped before PaddleX decodes them."""
+    runner, rows = self.runner, getattr(getattr(self, "batch_sampler", None), "batch_size", None) or 1
+    real: list[int] = []
+
+    def to_batch(imgs: Any) -> list:
+        batch = batcher(imgs)
+        if not batch:
+            return batch
+        lines = batch[0]
+        real.append(lines.shape[0])
+        width = lines.shape[-1] + -lines.shape[-1] % REC_WIDTH_STEP
+        self.infer_mp_width = max(getattr(self, "infer_mp_width", 0), width)
+        return [pad_lines(lines, max(rows - lines.shape[0], 0), self.infer_mp_width - lines.shape[-1])]
+
+    def run(*args: Any, **run_kwargs: Any) -> Any:
+        outputs = runner(*args, **run_kwargs)
+        if not real or real[-1] >= rows:
+            return outputs
+        return [out[:real[-1]] if getattr(out, "ndim", 0) and out.shape[0] == rows else out for out in outputs]
+
+    self.pre_tfs["ToBatch"], self.runner = to_batch, run
+    try:
+        return whole(self, batch_data, return_word_box, **kwargs)
+    finally:
+        self.pre_tfs["ToBatch"], self.runner = batcher, runner
 
 
 def pad_to_width_step(batch: list) -> list:
@@ -1634,16 +1685,23 @@ def pad_to_width_step(batch: list) -> list:
     its widest line) padded on with zeros to a width that is a multiple of REC_WIDTH_STEP."""
     if not batch:
         return batch
-    import numpy
-
     lines = batch[0]
     extra = -lines.shape[-1] % REC_WIDTH_STEP
-    return [numpy.pad(lines, [(0, 0)] * (lines.ndim - 1) + [(0, extra)])] if extra else batch
+    return [pad_lines(lines, 0, extra)] if extra else batch
 
 
-def recognizer_widths_padded() -> bool:
+def pad_lines(lines: Any, rows: int, columns: int) -> Any:
+    """A recognizer batch [lines x 3 x height x width] with `rows` blank lines after its own
+    and `columns` blank columns on the right (zeros, as PaddleX pads its shorter lines)."""
+    import numpy
+
+    return numpy.pad(lines, [(0, rows)] + [(0, 0)] * (lines.ndim - 2) + [(0, columns)])
+
+
+def recognizer_padding_installed() -> str | None:
+    """WIDTH_STEPS or ONE_SHAPE, where this process's recognizer batches are padded."""
     predictor = recognizer_class()
-    return predictor is not None and hasattr(predictor.process, "infer_mp")
+    return getattr(predictor.process, "infer_mp", None) if predictor is not None else None
 
 
 def ctc_decode_without_copy(whole: Any) -> Any:
@@ -1660,6 +1718,26 @@ def ctc_decode_without_copy(whole: Any) -> Any:
 
     decode.infer_mp = True  # type: ignore[attr-defined]
     return decode
+
+
+def recognizer_padding(spec: WorkerSpec, init_kwargs: dict, planned: dict | None) -> str | None:
+    """How a worker pads its recognizer's batches: WIDTH_STEPS where infer_mp.py sets up
+    OpenVINO, ONE_SHAPE where it sets up ONNX Runtime's CUDA provider; else not at all."""
+    if tunes_openvino(spec, init_kwargs, planned):
+        return WIDTH_STEPS
+    if tunes_cuda(spec, init_kwargs, planned):
+        return ONE_SHAPE
+    return None
+
+
+def tunes_cuda(spec: WorkerSpec, init_kwargs: dict, planned: dict | None) -> bool:
+    """infer_mp.py sets the CUDA provider's options, and CUDA runs the model: ONNX Runtime on
+    gpu:N, CUDA first among the providers (PaddleX's own list, CUDA first, where none are
+    given), and --engine_config gives no provider_options of its own."""
+    given = init_kwargs.get("engine_config") or {}
+    providers = (planned or {}).get("providers")
+    return (planned is not None and spec.device.startswith("gpu") and init_kwargs.get("engine") == "onnxruntime"
+            and (providers is None or providers[:1] == [CUDA_PROVIDER]) and given.get("provider_options") is None)
 
 
 def tunes_openvino(spec: WorkerSpec, init_kwargs: dict, planned: dict | None) -> bool:
@@ -1754,9 +1832,8 @@ def describe_engine(init_kwargs: dict) -> str:
     providers = list(dict.fromkeys(p for session in sessions for p in session.get_providers()))
     if providers:
         why = provider_choice(init_kwargs, providers, sys.modules["onnxruntime"].get_available_providers())
-        if recognizer_widths_padded():
-            why = (f"{why}; " if why else "") + (f"recognizer batches padded to widths in steps of {REC_WIDTH_STEP} "
-                                                 "where no word boxes are asked for, as OpenVINO plans each new shape")
+        if padding := RECOGNIZER_PADDING_SAID.get(recognizer_padding_installed()):
+            why = (f"{why}; " if why else "") + padding
         return f"onnxruntime ({', '.join(providers)}){cuda_settings(sessions)}" + (f" [{why}]" if why else "")
     if init_kwargs.get("engine"):
         return init_kwargs["engine"]

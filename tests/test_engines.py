@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -366,6 +369,49 @@ def test_recognizer_batches_are_padded_to_width_steps_unless_word_boxes_are_aske
     assert process(fake_recognizer(recognizer, word_boxes=True), lines).shape == exact.shape
 
 
+class Runner:
+    """A recognizer model as far as the one-shape padding sees it: notes each batch it gets and
+    answers one row of scores per line, row i filled with i."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, x):
+        import numpy
+
+        self.shapes.append(x[0].shape)
+        return [numpy.arange(x[0].shape[0], dtype=numpy.float32)[:, None, None] * numpy.ones((1, 4, 5))]
+
+
+def read_batch(self, lines, return_word_box=False):
+    """PaddleX's recognition of a batch, reduced to its batcher, its model and the scores' rows."""
+    return self.runner(x=self.pre_tfs["ToBatch"](imgs=lines))[0]
+
+
+def test_on_cuda_recognizer_batches_keep_one_shape(recognizer):
+    """ONNX Runtime's CUDA provider set a recognizer's convolutions up again (1.4-2.3 s) at every
+    call whose input shape differed from the call before, and PaddleX changes it at nearly
+    every call. Every batch is filled up to the batch size with blank lines, whose outputs are
+    dropped, and widened to the widest width so far; PaddleX's own batches for word boxes."""
+    import numpy
+
+    rng = numpy.random.default_rng(3)
+    process = infer_mp.process_in_width_steps(read_batch, one_shape=True)
+    model = fake_recognizer(recognizer)
+    model.runner, model.batch_sampler = Runner(), types.SimpleNamespace(batch_size=6)
+    lines = [rng.random((3, 48, width), dtype=numpy.float32) for width in (100, 130, 64)]
+    scores = process(model, lines)
+    assert model.runner.shapes == [(6, 3, 48, 160)]
+    assert scores.shape == (3, 4, 5) and [row[0, 0] for row in scores] == [0, 1, 2]  # the three lines' own
+    assert process(model, lines[2:]).shape == (1, 4, 5)
+    assert process(model, [rng.random((3, 48, 200), dtype=numpy.float32)] * 6).shape == (6, 4, 5)
+    assert process(model, lines[:1]).shape == (1, 4, 5)
+    assert model.runner.shapes[1:] == [(6, 3, 48, 160), (6, 3, 48, 224), (6, 3, 48, 224)]
+    assert isinstance(model.runner, Runner) and model.pre_tfs["ToBatch"].__class__ is recognizer.ToBatch
+    assert process(model, lines, return_word_box=True).shape == (3, 4, 5)
+    assert model.runner.shapes[-1] == (3, 3, 48, 130)
+
+
 class TakesAny(Takes):
     """A pipeline that takes any option and holds no recognizer (as a detection-only one)."""
 
@@ -383,16 +429,24 @@ class HoldsRecognizer:
         return iter(())
 
 
+STEPS, ONE_SHAPE = infer_mp.WIDTH_STEPS, infer_mp.ONE_SHAPE
+
+
 @pytest.mark.parametrize("device, init_kwargs, padded", [
-    ("cpu", {"engine": "onnxruntime"}, True),  # OpenVINO, set up by infer_mp.py
-    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO, CPU]}}, True),
+    ("cpu", {"engine": "onnxruntime"}, STEPS),  # OpenVINO, set up by infer_mp.py
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO, CPU]}}, STEPS),
     ("cpu", {"engine": "onnxruntime", "engine_config": {"provider_options": [{"num_of_threads": 2}],
-                                                        "providers": [OPENVINO]}}, False),  # the user's own
-    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [CPU]}}, False),  # no OpenVINO
-    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [CPU, OPENVINO]}}, False),  # CPU takes all
+                                                        "providers": [OPENVINO]}}, None),  # the user's own
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [CPU]}}, None),  # no OpenVINO
+    ("cpu", {"engine": "onnxruntime", "engine_config": {"providers": [CPU, OPENVINO]}}, None),  # CPU takes all
     ("gpu:0", {"engine": "onnxruntime", "engine_config": {"providers": [OPENVINO, "CUDAExecutionProvider"]}},
-     False),  # on a GPU infer_mp.py sets CUDA's options, not OpenVINO's
-    ("cpu", {}, False),  # the Paddle engine
+     None),  # OpenVINO first: neither set up by infer_mp.py
+    ("gpu:0", {"engine": "onnxruntime"}, ONE_SHAPE),  # CUDA, set up by infer_mp.py
+    ("gpu:1", {"engine": "onnxruntime", "engine_config": {"providers": ["CUDAExecutionProvider", CPU]}}, ONE_SHAPE),
+    ("gpu:0", {"engine": "onnxruntime", "engine_config": {"provider_options": {"cudnn_conv_algo_search": "HEURISTIC"}}},
+     None),  # the user's own CUDA options: as ONNX Runtime runs them
+    ("gpu:0", {}, None),  # Paddle's engine
+    ("cpu", {}, None),  # the Paddle engine
 ])
 def test_workers_pad_recognizer_widths_only_where_they_set_up_openvino(monkeypatch, recognizer, no_native_bf16,
                                                                        device, init_kwargs, padded):
@@ -400,7 +454,7 @@ def test_workers_pad_recognizer_widths_only_where_they_set_up_openvino(monkeypat
     monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: HoldsRecognizer)
     pipeline = infer_mp.create_pipeline(infer_mp.PipelineRef("x", "HoldsRecognizer"),
                                         infer_mp.WorkerSpec(0, device, 2), init_kwargs)
-    assert infer_mp.recognizer_widths_padded() == padded
+    assert infer_mp.recognizer_padding_installed() == padded
     assert pipeline.recognizer is not None
 
 
@@ -411,7 +465,7 @@ def test_a_pipeline_without_a_recognizer_is_not_said_to_pad_one(monkeypatch, rec
     monkeypatch.setattr(infer_mp, "load_pipeline_class", lambda ref: TakesAny)
     infer_mp.create_pipeline(infer_mp.PipelineRef("x", "TakesAny"), infer_mp.WorkerSpec(0, "cpu", 2),
                              {"engine": "onnxruntime"})
-    assert not infer_mp.recognizer_widths_padded()
+    assert not infer_mp.recognizer_padding_installed()
 
 
 def test_word_boxes_asked_for_by_the_pipelines_config_are_placed_by_paddlex_widths(tmp_path):
@@ -438,6 +492,25 @@ def test_word_boxes_asked_for_by_the_pipelines_config_are_placed_by_paddlex_widt
         assert run.code == 0, run.stderr
         boxes[name] = outputs(tmp_path / name)["invoice.json"]["text_word_boxes"]
     assert boxes["config"] == boxes["call"]
+
+
+def test_one_shape_batches_read_pp_ocrv6_as_paddlex_own_batches(tmp_path):
+    """The recognizer's one shape on CUDA pads most lines far more than PaddleX does; PP-OCRv6
+    reads them the same (12 dense pages, 240 lines: every line the same, measured on the CPU;
+    here 2 pages). examples/ort_calls.py runs it as a worker would, on the CPU provider."""
+    require_onnx_models("rapidocr")
+    readings = {}
+    for padding in ([], ["--padding", "one_shape"]):
+        figures = tmp_path / f"{len(padding)}.json"
+        run = subprocess.run([sys.executable, str(ROOT / "examples" / "ort_calls.py"), "--pages", "2", "--threads", "1",
+                              "--engine_config", json.dumps({"providers": [CPU]}), "--json", str(figures), *padding],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        readings[len(padding)] = json.loads(figures.read_text())
+    own, one_shape = readings[0], readings[2]
+    assert (own["padding"], one_shape["padding"]) == (None, infer_mp.ONE_SHAPE)
+    assert own["texts"] == one_shape["texts"] and one_shape["word_recall"] == 1.0
+    assert one_shape["rec_calls_per_page"] == 4 and one_shape["rec_new_shape_calls"] <= 1
 
 
 # -- the example pipeline's PP-OCRv6 model folders ----------------------------------------------
