@@ -3423,18 +3423,20 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         failed = record is not None and a_failure(record)
         news = failed and not ledger.reported(record)  # (recorded by a run that was stopped before it said so)
         failed_before = failed or any(r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
+        weak_before = record is not None and bool(record.get("weak_pages")) and unchanged(task, record)
         if config.overwrite:
             selection.todo.append(task)
             continue
         complete = is_complete(task, record, ledger) or (not (failed and failed_on(done, record))
                                                          and is_complete(task, done, ledger))
         complete = complete and not news and not (task.paged and record is not None and record.get("retry"))
-        if complete and not (config.retry_failed and failed_before):  # (done within --max_page_error_rate
-            selection.complete.append((task, done))                   # counts as done, unless retried)
+        retried = config.retry_failed and (failed_before or weak_before)  # (a document done within
+        if complete and not retried:                                         # --max_page_error_rate, too)
+            selection.complete.append((task, done))
             selection.other_options += done.get("options", ledger.options) != ledger.options
             continue
         if config.retry_failed:
-            if not failed_before:
+            if not retried:
                 selection.not_selected += 1
                 continue
         elif (failed_before and record is not None and not record.get("retry") and unchanged(task, record)

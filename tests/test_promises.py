@@ -194,6 +194,27 @@ def test_the_gate_fails_weak_pages_keeps_their_text_and_retry_failed_redoes_them
     assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json", "empty.json", "good.json", "weak.json"]
 
 
+def test_retry_failed_redoes_weak_pages_of_a_document_done_within_the_error_rate(dirs, tmp_path):
+    """A document done within --max_page_error_rate with a weak page: the summary said
+    --retry_failed redoes it, but the document counted as done and was not selected."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3", "SCORES:0.97"]))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    flags = ("--min_page_score", "0.9", "--max_page_error_rate", "0.34")
+    first = run_fake(src, out, *flags, env=env)
+    assert "--retry_failed redoes" in first.stderr, first.stderr
+    [record] = [r for r in run_log(out) if "range" not in r]
+    assert record["status"] == "done" and record["weak_pages"] == [1]
+    pages = tmp_path / "pages.log"
+    retried = run_fake(src, out, *flags, "--retry_failed", env={**env, "FAKE_PIPELINE_PAGE_LOG": str(pages)})
+    assert pages.is_file(), retried.stderr
+    redone = [(Path(e["input"]).name, e["page_index"]) for e in map(json.loads, pages.read_text().splitlines())]
+    assert redone == [("doc.pdf", 1)], retried.stderr
+    assert page_files(out) == ["doc_0.json", "doc_1.json", "doc_2.json"]
+    plain = run_fake(src, out, *flags, env={**env, "FAKE_PIPELINE_PAGE_LOG": str(tmp_path / "plain.log")})
+    assert plain.code == 0 and not (tmp_path / "plain.log").exists(), plain.stderr
+
+
 def test_a_second_pass_replaces_a_weak_reading_only_with_a_better_one(dirs):
     """--retry_failed with other pipeline options redoes the weak pages; a new reading
     replaces a weak one only if its mean score is higher (a reading no better, or a failure,
