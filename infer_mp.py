@@ -2400,7 +2400,7 @@ def placing_records(line: dict) -> Iterator[dict]:
         if type(entry) is list and len(entry) == 3:
             yield {"time": line.get("time"), "gen": line.get("gen", 0), "input": entry[0], "status": PLACING,
                    "outputs": entry[1], "extra_outputs": entry[2], "shard": line.get("shard"),
-                   "output_dir": line.get("output_dir")}
+                   "output_dir": line.get("output_dir"), "output_id": line.get("output_id")}
 
 
 def files_of(record: dict) -> list[str]:
@@ -2479,7 +2479,8 @@ class Ledger:
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
         self.last_closing: dict[int, int] = {}  # log -> the line of its last closing line
-        self.log_folder: dict[int, str] = {}  # log -> the output folder its last line that names one names
+        self.log_folder: dict[int, tuple[str, Any]] = {}  # log -> the output folder its last line that names
+        # one names, and that folder's (device, inode) then (see note_folder)
         self.still_ours: Callable[[], bool] = lambda: True  # is the root the folder this run locked? (see RunLock)
 
     # -- reading --------------------------------------------------------------------------
@@ -2587,18 +2588,22 @@ class Ledger:
             self.finished[index, line["gen"]] = number
 
     def note_folder(self, line: dict, index: int) -> None:
-        """The output folder a `placing` line or a closing line names (since 2026-12-04)."""
+        """The output folder a `placing` line or a closing line names (since 2026-12-04), and its
+        (device, inode) as [device, inode] where the line has it (since 2026-12-05)."""
         if type(folder := line.get("output_dir")) is str:
-            self.log_folder[index] = folder
+            self.log_folder[index] = folder, line.get("output_id")
 
     def check_output_folder(self, run_log: Path) -> None:
         """Refuse a run log kept outside the output folder whose last line that names one (a
         `placing` line, a closing line) names another that is still there: one log for two
         folders lets each take the other's records for its own (a stale text in one is never
-        redone). A folder moved away (not there any more) is this one, moved; a log inside the
-        folder is the folder's, also in a copy."""
-        folder = self.log_folder.get(self.own_index)
+        redone). A folder moved away (not there any more, or another folder there now, by its
+        recorded device and inode) is this one, moved; a log inside the folder is the folder's,
+        also in a copy."""
+        folder, identity = self.log_folder.get(self.own_index, (None, None))
         if folder is None or folder == self.root or within(str(run_log), self.root) or not os.path.isdir(folder):
+            return
+        if type(identity) is list and path_identity(folder) != tuple(identity):  # (`mv out out2; mkdir out`)
             return
         raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
                          f"(each output folder needs its own run log); give this run a --run_log of its own, or "
@@ -3093,6 +3098,8 @@ class RunLog:
 
     def __init__(self, path: Path, output_dir: Path, tag: str = "all"):
         self.path, self.output_dir, self.tag = path, output_dir, tag  # tag: the run's (see run_tag)
+        identity = path_identity(str(output_dir))  # (see Ledger.check_output_folder)
+        self.folder = {"output_dir": str(output_dir), **({"output_id": list(identity)} if identity else {})}
         self.prefix = os.path.join(str(output_dir), "")
         self.flushed = time.monotonic()
         try:
@@ -3160,13 +3167,13 @@ class RunLog:
         """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
         relative to the output folder (see Ledger.prepare)."""
         self._append({"time": utc_now(), "gen": generation, "status": PLACING, "shard": self.tag, "placing": entries,
-                      "output_dir": str(self.output_dir)})
+                      **self.folder})
 
     def write_run(self, counts: dict[str, int], exit_code: int, generation: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
         what it counted and how it ended; exit 0 or 1 says its failures were reported (see
         Ledger.reported). Resume passes it over: it names no input."""
-        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), "output_dir": str(self.output_dir)}
+        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), **self.folder}
         self._append({"time": utc_now(), "gen": generation, "run": closing})
         self.flush()
 

@@ -932,6 +932,11 @@ def test_one_run_log_for_two_output_folders_is_refused(dirs, tmp_path):
     assert run_fake(src, out2, "--run_log", str(log)).code == 2
     out.rename(tmp_path / "moved")  # the folder moved: the log goes with it
     assert run_fake(src, tmp_path / "moved", "--run_log", str(log)).code == 0
+    (tmp_path / "moved").rename(tmp_path / "again")
+    (tmp_path / "moved").mkdir()  # another folder where it was (`mv moved again; mkdir moved`): still its log
+    moved = run_fake(src, tmp_path / "again", "--run_log", str(log))
+    assert moved.code == 0 and "1 already done" in moved.stderr, moved.stderr
+    assert run_fake(src, out2, "--run_log", str(log)).code == 2  # (again/ is there)
 
 
 def test_one_run_log_for_two_output_folders_is_refused_after_a_killed_first_run(dirs, tmp_path):
