@@ -1618,7 +1618,7 @@ def install_recognizer_speedups(padding: str | None = None) -> None:
     predictor = recognizer_class()
     if padding and predictor is not None and not hasattr(predictor.process, "infer_mp"):
         if live_instances(predictor):  # (not a detection-only pipeline)
-            predictor.process = process_in_width_steps(predictor.process, one_shape=padding == ONE_SHAPE)
+            predictor.process = process_padded(predictor.process, one_shape=padding == ONE_SHAPE)
 
 
 def recognizer_class() -> type | None:
@@ -1628,7 +1628,7 @@ def recognizer_class() -> type | None:
     return predictor if predictor is not None and callable(getattr(predictor, "process", None)) else None
 
 
-def process_in_width_steps(whole: Any, one_shape: bool = False) -> Any:
+def process_padded(whole: Any, one_shape: bool = False) -> Any:
     def process(self: Any, batch_data: Any, return_word_box: bool = False, **kwargs: Any) -> Any:
         """PaddleX's recognition of a batch, its lines padded on to a width in steps of
         REC_WIDTH_STEP (with one_shape: see ONE_SHAPE); PaddleX's own widths where word boxes

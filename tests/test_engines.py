@@ -356,7 +356,7 @@ def test_recognizer_batches_are_padded_to_width_steps_unless_word_boxes_are_aske
 
     rng = numpy.random.default_rng(2)
     lines = [rng.random((3, 48, width), dtype=numpy.float32) for width in (100, 130, 64)]
-    process = infer_mp.process_in_width_steps(batch_seen)
+    process = infer_mp.process_padded(batch_seen)
     plain = fake_recognizer(recognizer)
     exact = batch_seen(plain, lines)
     padded = process(plain, lines)
@@ -396,7 +396,7 @@ def test_on_cuda_recognizer_batches_keep_one_shape(recognizer):
     import numpy
 
     rng = numpy.random.default_rng(3)
-    process = infer_mp.process_in_width_steps(read_batch, one_shape=True)
+    process = infer_mp.process_padded(read_batch, one_shape=True)
     model = fake_recognizer(recognizer)
     model.runner, model.batch_sampler = Runner(), types.SimpleNamespace(batch_size=6)
     lines = [rng.random((3, 48, width), dtype=numpy.float32) for width in (100, 130, 64)]
