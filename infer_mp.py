@@ -1109,7 +1109,8 @@ def check_devices_present(device_type: str, device_ids: list[int], engine: str |
             raise UsageError(f"--device asks for a GPU, but {why}; run on a machine with an NVIDIA GPU and its driver, "
                              "or use --device cpu")
         check_ids_visible(device_type, device_ids, count, "the NVIDIA driver")
-        if engine == "onnxruntime" and (problem := cuda_driver_too_old() or cuda_provider_problem()):
+        if engine == "onnxruntime" and (problem := cuda_driver_too_old()
+                                        or cuda_provider_problem(min(device_ids, default=0))):
             raise UsageError(problem)
         return
     try:
@@ -1489,56 +1490,65 @@ def cuda_driver_too_old() -> str | None:
             "(README, 'GPU from PyPI'); or use --device cpu")
 
 
-def cuda_provider_problem() -> str | None:
-    """Why ONNX Runtime's CUDA provider cannot start here, or None. The dynamic loader lists
-    the libraries that the provider's library needs without running any of its code (ldd):
-    loaded as a plain library, its initializers crash the process without ONNX Runtime's
-    provider host (a segmentation fault with onnxruntime-gpu 1.31.1 on an H200). So it names
-    the CUDA or cuDNN library that is missing or of the wrong version, where ONNX Runtime
-    itself would only warn and run every session on the CPU. Libraries this process has
-    already loaded count as found, as they would for ONNX Runtime. None also where this ONNX
-    Runtime has no CUDA provider (check_engine says that), or where no ldd can tell."""
+def cuda_provider_problem(device_id: int = 0) -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot start here, or None: ONNX Runtime itself, in a
+    child process started as a worker is (this Python, this environment), loads its CUDA
+    provider and runs one convolution on gpu:device_id (cuDNN is loaded at the first one). Its
+    own words name the CUDA or cuDNN library that is missing or of the wrong version, where
+    in a worker it would only warn and run every session on the CPU. Not in this process:
+    the provider's library crashes a process that loads it outside ONNX Runtime (a
+    segmentation fault with onnxruntime-gpu 1.31.1 on an H200), and the dynamic loader alone
+    misses what ONNX Runtime loads later (cuDNN) and what the Python binary's own search path
+    finds. None also where this ONNX Runtime has no CUDA provider (check_engine says that),
+    or where the check could not finish (the workers' check still refuses a fallback)."""
     capi = cuda_provider_folder()
     if capi is None:
         return None
-    missing = unresolved_libraries((capi / CUDA_PROVIDER_LIBRARY).resolve())  # ($ORIGIN: its real folder)
-    if not missing:
+    try:
+        probe = subprocess.run([sys.executable, "-c", CUDA_PROBE, str(device_id)], capture_output=True, text=True,
+                               errors="replace", timeout=CUDA_PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if probe.returncode == 0 and probe.stdout.strip().endswith(CUDA_PROBE_OK):
         return None
     built = onnxruntime_cuda_build(capi)
     cuda = f"CUDA {built[0]}.{built[1]}" if built else "the CUDA version"
-    return (f"ONNX Runtime's CUDA provider cannot load here ({'; '.join(missing)}): it needs the "
-            f"{cuda} and cuDNN libraries it was built for, where the dynamic loader finds them (a CUDA toolkit "
-            "and cuDNN install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
+    return (f"ONNX Runtime's CUDA provider cannot load here ({probe_failure(probe)}): it needs the {cuda} and "
+            "cuDNN libraries it was built for, where the dynamic loader finds them (a CUDA toolkit and cuDNN "
+            "install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
 
 
-LDD_TIMEOUT = 30.0  # seconds; the loader only reads the libraries' headers
+CUDA_PROBE_TIMEOUT = 120.0  # seconds: a CUDA context and cuDNN's first use take a few
+CUDA_PROBE_OK = "cuda provider ok"
+# An ONNX model, y = Conv(x, w) with x and w 1x1x1x1 (opset 13): a convolution, so that cuDNN
+# is loaded too. The child process prints CUDA_PROBE_OK where it ran on the CUDA provider.
+CUDA_PROBE = f"""
+import sys, numpy, onnxruntime
+model = bytes.fromhex(
+    "080842040a00100d3a620a0f0a01780a01771201792204436f6e761201672a1208010801080108011001250000803f4201775a1b0a01"
+    "7812160a14080112100a0208010a0208010a0208010a020801621b0a017912160a14080112100a0208010a0208010a0208010a020801")
+session = onnxruntime.InferenceSession(model, providers=[("CUDAExecutionProvider", {{"device_id": int(sys.argv[1])}})])
+if "CUDAExecutionProvider" not in session.get_providers():
+    sys.exit(3)
+session.run(None, {{"x": numpy.ones((1, 1, 1, 1), numpy.float32)}})
+print("{CUDA_PROBE_OK}")
+"""
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+ORT_LOAD_ERROR = re.compile(r"Failed to load library \S+ with error: (.+)")  # ONNX Runtime's log, when it falls back
 
 
-def unresolved_libraries(library: Path) -> list[str]:
-    """What keeps the dynamic loader from loading `library`, as ldd reports it without running
-    the library's code: ['libcudnn.so.9: not found'], or ['libX.so: not a dynamic executable'];
-    [] where everything is found (or already loaded here), or where no ldd can tell (not glibc)."""
-    ldd = shutil.which("ldd")
-    if ldd is None:
-        return []
-    try:
-        listing = subprocess.run([ldd, str(library)], capture_output=True, text=True, errors="replace",
-                                 timeout=LDD_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    loaded = loaded_library_names()
-    missing = [f"{name}: not found" for line in listing.stdout.splitlines()
-               if (parts := line.split("=>"))[-1].strip() == "not found" and (name := parts[0].strip()) not in loaded]
-    if listing.returncode != 0 and not missing:
-        said = " ".join((listing.stderr or listing.stdout).split()) or f"ldd exit {listing.returncode}"
-        return [f"{library.name}: {said}"]
-    return missing
-
-
-def loaded_library_names() -> set[str]:
-    """The file names of the shared libraries mapped into this process (Linux)."""
-    maps = read_text("/proc/self/maps") or ""
-    return {Path(line.split(maxsplit=5)[5]).name for line in maps.splitlines() if len(line.split(maxsplit=5)) == 6}
+def probe_failure(probe: subprocess.CompletedProcess) -> str:
+    """What the CUDA probe's ONNX Runtime said went wrong: the loader's error it logged, else
+    the error it raised, else how the process ended."""
+    lines = [line.strip() for line in ANSI_ESCAPE.sub("", probe.stderr).splitlines() if line.strip()]
+    for line in lines:
+        if found := ORT_LOAD_ERROR.search(line):
+            return found.group(1).strip()
+    if probe.returncode > 0 and lines and probe.returncode != 3:
+        return lines[-1]
+    if probe.returncode < 0:
+        return f"the check's process ended by signal {-probe.returncode}"
+    return "ONNX Runtime ran the check on the CPU, without saying why"
 
 
 OPENVINO_PROVIDER = "OpenVINOExecutionProvider"
@@ -1885,7 +1895,9 @@ def cpu_fallback(spec: WorkerSpec, init_kwargs: dict) -> str | None:
     on_cpu = [s for s in onnxruntime_sessions() if set(s.get_providers()) <= {CPU_PROVIDER}]
     if not on_cpu:
         return None
-    cause = cuda_provider_problem() or "ONNX Runtime's own warning above says why its CUDA provider did not start"
+    gpu = spec.device.partition(":")[2]
+    cause = (cuda_provider_problem(int(gpu) if gpu.isdigit() else 0)
+             or "ONNX Runtime's own warning above says why its CUDA provider did not start")
     return (f"{spec.device} was asked for, but ONNX Runtime put {len(on_cpu)} of this pipeline's session(s) on "
             f"{CPU_PROVIDER} alone, a silent fallback to the CPU; not starting: {cause}")
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -40,7 +40,7 @@ def no_paddle(monkeypatch):
 def driver_sees(monkeypatch, count: int | None, why: str = "", problem: str | None = None) -> None:
     monkeypatch.setattr(infer_mp, "cuda_driver_devices", lambda: (count, why))
     monkeypatch.setattr(infer_mp, "cuda_driver_too_old", lambda: None)
-    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda: problem)
+    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda device_id=0: problem)
 
 
 # -- 2. device presence without Paddle ---------------------------------------------------------
@@ -148,57 +148,79 @@ def test_a_driver_older_than_the_build_is_refused(monkeypatch, tmp_path):
     assert infer_mp.cuda_driver_too_old() is None
 
 
-def test_provider_library_that_will_not_load_is_named(monkeypatch, tmp_path):
-    """The dynamic loader's own words (which library is missing), and the CUDA version the
-    build wants; nothing to say where this ONNX Runtime has no CUDA provider."""
-    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
-    assert infer_mp.cuda_provider_problem() is None
-    write(tmp_path / "capi" / "libonnxruntime_providers_cuda.so", b"not a shared library")
+FAKE_ONNXRUNTIME = """
+import os, sys
+MODE = os.environ["FAKE_ORT_MODE"]
+LOAD_ERROR = ("\\x1b[1;31m2026-12-04 12:35:37 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
+              "Failed to load library /x/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open "
+              "shared object file: No such file or directory\\n\\x1b[m")
+
+
+class InferenceSession:
+    def __init__(self, model, providers):
+        (name, options), = providers
+        with open(os.environ["FAKE_ORT_SEEN"], "w") as seen:
+            seen.write(f"{name} {options['device_id']} {len(model)}")
+        if MODE == "missing":
+            print(LOAD_ERROR, file=sys.stderr)
+        self.providers = ["CPUExecutionProvider"] if MODE in ("missing", "silent") else [name, "CPUExecutionProvider"]
+
+    def get_providers(self):
+        return self.providers
+
+    def run(self, names, feeds):
+        if MODE == "no_cudnn":
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : cuDNN is not available. Install cuDNN, update the "
+                               "system library search path, or set enable_cudnn=0")
+        if MODE == "crash":
+            os.abort()
+        return [feeds["x"]]
+"""
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("works", None),
+    ("missing", "(libcublasLt.so.13: cannot open shared object file: No such file or directory)"),
+    ("no_cudnn", "(RuntimeError: [ONNXRuntimeError] : 1 : FAIL : cuDNN is not available. Install cuDNN, update the "
+                 "system library search path, or set enable_cudnn=0)"),
+    ("silent", "(ONNX Runtime ran the check on the CPU, without saying why)"),
+    ("crash", "(the check's process ended by signal 6)"),
+])
+def test_the_cuda_provider_is_checked_by_onnx_runtime_in_a_process_of_its_own(monkeypatch, tmp_path, mode, said):
+    """The check loaded the provider's library into the coordinator with ctypes: outside ONNX
+    Runtime its initializers crash the process (SIGSEGV on an H200, before any page). ONNX
+    Runtime itself, in a child process, loads it and runs a convolution (cuDNN, which the
+    library does not link, is loaded then); its words name what is missing."""
+    write(tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY, b"not a shared library")
     write(tmp_path / "capi" / "build_and_package_info.py", "package_name = 'onnxruntime-gpu'\ncuda_version = '13.0'\n")
-    problem = infer_mp.cuda_provider_problem()
-    assert problem.startswith("ONNX Runtime's CUDA provider cannot load here (")
-    assert "libonnxruntime_providers_cuda.so" in problem and "CUDA 13.0 and cuDNN" in problem
-    assert "'GPU from PyPI'" in problem
-
-
-def onnxruntime_capi() -> Path:
-    """The installed ONNX Runtime's capi folder, with its provider bridge (skip without one)."""
-    found = infer_mp.onnxruntime_folder()
-    if found is None or not (found / "capi" / infer_mp.CUDA_PROVIDER_BRIDGE).is_file():
-        pytest.skip("needs an ONNX Runtime build with its provider bridge (requirements-dev.txt)")
-    return found / "capi"
-
-
-def test_a_provider_library_is_checked_without_running_its_code(tmp_path):
-    """An ONNX Runtime provider library crashes the process (SIGSEGV) when loaded as a plain
-    library, outside ONNX Runtime's provider host: onnxruntime-gpu 1.31.1's CUDA provider did
-    so on an H200, before any page. OpenVINO's provider library here does the same."""
-    capi = onnxruntime_capi()
-    provider = capi / "libonnxruntime_providers_openvino.so"
-    if not provider.is_file():
-        pytest.skip("needs onnxruntime-openvino's provider library (requirements-dev.txt)")
-    (tmp_path / "capi").mkdir()
-    (tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY).symlink_to(provider)
-    (tmp_path / "capi" / infer_mp.CUDA_PROVIDER_BRIDGE).symlink_to(capi / infer_mp.CUDA_PROVIDER_BRIDGE)
-    check = ("import sys; from pathlib import Path; import infer_mp; "
-             "infer_mp.onnxruntime_folder = lambda: Path(sys.argv[1]); print(infer_mp.cuda_provider_problem())")
-    done = subprocess.run([sys.executable, "-c", check, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert (done.returncode, done.stdout.strip()) == (0, "None"), done.stderr[-2000:]
-
-
-def test_a_missing_dependency_of_the_provider_is_named(monkeypatch, tmp_path):
-    """The dynamic loader's view: the library it cannot find, by name; nothing said where no
-    ldd can tell (the workers still refuse a silent fallback to the CPU)."""
-    bridge = (onnxruntime_capi() / infer_mp.CUDA_PROVIDER_BRIDGE).read_bytes()
-    assert bridge.count(b"libgcc_s.so.1\0") == 1
-    write(tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY, bridge.replace(b"libgcc_s.so.1\0", b"libgcc_q.so.1\0"))
-    write(tmp_path / "capi" / "build_and_package_info.py", "package_name = 'onnxruntime-gpu'\ncuda_version = '13.0'\n")
+    write(tmp_path / "fake" / "onnxruntime" / "__init__.py", FAKE_ONNXRUNTIME)
     monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
-    problem = infer_mp.cuda_provider_problem()
-    assert problem.startswith("ONNX Runtime's CUDA provider cannot load here (libgcc_q.so.1: not found): it needs the "
-                              "CUDA 13.0 and cuDNN libraries"), problem
-    monkeypatch.setattr(infer_mp.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_ORT_MODE", mode)
+    monkeypatch.setenv("FAKE_ORT_SEEN", str(tmp_path / "seen"))
+    problem = infer_mp.cuda_provider_problem(3)
+    assert (tmp_path / "seen").read_text() == "CUDAExecutionProvider 3 108"  # on gpu:3, the one-convolution model
+    if said is None:
+        assert problem is None
+        return
+    assert problem == (f"ONNX Runtime's CUDA provider cannot load here {said}: it needs the CUDA 13.0 and cuDNN "
+                       "libraries it was built for, where the dynamic loader finds them (a CUDA toolkit and cuDNN "
+                       "install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
+
+
+def test_the_probes_model_is_one_convolution():
+    """The probe's model runs on ONNX Runtime's CPU provider here: y = Conv(x, w) = x."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import numpy
+
+    model = bytes.fromhex("".join(re.findall(r'"([0-9a-f]+)"', infer_mp.CUDA_PROBE)))
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert b"\x22\x04Conv" in model  # (NodeProto.op_type, field 4: "Conv")
+    assert session.run(None, {"x": numpy.full((1, 1, 1, 1), 3.0, numpy.float32)})[0].tolist() == [[[[3.0]]]]
+
+
+def test_no_cuda_provider_no_check(monkeypatch, tmp_path):
+    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
     assert infer_mp.cuda_provider_problem() is None
 
 
@@ -262,8 +284,8 @@ def test_only_a_silent_fallback_to_the_cpu_stops_the_worker(monkeypatch):
     not start (a failed start: exit 3 when every worker has it), and says why. Sessions on the
     GPU, the CPU asked for, or a pipeline's own sessions (not PaddleX's engine) start."""
     module = fake_onnxruntime(monkeypatch, [CUDA, CPU])
-    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda: "ONNX Runtime's CUDA provider cannot load "
-                        "here (libcublasLt.so.13: cannot open shared object file)")
+    said = "ONNX Runtime's CUDA provider cannot load here (libcublasLt.so.13: cannot open shared object file)"
+    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda device_id=0: said)
     reply = start_worker(monkeypatch, module, [[CUDA, CPU], [CPU]], ORT)
     assert isinstance(reply, infer_mp.InitFailed)
     assert "gpu:0 was asked for" in reply.why and f"1 of this pipeline's session(s) on {CPU} alone" in reply.why
