@@ -1606,9 +1606,14 @@ WIDTH_STEPS = "width steps"
 # for same-size pages, 4 ms). Where infer_mp.py sets the CUDA provider's options, a worker
 # keeps the recognizer's input at one shape: every batch filled up to the recognizer's batch
 # size with blank lines (their output dropped), and padded on to the widest width the worker
-# has run so far (PaddleX caps widths at 3,200 columns), in steps of REC_WIDTH_STEP; unless
-# word boxes are asked for, as for WIDTH_STEPS. Measured in docs/install.md, "GPU from PyPI".
+# has run so far, in steps of REC_WIDTH_STEP; unless word boxes are asked for, as for
+# WIDTH_STEPS. A batch wider than ONE_SHAPE_MAX_WIDTH keeps its own width (in steps) and does
+# not widen the others: much padding makes a recognizer drop spaces between words (PP-OCRv6,
+# after one 3,200-column line widened every batch to it: 4 of 67 lines). A full line of an
+# A4 page scanned at 300 dpi is about 2,000 columns at the recognizer's 48 rows. Measured in
+# docs/install.md, "GPU from PyPI".
 ONE_SHAPE = "one shape"
+ONE_SHAPE_MAX_WIDTH = 2048
 RECOGNIZER_PADDING_SAID = {  # in a worker's engine line
     WIDTH_STEPS: f"recognizer batches padded to widths in steps of {REC_WIDTH_STEP} where no word boxes are asked "
                  "for, as OpenVINO plans each new shape",
@@ -1662,8 +1667,9 @@ def process_padded(whole: Any, one_shape: bool = False) -> Any:
 def process_in_one_shape(self: Any, whole: Any, batcher: Any, batch_data: Any, return_word_box: bool,
                          **kwargs: Any) -> Any:
     """PaddleX's recognition of a batch at the recognizer's one shape (ONE_SHAPE): the batch
-    filled up with blank lines and widened to the widest width so far; the model's outputs for
-    the blank lines dropped before PaddleX decodes them."""
+    filled up with blank lines and widened to the widest width so far (up to
+    ONE_SHAPE_MAX_WIDTH); the model's outputs for the blank lines dropped before PaddleX
+    decodes them."""
     runner, rows = self.runner, getattr(getattr(self, "batch_sampler", None), "batch_size", None) or 1
     real: list[int] = []
 
@@ -1674,8 +1680,9 @@ def process_in_one_shape(self: Any, whole: Any, batcher: Any, batch_data: Any, r
         lines = batch[0]
         real.append(lines.shape[0])
         width = lines.shape[-1] + -lines.shape[-1] % REC_WIDTH_STEP
-        self.infer_mp_width = max(getattr(self, "infer_mp_width", 0), width)
-        return [pad_lines(lines, max(rows - lines.shape[0], 0), self.infer_mp_width - lines.shape[-1])]
+        if width <= ONE_SHAPE_MAX_WIDTH:
+            width = self.infer_mp_width = max(getattr(self, "infer_mp_width", 0), width)
+        return [pad_lines(lines, max(rows - lines.shape[0], 0), width - lines.shape[-1])]
 
     def run(*args: Any, **run_kwargs: Any) -> Any:
         outputs = runner(*args, **run_kwargs)

@@ -338,7 +338,7 @@ def table(settings: list[Setting], pages: int) -> str:
             "(mean) | peak GPU memory (MiB) | vs bare loop | text similarity | word recall |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in settings:
-        if not s.seconds:
+        if s.failure is not None or not s.seconds:  # (a round that failed: no median of the others)
             rows.append(f"| {s.name} | {len(s.gpus)} | failed: {s.failure} |" + " |" * 8)
             continue
         seconds = median(s.seconds)
@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"measuring {len(settings)} settings x {args.rounds} round(s) on {args.pages} pages ...", file=sys.stderr)
     for round_index in range(args.rounds):
         for setting in settings:  # interleaved: A B C A B C ...
-            setting.failure = None
+            if setting.failure is not None:
+                continue  # (it failed in an earlier round: shown as failed)
             run_once(setting, out, truth, args.sample_ms)
             if setting.failure is None:
                 print(f"  round {round_index + 1}: {setting.name}: {setting.seconds[-1]:.1f} s, GPU busy "

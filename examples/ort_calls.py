@@ -87,6 +87,10 @@ def build(args: argparse.Namespace):
     pipeline = infer_mp.create_pipeline(ref, infer_mp.WorkerSpec(0, args.device, threads), init_kwargs)
     if args.padding:
         infer_mp.install_recognizer_speedups(PADDINGS[args.padding])
+        if infer_mp.recognizer_padding_installed() != PADDINGS[args.padding]:
+            raise SystemExit(f"ort_calls.py: --padding {args.padding}: the worker already pads in "
+                             f"{infer_mp.recognizer_padding_installed()} here; give --engine_config with "
+                             "provider_options of your own to leave the batches to --padding")
     return pipeline, infer_mp.describe_engine(init_kwargs), threads
 
 

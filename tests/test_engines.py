@@ -412,6 +412,21 @@ def test_on_cuda_recognizer_batches_keep_one_shape(recognizer):
     assert model.runner.shapes[-1] == (3, 3, 48, 130)
 
 
+def test_one_wide_line_does_not_widen_every_later_batch(recognizer, monkeypatch):
+    """Review: a 3,600-pixel line widened every later batch to 3,200 columns, and PP-OCRv6 then
+    dropped spaces in 4 of 67 lines (on the CPU, same text with the bound). A batch wider than
+    ONE_SHAPE_MAX_WIDTH keeps its own width, in steps, and leaves the others' alone."""
+    import numpy
+
+    monkeypatch.setattr(infer_mp, "ONE_SHAPE_MAX_WIDTH", 200)
+    process = infer_mp.process_padded(read_batch, one_shape=True)
+    model = fake_recognizer(recognizer)
+    model.runner, model.batch_sampler = Runner(), types.SimpleNamespace(batch_size=2)
+    for width in (100, 150, 700, 90):
+        process(model, [numpy.ones((3, 48, width), dtype=numpy.float32)])
+    assert model.runner.shapes == [(2, 3, 48, 128), (2, 3, 48, 160), (2, 3, 48, 704), (2, 3, 48, 160)]
+
+
 class TakesAny(Takes):
     """A pipeline that takes any option and holds no recognizer (as a detection-only one)."""
 

@@ -463,6 +463,10 @@ def test_a_failing_row_is_shown_and_the_sweep_goes_on(bench, tmp_path):
     assert table[2].startswith("| works | 1 |") and "| 1.000 | 1.0000 |" in table[2]
     assert table[3].startswith("| crashes | 1 | failed: exit 3, 0 of 1 pages: boom |")
     assert table[3].count("|") == table[2].count("|")
+    bench.run_once(works, tmp_path / "out", truth, 50)
+    works.command = crash.command  # (a later round that fails: the row is failed, not a median of the others)
+    bench.run_once(works, tmp_path / "out", truth, 50)
+    assert works.failure and bench.table([works], 1).splitlines()[2].startswith("| works | 1 | failed: exit 3")
 
 
 @pytest.mark.parametrize("argv, fragment", [
