@@ -1492,30 +1492,37 @@ def cuda_driver_too_old() -> str | None:
 
 def cuda_provider_problem(device_id: int = 0) -> str | None:
     """Why ONNX Runtime's CUDA provider cannot start here, or None: ONNX Runtime itself, in a
-    child process started as a worker is (this Python, this environment), loads its CUDA
-    provider and runs one convolution on gpu:device_id (cuDNN is loaded at the first one). Its
-    own words name the CUDA or cuDNN library that is missing or of the wrong version, where
-    in a worker it would only warn and run every session on the CPU. Not in this process:
+    child process (this Python, this environment, this process's sys.path, as a spawned
+    worker has), loads its CUDA provider and runs one convolution on gpu:device_id (cuDNN is
+    loaded at the first one). Its own words name the CUDA or cuDNN library that is missing or
+    of the wrong version, where in a worker it would only warn and run every session on the
+    CPU. Not in this process:
     the provider's library crashes a process that loads it outside ONNX Runtime (a
     segmentation fault with onnxruntime-gpu 1.31.1 on an H200), and the dynamic loader alone
     misses what ONNX Runtime loads later (cuDNN) and what the Python binary's own search path
     finds. None also where this ONNX Runtime has no CUDA provider (check_engine says that),
-    or where the check could not finish (the workers' check still refuses a fallback)."""
+    or where the check could not finish (the workers' check still refuses a fallback), or
+    where the module onnxruntime has no CUDA provider (another build over it: check_engine)."""
     capi = cuda_provider_folder()
-    if capi is None:
+    if capi is None or CUDA_PROVIDER not in onnxruntime_providers():
         return None
     try:
-        probe = subprocess.run([sys.executable, "-c", CUDA_PROBE, str(device_id)], capture_output=True, text=True,
-                               errors="replace", timeout=CUDA_PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
+        probe = subprocess.run([sys.executable, "-c", CUDA_PROBE, str(device_id), json.dumps(sys.path)],
+                               capture_output=True, text=True, errors="replace", timeout=CUDA_PROBE_TIMEOUT,
+                               stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if probe.returncode == 0 and probe.stdout.strip().endswith(CUDA_PROBE_OK):
+    if probe.returncode == 0 and CUDA_PROBE_OK in (line.strip() for line in probe.stdout.splitlines()):
         return None
+    failure, loading = probe_failure(probe)
+    if not loading:
+        return (f"ONNX Runtime's CUDA provider could not run a test convolution on gpu:{device_id} ({failure}); "
+                "README, 'GPU from PyPI'; or use --device cpu")
     built = onnxruntime_cuda_build(capi)
     cuda = f"CUDA {built[0]}.{built[1]}" if built else "the CUDA version"
-    return (f"ONNX Runtime's CUDA provider cannot load here ({probe_failure(probe)}): it needs the {cuda} and "
-            "cuDNN libraries it was built for, where the dynamic loader finds them (a CUDA toolkit and cuDNN "
-            "install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
+    return (f"ONNX Runtime's CUDA provider cannot load here ({failure}): it needs the {cuda} and cuDNN libraries "
+            "it was built for, where the dynamic loader finds them (a CUDA toolkit and cuDNN install, or "
+            "LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
 
 
 CUDA_PROBE_TIMEOUT = 120.0  # seconds: a CUDA context and cuDNN's first use take a few
@@ -1523,7 +1530,9 @@ CUDA_PROBE_OK = "cuda provider ok"
 # An ONNX model, y = Conv(x, w) with x and w 1x1x1x1 (opset 13): a convolution, so that cuDNN
 # is loaded too. The child process prints CUDA_PROBE_OK where it ran on the CUDA provider.
 CUDA_PROBE = f"""
-import sys, numpy, onnxruntime
+import json, sys
+sys.path[:] = json.loads(sys.argv[2])
+import numpy, onnxruntime
 model = bytes.fromhex(
     "080842040a00100d3a620a0f0a01780a01771201792204436f6e761201672a1208010801080108011001250000803f4201775a1b0a01"
     "7812160a14080112100a0208010a0208010a0208010a020801621b0a017912160a14080112100a0208010a0208010a0208010a020801")
@@ -1534,21 +1543,27 @@ session.run(None, {{"x": numpy.ones((1, 1, 1, 1), numpy.float32)}})
 print("{CUDA_PROBE_OK}")
 """
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-ORT_LOAD_ERROR = re.compile(r"Failed to load library \S+ with error: (.+)")  # ONNX Runtime's log, when it falls back
+ORT_LOAD_ERROR = re.compile(r"Failed to load library .+? with error: (.+)")  # ONNX Runtime's log, when it falls back
+MISSING_LIBRARY = re.compile(r"cannot open shared object file|cuDNN is not available|undefined symbol|version `")
+PROBE_SAID = 300  # characters of the probe's failure in the one-line refusal
 
 
-def probe_failure(probe: subprocess.CompletedProcess) -> str:
-    """What the CUDA probe's ONNX Runtime said went wrong: the loader's error it logged, else
-    the error it raised, else how the process ended."""
+def probe_failure(probe: subprocess.CompletedProcess) -> tuple[str, bool]:
+    """What the CUDA probe's ONNX Runtime said went wrong (the loader's error it logged, else
+    the error it raised, else how the process ended), and whether it is a library that could
+    not be loaded."""
     lines = [line.strip() for line in ANSI_ESCAPE.sub("", probe.stderr).splitlines() if line.strip()]
-    for line in lines:
-        if found := ORT_LOAD_ERROR.search(line):
-            return found.group(1).strip()
-    if probe.returncode > 0 and lines and probe.returncode != 3:
-        return lines[-1]
+    found = next((m.group(1).strip() for line in lines if (m := ORT_LOAD_ERROR.search(line))), None)
+    if found is None and probe.returncode > 0 and lines and probe.returncode != 3:
+        found = lines[-1]
+    if found is not None:
+        said = found if len(found) <= PROBE_SAID else found[:PROBE_SAID] + " …"
+        return said, bool(ORT_LOAD_ERROR.search(" ".join(lines)) or MISSING_LIBRARY.search(found))
     if probe.returncode < 0:
-        return f"the check's process ended by signal {-probe.returncode}"
-    return "ONNX Runtime ran the check on the CPU, without saying why"
+        return f"the check's process ended by signal {-probe.returncode}", False
+    if probe.returncode == 3:
+        return "ONNX Runtime ran the check on the CPU, without saying why", True
+    return f"the check's process ended with exit {probe.returncode}, saying nothing", False
 
 
 OPENVINO_PROVIDER = "OpenVINOExecutionProvider"

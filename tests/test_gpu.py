@@ -152,7 +152,8 @@ FAKE_ONNXRUNTIME = """
 import os, sys
 MODE = os.environ["FAKE_ORT_MODE"]
 LOAD_ERROR = ("\\x1b[1;31m2026-12-04 12:35:37 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] "
-              "Failed to load library /x/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: cannot open "
+              "Failed to load library /My Projects/libonnxruntime_providers_cuda.so with error: libcublasLt.so.13: "
+              "cannot open "
               "shared object file: No such file or directory\\n\\x1b[m")
 
 
@@ -174,6 +175,11 @@ class InferenceSession:
                                "system library search path, or set enable_cudnn=0")
         if MODE == "crash":
             os.abort()
+        if MODE == "oom":
+            raise RuntimeError("CUDA failure 2: out of memory" + " (details)" * 100)
+        if MODE == "noisy":
+            import atexit
+            atexit.register(print, "goodbye from sitecustomize")
         return [feeds["x"]]
 """
 
@@ -184,7 +190,9 @@ class InferenceSession:
     ("no_cudnn", "(RuntimeError: [ONNXRuntimeError] : 1 : FAIL : cuDNN is not available. Install cuDNN, update the "
                  "system library search path, or set enable_cudnn=0)"),
     ("silent", "(ONNX Runtime ran the check on the CPU, without saying why)"),
-    ("crash", "(the check's process ended by signal 6)"),
+    ("crash", "could not run a test convolution on gpu:3 (the check's process ended by signal 6)"),
+    ("oom", "could not run a test convolution on gpu:3 (RuntimeError: CUDA failure 2: out of memory (details)"),
+    ("noisy", None),
 ])
 def test_the_cuda_provider_is_checked_by_onnx_runtime_in_a_process_of_its_own(monkeypatch, tmp_path, mode, said):
     """The check loaded the provider's library into the coordinator with ctypes: outside ONNX
@@ -195,17 +203,23 @@ def test_the_cuda_provider_is_checked_by_onnx_runtime_in_a_process_of_its_own(mo
     write(tmp_path / "capi" / "build_and_package_info.py", "package_name = 'onnxruntime-gpu'\ncuda_version = '13.0'\n")
     write(tmp_path / "fake" / "onnxruntime" / "__init__.py", FAKE_ONNXRUNTIME)
     monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setattr(infer_mp, "onnxruntime_providers", lambda: [CUDA, CPU])
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))  # (the child gets this process's sys.path, as a worker)
     monkeypatch.setenv("FAKE_ORT_MODE", mode)
     monkeypatch.setenv("FAKE_ORT_SEEN", str(tmp_path / "seen"))
     problem = infer_mp.cuda_provider_problem(3)
     assert (tmp_path / "seen").read_text() == "CUDAExecutionProvider 3 108"  # on gpu:3, the one-convolution model
     if said is None:
         assert problem is None
-        return
-    assert problem == (f"ONNX Runtime's CUDA provider cannot load here {said}: it needs the CUDA 13.0 and cuDNN "
-                       "libraries it was built for, where the dynamic loader finds them (a CUDA toolkit and cuDNN "
-                       "install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
+    elif said.startswith("could not run"):
+        assert problem.startswith(f"ONNX Runtime's CUDA provider {said}") and len(problem) < 500, problem
+        assert problem.endswith("); README, 'GPU from PyPI'; or use --device cpu")
+    else:
+        assert problem == (f"ONNX Runtime's CUDA provider cannot load here {said}: it needs the CUDA 13.0 and cuDNN "
+                           "libraries it was built for, where the dynamic loader finds them (a CUDA toolkit and "
+                           "cuDNN install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
+    monkeypatch.setattr(infer_mp, "onnxruntime_providers", lambda: [CPU])  # (another build over onnxruntime-gpu)
+    assert infer_mp.cuda_provider_problem(3) is None  # check_engine names the mix
 
 
 def test_the_probes_model_is_one_convolution():
