@@ -1447,7 +1447,6 @@ def check_engine(config: Config, device_type: str) -> None:
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CUDA_PROVIDER_LIBRARY = "libonnxruntime_providers_cuda.so"  # in onnxruntime/capi/ of a CUDA build (Linux)
-CUDA_PROVIDER_BRIDGE = "libonnxruntime_providers_shared.so"  # what ONNX Runtime loads, globally, before it
 CUDA_BUILD_VERSION = re.compile(r"""^cuda_version\s*=\s*['"]([^'"]*)['"]""", re.MULTILINE)
 
 
@@ -1496,13 +1495,12 @@ def cuda_provider_problem(device_id: int = 0) -> str | None:
     worker has), loads its CUDA provider and runs one convolution on gpu:device_id (cuDNN is
     loaded at the first one). Its own words name the CUDA or cuDNN library that is missing or
     of the wrong version, where in a worker it would only warn and run every session on the
-    CPU. Not in this process:
-    the provider's library crashes a process that loads it outside ONNX Runtime (a
-    segmentation fault with onnxruntime-gpu 1.31.1 on an H200), and the dynamic loader alone
-    misses what ONNX Runtime loads later (cuDNN) and what the Python binary's own search path
-    finds. None also where this ONNX Runtime has no CUDA provider (check_engine says that),
-    or where the check could not finish (the workers' check still refuses a fallback), or
-    where the module onnxruntime has no CUDA provider (another build over it: check_engine)."""
+    CPU. Not in this process: the provider's library crashes a process that loads it outside
+    ONNX Runtime (a segmentation fault with onnxruntime-gpu 1.31.1 on an H200); and the
+    dynamic loader alone misses what ONNX Runtime loads later (cuDNN) and what the Python
+    binary's own search path finds. None also where the installed ONNX Runtime, or the module
+    onnxruntime (another build installed over it), has no CUDA provider (check_engine says
+    so), or where the check could not finish (the workers' check still refuses a fallback)."""
     capi = cuda_provider_folder()
     if capi is None or CUDA_PROVIDER not in onnxruntime_providers():
         return None
