@@ -10,9 +10,11 @@ The pipeline is built as an infer_mp.py worker builds it (infer_mp.create_pipeli
 engine config, the recognizer patches), on the benchmark's dense pages of 20 lines with known
 text, in this one process. `--padding` pads the recognizer's batches as a worker does for OpenVINO
 (width steps) or for CUDA (one shape), also where it would not (options of your own). The first page's
-calls include each model's first run; the table counts the pages after it. A recognizer call
-on a batch width this process has not run before is "new", else "seen": their difference is
-what each new shape costs (cuDNN's algorithm search on a GPU, OpenVINO's planning on a CPU).
+calls include each model's first run; the figures count the pages after it. A recognizer call
+on an input shape this process has not run before is "new", else "seen": their difference is
+what a new shape costs (OpenVINO plans each one once). A call whose shape differs from the call
+before it is "changed", else "same": their difference is what ONNX Runtime's CUDA provider
+spends setting its convolutions up again (1.4-2.3 s a call for PP-OCRv6 on an H200).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     texts: dict[str, str] = {}
     pages = write_pages(Path(tempfile.mkdtemp(prefix="infer_mp-ort-calls-")), args.pages, mixed=False, texts=texts)
     seen: set[tuple] = set()
+    last: tuple | None = None  # the previous recognizer call's input shape
     rows, recalls, read = [], [], {}
     for page in pages:
         first_call = len(log.calls)
@@ -118,8 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         new = [s for m, shape, s in calls if m == "rec" and shape not in seen]
         old = [s for m, shape, s in calls if m == "rec" and shape in seen]
         seen.update(shape for m, shape, _ in calls if m == "rec")
+        changed, same = [], []
+        for model, shape, seconds in calls:
+            if model == "rec":
+                (same if shape == last else changed).append(seconds)
+                last = shape
         rows.append({"whole": whole, "det": sum(s for m, _, s in calls if m == "det"),
                      "rec": sum(s for m, _, s in calls if m == "rec"), "rec_new": new, "rec_seen": old,
+                     "rec_changed": changed, "rec_same": same,
                      "rec_calls": sum(1 for m, _, _ in calls if m == "rec")})
         read[page.name] = [t for r in results for t in (r.get("rec_texts") or [])]
         recalls.append(word_recall(texts[page.name], read[page.name]) or 0.0)
@@ -135,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         "rec_new_shape_calls": sum(len(r["rec_new"]) for r in after),
         "rec_new_ms": mean_ms([s for r in after for s in r["rec_new"]]),
         "rec_seen_ms": mean_ms([s for r in after for s in r["rec_seen"]]),
+        "rec_shape_changes": sum(len(r["rec_changed"]) for r in after),
+        "rec_changed_ms": mean_ms([s for r in after for s in r["rec_changed"]]),
+        "rec_same_ms": mean_ms([s for r in after for s in r["rec_same"]]),
         "word_recall": round(statistics.mean(recalls), 4),
     }
     print(json.dumps(figures))

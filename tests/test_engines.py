@@ -526,6 +526,7 @@ def test_one_shape_batches_read_pp_ocrv6_as_paddlex_own_batches(tmp_path):
     assert (own["padding"], one_shape["padding"]) == (None, infer_mp.ONE_SHAPE)
     assert own["texts"] == one_shape["texts"] and one_shape["word_recall"] == 1.0
     assert one_shape["rec_calls_per_page"] == 4 and one_shape["rec_new_shape_calls"] <= 1
+    assert one_shape["rec_shape_changes"] <= 1 < own["rec_shape_changes"]  # (4 calls a page, all changed)
 
 
 # -- the example pipeline's PP-OCRv6 model folders ----------------------------------------------
