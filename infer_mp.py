@@ -2629,13 +2629,15 @@ class Ledger:
         """Refuse a run log kept outside the output folder whose last line that names one (a
         `placing` line, a closing line) names another that is still there: one log for two
         folders lets each take the other's records for its own (a stale text in one is never
-        redone). A folder moved away (not there any more, or another folder there now, by its
-        recorded device and inode) is this one, moved; a log inside the folder is the folder's,
-        also in a copy."""
+        redone). A folder moved away (not there any more) is this one, moved; so is this folder
+        where its device and inode are those the log recorded (moved, or reached by a link,
+        while another folder stands at the old name: `mv out out2; mkdir out`); a log inside the
+        folder is the folder's, also in a copy. (The recorded path itself is never refused by
+        device and inode: a remount can change the device number.)"""
         folder, identity = self.log_folder.get(self.own_index, (None, None))
         if folder is None or folder == self.root or within(str(run_log), self.root) or not os.path.isdir(folder):
             return
-        if type(identity) is list and path_identity(folder) != tuple(identity):  # (`mv out out2; mkdir out`)
+        if type(identity) is list and path_identity(self.root) == tuple(identity):
             return
         raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
                          f"(each output folder needs its own run log); give this run a --run_log of its own, or "
@@ -3462,7 +3464,8 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         failed = record is not None and a_failure(record)
         news = failed and not ledger.reported(record)  # (recorded by a run that was stopped before it said so)
         failed_before = failed or any(r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
-        weak_before = record is not None and bool(record.get("weak_pages")) and unchanged(task, record)
+        weak_before = ((record is not None and bool(record.get("weak_pages")))
+                       or any(r.get("weak_pages") for r in ledger.unfinished_ranges(task.path)))
         if config.overwrite:
             selection.todo.append(task)
             continue
@@ -5800,6 +5803,7 @@ class Document:
     device: str | None = None
     quality: dict[int, dict] = field(default_factory=dict)  # page -> figure: kept from earlier runs, then this run's
     weak: dict[int, str] = field(default_factory=dict)  # page -> why --min_page_score finds it weak (kept)
+    weak_before: set[int] = field(default_factory=set)  # ... of those, found weak by an earlier run
     retry: set[int] = field(default_factory=set)  # pages failed for the output folder's fault: the next run does them
 
 
@@ -6117,9 +6121,11 @@ class Report:
             said = "; ".join(filter(None, [describe_failed_pages(failed, count) if failed else "",
                                            describe_weak_pages(weak) if weak else ""]))
             self.progress.say(f"{'' if good else 'FAILED '}{task.path}: {said}{rate}")
-        # Pages a stopped run failed (range records) are recorded failed for the document now: news.
+        # Pages a stopped run failed or found weak (range records) are recorded for the document
+        # now: news (this run's own were counted as they came).
         first_time = len(set(failed) - document.standing)
         self.failed_pages += max(0, first_time - document.failed_now)
+        self.failed_pages += len(document.weak_before & weak.keys() - document.standing)
         if good:
             self.done += 1
         elif first_time or weak.keys() - document.standing:
@@ -6553,7 +6559,8 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
                     task, len(pages_to_do(task, coverage)), dict(coverage.outputs), list(coverage.extras),
                     dict(coverage.failed), coverage.standing | coverage.weak_standing, quality=dict(coverage.quality),
                     weak={page: weak_reason(coverage.quality.get(page), config.min_page_score or 0.0)
-                          or "by an earlier run's --min_page_score" for page in coverage.weak_kept})
+                          or "by an earlier run's --min_page_score" for page in coverage.weak_kept},
+                    weak_before=set(coverage.weak_kept))
         for document in [d for d in report.documents.values() if d.left == 0]:  # all done by earlier runs
             options = work.coverage[document.task.index].options
             report.finish(document, next(iter(options)) if len(options) == 1 else None)

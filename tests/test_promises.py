@@ -215,6 +215,31 @@ def test_retry_failed_redoes_weak_pages_of_a_document_done_within_the_error_rate
     assert plain.code == 0 and not (tmp_path / "plain.log").exists(), plain.stderr
 
 
+def test_retry_failed_redoes_a_weak_page_of_a_document_stopped_before_its_whole_record(dirs, tmp_path):
+    """Review: killed after its page ranges' records and before the document's own, a document
+    with a weak page in a range was "not selected" by --retry_failed (a failed page was)."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.98", "SCORES:0.3", "SCORES:0.97", "SCORES:0.99"]))
+    env = {"FAKE_PIPELINE_PRELOAD": "1"}
+    flags = ("--min_page_score", "0.9", "--max_page_error_rate", "0.34", "--pages_per_task", "2")
+    run_fake(src, out, *flags, env=env)
+    log = out / "infer_mp.runlog.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    whole = [i for i, line in enumerate(lines) if '"input"' in line and '"range"' not in line
+             and '"status": "placing"' not in line]
+    assert len(whole) == 1 and any('"weak_pages": [1]' in line for line in lines if '"range"' in line)
+    log.write_text("".join(lines[:whole[0]]))  # (as a kill just before the document's record leaves it)
+    cut = log.read_text()
+    finished = run_fake(src, out, *flags, env=env)  # (the review: it said "1 weak page(s)" and exited 0)
+    assert finished.code == 1 and "(1 failed)" in finished.stderr, finished.stderr
+    assert run_fake(src, out, *flags, env=env).code == 0  # reported once
+    log.write_text(cut)
+    pages = tmp_path / "pages.log"
+    retried = run_fake(src, out, *flags, "--retry_failed", env={**env, "FAKE_PIPELINE_PAGE_LOG": str(pages)})
+    assert pages.is_file() and "not selected" not in retried.stderr.split("inputs:")[-1].split(",")[0], retried.stderr
+    assert [json.loads(e)["page_index"] for e in pages.read_text().splitlines()] == [1], retried.stderr
+
+
 def test_a_second_pass_replaces_a_weak_reading_only_with_a_better_one(dirs):
     """--retry_failed with other pipeline options redoes the weak pages; a new reading
     replaces a weak one only if its mean score is higher (a reading no better, or a failure,

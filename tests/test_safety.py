@@ -937,6 +937,10 @@ def test_one_run_log_for_two_output_folders_is_refused(dirs, tmp_path):
     moved = run_fake(src, tmp_path / "again", "--run_log", str(log))
     assert moved.code == 0 and "1 already done" in moved.stderr, moved.stderr
     assert run_fake(src, out2, "--run_log", str(log)).code == 2  # (again/ is there)
+    shutil.copytree(tmp_path / "again", tmp_path / "copy", symlinks=True)
+    shutil.rmtree(tmp_path / "again")
+    (tmp_path / "copy").rename(tmp_path / "again")  # the same folder by its name, a new inode: another still refused
+    assert run_fake(src, out2, "--run_log", str(log)).code == 2
 
 
 def test_one_run_log_for_two_output_folders_is_refused_after_a_killed_first_run(dirs, tmp_path):
