@@ -2432,7 +2432,7 @@ def placing_records(line: dict) -> Iterator[dict]:
         if type(entry) is list and len(entry) == 3:
             yield {"time": line.get("time"), "gen": line.get("gen", 0), "input": entry[0], "status": PLACING,
                    "outputs": entry[1], "extra_outputs": entry[2], "shard": line.get("shard"),
-                   "output_dir": line.get("output_dir"), "output_id": line.get("output_id")}
+                   "output_dir": line.get("output_dir")}
 
 
 def files_of(record: dict) -> list[str]:
@@ -2511,8 +2511,7 @@ class Ledger:
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
         self.last_closing: dict[int, int] = {}  # log -> the line of its last closing line
-        self.log_folder: dict[int, tuple[str, Any]] = {}  # log -> the output folder its last line that names
-        # one names, and that folder's (device, inode) then (see note_folder)
+        self.log_folder: dict[int, str] = {}  # log -> the output folder its last line that names one names
         self.still_ours: Callable[[], bool] = lambda: True  # is the root the folder this run locked? (see RunLock)
 
     # -- reading --------------------------------------------------------------------------
@@ -2620,24 +2619,19 @@ class Ledger:
             self.finished[index, line["gen"]] = number
 
     def note_folder(self, line: dict, index: int) -> None:
-        """The output folder a `placing` line or a closing line names (since 2026-12-04), and its
-        (device, inode) as [device, inode] where the line has it (since 2026-12-05)."""
+        """The output folder a `placing` line or a closing line names (since 2026-12-04)."""
         if type(folder := line.get("output_dir")) is str:
-            self.log_folder[index] = folder, line.get("output_id")
+            self.log_folder[index] = folder
 
     def check_output_folder(self, run_log: Path) -> None:
         """Refuse a run log kept outside the output folder whose last line that names one (a
         `placing` line, a closing line) names another that is still there: one log for two
         folders lets each take the other's records for its own (a stale text in one is never
-        redone). A folder moved away (not there any more) is this one, moved; so is this folder
-        where its device and inode are those the log recorded (moved, or reached by a link,
-        while another folder stands at the old name: `mv out out2; mkdir out`); a log inside the
-        folder is the folder's, also in a copy. (The recorded path itself is never refused by
-        device and inode: a remount can change the device number.)"""
-        folder, identity = self.log_folder.get(self.own_index, (None, None))
+        redone). A folder moved away (not there any more) is this one, moved; a log inside the
+        folder is the folder's, also in a copy. (Not told apart by device and inode: a freed
+        inode is handed to the next folder made, and a remount changes the device number.)"""
+        folder = self.log_folder.get(self.own_index)
         if folder is None or folder == self.root or within(str(run_log), self.root) or not os.path.isdir(folder):
-            return
-        if type(identity) is list and path_identity(self.root) == tuple(identity):
             return
         raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
                          f"(each output folder needs its own run log); give this run a --run_log of its own, or "
@@ -3132,8 +3126,7 @@ class RunLog:
 
     def __init__(self, path: Path, output_dir: Path, tag: str = "all"):
         self.path, self.output_dir, self.tag = path, output_dir, tag  # tag: the run's (see run_tag)
-        identity = path_identity(str(output_dir))  # (see Ledger.check_output_folder)
-        self.folder = {"output_dir": str(output_dir), **({"output_id": list(identity)} if identity else {})}
+        self.folder = {"output_dir": str(output_dir)}  # (see Ledger.check_output_folder)
         self.prefix = os.path.join(str(output_dir), "")
         self.flushed = time.monotonic()
         try:
