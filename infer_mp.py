@@ -1546,17 +1546,20 @@ MISSING_LIBRARY = re.compile(r"cannot open shared object file|cuDNN is not avail
 PROBE_SAID = 300  # characters of the probe's failure in the one-line refusal
 
 
+def clipped(text: str) -> str:
+    return text if len(text) <= PROBE_SAID else text[:PROBE_SAID] + " …"
+
+
 def probe_failure(probe: subprocess.CompletedProcess) -> tuple[str, bool]:
     """What the CUDA probe's ONNX Runtime said went wrong (the loader's error it logged, else
     the error it raised, else how the process ended), and whether it is a library that could
     not be loaded."""
     lines = [line.strip() for line in ANSI_ESCAPE.sub("", probe.stderr).splitlines() if line.strip()]
-    found = next((m.group(1).strip() for line in lines if (m := ORT_LOAD_ERROR.search(line))), None)
-    if found is None and probe.returncode > 0 and lines and probe.returncode != 3:
-        found = lines[-1]
-    if found is not None:
-        said = found if len(found) <= PROBE_SAID else found[:PROBE_SAID] + " …"
-        return said, bool(ORT_LOAD_ERROR.search(" ".join(lines)) or MISSING_LIBRARY.search(found))
+    loader = next((m.group(1).strip() for line in lines if (m := ORT_LOAD_ERROR.search(line))), None)
+    if loader is not None:
+        return clipped(loader), True
+    if probe.returncode > 0 and lines and probe.returncode != 3:
+        return clipped(lines[-1]), bool(MISSING_LIBRARY.search(lines[-1]))
     if probe.returncode < 0:
         return f"the check's process ended by signal {-probe.returncode}", False
     if probe.returncode == 3:
@@ -1665,25 +1668,24 @@ def process_padded(whole: Any, one_shape: bool = False) -> Any:
         batcher = getattr(self, "pre_tfs", {}).get("ToBatch")
         if return_word_box or getattr(self, "return_word_box", True) or batcher is None:
             return whole(self, batch_data, return_word_box, **kwargs)
-        if not one_shape:
-            self.pre_tfs["ToBatch"] = lambda imgs: pad_to_width_step(batcher(imgs))
-            try:
-                return whole(self, batch_data, return_word_box, **kwargs)
-            finally:
-                self.pre_tfs["ToBatch"] = batcher
-        return process_in_one_shape(self, whole, batcher, batch_data, return_word_box, **kwargs)
+        runner = getattr(self, "runner", None)
+        self.pre_tfs["ToBatch"], self.runner = (one_shape_batches(self, batcher, runner) if one_shape else
+                                                (lambda imgs: pad_to_width_step(batcher(imgs)), runner))
+        try:
+            return whole(self, batch_data, return_word_box, **kwargs)
+        finally:
+            self.pre_tfs["ToBatch"], self.runner = batcher, runner
 
     process.infer_mp = ONE_SHAPE if one_shape else WIDTH_STEPS  # type: ignore[attr-defined]
     return process
 
 
-def process_in_one_shape(self: Any, whole: Any, batcher: Any, batch_data: Any, return_word_box: bool,
-                         **kwargs: Any) -> Any:
-    """PaddleX's recognition of a batch at the recognizer's one shape (ONE_SHAPE): the batch
-    filled up with blank lines and widened to the widest width so far (up to
+def one_shape_batches(self: Any, batcher: Any, runner: Any) -> tuple[Any, Any]:
+    """The batcher and model of a PaddleX recognizer at its one shape (ONE_SHAPE), for one
+    batch: the batch filled up with blank lines and widened to the widest width so far (up to
     ONE_SHAPE_MAX_WIDTH); the model's outputs for the blank lines dropped before PaddleX
     decodes them."""
-    runner, rows = self.runner, getattr(getattr(self, "batch_sampler", None), "batch_size", None) or 1
+    rows = getattr(getattr(self, "batch_sampler", None), "batch_size", None) or 1
     real: list[int] = []
 
     def to_batch(imgs: Any) -> list:
@@ -1703,11 +1705,7 @@ def process_in_one_shape(self: Any, whole: Any, batcher: Any, batch_data: Any, r
             return outputs
         return [out[:real[-1]] if getattr(out, "ndim", 0) and out.shape[0] == rows else out for out in outputs]
 
-    self.pre_tfs["ToBatch"], self.runner = to_batch, run
-    try:
-        return whole(self, batch_data, return_word_box, **kwargs)
-    finally:
-        self.pre_tfs["ToBatch"], self.runner = batcher, runner
+    return to_batch, run
 
 
 def pad_to_width_step(batch: list) -> list:
@@ -3126,7 +3124,6 @@ class RunLog:
 
     def __init__(self, path: Path, output_dir: Path, tag: str = "all"):
         self.path, self.output_dir, self.tag = path, output_dir, tag  # tag: the run's (see run_tag)
-        self.folder = {"output_dir": str(output_dir)}  # (see Ledger.check_output_folder)
         self.prefix = os.path.join(str(output_dir), "")
         self.flushed = time.monotonic()
         try:
@@ -3194,13 +3191,13 @@ class RunLog:
         """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
         relative to the output folder (see Ledger.prepare)."""
         self._append({"time": utc_now(), "gen": generation, "status": PLACING, "shard": self.tag, "placing": entries,
-                      **self.folder})
+                      "output_dir": str(self.output_dir)})
 
     def write_run(self, counts: dict[str, int], exit_code: int, generation: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
         what it counted and how it ended; exit 0 or 1 says its failures were reported (see
         Ledger.reported). Resume passes it over: it names no input."""
-        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), **self.folder}
+        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), "output_dir": str(self.output_dir)}
         self._append({"time": utc_now(), "gen": generation, "run": closing})
         self.flush()
 
@@ -3456,9 +3453,10 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         task = Task(task.index, task.path, task.rel, task.out_dir, task.out_base, source_identity(task.path))
         failed = record is not None and a_failure(record)
         news = failed and not ledger.reported(record)  # (recorded by a run that was stopped before it said so)
-        failed_before = failed or any(r.get("failed_pages") for r in ledger.unfinished_ranges(task.path))
-        weak_before = ((record is not None and bool(record.get("weak_pages")))
-                       or any(r.get("weak_pages") for r in ledger.unfinished_ranges(task.path)))
+        unfinished = ledger.unfinished_ranges(task.path)
+        failed_before = failed or any(r.get("failed_pages") for r in unfinished)
+        weak_before = (record is not None and bool(record.get("weak_pages"))) or any(r.get("weak_pages")
+                                                                                      for r in unfinished)
         if config.overwrite:
             selection.todo.append(task)
             continue
