@@ -4635,7 +4635,8 @@ class Backend:
 
     def _lost(self, worker: WorkerHandle, reason: str, restart: bool) -> Iterator[Event]:
         """A worker is gone (`reason`: how it went): requeue what it still held, and start a
-        replacement in its slot (unless it never started, or we are stopping)."""
+        replacement in its slot (unless it never started, we are stopping, or no input is left
+        to give it: a pipeline's load can take a minute)."""
         del self.workers[worker.spec.slot]
         self._discard_staged(worker)
         if worker.retiring:  # it never started what it was sent after deciding to retire
@@ -4652,7 +4653,7 @@ class Backend:
             if worker.timed_out is not None:
                 reason = f"timed out (no result within {worker.timed_out:g} s, --task_timeout)"
             yield from self._requeue_or_fail(worker, reason, restart)
-        if restart:
+        if restart and self.pending:
             self.workers[worker.spec.slot] = self._start(worker.spec)
 
     def _failed_start(self, spec: WorkerSpec, error: str) -> Iterator[Event]:
@@ -4690,7 +4691,7 @@ class Backend:
             else:
                 requeue.append(task)
         self.pending.extendleft(reversed(requeue))
-        yield WorkerLost(worker.spec, reason, len(requeue) + len(unstarted), replaced)
+        yield WorkerLost(worker.spec, reason, len(requeue) + len(unstarted), replaced and bool(self.pending))
 
     def _hand_back(self, tasks: list[Task]) -> None:
         """Tasks sent to a worker that never began them: back to the front of the queue, as if

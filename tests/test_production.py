@@ -167,6 +167,18 @@ def test_crash_requeues_without_losing_or_repeating(dirs):
     assert not temporaries(out)
 
 
+def test_no_replacement_is_started_once_no_input_is_left(dirs, tmp_path):
+    """The last input kills its worker at its last attempt: nothing is left to do, so no new
+    worker loads the pipeline (a real one takes up to a minute) only to be stopped."""
+    src, out = dirs
+    write(src / "poison.png", "CRASH")
+    starts = tmp_path / "starts"
+    run = run_fake(src, out, "--max_attempts", "2", env={"FAKE_PIPELINE_STARTS": str(starts)})
+    assert run.code == 1, run.stderr
+    assert len(starts.read_text().splitlines()) == 2  # the first worker, and one replacement
+    assert run.stderr.count("starting a replacement") == 1, run.stderr
+
+
 def test_hung_input_times_out_and_the_run_goes_on(dirs):
     src, out = dirs
     make_inputs(src, 4)
