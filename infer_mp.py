@@ -4542,16 +4542,27 @@ class Backend:
         would otherwise hold the run for ever); its death is then a failed start."""
         now = time.monotonic()
         for worker in self.workers.values():
-            if worker.timed_out is not None:
-                continue
-            if not worker.ready and self.start_timeout and now - worker.started_at > self.start_timeout:
-                worker.timed_out = self.start_timeout
+            deadline = self._deadline(worker)
+            if deadline is not None and now > deadline[0]:
+                worker.timed_out = deadline[1]
                 self._kill(worker)
-            elif self.task_timeout and worker.held:
-                limit = self.task_timeout * sum(task.weight for task in worker.held.values())
-                if now - worker.busy_since > limit:
-                    worker.timed_out = limit
-                    self._kill(worker)
+
+    def _deadline(self, worker: WorkerHandle) -> tuple[float, float] | None:
+        """(when, limit in seconds) of the worker's start or batch timeout, if one runs."""
+        if worker.timed_out is not None:
+            return None
+        if not worker.ready and self.start_timeout:
+            return worker.started_at + self.start_timeout, self.start_timeout
+        if self.task_timeout and worker.held:
+            limit = self.task_timeout * sum(task.weight for task in worker.held.values())
+            return worker.busy_since + limit, limit
+        return None
+
+    def _wait_seconds(self) -> float:
+        """How long to wait for messages: POLL_SECONDS, or less where a timeout ends sooner
+        (a worker ready just after its --start_timeout is still late)."""
+        deadlines = [deadline[0] for worker in self.workers.values() if (deadline := self._deadline(worker))]
+        return max(0.0, min([POLL_SECONDS, *(when - time.monotonic() for when in deadlines)]))
 
     def _handle(self, worker: WorkerHandle, message: Any) -> Iterator[Event]:
         """A worker's message (see the module's docstring) as events."""
@@ -4728,7 +4739,7 @@ class LocalBackend(Backend):
     def _wait(self, restart: bool) -> Iterator[Event]:
         handles = {w.conn: w for w in self.workers.values()}
         sentinels = {w.process.sentinel: w for w in self.workers.values()}
-        for ready in wait([*handles, *sentinels], timeout=POLL_SECONDS):
+        for ready in wait([*handles, *sentinels], timeout=self._wait_seconds()):
             worker = handles.get(ready) or sentinels[ready]
             if self.workers.get(worker.spec.slot) is not worker:
                 continue  # already replaced in this round

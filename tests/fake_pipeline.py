@@ -15,6 +15,7 @@ actors on any node, as environment variables may not), makes every input take th
 its pid, device and threads;
 ``FAKE_PIPELINE_STARTS`` names a file counting constructor calls, and
 ``FAKE_PIPELINE_FAIL_STARTS`` / ``FAKE_PIPELINE_HANG_STARTS`` (e.g. "2,3") make those calls raise / block;
+``FAKE_PIPELINE_START_DELAY`` (seconds) makes every constructor call take that long;
 ``FAKE_PIPELINE_BARRIER=path:N`` makes N constructors wait for each other (see wait_for_each_other);
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
@@ -176,6 +177,7 @@ class FakePipeline:
             raise RuntimeError(f"fake pipeline start {start} fails (FAKE_PIPELINE_FAIL_STARTS)")
         if str(start) in os.environ.get("FAKE_PIPELINE_HANG_STARTS", "").split(","):
             time.sleep(3600)
+        time.sleep(float(os.environ.get("FAKE_PIPELINE_START_DELAY", "0")))
         self.device = device
         self.cpu_threads = cpu_threads
         self.options = options

@@ -653,6 +653,17 @@ def test_a_start_that_never_finishes_does_not_hang_the_run(dirs, tmp_path):
     assert "did not start within 2 s (--start_timeout)" in run.stderr and "2 not processed" in run.stderr
 
 
+def test_a_start_later_than_its_timeout_counts_as_failed_even_between_polls(dirs):
+    """A start of 0.6 s against --start_timeout 0.2: the coordinator wakes at the timeout, not
+    at its next one-second poll, by which time the worker has reported ready."""
+    src, out = dirs
+    make_inputs(src, 1)
+    run = run_fake(src, out, "--start_timeout", "0.2", env={"FAKE_PIPELINE_START_DELAY": "0.6"}, timeout=60)
+    assert run.code == 3, run.stderr
+    assert "did not start within 0.2 s (--start_timeout)" in run.stderr and "1 not processed" in run.stderr
+    assert not page_files(out)
+
+
 def test_a_pipeline_whose_import_blocks_does_not_hang_a_run_given_options(dirs, tmp_path):
     """The warm worker checks the options; when its import blocks past --start_timeout, the
     coordinator checked them itself, importing the module, and blocked for good."""
