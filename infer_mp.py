@@ -3437,7 +3437,8 @@ class WorkSelection:
     unreadable: dict[int, str] = field(default_factory=dict)  # by task index: why it cannot be done (read_documents)
     again: dict[int, dict] = field(default_factory=dict)  # by task index: a failure to report again (see reported)
     weak: dict[tuple[str, int | None], Reading] = field(default_factory=dict)  # (input, page): redone weak pages
-    other_options: int = 0  # skipped, done or failed with another pipeline or options (see options_tag)
+    other_done: int = 0  # skipped, done with another pipeline or options (see options_tag)
+    other_failed: int = 0  # ... failed before (not retried), failed with them
 
 
 def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelection:
@@ -3466,7 +3467,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         retried = config.retry_failed and (failed_before or weak_before)  # (a document done within
         if complete and not retried:                                         # --max_page_error_rate, too)
             selection.complete.append((task, done))
-            selection.other_options += done.get("options", ledger.options) != ledger.options
+            selection.other_done += done.get("options", ledger.options) != ledger.options
             continue
         if config.retry_failed:
             if not retried:
@@ -3476,7 +3477,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
               and all(os.path.isfile(os.path.join(root, rel)) for rel in record.get("outputs") or ())):
             if not news:
                 selection.standing.append((task, record))
-                selection.other_options += record.get("options", ledger.options) != ledger.options
+                selection.other_failed += record.get("options", ledger.options) != ledger.options
                 continue
             if not (task.paged and (record.get("failed_pages") or record.get("weak_pages"))):  # (see page_coverage)
                 selection.again[task.index] = record
@@ -6452,10 +6453,12 @@ def dry_run(config: Config, pipeline: PipelineRef) -> ExitCode:
 def say_other_options(work: WorkSelection) -> None:
     """A rerun with another --pipeline or other options skips what earlier runs did, as any
     rerun does: said, so that nobody takes their text for this pipeline's."""
-    if work.other_options:
-        say(f"note: {work.other_options} input(s) skipped were done, or failed, by a run with another --pipeline "
-            "or other pipeline options; they are kept (--overwrite redoes every input, --retry_failed the failed "
-            "ones)")
+    counts = [f"{count} input(s) {what}" for count, what in [(work.other_done, "skipped (already done)"),
+                                                           (work.other_failed, "failed before (not retried)")]
+              if count]
+    if counts:
+        say(f"note: {' and '.join(counts)} were done by a run with another --pipeline or other pipeline options; "
+            "their outputs are kept (--overwrite redoes every input, --retry_failed the failed ones)")
 
 
 def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], planned: int,
