@@ -1110,7 +1110,7 @@ def check_devices_present(device_type: str, device_ids: list[int], engine: str |
                              "or use --device cpu")
         check_ids_visible(device_type, device_ids, count, "the NVIDIA driver")
         if engine == "onnxruntime" and (problem := cuda_driver_too_old()
-                                        or cuda_provider_problem(min(device_ids, default=0))):
+                                        or cuda_provider_problem(min(device_ids, default=0), notice=say)):
             raise UsageError(problem)
         return
     try:
@@ -1489,7 +1489,7 @@ def cuda_driver_too_old() -> str | None:
             "(README, 'GPU from PyPI'); or use --device cpu")
 
 
-def cuda_provider_problem(device_id: int = 0) -> str | None:
+def cuda_provider_problem(device_id: int = 0, notice: Callable[[str], None] | None = None) -> str | None:
     """Why ONNX Runtime's CUDA provider cannot start here, or None: ONNX Runtime itself, in a
     child process (this Python, this environment, this process's sys.path, as a spawned
     worker has), loads its CUDA provider and runs one convolution on gpu:device_id (cuDNN is
@@ -1500,15 +1500,14 @@ def cuda_provider_problem(device_id: int = 0) -> str | None:
     dynamic loader alone misses what ONNX Runtime loads later (cuDNN) and what the Python
     binary's own search path finds. None also where the installed ONNX Runtime, or the module
     onnxruntime (another build installed over it), has no CUDA provider (check_engine says
-    so), or where the check could not finish (the workers' check still refuses a fallback)."""
+    so), or where the check could not finish (the workers' check still refuses a fallback):
+    `notice` is told once the check is slow, and when it is given up."""
     capi = cuda_provider_folder()
     if capi is None or CUDA_PROVIDER not in onnxruntime_providers():
         return None
-    try:
-        probe = subprocess.run([sys.executable, "-c", CUDA_PROBE, str(device_id), json.dumps(sys.path)],
-                               capture_output=True, text=True, errors="replace", timeout=CUDA_PROBE_TIMEOUT,
-                               stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
+    probe = run_probe([sys.executable, "-c", CUDA_PROBE, str(device_id), json.dumps(sys.path)],
+                      f"ONNX Runtime's CUDA provider on gpu:{device_id}", notice)
+    if probe is None:
         return None
     if probe.returncode == 0 and CUDA_PROBE_OK in (line.strip() for line in probe.stdout.splitlines()):
         return None
@@ -1523,7 +1522,36 @@ def cuda_provider_problem(device_id: int = 0) -> str | None:
             "LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
 
 
+def run_probe(command: list[str], what: str,
+              notice: Callable[[str], None] | None) -> subprocess.CompletedProcess | None:
+    """A check's child process, run to its end; None if it cannot start, or is still running
+    after CUDA_PROBE_TIMEOUT (killed). Past CUDA_PROBE_NOTICE_SECONDS, `notice` says why the
+    run waits, so that a slow driver does not look like a hang."""
+    try:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, errors="replace")
+    except OSError:
+        return None
+    with child:
+        try:
+            try:
+                out, err = child.communicate(timeout=CUDA_PROBE_NOTICE_SECONDS)
+            except subprocess.TimeoutExpired:
+                if notice:
+                    notice(f"checking {what} (a first CUDA start can take a while; up to {CUDA_PROBE_TIMEOUT:g} s)")
+                out, err = child.communicate(timeout=CUDA_PROBE_TIMEOUT - CUDA_PROBE_NOTICE_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            if notice:
+                notice(f"the check of {what} did not finish in {CUDA_PROBE_TIMEOUT:g} s; going on (each worker "
+                       "refuses to run on the CPU in its place)")
+            return None
+    return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
 CUDA_PROBE_TIMEOUT = 120.0  # seconds: a CUDA context and cuDNN's first use take a few
+CUDA_PROBE_NOTICE_SECONDS = 10.0  # ... and past this, the run says what it waits for
 CUDA_PROBE_OK = "cuda provider ok"
 # An ONNX model, y = Conv(x, w) with x and w 1x1x1x1 (opset 13): a convolution, so that cuDNN
 # is loaded too. The child process prints CUDA_PROBE_OK where it ran on the CUDA provider.

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -40,7 +41,7 @@ def no_paddle(monkeypatch):
 def driver_sees(monkeypatch, count: int | None, why: str = "", problem: str | None = None) -> None:
     monkeypatch.setattr(infer_mp, "cuda_driver_devices", lambda: (count, why))
     monkeypatch.setattr(infer_mp, "cuda_driver_too_old", lambda: None)
-    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda device_id=0: problem)
+    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda device_id=0, notice=None: problem)
 
 
 # -- 2. device presence without Paddle ---------------------------------------------------------
@@ -175,6 +176,9 @@ class InferenceSession:
                                "system library search path, or set enable_cudnn=0")
         if MODE == "crash":
             os.abort()
+        if MODE == "slow":
+            import time
+            time.sleep(60)
         if MODE == "oom":
             raise RuntimeError("CUDA failure 2: out of memory" + " (details)" * 100)
         if MODE == "noisy":
@@ -220,6 +224,28 @@ def test_the_cuda_provider_is_checked_by_onnx_runtime_in_a_process_of_its_own(mo
                            "cuDNN install, or LD_LIBRARY_PATH; README, 'GPU from PyPI'); or use --device cpu")
     monkeypatch.setattr(infer_mp, "onnxruntime_providers", lambda: [CPU])  # (another build over onnxruntime-gpu)
     assert infer_mp.cuda_provider_problem(3) is None  # check_engine names the mix
+
+
+def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp_path):
+    """A check that hangs (a driver stuck in a CUDA start) held the run for two minutes without
+    a word. Past CUDA_PROBE_NOTICE_SECONDS the run says what it waits for; at CUDA_PROBE_TIMEOUT
+    the check's process is killed and the run goes on (the workers still refuse a fallback)."""
+    write(tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY, b"not a shared library")
+    write(tmp_path / "fake" / "onnxruntime" / "__init__.py", FAKE_ONNXRUNTIME)
+    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
+    monkeypatch.setattr(infer_mp, "onnxruntime_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(infer_mp, "CUDA_PROBE_NOTICE_SECONDS", 1.0)
+    monkeypatch.setattr(infer_mp, "CUDA_PROBE_TIMEOUT", 3.0)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_ORT_MODE", "slow")
+    monkeypatch.setenv("FAKE_ORT_SEEN", str(tmp_path / "seen"))
+    said: list[str] = []
+    started = time.monotonic()
+    assert infer_mp.cuda_provider_problem(1, notice=said.append) is None
+    assert time.monotonic() - started < 30  # (not the 60 s the fake sleeps: it was killed)
+    assert said == ["checking ONNX Runtime's CUDA provider on gpu:1 (a first CUDA start can take a while; up to "
+                    "3 s)", "the check of ONNX Runtime's CUDA provider on gpu:1 did not finish in 3 s; going on "
+                    "(each worker refuses to run on the CPU in its place)"]
 
 
 def test_the_probes_model_is_one_convolution():
@@ -299,7 +325,7 @@ def test_only_a_silent_fallback_to_the_cpu_stops_the_worker(monkeypatch):
     GPU, the CPU asked for, or a pipeline's own sessions (not PaddleX's engine) start."""
     module = fake_onnxruntime(monkeypatch, [CUDA, CPU])
     said = "ONNX Runtime's CUDA provider cannot load here (libcublasLt.so.13: cannot open shared object file)"
-    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda device_id=0: said)
+    monkeypatch.setattr(infer_mp, "cuda_provider_problem", lambda device_id=0, notice=None: said)
     reply = start_worker(monkeypatch, module, [[CUDA, CPU], [CPU]], ORT)
     assert isinstance(reply, infer_mp.InitFailed)
     assert "gpu:0 was asked for" in reply.why and f"1 of this pipeline's session(s) on {CPU} alone" in reply.why
