@@ -3261,9 +3261,9 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def real_output_folder(folder: str, root: str) -> str:
-    """The real path of an output folder, which must be the folder itself: no link on the way
-    (one that leads outside `root`, or to another folder inside it, where two folders' outputs
+def real_output_folder(folder: str, root: str) -> None:
+    """Check that an output folder's real path is the folder itself: no link on the way (one
+    that leads outside `root`, or to another folder inside it, where two folders' outputs
     would mix, or into the staging folder). Raises OSError naming the link."""
     real = os.path.realpath(folder)
     if not within(real, root):
@@ -3271,7 +3271,6 @@ def real_output_folder(folder: str, root: str) -> str:
     if real != os.path.normpath(folder):
         raise OSError(errno.ELOOP, f"{folder!r} is a link to {real!r}, inside --output_dir; not written through "
                       "it (two folders' outputs would mix there)")
-    return real
 
 
 FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW  # one part of an output folder: no link
