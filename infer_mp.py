@@ -3772,21 +3772,19 @@ class RunLock:
         return self.folder_handle < len(self.handles) and same_file(self.handles[self.folder_handle], self.lock_path)
 
     def _take_folder(self, config: Config) -> None:
+        """A shard's run: first the shared locks (see the class); then, any run, its own lock file."""
         self.lock_path = config.lock_file
-        if config.shard is None:
-            self._take(config.lock_file, fcntl.LOCK_EX, "another infer_mp.py run{holder} is using")
-            self.folder_handle = len(self.handles) - 1
-            self._write_pid(self.handles[-1])
-            return
-        main = self.output_dir / LOCK_NAME
-        self._take(main, fcntl.LOCK_SH, "an infer_mp.py run over all inputs{holder} is using")
-        with contextlib.suppress(OSError):  # no pid of a run over all inputs is current now
-            self.handles[-1].truncate(0)
-        count = config.shard[1]
-        self._take(self.output_dir / SHARD_COUNT_LOCK.format(count=count), fcntl.LOCK_SH, "")
-        self._refuse_other_counts(count)
-        self._take(config.lock_file, fcntl.LOCK_EX,
-                   f"another run of shard {config.shard[0]}/{count}{{holder}} is using")
+        refusal = "another infer_mp.py run{holder} is using"
+        if config.shard is not None:
+            self._take(self.output_dir / LOCK_NAME, fcntl.LOCK_SH,
+                       "an infer_mp.py run over all inputs{holder} is using")
+            with contextlib.suppress(OSError):  # no pid of a run over all inputs is current now
+                self.handles[-1].truncate(0)
+            count = config.shard[1]
+            self._take(self.output_dir / SHARD_COUNT_LOCK.format(count=count), fcntl.LOCK_SH, "")
+            self._refuse_other_counts(count)
+            refusal = f"another run of shard {config.shard[0]}/{count}{{holder}} is using"
+        self._take(config.lock_file, fcntl.LOCK_EX, refusal)
         self.folder_handle = len(self.handles) - 1
         self._write_pid(self.handles[-1])
 
