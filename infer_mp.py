@@ -3579,8 +3579,13 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
     for record in held:
         if not unchanged(task, record):
             continue
-        for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
+        for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):  # (none in its outputs)
             coverage.outputs.pop(page, None)  # failed since an earlier record held it (--overwrite): to redo
+            if not retry_failed:
+                coverage.failed[page] = failed_reason(record, page)
+                coverage.options.add(record.get("options", ""))
+                if "range" not in record and ledger.reported(record):
+                    coverage.standing.add(page)
         kept = False
         weak = record.get("weak_pages") if type(record.get("weak_pages")) is list else []
         redo = set(weak) if retry_failed else set()  # (see --min_page_score)
@@ -3605,12 +3610,6 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
             coverage.extras += [path for rel in record.get("extra_outputs") or []
                                 if os.path.isfile(path := os.path.join(root, rel))]
             coverage.options.add(record.get("options", ""))
-        if not retry_failed:
-            for page in set(record.get("failed_pages") or []) - folder_fault_pages(record):
-                coverage.failed[page] = failed_reason(record, page)
-                coverage.options.add(record.get("options", ""))
-                if "range" not in record and ledger.reported(record):
-                    coverage.standing.add(page)
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
         coverage.standing.discard(page)
