@@ -3483,8 +3483,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         news = failed and not ledger.reported(record)  # (recorded by a run that was stopped before it said so)
         unfinished = ledger.unfinished_ranges(task.path)
         failed_before = failed or any(r.get("failed_pages") for r in unfinished)
-        weak_before = (record is not None and bool(record.get("weak_pages"))) or any(r.get("weak_pages")
-                                                                                      for r in unfinished)
+        weak_before = any(r and r.get("weak_pages") for r in [record, *unfinished])
         if config.overwrite:
             selection.todo.append(task)
             continue
