@@ -2711,12 +2711,10 @@ class Ledger:
 
     def held(self, key: str) -> list[dict]:
         """The records whose files the input holds now (see the class)."""
-        latest, done = self.latest.get(key), self.last_done.get(key)
-        records = []
-        if done is not None and done is not latest and latest is not None and same_version(done, latest):
-            records.append(done)
-        if latest is not None:
-            records.append(latest)
+        latest, done = self.latest.get(key), self.last_done.get(key)  # (no done record without a latest: see add)
+        records = [] if latest is None else [latest]
+        if done is not None and done is not latest and same_version(done, latest):
+            records.insert(0, done)
         return records + self.unfinished_ranges(key)
 
     def placed_since(self, rel: str, record: dict) -> str | None:
