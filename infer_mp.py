@@ -2748,19 +2748,17 @@ class Ledger:
         named like a JSON file (a subfolder's, which may be gone now) holds that name in its
         parent for no input (FOLDER_CLAIM): a file cannot go where a folder is."""
         wanted = {os.path.relpath(folder, self.root) if folder != self.root else "" for folder in folders}
-        last: dict[str, tuple[tuple, str, str]] = {}  # file as recorded -> (order, input, file as compared)
+        last: dict[str, tuple[dict, str, str]] = {}  # file as recorded -> (record, input, file as compared)
         for key, record in self.held_records():
-            order = record["_order"]
             for raw in record.get("outputs") or ():
                 if (raw.endswith(".json") and (rel := self.normal(raw))
                         and (rel.rpartition(os.sep)[0] in wanted or ".json" + os.sep in rel)
-                        and (raw not in last or order > last[raw][0])):
-                    last[raw] = (order, key, rel)
+                        and (raw not in last or record["_order"] > last[raw][0]["_order"])):
+                    last[raw] = (record, key, rel)
         owners: dict[str, dict[str, str]] = defaultdict(dict)
-        for raw, (order, key, rel) in last.items():
-            placement = self.placements.get(raw)
-            if placement is not None and placement[0] > order:
-                key = placement[1]
+        for raw, (record, key, rel) in last.items():
+            if (placer := self.placed_since(raw, record)) is not None:
+                key = placer
             parts = rel.split(os.sep)
             for depth, part in enumerate(parts):
                 if part.endswith(".json") and (head := os.path.join(self.root, *parts[:depth])) in folders:
