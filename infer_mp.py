@@ -2819,9 +2819,8 @@ class Ledger:
         """Is this file (a real path, and relative to the root) an input by the records: it has
         records of its own, and no task placed a file there since (a picture put where a scan
         that is gone since was)?"""
-        orders = [record["_order"] for record in [self.latest.get(path), *self.ranges.get(path, ())] if record]
-        placement = self.placements.get(rel)
-        return bool(orders) and (placement is None or placement[0] < max(orders))
+        records = [record for record in [self.latest.get(path), *self.ranges.get(path, ())] if record]
+        return bool(records) and self.placed_since(rel, max(records, key=itemgetter("_order"))) is None
 
     def holders(self) -> dict[str, set[str]]:
         """File -> the inputs whose current records hold it, over the whole ledger (built the
