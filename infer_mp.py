@@ -3020,7 +3020,7 @@ class Ledger:
             placement = self.placements.get(rel)
             if placement is None or placement[1] == task.path:
                 continue
-            if rel in (self.placed_meanwhile or ()):
+            if rel in self.placed_meanwhile:  # (a set once catch_up has run)
                 raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: another shard placed it for "
                               f"{placement[1]!r} since this run listed the inputs (they changed meanwhile); not "
                               "placed: the next run names this input afresh")
