@@ -2396,8 +2396,8 @@ Moves = tuple[str | None, list[tuple[str, str | None]]]  # a task's (own staging
 #                                                            removed, see Report.keep_earlier)])
 
 
-def read_records(path: Path, start: tuple[int, int] = (0, 0),
-                 ends: dict[Path, tuple[int, int, int, int]] | None = None) -> Iterator[tuple[int, dict | None]]:
+def read_records(path: Path, start: tuple[int, int],
+                 ends: dict[Path, tuple[int, int, int, int]]) -> Iterator[tuple[int, dict | None]]:
     """(line number, record) of every line; a run's closing line as it is; None for a line
     that is neither: a line cut short by a kill -9, a hand edit (its input then counts as not
     done), or a `skipped` line of an earlier version (it only repeated a done record, at a
@@ -2427,11 +2427,9 @@ def read_records(path: Path, start: tuple[int, int] = (0, 0),
                     yield number, record
                 else:
                     yield number, None
-            if ends is not None:
-                whole = line.endswith(b"\n")
-                size = handle.tell()
-                ends[path] = (size - (0 if whole else len(line)), number + whole, os.fstat(handle.fileno()).st_ino,
-                              size)
+            whole = line.endswith(b"\n")
+            size = handle.tell()
+            ends[path] = (size - (0 if whole else len(line)), number + whole, os.fstat(handle.fileno()).st_ino, size)
     except FileNotFoundError:
         return
     except OSError as error:
