@@ -3109,8 +3109,7 @@ class Ledger:
             for raw in files_of(record):
                 if raw in dropped and dropped[raw][1] != key and record["_order"] < dropped[raw][0]:
                     wanted.add(dropped[raw][0][3])
-        if own in self.last_closing:  # (one line: which output folder the log is for, see check_output_folder)
-            wanted.add(self.last_closing[own])
+        wanted.add(self.last_closing.get(own, -1))  # (which output folder the log is for: see check_output_folder)
         placing = [[key, rels, []] for key, rels in self.leftovers.items()]
         extra = [json.dumps({"time": utc_now(), "gen": self.generation, "status": PLACING, "shard": tag,
                              "placing": placing}).encode("ascii") + b"\n"] if self.leftovers else []
