@@ -2547,8 +2547,7 @@ class Ledger:
         its passes over them cost more than reading them.)"""
         ledger = cls(config.output_dir)  # (the run log is a real path: see checked_run_log)
         ledger.options = options_tag(config)
-        others = sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log)
-        paths = [*others, config.run_log]
+        paths = [*sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log), config.run_log]
         ledger.protected.update(map(str, paths))
         with collector_paused():
             for index, path in enumerate(paths):
