@@ -2601,8 +2601,7 @@ class Ledger:
         """One record, at its place in the merged order (see read_log)."""
         record["_order"] = order
         key, status = record["input"], record["status"]
-        if order[0] > self.generation:
-            self.generation = order[0]
+        self.generation = max(self.generation, order[0])
         previous = self.latest.get(key)
         if status == PLACING or key in self.placed or previous is not None or key in self.ranges:
             self.placed_by(key).update(files_of(record))
