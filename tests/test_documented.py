@@ -207,6 +207,38 @@ def test_compaction_needs_more_than_three_lines_per_input(dirs):
     assert_invariant(src, out)
 
 
+KILL_AT_COMPACTION = """\
+import os, signal
+_replace = os.replace
+
+def replace(source, target, *args, **kwargs):
+    if os.fsdecode(source).endswith(".compact"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(source, target, *args, **kwargs)
+
+os.replace = replace
+"""
+
+
+def test_a_kill_during_compaction_leaves_the_old_log_whole_and_the_next_run_cleans_up(dirs, tmp_path):
+    """docs/runs.md: the log is compacted "to a temporary file, fsynced, then renamed over the
+    log, so a kill leaves the old log or the new one"; the next run removes the temporary."""
+    src, out = dirs
+    make_inputs(src, 2)
+    assert run_fake(src, out).code == 0
+    log = pad_log(out)
+    before = log.read_bytes()
+    write(tmp_path / "hook" / "sitecustomize.py", KILL_AT_COMPACTION)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "hook"), os.environ.get("PYTHONPATH")]))
+    killed = run_fake(src, out, env={"PYTHONPATH": path})
+    assert killed.code == -signal.SIGKILL, killed.stderr
+    assert log.read_bytes() == before and list(out.glob(f".{LOG}.*.compact"))  # the old log, whole
+    run = run_fake(src, out)
+    assert run.code == 0 and "0 input(s) to do, 2 already done" in run.stderr, run.stderr
+    assert not list(out.glob(f".{LOG}.*.compact")) and len(log.read_bytes().splitlines()) < 20
+    assert_invariant(src, out)
+
+
 def test_a_failure_a_shard_reported_stands_for_other_runs(dirs):
     """docs/runs.md: a failure is reported once ("Reported means the run that recorded the
     failure finished, with exit 1"), and "every run reads all the run logs": a failure a shard

@@ -492,6 +492,27 @@ def test_failures_in_a_run_log_of_a_version_without_generations_on_its_run_lines
     assert len(log.read_text().splitlines()) < len(padding) or not compacted
 
 
+def test_a_failure_after_the_last_closing_line_of_a_version_without_generations_is_reported_once(dirs):
+    """docs/runs.md: in a log of a version before generations, a failure recorded after its
+    last closing line (that version's last run was stopped) is reported once more."""
+    src, out = dirs
+    make_inputs(src, 3)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    log = out / LOG
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [{key: value for key, value in line.items() if key != "gen" or "run" not in line} for line in lines]
+    failed = [line for line in lines if line.get("status") == "failed"]
+    closing = [line for line in lines if "run" in line]
+    assert len(failed) == 1 and len(closing) == 1
+    lines = [line for line in lines if line not in failed and line not in closing] + closing + failed
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = run_fake(src, out)
+    assert run.code == 1 and f"FAILED {src / 'bad.png'}" in run.stderr, run.stderr
+    run = run_fake(src, out)
+    assert run.code == 0 and "1 failed before" in run.stderr and "FAILED" not in run.stderr, run.stderr
+
+
 # -- 8. the input folder reached through a link --------------------------------------------------
 
 

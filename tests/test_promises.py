@@ -76,7 +76,13 @@ def test_the_closing_line_says_how_each_run_ended(dirs, tmp_path):
     assert closing_line(out).items() >= {"exit_code": 1, "done": 3, "failed": 1, "unprocessed": 0}.items()
     again = run_fake(src, out)
     assert again.code == 0
-    assert closing_line(out).items() >= {"exit_code": 0, "done": 0, "failed": 0, "unprocessed": 0}.items()
+    assert closing_line(out).items() >= {"exit_code": 0, "done": 0, "failed": 0, "unprocessed": 0,
+                                         "standing_failures": 1, "skipped": 3, "retired": 0,
+                                         "output_dir": str(out.resolve())}.items()
+    assert type(closing_line(out)["pid"]) is int
+    write(src / "p00.jpg", "twin")  # p00.png's text goes to p00.png.json; p00.json is retired
+    assert run_fake(src, out).code == 0
+    assert closing_line(out).items() >= {"done": 2, "skipped": 2, "retired": 1}.items()
     make_inputs(src / "more", 4)
     process = start_fake(src / "more", out / "more", env={"FAKE_PIPELINE_GATE": str(tmp_path / "never")})
     process.wait_for_stderr("ready")

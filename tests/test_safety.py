@@ -242,7 +242,9 @@ def test_a_failure_is_reported_once(dirs, tmp_path):
     assert again.code == 0, again.stderr
     assert "1 failed before" in again.stderr and "--retry_failed retries them" in again.stderr
     assert not imports.exists()
-    assert run_fake(src, out, "--retry_failed").code == 1  # asked for: retried, fails again
+    retried = run_fake(src, out, "--retry_failed", env={"FAKE_PIPELINE_IMPORT_LOG": str(imports)})
+    assert retried.code == 1 and imports.exists()  # asked for: retried in a worker, fails again
+    assert run_log(out)[-1].items() >= {"input": str(bad), "status": "failed", "device": "cpu", "attempts": 1}.items()
     bad.write_text("RAISE, but edited")  # changed since it failed: a plain rerun retries it
     run = run_fake(src, out)
     assert run.code == 1 and "1 failed" in run.stderr
