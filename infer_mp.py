@@ -1532,7 +1532,7 @@ def run_probe(command: list[str], what: str,
                                  text=True, errors="replace")
     except OSError:
         return None
-    with child:
+    with child:  # (its end waits for the child: killed first, on any way out but its own end)
         try:
             try:
                 out, err = child.communicate(timeout=CUDA_PROBE_NOTICE_SECONDS)
@@ -1541,12 +1541,14 @@ def run_probe(command: list[str], what: str,
                     notice(f"checking {what} (a first CUDA start can take a while; up to {CUDA_PROBE_TIMEOUT:g} s)")
                 out, err = child.communicate(timeout=CUDA_PROBE_TIMEOUT - CUDA_PROBE_NOTICE_SECONDS)
         except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
+            child.kill()  # (its pipes not read to their end: a process it started may hold them)
             if notice:
                 notice(f"the check of {what} did not finish in {CUDA_PROBE_TIMEOUT:g} s; going on (each worker "
                        "refuses to run on the CPU in its place)")
             return None
+        except BaseException:  # Ctrl-C, SIGTERM: no check left running, holding a GPU
+            child.kill()
+            raise
     return subprocess.CompletedProcess(command, child.returncode, out, err)
 
 
@@ -4399,6 +4401,7 @@ class Backend:
         self.stopping = False  # a signal or an output failure: no new starts either
         self.pipeline_works = False  # some worker of this run has started its pipeline
         self.start_failures: dict[int, int] = defaultdict(int)  # per slot, since it last had a worker up
+        self.vacant: dict[int, WorkerSpec] = {}  # slots left empty while no input was left (see _lost)
         self.reads_windows: bool | None = None  # does the pipeline read only a range's pages? (see _next)
         self.probe: int | None = None  # the one page range out while that is not known
         self.probe_since = 0.0  # ... handed out then (see PROBE_PATIENCE_SECONDS)
@@ -4423,6 +4426,7 @@ class Backend:
                             yield Note(stop.grace_over())
                         break
                 else:
+                    self._fill_vacant_slots()
                     for worker in list(self.workers.values()):
                         self._feed(worker)
                 self._kill_overdue_workers()
@@ -4550,6 +4554,15 @@ class Backend:
         whole = [replace(task, pages=None) if task.pages == (0, task.page_count) else task for task in merged]
         self.pending = deque(sorted(whole, key=attrgetter("weight"), reverse=True) + rest)
 
+    def _fill_vacant_slots(self) -> None:
+        """Inputs back in the queue (a batch or a document of a worker that died since): the
+        slots left empty for want of work get workers again, so that the tail of a run has every
+        device it was planned with."""
+        if self.pending and self.vacant:
+            for slot, spec in self.vacant.items():
+                self.workers[slot] = self._start(spec)
+            self.vacant.clear()
+
     def _kill_overdue_workers(self) -> None:
         """--task_timeout: a worker gets that many seconds per page of its batch.
         --start_timeout: a worker gets that long to build its pipeline (a load that blocks
@@ -4660,8 +4673,8 @@ class Backend:
 
     def _lost(self, worker: WorkerHandle, reason: str, restart: bool) -> Iterator[Event]:
         """A worker is gone (`reason`: how it went): requeue what it still held, and start a
-        replacement in its slot (unless it never started, we are stopping, or no input is left
-        to give it: a pipeline's load can take a minute)."""
+        replacement in its slot (unless it never started, or we are stopping; while no input is
+        left to give it, once one is: a pipeline's load can take a minute)."""
         del self.workers[worker.spec.slot]
         self._discard_staged(worker)
         if worker.retiring:  # it never started what it was sent after deciding to retire
@@ -4678,8 +4691,16 @@ class Backend:
             if worker.timed_out is not None:
                 reason = f"timed out (no result within {worker.timed_out:g} s, --task_timeout)"
             yield from self._requeue_or_fail(worker, reason, restart)
-        if restart and self.pending:
-            self.workers[worker.spec.slot] = self._start(worker.spec)
+        if restart:
+            self._restart(worker.spec)
+
+    def _restart(self, spec: WorkerSpec) -> None:
+        """A new worker in the slot, or, while no input is left, the slot kept vacant for
+        inputs that come back to the queue (see _fill_vacant_slots)."""
+        if self.pending:
+            self.workers[spec.slot] = self._start(spec)
+        else:
+            self.vacant[spec.slot] = spec
 
     def _failed_start(self, spec: WorkerSpec, error: str) -> Iterator[Event]:
         """A worker could not start. Once the pipeline has started in this run, a failed start
@@ -4689,9 +4710,9 @@ class Backend:
         self.start_failures[spec.slot] += 1
         tries = self.start_failures[spec.slot]
         again = self.pipeline_works and not self.stopping and tries < START_TRIES
-        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {START_TRIES}" if again else None)
+        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {START_TRIES}" if again and self.pending else None)
         if again:
-            self.workers[spec.slot] = self._start(spec)
+            self._restart(spec)
 
     def _requeue_or_fail(self, worker: WorkerHandle, reason: str, replaced: bool) -> Iterator[Event]:
         """Charge a death to the input that caused it: one that died alone in its worker.
@@ -6470,8 +6491,8 @@ def say_other_options(work: WorkSelection) -> None:
                                                            (work.other_failed, "failed before (not retried)")]
               if count]
     if counts:
-        say(f"note: {' and '.join(counts)} were done by a run with another --pipeline or other pipeline options; "
-            "their outputs are kept (--overwrite redoes every input, --retry_failed the failed ones)")
+        say(f"note: {' and '.join(counts)} come from a run with another --pipeline or other pipeline options, and "
+            "are kept as they are (--overwrite redoes every input, --retry_failed the failed ones)")
 
 
 def print_plan(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec], planned: int,

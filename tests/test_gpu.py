@@ -178,6 +178,8 @@ class InferenceSession:
             os.abort()
         if MODE == "slow":
             import time
+            with open(os.environ["FAKE_ORT_SEEN"] + ".pid", "w") as pid:
+                pid.write(str(os.getpid()))
             time.sleep(60)
         if MODE == "oom":
             raise RuntimeError("CUDA failure 2: out of memory" + " (details)" * 100)
@@ -246,6 +248,30 @@ def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp
     assert said == ["checking ONNX Runtime's CUDA provider on gpu:1 (a first CUDA start can take a while; up to "
                     "3 s)", "the check of ONNX Runtime's CUDA provider on gpu:1 did not finish in 3 s; going on "
                     "(each worker refuses to run on the CPU in its place)"]
+
+
+def test_a_stop_during_the_cuda_check_ends_the_checks_process(monkeypatch, tmp_path):
+    """Ctrl-C or SIGTERM while the check runs (raised in the coordinator as it waits): the
+    check's process, which may hold a CUDA context, is killed, not left running or waited for."""
+    write(tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY, b"not a shared library")
+    write(tmp_path / "fake" / "onnxruntime" / "__init__.py", FAKE_ONNXRUNTIME)
+    monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
+    monkeypatch.setattr(infer_mp, "onnxruntime_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(infer_mp, "CUDA_PROBE_NOTICE_SECONDS", 1.0)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    monkeypatch.setenv("FAKE_ORT_MODE", "slow")
+    monkeypatch.setenv("FAKE_ORT_SEEN", str(tmp_path / "seen"))
+
+    def stopped(_: str) -> None:
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        infer_mp.cuda_provider_problem(0, notice=stopped)
+    assert time.monotonic() - started < 30
+    pid = int((tmp_path / "seen.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # (killed, and reaped)
+        os.kill(pid, 0)
 
 
 def test_the_probes_model_is_one_convolution():

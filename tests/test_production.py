@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -177,6 +178,31 @@ def test_no_replacement_is_started_once_no_input_is_left(dirs, tmp_path):
     assert run.code == 1, run.stderr
     assert len(starts.read_text().splitlines()) == 2  # the first worker, and one replacement
     assert run.stderr.count("starting a replacement") == 1, run.stderr
+
+
+def test_a_slot_left_empty_for_want_of_inputs_takes_work_that_comes_back(dirs, tmp_path):
+    """Worker 0 is recycled while worker 1 holds the last batch: its slot stays empty. Then the
+    batch crashes and comes back to the queue, and worker 1's replacements fail to start:
+    slot 0 must start again and finish it (it stayed empty: exit 3, 2 inputs not processed)."""
+    src, out = dirs
+    for name in ("a1", "a2", "a3"):
+        write(src / f"{name}.png", name)
+    write(src / "x1.png", "WAIT x1")
+    write(src / "x2.png", "CRASH x2")
+    write(src / "x3.png", "x3")
+    gate, starts = tmp_path / "gate", tmp_path / "starts"
+    env = {"FAKE_PIPELINE_STARTS": str(starts), "FAKE_PIPELINE_FAIL_STARTS": "3,4,5",
+           "FAKE_PIPELINE_WAIT_FILE": str(gate)}
+    process = start_fake(src, out, "--instances_per_device", "2", "--batch_size", "3", "--max_items_per_worker",
+                         "3", "--max_attempts", "2", env=env)
+    wait_for(lambda: {"a1.json", "a2.json", "a3.json"} <= set(page_files(out)))
+    time.sleep(1)  # (worker 0 retires: nothing left to give a replacement)
+    gate.touch()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    status = {Path(k).name: v for k, v in last_status(out).items()}
+    assert status == {"a1.png": "done", "a2.png": "done", "a3.png": "done", "x1.png": "done", "x2.png": "failed",
+                      "x3.png": "done"}, stderr
 
 
 def test_hung_input_times_out_and_the_run_goes_on(dirs):

@@ -914,7 +914,7 @@ def test_worker_counts_and_limits_are_not_pipeline_options(dirs):
                    "--task_timeout", "60", "--max_attempts", "1")
     assert run.code == 0 and "2 skipped" in run.stderr and "another --pipeline" not in run.stderr, run.stderr
     other = run_fake(src, out, "--pipeline_arg", "score_shift=0.1")  # (the check can fail)
-    assert "note: 2 input(s) skipped (already done) were done by a run with another --pipeline" in other.stderr
+    assert "note: 2 input(s) skipped (already done) come from a run with another --pipeline" in other.stderr
 
 
 def test_runs_sharing_a_run_log_of_their_own_exclude_each_other(dirs, tmp_path):
@@ -1054,8 +1054,8 @@ def test_a_rerun_with_another_pipeline_or_options_says_what_it_skips(dirs):
     for extra in ((), ("--dry_run",)):
         other = run_fake(src, out, "--pipeline_arg", "score_shift=0.1", *extra)
         assert other.code == 0, other.stderr
-        assert ("note: 2 input(s) skipped (already done) and 1 input(s) failed before (not retried) were done by "
-                "a run with another --pipeline") in other.stderr
+        assert ("note: 2 input(s) skipped (already done) and 1 input(s) failed before (not retried) come from a "
+                "run with another --pipeline") in other.stderr
         assert "--overwrite redoes every input, --retry_failed the failed ones" in other.stderr, other.stderr
     redone = run_fake(src, out, "--pipeline_arg", "score_shift=0.1", "--overwrite")
     assert redone.code == 1 and "note:" not in redone.stderr
