@@ -176,7 +176,10 @@ class InferenceSession:
                                "system library search path, or set enable_cudnn=0")
         if MODE == "crash":
             os.abort()
-        if MODE == "slow":
+        if MODE == "slow_with_a_child":  # a process it started holds its pipes after it is killed
+            import subprocess
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(25)"])
+        if MODE.startswith("slow"):
             import time
             with open(os.environ["FAKE_ORT_SEEN"] + ".pid", "w") as pid:
                 pid.write(str(os.getpid()))
@@ -228,7 +231,8 @@ def test_the_cuda_provider_is_checked_by_onnx_runtime_in_a_process_of_its_own(mo
     assert infer_mp.cuda_provider_problem(3) is None  # check_engine names the mix
 
 
-def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp_path):
+@pytest.mark.parametrize("mode", ["slow", "slow_with_a_child"])
+def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp_path, mode):
     """A check that hangs (a driver stuck in a CUDA start) held the run for two minutes without
     a word. Past CUDA_PROBE_NOTICE_SECONDS the run says what it waits for; at CUDA_PROBE_TIMEOUT
     the check's process is killed and the run goes on (the workers still refuse a fallback)."""
@@ -239,12 +243,12 @@ def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp
     monkeypatch.setattr(infer_mp, "CUDA_PROBE_NOTICE_SECONDS", 1.0)
     monkeypatch.setattr(infer_mp, "CUDA_PROBE_TIMEOUT", 3.0)
     monkeypatch.syspath_prepend(str(tmp_path / "fake"))
-    monkeypatch.setenv("FAKE_ORT_MODE", "slow")
+    monkeypatch.setenv("FAKE_ORT_MODE", mode)
     monkeypatch.setenv("FAKE_ORT_SEEN", str(tmp_path / "seen"))
     said: list[str] = []
     started = time.monotonic()
     assert infer_mp.cuda_provider_problem(1, notice=said.append) is None
-    assert time.monotonic() - started < 30  # (not the 60 s the fake sleeps: it was killed)
+    assert time.monotonic() - started < 15  # (not the 60 s the fake sleeps, nor its child's 25 s)
     assert said == ["checking ONNX Runtime's CUDA provider on gpu:1 (a first CUDA start can take a while; up to "
                     "3 s)", "the check of ONNX Runtime's CUDA provider on gpu:1 did not finish in 3 s; going on "
                     "(each worker refuses to run on the CPU in its place)"]
