@@ -473,17 +473,23 @@ def a_failure(record: dict) -> bool:
     return record.get("status") == "failed" or bool(record.get("failed_pages"))
 
 
+def failed_run_of_a_version_without_generations(src: Path, out: Path) -> list[dict]:
+    """A run with a failure, its log's lines as a version before generations on closing lines
+    wrote them."""
+    make_inputs(src, 3)
+    write(src / "bad.png", "RAISE")
+    assert run_fake(src, out).code == 1
+    lines = [json.loads(line) for line in (out / LOG).read_text().splitlines()]
+    return [{key: value for key, value in line.items() if key != "gen" or "run" not in line} for line in lines]
+
+
 @pytest.mark.parametrize("compacted", [False, True])
 def test_failures_in_a_run_log_of_a_version_without_generations_on_its_run_lines_stand(dirs, compacted):
     """Closing lines of earlier versions have no generation: every failure before them counts as
     reported, as it did then, compacted or not."""
     src, out = dirs
-    make_inputs(src, 3)
-    write(src / "bad.png", "RAISE")
-    assert run_fake(src, out).code == 1
+    lines = failed_run_of_a_version_without_generations(src, out)
     log = out / LOG
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    lines = [{key: value for key, value in line.items() if key != "gen" or "run" not in line} for line in lines]
     padding = [{**r, "time": "2000-01-01T00:00:00+00:00"} for r in lines if "input" in r] * 300 if compacted else []
     log.write_text("".join(json.dumps(line) + "\n" for line in padding + lines))
     for _ in range(2):  # (the second after the compaction)
@@ -496,12 +502,8 @@ def test_a_failure_after_the_last_closing_line_of_a_version_without_generations_
     """docs/runs.md: in a log of a version before generations, a failure recorded after its
     last closing line (that version's last run was stopped) is reported once more."""
     src, out = dirs
-    make_inputs(src, 3)
-    write(src / "bad.png", "RAISE")
-    assert run_fake(src, out).code == 1
+    lines = failed_run_of_a_version_without_generations(src, out)
     log = out / LOG
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
-    lines = [{key: value for key, value in line.items() if key != "gen" or "run" not in line} for line in lines]
     failed = [line for line in lines if line.get("status") == "failed"]
     closing = [line for line in lines if "run" in line]
     assert len(failed) == 1 and len(closing) == 1
