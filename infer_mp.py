@@ -4414,7 +4414,7 @@ class Backend:
         self.workers = {spec.slot: self._start(spec) for spec in plan}
         pulse = time.monotonic()
         try:
-            while self.workers and (self.pending or self._busy()):
+            while (self.workers or self.vacant) and (self.pending or self._busy()):
                 while (announcement := stop.announcement()) is not None:  # (two signals at once: both)
                     yield Note(announcement)
                 self.stopping = stop.requested or self.output_failed
@@ -4555,13 +4555,17 @@ class Backend:
         self.pending = deque(sorted(whole, key=attrgetter("weight"), reverse=True) + rest)
 
     def _fill_vacant_slots(self) -> None:
-        """Inputs back in the queue (a batch or a document of a worker that died since): the
-        slots left empty for want of work get workers again, so that the tail of a run has every
-        device it was planned with."""
-        if self.pending and self.vacant:
-            for slot, spec in self.vacant.items():
-                self.workers[slot] = self._start(spec)
-            self.vacant.clear()
+        """Slots whose worker is gone (see _restart) get workers again, as many as the inputs in
+        the queue need beyond the workers that are idle or starting: a slot left empty for want
+        of work starts again when inputs come back (a batch of a worker that died since), and
+        no pipeline is loaded only to be stopped (each load takes memory and time)."""
+        for slot in list(self.vacant)[:self._workers_wanted()]:
+            self.workers[slot] = self._start(self.vacant.pop(slot))
+
+    def _workers_wanted(self) -> int:
+        """Inputs in the queue beyond the workers that are idle or starting."""
+        free = sum(1 for worker in self.workers.values() if not worker.ready or self._idle(worker))
+        return max(0, len(self.pending) - free)
 
     def _kill_overdue_workers(self) -> None:
         """--task_timeout: a worker gets that many seconds per page of its batch.
@@ -4695,12 +4699,9 @@ class Backend:
             self._restart(worker.spec)
 
     def _restart(self, spec: WorkerSpec) -> None:
-        """A new worker in the slot, or, while no input is left, the slot kept vacant for
-        inputs that come back to the queue (see _fill_vacant_slots)."""
-        if self.pending:
-            self.workers[spec.slot] = self._start(spec)
-        else:
-            self.vacant[spec.slot] = spec
+        """The slot to be filled again, by _fill_vacant_slots: at once while inputs wait that
+        no idle or starting worker will take; else once inputs come back to the queue."""
+        self.vacant[spec.slot] = spec
 
     def _failed_start(self, spec: WorkerSpec, error: str) -> Iterator[Event]:
         """A worker could not start. Once the pipeline has started in this run, a failed start
@@ -4710,7 +4711,8 @@ class Backend:
         self.start_failures[spec.slot] += 1
         tries = self.start_failures[spec.slot]
         again = self.pipeline_works and not self.stopping and tries < START_TRIES
-        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {START_TRIES}" if again and self.pending else None)
+        later = "" if self._workers_wanted() else ", once inputs come back to the queue"
+        yield WorkerFailedToStart(spec, error, f"{tries + 1} of {START_TRIES}{later}" if again else None)
         if again:
             self._restart(spec)
 
@@ -4737,7 +4739,7 @@ class Backend:
             else:
                 requeue.append(task)
         self.pending.extendleft(reversed(requeue))
-        yield WorkerLost(worker.spec, reason, len(requeue) + len(unstarted), replaced and bool(self.pending))
+        yield WorkerLost(worker.spec, reason, len(requeue) + len(unstarted), replaced and self._workers_wanted() > 0)
 
     def _hand_back(self, tasks: list[Task]) -> None:
         """Tasks sent to a worker that never began them: back to the front of the queue, as if

@@ -205,6 +205,40 @@ def test_a_slot_left_empty_for_want_of_inputs_takes_work_that_comes_back(dirs, t
                       "x3.png": "done"}, stderr
 
 
+def reaped_not(pid: int) -> bool:
+    """Is this process of the run still there, or not yet reaped by the coordinator?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_an_input_that_comes_back_alone_starts_one_vacant_slot_not_all(dirs, tmp_path):
+    """Four slots, one input each: three retire with nothing left, then the fourth's worker
+    is killed and its input comes back alone. One worker is started for it, not three."""
+    src, out = dirs
+    write(src / "a_w.png", "WAIT w")
+    for name in ("f1", "f2", "f3"):
+        write(src / f"{name}.png", name)
+    gate, starts, busy = tmp_path / "gate", tmp_path / "starts", tmp_path / "busy"
+    env = {"FAKE_PIPELINE_STARTS": str(starts), "FAKE_PIPELINE_WAIT_FILE": str(gate),
+           "FAKE_PIPELINE_BUSY_LOG": str(busy)}
+    process = start_fake(src, out, "--instances_per_device", "4", "--max_items_per_worker", "1", env=env)
+    wait_for(lambda: busy.exists() and len(busy.read_text().splitlines()) == 4)
+    calls = [json.loads(line) for line in busy.read_text().splitlines()]
+    wait_for(lambda: not any(reaped_not(call["pid"]) for call in calls if "a_w" not in str(call["inputs"])))
+    [waiting] = [call for call in calls if "a_w" in str(call["inputs"])]  # (the three retired, reaped)
+    os.kill(waiting["pid"], signal.SIGKILL)
+    process.wait_for_stderr("was killed by SIGKILL")
+    wait_for(lambda: len(starts.read_text().splitlines()) >= 5)
+    time.sleep(2)  # (time for more starts, were they made)
+    gate.touch()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert len(starts.read_text().splitlines()) == 5, stderr  # four, and one for the input that came back
+
+
 def test_hung_input_times_out_and_the_run_goes_on(dirs):
     src, out = dirs
     make_inputs(src, 4)
