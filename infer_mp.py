@@ -3481,7 +3481,8 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
             continue
         complete = is_complete(task, record, ledger) or (not (failed and failed_on(done, record))
                                                          and is_complete(task, done, ledger))
-        complete = complete and not news and not (task.paged and record is not None and record.get("retry"))
+        complete = (complete and not news and not (task.paged and record is not None and record.get("retry"))
+                    and not unfinished)  # (pages a later run began: its whole record then supersedes them)
         retried = config.retry_failed and (failed_before or weak_before)  # (a document done within
         if complete and not retried:                                         # --max_page_error_rate, too)
             selection.complete.append((task, done))

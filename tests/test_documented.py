@@ -120,6 +120,32 @@ def test_a_document_changed_after_a_kill_mid_way_is_done_again_from_its_first_pa
     assert_invariant(src, out)
 
 
+def test_a_page_range_begun_after_a_documents_whole_record_is_superseded_not_kept(dirs):
+    """docs/runs.md: every file under the output folder belongs to one current record, and a
+    file a run placed under a name the input no longer has is retired. A run killed mid-way
+    through a document it had to rename (a gone input then held the old name of one page) left
+    a range record of one page under the new name; with the old name back, the document counted
+    as done by its older whole record, and that range's file stayed, listed as its page 0 too
+    (torture, seed 2413 with --shards)."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["page 0", "page 1"]))
+    assert run_fake(src, out).code == 0
+    log = out / LOG
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    [whole] = [line for line in lines if line.get("status") == "done" and "range" not in line]
+    generation = max(line.get("gen", 0) for line in lines) + 1
+    renamed = "doc.pdf_0.json"
+    write(out / renamed, (out / "doc_0.json").read_text())
+    placing = {"time": whole["time"], "gen": generation, "status": "placing", "shard": "all",
+               "placing": [[whole["input"], [renamed], []]], "output_dir": str(out.resolve())}
+    begun = {**whole, "gen": generation, "pages": 1, "outputs": [renamed], "range": [0, 1]}
+    log.write_text(log.read_text() + json.dumps(placing) + "\n" + json.dumps(begun) + "\n")
+    run = run_fake(src, out)
+    assert run.code == 0, run.stderr
+    assert page_files(out) == ["doc_0.json", "doc_1.json"], run.stderr
+    assert_invariant(src, out)
+
+
 def test_a_new_text_with_the_old_modification_time_is_a_change_when_its_size_differs(dirs):
     """docs/runs.md: an input is done when its file "has not changed since (same size and
     modification time ...)": a new text with the old time (an archive's whole seconds) is
