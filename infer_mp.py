@@ -2603,7 +2603,8 @@ class Ledger:
         """One record, at its place in the merged order (see read_log)."""
         record["_order"] = order
         key, status = record["input"], record["status"]
-        self.generation = max(self.generation, order[0])
+        if order[0] > self.generation:  # (not max(): a call per record, 0.1 s over a million at start-up)
+            self.generation = order[0]
         previous = self.latest.get(key)
         if status == PLACING or key in self.placed or previous is not None or key in self.ranges:
             self.placed_by(key).update(files_of(record))
