@@ -4576,9 +4576,14 @@ class Backend:
         now = time.monotonic()
         for worker in self.workers.values():
             deadline = self._deadline(worker)
-            if deadline is not None and now > deadline[0]:
+            if deadline is not None and now > deadline[0] and not self._has_news(worker):
                 worker.timed_out = deadline[1]
                 self._kill(worker)
+
+    def _has_news(self, worker: WorkerHandle) -> bool:
+        """Has the worker a message not yet read (sent in time, while the coordinator was busy)?
+        It is read before the worker counts as overdue."""
+        return False
 
     def _deadline(self, worker: WorkerHandle) -> tuple[float, float] | None:
         """(when, limit in seconds) of the worker's start or batch timeout, if one runs."""
@@ -4598,7 +4603,10 @@ class Backend:
         return max(0.0, min([POLL_SECONDS, *(when - time.monotonic() for when in deadlines)]))
 
     def _handle(self, worker: WorkerHandle, message: Any) -> Iterator[Event]:
-        """A worker's message (see the module's docstring) as events."""
+        """A worker's message (see the module's docstring) as events. Any message restarts the
+        clock of --task_timeout: the time since then is the worker's, not the coordinator's
+        (a batch's files wait for their moves, and the moves for the run log's write)."""
+        worker.busy_since = time.monotonic()
         if isinstance(message, Ready):
             worker.ready, worker.token = True, message.token
             if message.reads_windows:
@@ -4791,6 +4799,12 @@ class LocalBackend(Backend):
 
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()
+
+    def _has_news(self, worker: LocalWorker) -> bool:
+        try:
+            return worker.conn.poll()
+        except OSError:
+            return False
 
     @staticmethod
     def _read(worker: LocalWorker) -> tuple | None:
@@ -5043,11 +5057,12 @@ class RayBackend(Backend):
     def _restart_starting(self, worker: RayWorker, reason: str) -> Iterator[Event]:
         """An actor lost before its pipeline was up (its node went away, it was pre-empted or
         killed while loading): the cluster's doing, not the pipeline's, so its slot gets a new
-        actor, up to --max_attempts times. (A pipeline that raises is not retried.)"""
+        actor, up to --max_attempts times, when inputs wait for it (see _restart). (A pipeline
+        that raises is not retried.)"""
         self.start_deaths[worker.spec.slot] += 1
         del self.workers[worker.spec.slot]
-        yield WorkerLost(worker.spec, f"{reason} while starting", 0)
-        self.workers[worker.spec.slot] = self._start(worker.spec)
+        yield WorkerLost(worker.spec, f"{reason} while starting", 0, self._workers_wanted() > 0)
+        self._restart(worker.spec)
 
     def _give_up_on_placement(self) -> Iterator[Event]:
         """Actors wait while the cluster's resources are in use; if no actor has been ready

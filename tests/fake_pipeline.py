@@ -16,6 +16,7 @@ its pid, device and threads;
 ``FAKE_PIPELINE_STARTS`` names a file counting constructor calls, and
 ``FAKE_PIPELINE_FAIL_STARTS`` / ``FAKE_PIPELINE_HANG_STARTS`` (e.g. "2,3") make those calls raise / block;
 ``FAKE_PIPELINE_START_DELAY`` (seconds) makes every constructor call take that long;
+the option ``crash_once`` names a file: the first constructor call to create it kills its process;
 ``FAKE_PIPELINE_BARRIER=path:N`` makes N constructors wait for each other (see wait_for_each_other);
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
@@ -159,6 +160,15 @@ def log_busy(inputs: list[str], busy_log: str | None, gate: str | None) -> None:
     wait_for_file(gate)
 
 
+def claimed(path: str) -> bool:
+    """Did this call create the file (and no other before it)?"""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def wait_for_file(path: str | None) -> None:
     """Until the file exists (a test's go-ahead), or 10 minutes."""
     deadline = time.monotonic() + 600
@@ -173,6 +183,8 @@ class FakePipeline:
         if os.environ.get("FAKE_PIPELINE_FAIL_INIT"):
             raise RuntimeError("fake pipeline refuses to start (FAKE_PIPELINE_FAIL_INIT)")
         start = count_start()
+        if options.get("crash_once") and claimed(options["crash_once"]):
+            os._exit(1)  # the first constructor to claim the file dies as it starts
         if str(start) in os.environ.get("FAKE_PIPELINE_FAIL_STARTS", "").split(","):
             raise RuntimeError(f"fake pipeline start {start} fails (FAKE_PIPELINE_FAIL_STARTS)")
         if str(start) in os.environ.get("FAKE_PIPELINE_HANG_STARTS", "").split(","):

@@ -194,6 +194,21 @@ def test_crashing_raising_and_hanging_inputs_fail_alone(cluster, dirs):
     assert "Traceback" not in run.stderr
 
 
+def test_an_actor_lost_while_starting_is_replaced_only_while_inputs_wait_for_it(cluster, dirs, tmp_path):
+    """One input, two actors; one dies as it starts. The other takes the input (3 s, time enough
+    for a new actor to load), so no new actor is started only to be stopped (a real pipeline's
+    load takes a minute)."""
+    src, out = dirs
+    make_inputs(src, 1)
+    started = tmp_path / "started.jsonl"
+    run = on_ray(src, out, cluster, "--instances_per_device", "2", "--pipeline_arg", f"init_log={started}",
+                 "--pipeline_arg", f"crash_once={tmp_path / 'crashed'}", "--pipeline_arg", "delay=3")
+    assert run.code == 0, run.stderr
+    assert "while starting" in run.stderr and "replacement" not in run.stderr and (tmp_path / "crashed").exists()
+    assert len(started.read_text().splitlines()) == 1, run.stderr  # the survivor only
+    assert page_files(out) == ["p00.json"] and temporaries(out) == []
+
+
 def test_resources_no_node_has_are_refused_before_any_work(cluster, dirs):
     src, out = dirs
     make_inputs(src, 2)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -664,6 +667,49 @@ def test_a_start_later_than_its_timeout_counts_as_failed_even_between_polls(dirs
     assert run.code == 3, run.stderr
     assert "did not start within 0.2 s (--start_timeout)" in run.stderr and "1 not processed" in run.stderr
     assert not page_files(out)
+
+
+def test_a_batch_reported_in_time_is_not_timed_out_by_a_coordinator_that_was_busy(dirs, tmp_path):
+    """The coordinator is held (SIGSTOP, as a slow disk or a swapped-out process holds it) while
+    the worker reports its batch in time; it wakes past the batch's --task_timeout. The report
+    restarts the clock: the files' placing is the coordinator's time, not the worker's."""
+    src, out = dirs
+    make_inputs(src, 1)
+    busy, gate = tmp_path / "busy.jsonl", tmp_path / "gate"
+    process = start_fake(src, out, "--task_timeout", "2",
+                         env={"FAKE_PIPELINE_BUSY_LOG": str(busy), "FAKE_PIPELINE_GATE": str(gate)})
+    wait_for(busy.exists)
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        gate.touch()  # the batch ends at once, its report waits in the pipe
+        time.sleep(3)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0 and "timed out" not in stderr, stderr
+    assert [(r["status"], r["attempts"]) for r in run_log(out)] == [("done", 1)]
+    assert_invariant(src, out)
+
+
+def test_a_worker_past_its_deadline_whose_report_waits_unread_is_not_killed():
+    """Two workers past their batches' --task_timeout; one's report came in time, while the
+    coordinator was busy, and waits in its pipe: that one is read first, only the other is
+    killed."""
+    killed = []
+    backend = infer_mp.LocalBackend.__new__(infer_mp.LocalBackend)
+    backend.start_timeout, backend.task_timeout = None, 1.0
+    workers, pipes = {}, []
+    for slot in range(2):
+        ours, theirs = multiprocessing.Pipe()
+        pipes.append(theirs)
+        workers[slot] = infer_mp.LocalWorker(
+            spec=slot, started_at=0.0, ready=True, held={0: SimpleNamespace(weight=1)},
+            busy_since=time.monotonic() - 5, process=SimpleNamespace(kill=lambda slot=slot: killed.append(slot)),
+            conn=ours)
+    backend.workers = workers
+    pipes[0].send("report")
+    backend._kill_overdue_workers()
+    assert killed == [1] and workers[0].timed_out is None and workers[1].timed_out == 1.0
 
 
 def test_a_pipeline_whose_import_blocks_does_not_hang_a_run_given_options(dirs, tmp_path):
