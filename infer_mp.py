@@ -1532,28 +1532,39 @@ def run_probe(command: list[str], what: str,
                                  text=True, errors="replace")
     except OSError:
         return None
-    with child:  # (its end waits for the child: killed first, on any way out but its own end)
+    try:
         try:
-            try:
-                out, err = child.communicate(timeout=CUDA_PROBE_NOTICE_SECONDS)
-            except subprocess.TimeoutExpired:
-                if notice:
-                    notice(f"checking {what} (a first CUDA start can take a while; up to {CUDA_PROBE_TIMEOUT:g} s)")
-                out, err = child.communicate(timeout=CUDA_PROBE_TIMEOUT - CUDA_PROBE_NOTICE_SECONDS)
+            out, err = child.communicate(timeout=CUDA_PROBE_NOTICE_SECONDS)
         except subprocess.TimeoutExpired:
-            child.kill()  # (its pipes not read to their end: a process it started may hold them)
             if notice:
-                notice(f"the check of {what} did not finish in {CUDA_PROBE_TIMEOUT:g} s; going on (each worker "
-                       "refuses to run on the CPU in its place)")
-            return None
-        except BaseException:  # Ctrl-C, SIGTERM: no check left running, holding a GPU
-            child.kill()
-            raise
+                notice(f"checking {what} (a first CUDA start can take a while; up to {CUDA_PROBE_TIMEOUT:g} s)")
+            out, err = child.communicate(timeout=CUDA_PROBE_TIMEOUT - CUDA_PROBE_NOTICE_SECONDS)
+    except subprocess.TimeoutExpired:
+        abandon(child)
+        if notice:
+            notice(f"the check of {what} did not finish in {CUDA_PROBE_TIMEOUT:g} s; going on (each worker "
+                   "refuses to run on the CPU in its place)")
+        return None
+    except BaseException:  # Ctrl-C, SIGTERM: no check left running, holding a GPU
+        abandon(child)
+        raise
     return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
+def abandon(child: subprocess.Popen) -> None:
+    """Kill a check's process and leave it: its pipes are not read to their end (a process it
+    started may hold them), and its end is waited for only briefly (one stuck in a driver's
+    call dies only when the call returns)."""
+    child.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=CUDA_PROBE_REAP_SECONDS)
+    for pipe in (child.stdout, child.stderr):
+        pipe.close()
 
 
 CUDA_PROBE_TIMEOUT = 120.0  # seconds: a CUDA context and cuDNN's first use take a few
 CUDA_PROBE_NOTICE_SECONDS = 10.0  # ... and past this, the run says what it waits for
+CUDA_PROBE_REAP_SECONDS = 5.0  # ... and a killed check's end is waited for this long
 CUDA_PROBE_OK = "cuda provider ok"
 # An ONNX model, y = Conv(x, w) with x and w 1x1x1x1 (opset 13): a convolution, so that cuDNN
 # is loaded too. The child process prints CUDA_PROBE_OK where it ran on the CUDA provider.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -231,11 +232,15 @@ def test_the_cuda_provider_is_checked_by_onnx_runtime_in_a_process_of_its_own(mo
     assert infer_mp.cuda_provider_problem(3) is None  # check_engine names the mix
 
 
-@pytest.mark.parametrize("mode", ["slow", "slow_with_a_child"])
+@pytest.mark.parametrize("mode", ["slow", "slow_with_a_child", "slow_unkillable"])
 def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp_path, mode):
     """A check that hangs (a driver stuck in a CUDA start) held the run for two minutes without
     a word. Past CUDA_PROBE_NOTICE_SECONDS the run says what it waits for; at CUDA_PROBE_TIMEOUT
-    the check's process is killed and the run goes on (the workers still refuse a fallback)."""
+    the check's process is killed and the run goes on (the workers still refuse a fallback),
+    even where the kill does not take (a process stuck in a driver's call dies when it returns)."""
+    if mode == "slow_unkillable":
+        monkeypatch.setattr(subprocess.Popen, "kill", lambda self: None)
+        monkeypatch.setattr(infer_mp, "CUDA_PROBE_REAP_SECONDS", 0.5, raising=False)
     write(tmp_path / "capi" / infer_mp.CUDA_PROVIDER_LIBRARY, b"not a shared library")
     write(tmp_path / "fake" / "onnxruntime" / "__init__.py", FAKE_ONNXRUNTIME)
     monkeypatch.setattr(infer_mp, "onnxruntime_folder", lambda: tmp_path)
@@ -252,6 +257,8 @@ def test_a_slow_cuda_check_says_what_the_run_waits_for_and_ends(monkeypatch, tmp
     assert said == ["checking ONNX Runtime's CUDA provider on gpu:1 (a first CUDA start can take a while; up to "
                     "3 s)", "the check of ONNX Runtime's CUDA provider on gpu:1 did not finish in 3 s; going on "
                     "(each worker refuses to run on the CPU in its place)"]
+    if mode == "slow_unkillable":
+        os.kill(int((tmp_path / "seen.pid").read_text()), signal.SIGKILL)
 
 
 def test_a_stop_during_the_cuda_check_ends_the_checks_process(monkeypatch, tmp_path):
