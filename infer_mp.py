@@ -160,6 +160,7 @@ OUTSIDE_DIR = "_outside"  # outputs of listed inputs that are not below the mirr
 POLL_SECONDS = 1.0  # how often the coordinator wakes with nothing to read
 PROBE_PATIENCE_SECONDS = 30.0  # a page range's probe page out longer: ranges go out anyway (Backend._next)
 STOP_GRACE_SECONDS = 10.0  # after Ctrl-C/SIGTERM: time the inputs in progress get to finish
+RENAME_WAIT_SECONDS = 2.0  # ... and past it (or a second signal), files being renamed into place
 PR_SET_PDEATHSIG = 1  # Linux prctl option: signal this process when its parent dies
 
 
@@ -4419,6 +4420,7 @@ class Backend:
         self.probe: int | None = None  # the one page range out while that is not known
         self.probe_since = 0.0  # ... handed out then (see PROBE_PATIENCE_SECONDS)
         self.ranges: set[int] = set()  # the page ranges split_documents made (see _whole_documents)
+        self.renaming_since: float | None = None  # a stop waits for renames since then (see _renaming)
 
     def run(self, tasks: list[Task], plan: list[WorkerSpec], stop: Stopper) -> Iterator[Event]:
         self.pending = deque(tasks)
@@ -4434,7 +4436,7 @@ class Backend:
                 if self.stopping:
                     if not self._busy():
                         break
-                    if time.monotonic() > stop.deadline:
+                    if time.monotonic() > stop.deadline and not self._renaming():
                         if not stop.forced:
                             yield Note(stop.grace_over())
                         break
@@ -4449,6 +4451,16 @@ class Backend:
                     yield Waiting(self._longest_held())
         finally:
             self._shutdown(list(self.workers.values()))
+
+    def _renaming(self) -> bool:
+        """Is a worker renaming files into place, told where by a `placing` record, and not yet
+        past RENAME_WAIT_SECONDS of a stop's wait for it? Killed now, its files would be in
+        place with no record until the next run; its Placed reply takes milliseconds."""
+        if not any(worker.placing for worker in self.workers.values()):
+            return False
+        if self.renaming_since is None:
+            self.renaming_since = time.monotonic()
+        return time.monotonic() - self.renaming_since < RENAME_WAIT_SECONDS
 
     def _longest_held(self) -> tuple[str, float] | None:
         """(what, seconds) of the batch a worker has held longest, if any worker holds one:

@@ -24,6 +24,7 @@ from conftest import (
     make_inputs,
     outputs,
     page_files,
+    pdf_bytes,
     run_fake,
     run_log,
     start_fake,
@@ -418,6 +419,24 @@ def test_second_ctrl_c_stops_at_once(dirs):
     assert "starting no new inputs" in stderr and "second signal: stopping now" in stderr
     assert "grace over" not in stderr and "Traceback" not in stderr
     assert_invariant(src, out)
+
+
+def test_a_stop_at_once_waits_for_the_renames_it_has_asked_for(dirs):
+    """A second Ctrl-C as a page range is reported: the coordinator writes its `placing` line
+    and tells the worker to rename; stopping then, it killed the worker mid-rename, and left a
+    page in place that no record listed (until the next run). It waits for the worker's
+    reply (milliseconds), so the page is recorded done."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes([f"page {i}" for i in range(8)]))
+    process = start_fake(src, out, "--pages_per_task", "1", env={"FAKE_PIPELINE_DELAY": "0.3"})
+    log = out / "infer_mp.runlog.jsonl"
+    wait_for(lambda: log.exists() and b'"range"' in log.read_bytes())  # a page done: the next one under way
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # (not at once: the kernel would merge the two)
+    process.send_signal(signal.SIGINT)  # while the page is read (0.3 s): the loop wakes on its report
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "second signal: stopping now" in stderr, stderr
+    assert_invariant(src, out)  # every page in place is recorded
 
 
 @pytest.mark.parametrize("to_the_group", [False, True])
