@@ -15,6 +15,12 @@ def test_outputs_stay_owned_and_current_through_random_changes_and_kills(tmp_pat
     torture(SEED, ROUNDS, tmp_path, say=lambda line: None)
 
 
+def test_stops_failures_overwrites_and_subfolders_keep_the_outputs_owned_and_current(tmp_path):
+    """--wide: seed 4 meets, among others, two double stops (Ctrl-C, SIGTERM), an --overwrite
+    run, a failing input, inputs in a subfolder under --recursive, and --save markdown."""
+    torture(4, 12, tmp_path, say=lambda line: None, wide=True)
+
+
 def test_shards_that_always_run_at_once_keep_the_outputs_owned_and_current(tmp_path):
     """Every run is shards 0/2 and 1/2 at once, each killed at random or not, the last one too:
     no run over all inputs ever tidies up after them."""
