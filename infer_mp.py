@@ -4287,9 +4287,11 @@ class WorkerHandle:
 class LocalWorker(WorkerHandle):
     process: multiprocessing.process.BaseProcess
     conn: Connection
+    severed: bool = False  # its pipe closed while it lived: killed, as it can report nothing more
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
+SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe closed: this long for its exit, before it counts as cut off
 WORKER_PROCESS_NAME = "infer_mp-worker"
 
 
@@ -4606,7 +4608,7 @@ class Backend:
     def _has_news(self, worker: WorkerHandle) -> bool:
         """Has the worker a message not yet read (sent in time, while the coordinator was busy)?
         It is read before the worker counts as overdue."""
-        return False
+        raise NotImplementedError
 
     def _deadline(self, worker: WorkerHandle) -> tuple[float, float] | None:
         """(when, limit in seconds) of the worker's start or batch timeout, if one runs."""
@@ -4642,6 +4644,8 @@ class Backend:
             self._shutdown([worker])
             yield from self._failed_start(worker.spec, message.why)
         elif isinstance(message, Reports):  # one message per batch: one report per input, in order
+            if self.renaming_since is not None:  # a stop waits only for the renames asked for before
+                return  # its wait (see _renaming): this batch stays staged, removed with its worker
             staged = Staged(worker.spec, [])
             for report in message.items:
                 if isinstance(report, Saved):
@@ -4817,15 +4821,25 @@ class LocalBackend(Backend):
                 message = self._read(worker)
                 if message is not None:
                     yield from self._handle(worker, message)
+                elif not worker.severed and not self._ending(worker):  # a library in it closed the
+                    worker.severed = True  # pipe: it would poll readable for ever, and no timeout end
+                    self._kill(worker)     # the worker; its sentinel comes next
             else:
                 yield from self._exited(worker, restart)
 
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()
 
+    @staticmethod
+    def _ending(worker: LocalWorker) -> bool:
+        """Is the worker whose pipe closed exiting? (A process closes its files, then exits: its
+        sentinel may come a moment after its pipe's end.)"""
+        worker.process.join(SEVERED_WAIT_SECONDS)
+        return worker.process.exitcode is not None
+
     def _has_news(self, worker: LocalWorker) -> bool:
         try:
-            return worker.conn.poll()
+            return not worker.severed and worker.conn.poll()
         except OSError:
             return False
 
@@ -4845,7 +4859,10 @@ class LocalBackend(Backend):
                 return
         worker.process.join()
         worker.conn.close()
-        yield from self._lost(worker, exit_reason(worker.process.exitcode), restart)
+        reason = exit_reason(worker.process.exitcode)
+        if worker.severed:
+            reason = "closed its pipe to the coordinator (killed)"
+        yield from self._lost(worker, reason, restart)
 
     def _shutdown(self, workers: list[LocalWorker]) -> None:
         for worker in workers:
@@ -5047,6 +5064,9 @@ class RayBackend(Backend):
 
     def _idle(self, worker: RayWorker) -> bool:
         return not worker.held  # one call at a time: its Placed reply first
+
+    def _has_news(self, worker: RayWorker) -> bool:
+        return worker.call is not None and bool(self.cluster.ray.wait([worker.call], timeout=0)[0])
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         ray = self.cluster.ray

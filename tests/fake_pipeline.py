@@ -1,7 +1,8 @@
 """A model-free pipeline with PaddleOCR's predict()/result interface, for orchestration tests.
 
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
-the worker process, ``HANG`` never returns, ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
+the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe then hangs,
+``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
 result those recognition scores (``rec_scores``, as an OCR pipeline's), ``SCORES:-`` none (no
@@ -43,6 +44,7 @@ records which process made it, so the tests can see the work spread over workers
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -235,6 +237,12 @@ class FakePipeline:
         if b"RAISE" in text or (self.raise_on and self.raise_on in text):
             raise ValueError(f"cannot decode {what}")
         if b"HANG" in text:
+            time.sleep(3600)
+        if b"SEVER" in text:  # a library that closes the descriptors it inherited, then hangs
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                        os.close(fd)
             time.sleep(3600)
         if b"WAIT" in text:
             wait_for_file(os.environ.get("FAKE_PIPELINE_WAIT_FILE"))

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,27 @@ def test_an_actor_lost_while_starting_is_replaced_only_while_inputs_wait_for_it(
     assert "while starting" in run.stderr and "replacement" not in run.stderr and (tmp_path / "crashed").exists()
     assert len(started.read_text().splitlines()) == 1, run.stderr  # the survivor only
     assert page_files(out) == ["p00.json"] and temporaries(out) == []
+
+
+def test_batches_reported_in_time_are_not_timed_out_by_a_coordinator_that_was_busy(cluster, dirs, tmp_path):
+    """Two actors finish in time while the coordinator is held (SIGSTOP) past --task_timeout;
+    ray.wait reads one finished call a round, so the other's result waited while its actor
+    counted as overdue: it is read first."""
+    src, out = dirs
+    make_inputs(src, 2)
+    busy, gate = tmp_path / "busy.jsonl", tmp_path / "gate"
+    process = start_on_ray(src, out, cluster, "--instances_per_device", "2", "--task_timeout", "2",
+                           "--pipeline_arg", f"busy_log={busy}", "--pipeline_arg", f"gate={gate}")
+    wait_for(lambda: busy.exists() and len(busy.read_text().splitlines()) == 2, timeout=120)
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        gate.touch()
+        time.sleep(3.5)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "timed out" not in stderr, stderr
+    assert [(r["status"], r["attempts"]) for r in run_log(out)] == [("done", 1)] * 2
 
 
 def test_resources_no_node_has_are_refused_before_any_work(cluster, dirs):

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -710,6 +711,34 @@ def test_a_worker_past_its_deadline_whose_report_waits_unread_is_not_killed():
     pipes[0].send("report")
     backend._kill_overdue_workers()
     assert killed == [1] and workers[0].timed_out is None and workers[1].timed_out == 1.0
+
+
+def test_a_worker_whose_pipe_is_closed_is_lost_not_waited_for(dirs):
+    """A library in the worker closes the descriptors it inherited (its pipe to the coordinator
+    among them), then hangs: the pipe polls readable for ever, so the coordinator spun, and no
+    --task_timeout ended it. A pipe closed while its worker lives: the worker is killed, and
+    its input charged as for a crash."""
+    src, out = dirs
+    make_inputs(src, 1)
+    write(src / "sever.png", "SEVER")
+    run = run_fake(src, out, "--max_attempts", "1", timeout=60)
+    assert run.code == 1 and "closed its pipe to the coordinator" in run.stderr, run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in run_log(out)} == {"p00.png": "done", "sever.png": "failed"}
+    assert_invariant(src, out)
+
+
+def test_a_batch_reported_during_a_stops_wait_for_renames_is_not_placed():
+    """A stop waits for the renames it asked for (see Backend._renaming); a batch reported
+    meanwhile is not told where to go: its worker would be killed mid-rename at the wait's end,
+    leaving files in place with no record."""
+    ours, theirs = multiprocessing.Pipe()
+    backend = infer_mp.LocalBackend.__new__(infer_mp.LocalBackend)
+    backend.renaming_since, backend.handed = time.monotonic(), defaultdict(int)
+    worker = infer_mp.LocalWorker(spec=0, started_at=0.0, ready=True, held={0: SimpleNamespace(weight=1, index=0)},
+                                  process=None, conn=ours)
+    report = infer_mp.Saved(0, "/nowhere", "p", ["p.json"], [], 0.1, {}, [None])
+    assert list(backend._handle(worker, infer_mp.Reports([report]))) == []
+    assert not worker.placing and 0 in worker.held and not theirs.poll()
 
 
 def test_a_pipeline_whose_import_blocks_does_not_hang_a_run_given_options(dirs, tmp_path):
