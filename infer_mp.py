@@ -4822,8 +4822,8 @@ class LocalBackend(Backend):
                 if message is not None:
                     yield from self._handle(worker, message)
                 elif not worker.severed and not self._ending(worker):  # a library in it closed the
-                    worker.severed = True  # pipe: it would poll readable for ever, and no timeout end
-                    self._kill(worker)     # the worker; its sentinel comes next
+                    worker.severed = True  # pipe: it would poll readable for ever, and no timeout
+                    self._kill(worker)     # would end the worker; its sentinel comes next
             else:
                 yield from self._exited(worker, restart)
 
@@ -4881,6 +4881,7 @@ RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach a cluster's address before saying
 RAY_ENV_PREFIXES = ("PADDLE", "FLAGS_", "OMP_", "MKL_")  # passed on to actors on other nodes
 RAY_KILL_WAIT = 10.0  # seconds to wait for killed actors to be gone before removing partial outputs
 RAY_POLL_SECONDS = 0.1  # ray.wait runs no signal handler until it returns: wake often for Ctrl-C
+RAY_NEWS_SECONDS = 1.0  # an overdue actor's finished call is looked for this long before it is killed
 RAY_INSTALL = "pip install -r requirements-ray.txt (the same Ray version on every node of the cluster)"
 
 
@@ -5066,7 +5067,9 @@ class RayBackend(Backend):
         return not worker.held  # one call at a time: its Placed reply first
 
     def _has_news(self, worker: RayWorker) -> bool:
-        return worker.call is not None and bool(self.cluster.ray.wait([worker.call], timeout=0)[0])
+        """(Asked only of an overdue actor: a finished call's news may be on its way to this
+        process, whose Ray threads were held with it.)"""
+        return worker.call is not None and bool(self.cluster.ray.wait([worker.call], timeout=RAY_NEWS_SECONDS)[0])
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         ray = self.cluster.ray
