@@ -1591,6 +1591,32 @@ def test_reading_another_shards_new_lines_leaves_this_runs_generation_as_it_is(t
     assert "/in/c.png" in ledger.latest and ledger.generation == 2
 
 
+def test_a_shards_log_compacted_since_this_run_read_it_is_read_again_whole(tmp_path):
+    """Another shard's run compacted its log (a new, shorter file) after this run read it, then
+    placed a file: this run's look at that log (see Ledger.catch_up) must read the new file from
+    its start. Read from where the old file ended, it found nothing, and the file placed
+    meanwhile counted as a leftover that this run could retire."""
+    import infer_mp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = out / "infer_mp.shard-0-of-2.runlog.jsonl"
+    done = [json.dumps({"time": "t", "gen": 1, "input": f"/in/{n}.png", "status": "done", "outputs": [f"{n}.json"]})
+            for n in range(20)]
+    other.write_text("\n".join(done) + "\n")
+    config = make_config(output_dir=out, run_log=out / "infer_mp.shard-1-of-2.runlog.jsonl", shard=(1, 2))
+    ledger = infer_mp.Ledger.read(config)
+    ledger.beside = [other]
+    ledger.open(config.run_log, config.shard)
+    placing = {"time": "t", "gen": 2, "status": "placing", "shard": "s0of2", "placing": [["/in/x.png", ["x.json"], []]]}
+    compacted = out / "compacted"
+    compacted.write_text(done[-1] + "\n" + json.dumps(placing) + "\n")
+    os.replace(compacted, other)
+    ledger.catch_up()
+    assert ledger.placed_meanwhile == {"x.json"}
+    assert ledger.placements["x.json"][1] == "/in/x.png"
+
+
 def test_a_file_placed_again_for_the_same_input_after_this_run_read_the_logs_is_not_retired(dirs, tmp_path,
                                                                                             monkeypatch):
     """A killed run of shard 1 left a.json for a.png, then gone; shard 0 read the logs (shard 1
