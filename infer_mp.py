@@ -4291,7 +4291,8 @@ class LocalWorker(WorkerHandle):
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
-SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe closed: this long for its exit, before it counts as cut off
+SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe or sentinel closed: this long for its exit, before it counts as cut off
+EXIT_POLL_SECONDS = 0.01  # how often that wait looks at the worker's exit status
 WORKER_PROCESS_NAME = "infer_mp-worker"
 
 
@@ -4832,9 +4833,13 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _ending(worker: LocalWorker) -> bool:
-        """Is the worker whose pipe closed exiting? (A process closes its files, then exits: its
-        sentinel may come a moment after its pipe's end.)"""
-        worker.process.join(SEVERED_WAIT_SECONDS)
+        """Is the worker whose pipe or sentinel closed exiting? (A process closes its files, then
+        exits: its sentinel may come a moment after its pipe's end, its exit status after its
+        sentinel.) Its exit status is polled, not joined: a join waits on the sentinel, then
+        blocks in waitpid, for ever when the worker closed its sentinel's end and lives on."""
+        deadline = time.monotonic() + SEVERED_WAIT_SECONDS
+        while worker.process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(EXIT_POLL_SECONDS)
         return worker.process.exitcode is not None
 
     def _has_news(self, worker: LocalWorker) -> bool:
@@ -4857,6 +4862,9 @@ class LocalBackend(Backend):
             yield from self._handle(worker, message)
             if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
                 return
+        if not self._ending(worker):  # a library in it closed its sentinel: it would be joined for ever
+            worker.severed = True
+            self._kill(worker)
         worker.process.join()
         worker.conn.close()
         reason = exit_reason(worker.process.exitcode)
@@ -5113,13 +5121,15 @@ class RayBackend(Backend):
     def _give_up_on_placement(self) -> Iterator[Event]:
         """Actors wait while the cluster's resources are in use; if no actor has been ready
         for the start timeout (none placed, or all lost and their replacements not placed),
-        the run ends (exit 3) instead of waiting for ever."""
+        the run ends (exit 3) instead of waiting for ever. Slots left empty (see _restart) end
+        with it: an actor started in one now would be given up on at once."""
         if any(w.ready for w in self.workers.values()):
             self.none_ready_since = time.monotonic()
             return
         timeout = self.cluster.start_timeout
         if time.monotonic() - self.none_ready_since < timeout:
             return
+        self.vacant.clear()
         for worker in list(self.workers.values()):
             del self.workers[worker.spec.slot]
             self._kill(worker)

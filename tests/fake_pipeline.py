@@ -2,6 +2,7 @@
 
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe then hangs,
+``DETACH`` closes the pipes it inherited (the write end of its multiprocessing sentinel among them) then hangs,
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
@@ -16,7 +17,8 @@ actors on any node, as environment variables may not), makes every input take th
 its pid, device and threads;
 ``FAKE_PIPELINE_STARTS`` names a file counting constructor calls, and
 ``FAKE_PIPELINE_FAIL_STARTS`` / ``FAKE_PIPELINE_HANG_STARTS`` (e.g. "2,3") make those calls raise / block;
-``FAKE_PIPELINE_START_DELAY`` (seconds) makes every constructor call take that long;
+``FAKE_PIPELINE_START_DELAY`` (seconds), or the option ``start_delay`` (for Ray actors), makes every
+constructor call take that long;
 the option ``crash_once`` names a file: the first constructor call to create it kills its process;
 ``FAKE_PIPELINE_BARRIER=path:N`` makes N constructors wait for each other (see wait_for_each_other);
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
@@ -191,7 +193,7 @@ class FakePipeline:
             raise RuntimeError(f"fake pipeline start {start} fails (FAKE_PIPELINE_FAIL_STARTS)")
         if str(start) in os.environ.get("FAKE_PIPELINE_HANG_STARTS", "").split(","):
             time.sleep(3600)
-        time.sleep(float(os.environ.get("FAKE_PIPELINE_START_DELAY", "0")))
+        time.sleep(float(options.get("start_delay", os.environ.get("FAKE_PIPELINE_START_DELAY", "0"))))
         self.device = device
         self.cpu_threads = cpu_threads
         self.options = options
@@ -242,6 +244,12 @@ class FakePipeline:
             for fd in map(int, os.listdir("/proc/self/fd")):
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                        os.close(fd)
+            time.sleep(3600)
+        if b"DETACH" in text:  # the same, for pipes: the coordinator's sentinel of this process reads closed
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                with contextlib.suppress(OSError):
+                    if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
                         os.close(fd)
             time.sleep(3600)
         if b"WAIT" in text:

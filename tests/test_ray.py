@@ -210,6 +210,19 @@ def test_an_actor_lost_while_starting_is_replaced_only_while_inputs_wait_for_it(
     assert page_files(out) == ["p00.json"] and temporaries(out) == []
 
 
+def test_a_slot_left_vacant_is_not_started_after_the_run_gave_up_on_placement(cluster, dirs, tmp_path):
+    """One input, two actors; one dies as it starts, and its slot stays empty (the other is to
+    take the input), but the other never starts within --start_timeout: the run ends there
+    (exit 3), starting no actor in the empty slot only to give up on it at once."""
+    src, out = dirs
+    make_inputs(src, 1)
+    run = on_ray(src, out, cluster, "--instances_per_device", "2", "--start_timeout", "8",
+                 "--pipeline_arg", f"crash_once={tmp_path / 'crashed'}", "--pipeline_arg", "start_delay=60")
+    assert run.code == 3, run.stderr
+    assert "while starting" in run.stderr and (tmp_path / "crashed").exists()
+    assert run.stderr.count("not started within 8 s") == 1, run.stderr  # the survivor's slot only
+
+
 def test_batches_reported_in_time_are_not_timed_out_by_a_coordinator_that_was_busy(cluster, dirs, tmp_path):
     """Two actors finish in time while the coordinator is held (SIGSTOP) past --task_timeout;
     ray.wait reads one finished call a round, so the other's result waited while its actor

@@ -727,6 +727,20 @@ def test_a_worker_whose_pipe_is_closed_is_lost_not_waited_for(dirs):
     assert_invariant(src, out)
 
 
+def test_a_worker_that_closes_its_sentinel_is_lost_not_waited_for(dirs):
+    """A library in the worker closes the pipes it inherited, the write end of its sentinel
+    among them, then hangs: the sentinel reads as an exit, and the coordinator's join, whose
+    waitpid blocks until the process exits, waited for ever. Such a worker is killed, and its
+    input charged as for a crash."""
+    src, out = dirs
+    make_inputs(src, 1)
+    write(src / "detach.png", "DETACH")
+    run = run_fake(src, out, "--max_attempts", "1", timeout=60)
+    assert run.code == 1 and "closed its pipe to the coordinator" in run.stderr, run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in run_log(out)} == {"p00.png": "done", "detach.png": "failed"}
+    assert_invariant(src, out)
+
+
 def test_a_batch_reported_during_a_stops_wait_for_renames_is_not_placed():
     """A stop waits for the renames it asked for (see Backend._renaming); a batch reported
     meanwhile is not told where to go: its worker would be killed mid-rename at the wait's end,
