@@ -4287,12 +4287,13 @@ class WorkerHandle:
 class LocalWorker(WorkerHandle):
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    severed: bool = False  # its pipe closed while it lived: killed, as it can report nothing more
+    cut_off_at: float | None = None  # when its pipe or its sentinel ended while it lived (see _unwatched)
+    severed: bool = False  # ... and it was killed for it, as it can report nothing more
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
-SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe or sentinel closed: this long for its exit, before it counts as cut off
-EXIT_POLL_SECONDS = 0.01  # how often that wait looks at the worker's exit status
+SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe or sentinel ended: this long for its exit, then it is killed
+EXIT_POLL_SECONDS = 0.01  # ... its exit status looked at this often meanwhile
 WORKER_PROCESS_NAME = "infer_mp-worker"
 
 
@@ -4812,39 +4813,47 @@ class LocalBackend(Backend):
             worker.conn.send(Place(moves))
 
     def _wait(self, restart: bool) -> Iterator[Event]:
-        handles = {w.conn: w for w in self.workers.values()}
-        sentinels = {w.process.sentinel: w for w in self.workers.values()}
+        watched = [w for w in self.workers.values() if w.cut_off_at is None]  # (an ended pipe is
+        handles = {w.conn: w for w in watched}                                 # ready for ever)
+        sentinels = {w.process.sentinel: w for w in watched}
         for ready in wait([*handles, *sentinels], timeout=self._wait_seconds()):
             worker = handles.get(ready) or sentinels[ready]
-            if self.workers.get(worker.spec.slot) is not worker:
-                continue  # already replaced in this round
-            if ready in handles:
-                message = self._read(worker)
-                if message is not None:
-                    yield from self._handle(worker, message)
-                elif not worker.severed and not self._ending(worker):  # a library in it closed the
-                    worker.severed = True  # pipe: it would poll readable for ever, and no timeout
-                    self._kill(worker)     # would end the worker; its sentinel comes next
-            else:
+            if self.workers.get(worker.spec.slot) is not worker or worker.cut_off_at is not None:
+                continue  # already replaced in this round, or cut off by its other end
+            if ready in handles and (message := self._read(worker)) is not None:
+                yield from self._handle(worker, message)
+            elif worker.process.exitcode is not None:
                 yield from self._exited(worker, restart)
+            else:  # exiting (its files close first), or a library in it closed them: see _unwatched
+                worker.cut_off_at = time.monotonic()
+        yield from self._unwatched(restart)
+
+    def _unwatched(self, restart: bool) -> Iterator[Event]:
+        """Exits that no pipe reports, looked for each round (waitpid, not waiting): a worker
+        cut off (see _wait), or one whose pipes a process its pipeline forked holds open (a
+        fork-based pool's). One cut off and alive after SEVERED_WAIT_SECONDS is killed: it can
+        report nothing more, and no timeout would end it."""
+        for worker in list(self.workers.values()):
+            if self.workers.get(worker.spec.slot) is not worker:
+                continue
+            if worker.process.exitcode is not None:
+                yield from self._exited(worker, restart)
+            elif (worker.cut_off_at is not None and not worker.severed
+                  and time.monotonic() - worker.cut_off_at > SEVERED_WAIT_SECONDS):
+                worker.severed = True
+                self._kill(worker)
+
+    def _wait_seconds(self) -> float:
+        """As the base's; while a worker is cut off, EXIT_POLL_SECONDS (its exit is looked for)."""
+        seconds = super()._wait_seconds()
+        return min(seconds, EXIT_POLL_SECONDS) if any(w.cut_off_at for w in self.workers.values()) else seconds
 
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()
 
-    @staticmethod
-    def _ending(worker: LocalWorker) -> bool:
-        """Is the worker whose pipe or sentinel closed exiting? (A process closes its files, then
-        exits: its sentinel may come a moment after its pipe's end, its exit status after its
-        sentinel.) Its exit status is polled, not joined: a join waits on the sentinel, then
-        blocks in waitpid, for ever when the worker closed its sentinel's end and lives on."""
-        deadline = time.monotonic() + SEVERED_WAIT_SECONDS
-        while worker.process.exitcode is None and time.monotonic() < deadline:
-            time.sleep(EXIT_POLL_SECONDS)
-        return worker.process.exitcode is not None
-
     def _has_news(self, worker: LocalWorker) -> bool:
         try:
-            return not worker.severed and worker.conn.poll()
+            return worker.cut_off_at is None and worker.conn.poll()
         except OSError:
             return False
 
@@ -4862,10 +4871,7 @@ class LocalBackend(Backend):
             yield from self._handle(worker, message)
             if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
                 return
-        if not self._ending(worker):  # a library in it closed its sentinel: it would be joined for ever
-            worker.severed = True
-            self._kill(worker)
-        worker.process.join()
+        worker.process.join()  # (it has exited: see _wait)
         worker.conn.close()
         reason = exit_reason(worker.process.exitcode)
         if worker.severed:

@@ -3,6 +3,8 @@
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe then hangs,
 ``DETACH`` closes the pipes it inherited (the write end of its multiprocessing sentinel among them) then hangs,
+``FORKCRASH`` forks a helper (see fork_helper) then kills the worker, ``SEVERFORK`` closes its
+pipe to the coordinator, forks a helper (which then holds its sentinel's pipe) and hangs,
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
@@ -51,6 +53,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import multiprocessing.resource_tracker
 import os
 import re
 import signal
@@ -180,6 +183,33 @@ def wait_for_file(path: str | None) -> None:
         time.sleep(0.02)
 
 
+def close_inherited(kind: str) -> None:
+    """Close this process's descriptors of one kind (`socket:`, `pipe:`), its standard streams aside."""
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        with contextlib.suppress(OSError):
+            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(kind):
+                os.close(fd)
+
+
+def fork_helper() -> None:
+    """Fork a process that holds this one's descriptors (as a fork-based pool's worker does),
+    but for its standard streams and multiprocessing's resource tracker's pipe (a test's pipes
+    must end with the run, and the tracker holds them until its pipe ends), for 60 s; its pid
+    is added to the file FAKE_PIPELINE_HELPER_PIDS names, for the test to end it."""
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        tracker = getattr(multiprocessing.resource_tracker._resource_tracker, "_fd", None)
+        if tracker is not None:
+            os.close(tracker)
+        time.sleep(60)
+        os._exit(0)
+    with open(os.environ["FAKE_PIPELINE_HELPER_PIDS"], "a") as pids:
+        pids.write(f"{pid}\n")
+
+
 class FakePipeline:
     result_type = FakeResult
 
@@ -234,6 +264,8 @@ class FakePipeline:
     def steer(self, text: bytes, what: str) -> bool:
         """Act on the steering words in `text` (an input's bytes or a page's text); False
         when it is to yield no result."""
+        if b"FORKCRASH" in text:  # killed (the OOM killer) while a process it forked holds its pipes
+            fork_helper()
         if b"CRASH" in text:
             os.kill(os.getpid(), signal.SIGKILL)
         if b"RAISE" in text or (self.raise_on and self.raise_on in text):
@@ -241,16 +273,12 @@ class FakePipeline:
         if b"HANG" in text:
             time.sleep(3600)
         if b"SEVER" in text:  # a library that closes the descriptors it inherited, then hangs
-            for fd in map(int, os.listdir("/proc/self/fd")):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                        os.close(fd)
+            close_inherited("socket:")
+            if b"SEVERFORK" in text:
+                fork_helper()
             time.sleep(3600)
         if b"DETACH" in text:  # the same, for pipes: the coordinator's sentinel of this process reads closed
-            for fd in map(int, os.listdir("/proc/self/fd")):
-                with contextlib.suppress(OSError):
-                    if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
-                        os.close(fd)
+            close_inherited("pipe:")
             time.sleep(3600)
         if b"WAIT" in text:
             wait_for_file(os.environ.get("FAKE_PIPELINE_WAIT_FILE"))

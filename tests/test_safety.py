@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -738,6 +739,30 @@ def test_a_worker_that_closes_its_sentinel_is_lost_not_waited_for(dirs):
     run = run_fake(src, out, "--max_attempts", "1", timeout=60)
     assert run.code == 1 and "closed its pipe to the coordinator" in run.stderr, run.stderr
     assert {Path(r["input"]).name: r["status"] for r in run_log(out)} == {"p00.png": "done", "detach.png": "failed"}
+    assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("word, reason", [("FORKCRASH", "was killed by SIGKILL"),
+                                          ("SEVERFORK", "closed its pipe to the coordinator")])
+def test_a_worker_whose_pipes_a_forked_process_holds_is_lost_not_waited_for(dirs, tmp_path, word, reason):
+    """A process the pipeline forked (a fork-based pool's) holds copies of the worker's pipes:
+    FORKCRASH, the worker is killed (the OOM killer) and neither its pipe nor its sentinel
+    tells; SEVERFORK, it closes its pipe and hangs, and its sentinel never comes after its kill.
+    The coordinator waited for ever (spinning on the ended pipe, for SEVERFORK), whatever
+    --task_timeout said. Each is seen by its exit status, and its input charged as a crash."""
+    src, out = dirs
+    make_inputs(src, 1)
+    write(src / "x.png", word)
+    pids = tmp_path / "helpers"
+    try:
+        run = run_fake(src, out, "--max_attempts", "1", "--task_timeout", "3", timeout=45,
+                       env={"FAKE_PIPELINE_HELPER_PIDS": str(pids)})
+    finally:
+        for pid in pids.read_text().split() if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert run.code == 1 and reason in run.stderr, run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in run_log(out)} == {"p00.png": "done", "x.png": "failed"}
     assert_invariant(src, out)
 
 
