@@ -16,9 +16,10 @@ def test_outputs_stay_owned_and_current_through_random_changes_and_kills(tmp_pat
 
 
 def test_stops_failures_overwrites_and_subfolders_keep_the_outputs_owned_and_current(tmp_path):
-    """--wide: seed 4 meets, among others, two double stops (Ctrl-C, SIGTERM), an --overwrite
-    run, a failing input, inputs in a subfolder under --recursive, and --save markdown."""
-    torture(4, 12, tmp_path, say=lambda line: None, wide=True)
+    """--wide: seed 48 meets, among others, two or three double stops (SIGTERM twice: a run may
+    end before its second one), an --overwrite run, failing inputs (an image, a PDF's page),
+    inputs in subfolders under --recursive (subfolders renamed), and --save markdown."""
+    torture(48, 12, tmp_path, say=lambda line: None, wide=True)
 
 
 def test_shards_that_always_run_at_once_keep_the_outputs_owned_and_current(tmp_path):

@@ -139,13 +139,28 @@ def pick(w: World) -> str | None:
     return w.rng.choice(sorted(w.inputs)) if w.inputs else None
 
 
-def free(w: World, stem: str, suffixes: tuple[str, ...]) -> str | None:
-    name = stem + w.rng.choice(suffixes)
-    return name if stem and name not in w.inputs else None
+FOLDERS = ("", "", "", "sub", "x", "scan", "sub/deep")  # (wide) where an input goes ("scan/" beside scan.png)
+
+
+def folder_of(rel: str) -> str:
+    return str(Path(rel).parent) if "/" in rel else ""
+
+
+def within(folder: str, name: str) -> str:
+    return f"{folder}/{name}" if folder else name
+
+
+def free(w: World, stem: str, suffixes: tuple[str, ...], folder: str = "") -> str | None:
+    """`stem` and a suffix drawn from `suffixes`, in `folder`, when no input (nor a folder) has
+    that name; None for an empty stem."""
+    name = within(folder, stem + w.rng.choice(suffixes))
+    return name if stem and name not in w.inputs and not (w.src / name).is_dir() else None
 
 
 def add(w: World) -> str | None:
-    rel = free(w, w.rng.choice(STEMS), (*IMAGES, *TYPES))
+    """A new input (with --wide, in a folder drawn from FOLDERS)."""
+    folder = w.rng.choice(FOLDERS) if w.wide else ""
+    rel = free(w, w.rng.choice(STEMS), (*IMAGES, *TYPES), folder)
     return rel and "add " + put(w, rel, w.rng.randint(1, 6))
 
 
@@ -160,24 +175,39 @@ def change(w: World) -> str | None:
 
 def add_twin(w: World) -> str | None:
     """A look-alike name: scan.jpg or scan.pdf beside scan.png; scan_a.png beside scan.png;
-    doc_1.png beside doc.pdf; scan.png beside scan_a.png."""
+    doc_1.png beside doc.pdf; scan.png beside scan_a.png. In the folder of the input it is a twin of."""
     rel = pick(w)
     if rel is None:
         return None
     stem = Path(rel).stem
-    twin = free(w, w.rng.choice([stem, f"{stem}_{w.rng.choice(TAILS)}", stem.rpartition("_")[0]]), TYPES)
+    twin = free(w, w.rng.choice([stem, f"{stem}_{w.rng.choice(TAILS)}", stem.rpartition("_")[0]]), TYPES,
+                folder_of(rel))
     return twin and f"add {put(w, twin, w.rng.randint(1, 3))} beside {rel}"
 
 
+def move(w: World, moves: dict[str, str]) -> None:
+    """Inputs renamed (old -> new), on disk already."""
+    for old, new in moves.items():
+        w.inputs[new] = w.inputs[old]
+        if w.wide:
+            w.versions.setdefault(new, []).append(w.inputs[old])
+        w.gone.pop(new, None)
+    for old in moves:
+        if old not in moves.values():
+            forget(w, old)
+
+
 def rename(w: World) -> str | None:
+    """An input renamed in its folder (with --wide, three times in ten into one from FOLDERS)."""
     rel = pick(w)
-    new = rel and free(w, w.rng.choice(STEMS) + w.rng.choice(("", *(f"_{t}" for t in TAILS))), (Path(rel).suffix,))
+    folder = w.rng.choice(FOLDERS) if w.wide and w.rng.random() < 0.3 else folder_of(rel or "")
+    new = rel and free(w, w.rng.choice(STEMS) + w.rng.choice(("", *(f"_{t}" for t in TAILS))),
+                       (Path(rel).suffix,), folder)
     if not new:
         return None
+    (w.src / new).parent.mkdir(parents=True, exist_ok=True)
     (w.src / rel).rename(w.src / new)
-    w.inputs[new] = w.inputs[rel]
-    w.gone.pop(new, None)
-    forget(w, rel)
+    move(w, {rel: new})
     return f"rename {rel} -> {new}"
 
 
@@ -194,37 +224,7 @@ STEADY = {change: 4, rename: 2, delete: 2}
 
 # -- --wide: subfolders, failing inputs ---------------------------------------------------------
 
-FOLDERS = ("", "", "", "sub", "x", "scan", "sub/deep")  # where an input is added ("scan/" beside scan.png)
 RENAMED = ("sub", "x", "y", "scan", "sub/deep", "x/sub", "y/deep")  # what a subfolder is renamed to
-
-
-def folder_of(rel: str) -> str:
-    return str(Path(rel).parent) if "/" in rel else ""
-
-
-def within(folder: str, name: str) -> str:
-    return f"{folder}/{name}" if folder else name
-
-
-def free_in(w: World, folder: str, stem: str, suffixes: tuple[str, ...]) -> str | None:
-    name = within(folder, stem + w.rng.choice(suffixes)) if stem else None
-    return name if name and name not in w.inputs and not (w.src / name).is_dir() else None
-
-
-def wide_add(w: World) -> str | None:
-    rel = free_in(w, w.rng.choice(FOLDERS), w.rng.choice(STEMS), (*IMAGES, *TYPES))
-    return rel and "add " + put(w, rel, w.rng.randint(1, 6))
-
-
-def wide_twin(w: World) -> str | None:
-    """add_twin, in the folder of the input it is a twin of."""
-    rel = pick(w)
-    if rel is None:
-        return None
-    stem = Path(rel).stem
-    twin = free_in(w, folder_of(rel), w.rng.choice([stem, f"{stem}_{w.rng.choice(TAILS)}", stem.rpartition("_")[0]]),
-                   TYPES)
-    return twin and f"add {put(w, twin, w.rng.randint(1, 3))} beside {rel}"
 
 
 def toggle(w: World) -> str | None:
@@ -235,31 +235,6 @@ def toggle(w: World) -> str | None:
     content = w.inputs[rel]
     now = "mend" if failing(content) else "break"
     return f"{now} " + put(w, rel, len(content) if isinstance(content, tuple) else 1, fail=not failing(content))
-
-
-def move(w: World, moves: dict[str, str]) -> None:
-    """Inputs renamed (old -> new), on disk already."""
-    for old, new in moves.items():
-        w.inputs[new] = w.inputs[old]
-        w.versions.setdefault(new, []).append(w.inputs[old])
-        w.gone.pop(new, None)
-    for old in moves:
-        if old not in moves.values():
-            forget(w, old)
-
-
-def wide_rename(w: World) -> str | None:
-    """An input renamed, in its folder or into another."""
-    rel = pick(w)
-    folder = w.rng.choice(FOLDERS) if w.rng.random() < 0.3 else folder_of(rel or "")
-    new = rel and free_in(w, folder, w.rng.choice(STEMS) + w.rng.choice(("", *(f"_{t}" for t in TAILS))),
-                          (Path(rel).suffix,))
-    if not new:
-        return None
-    (w.src / new).parent.mkdir(parents=True, exist_ok=True)
-    (w.src / rel).rename(w.src / new)
-    move(w, {rel: new})
-    return f"rename {rel} -> {new}"
 
 
 def folders(w: World) -> list[str]:
@@ -294,8 +269,8 @@ def delete_folder(w: World) -> str | None:
     return f"delete folder {old}/"
 
 
-WIDE_GROWING = {wide_add: 4, wide_twin: 3}
-WIDE_STEADY = {change: 4, toggle: 2, wide_rename: 2, delete: 2, rename_folder: 1, delete_folder: 1}
+WIDE_GROWING = {add: 4, add_twin: 3}
+WIDE_STEADY = {change: 4, toggle: 2, rename: 2, delete: 2, rename_folder: 1, delete_folder: 1}
 
 
 def mutate(w: World) -> list[str]:
