@@ -4851,6 +4851,11 @@ class LocalBackend(Backend):
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()
 
+    def _idle(self, worker: LocalWorker) -> bool:
+        """Not while cut off: it is exiting, or to be killed (see _unwatched); a batch sent to
+        it would be charged with its death."""
+        return worker.cut_off_at is None and super()._idle(worker)
+
     def _has_news(self, worker: LocalWorker) -> bool:
         try:
             return worker.cut_off_at is None and worker.conn.poll()
@@ -4866,8 +4871,13 @@ class LocalBackend(Backend):
             return None
 
     def _exited(self, worker: LocalWorker, restart: bool) -> Iterator[Event]:
-        """A worker process exited: read what it reported before it did, then count it lost."""
+        """A worker process exited: read what it reported before it did, then count it lost.
+        (One cut off while starting is a failed start, whatever it said since: a Ready read now
+        would make it a started worker lost, its slot started again for ever.)"""
+        starting = not worker.ready and worker.cut_off_at is not None
         while worker.conn.poll() and (message := self._read(worker)) is not None:
+            if starting and isinstance(message, Ready):
+                continue
             yield from self._handle(worker, message)
             if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
                 return

@@ -5,6 +5,8 @@ the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe t
 ``DETACH`` closes the pipes it inherited (the write end of its multiprocessing sentinel among them) then hangs,
 ``FORKCRASH`` forks a helper (see fork_helper) then kills the worker, ``SEVERFORK`` closes its
 pipe to the coordinator, forks a helper (which then holds its sentinel's pipe) and hangs,
+``UNPIPE`` closes the pipes it inherited 0.6 s later (the worker goes on), ``DOOM`` kills the
+worker 1.2 s into the input (the option ``close_pipes`` closes them as the pipeline is built),
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
@@ -57,6 +59,7 @@ import multiprocessing.resource_tracker
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -239,6 +242,8 @@ class FakePipeline:
             self.sampler()
         if os.environ.get("FAKE_PIPELINE_BARRIER"):
             wait_for_each_other(os.environ["FAKE_PIPELINE_BARRIER"])
+        if options.get("close_pipes"):
+            close_inherited("pipe:")
         init_log = options.get("init_log", INIT_LOG)
         if init_log:
             with open(init_log, "a", encoding="utf-8") as handle:
@@ -277,6 +282,11 @@ class FakePipeline:
             if b"SEVERFORK" in text:
                 fork_helper()
             time.sleep(3600)
+        if b"UNPIPE" in text:
+            threading.Timer(0.6, close_inherited, ("pipe:",)).start()
+        if b"DOOM" in text:
+            time.sleep(1.2)
+            os.kill(os.getpid(), signal.SIGKILL)
         if b"DETACH" in text:  # the same, for pipes: the coordinator's sentinel of this process reads closed
             close_inherited("pipe:")
             time.sleep(3600)

@@ -766,6 +766,33 @@ def test_a_worker_whose_pipes_a_forked_process_holds_is_lost_not_waited_for(dirs
     assert_invariant(src, out)
 
 
+def test_a_worker_cut_off_while_idle_is_not_given_an_input(dirs, tmp_path):
+    """Worker A reads z.png, then a library in it closes its pipes (its sentinel's among them):
+    it is cut off, to be killed 1 s later. Meanwhile worker B dies holding [a.png, b.png] (a
+    batch: neither is charged, each goes back alone). a.png went to A, idle but cut off, and
+    A's kill was charged to it (failed, under --max_attempts 1)."""
+    src, out = dirs
+    write(src / "a.png", "fine")
+    write(src / "b.png", "DOOM")
+    write(src / "z.png", "UNPIPE")
+    run = run_fake(src, out, "--instances_per_device", "2", "--batch_size", "2", "--max_attempts", "1",
+                   timeout=90, env={"FAKE_PIPELINE_BARRIER": f"{tmp_path / 'barrier'}:2"})
+    assert run.code == 1, run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in latest_records(out).values()} == {
+        "a.png": "done", "b.png": "failed", "z.png": "done"}, run.stderr
+    assert_invariant(src, out)
+
+
+def test_a_pipeline_that_closes_its_sentinel_as_it_is_built_is_a_failed_start(dirs):
+    """Its worker is cut off before its Ready is read, and killed 1 s later; the Ready, read
+    then, made it a started worker lost with nothing held: nothing was charged, and its slot
+    started again for ever. It is a failed start: tried START_TRIES times, then exit 3."""
+    src, out = dirs
+    make_inputs(src, 1)
+    run = run_fake(src, out, "--pipeline_arg", "close_pipes=1", timeout=60)
+    assert run.code == 3 and "closed its pipe to the coordinator (killed) while starting" in run.stderr, run.stderr
+
+
 def test_a_batch_reported_during_a_stops_wait_for_renames_is_not_placed():
     """A stop waits for the renames it asked for (see Backend._renaming); a batch reported
     meanwhile is not told where to go: its worker would be killed mid-rename at the wait's end,
