@@ -4287,13 +4287,14 @@ class WorkerHandle:
 class LocalWorker(WorkerHandle):
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    cut_off_at: float | None = None  # when its pipe or its sentinel ended while it lived (see _unwatched)
+    cut_off_at: float | None = None  # when its pipe ended while it lived (see _unwatched)
     severed: bool = False  # ... and it was killed for it, as it can report nothing more
+    sentinel_ended_at: float | None = None  # when its sentinel ended while it lived: not waited on since
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
-SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe or sentinel ended: this long for its exit, then it is killed
-EXIT_POLL_SECONDS = 0.01  # ... its exit status looked at this often meanwhile
+SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe ended: this long for its exit, then it is killed
+EXIT_POLL_SECONDS = 0.01  # ... its exit status looked at this often meanwhile (also after its sentinel ended)
 WORKER_PROCESS_NAME = "infer_mp-worker"
 
 
@@ -4813,26 +4814,31 @@ class LocalBackend(Backend):
             worker.conn.send(Place(moves))
 
     def _wait(self, restart: bool) -> Iterator[Event]:
-        watched = [w for w in self.workers.values() if w.cut_off_at is None]  # (an ended pipe is
-        handles = {w.conn: w for w in watched}                                 # ready for ever)
-        sentinels = {w.process.sentinel: w for w in watched}
+        """A pipe or a sentinel that ends while its worker lives (it is exiting: its files close
+        first; or a library in it closed them) is ready for ever: it is no longer waited on,
+        and the worker's exit is looked for (see _unwatched). Ended, its pipe cuts the worker
+        off; its sentinel does not: the worker goes on working, its death seen by its exit."""
+        handles = {w.conn: w for w in self.workers.values() if w.cut_off_at is None}
+        sentinels = {w.process.sentinel: w for w in self.workers.values() if w.sentinel_ended_at is None}
         for ready in wait([*handles, *sentinels], timeout=self._wait_seconds()):
             worker = handles.get(ready) or sentinels[ready]
-            if self.workers.get(worker.spec.slot) is not worker or worker.cut_off_at is not None:
-                continue  # already replaced in this round, or cut off by its other end
+            if self.workers.get(worker.spec.slot) is not worker:
+                continue  # already replaced in this round
             if ready in handles and (message := self._read(worker)) is not None:
                 yield from self._handle(worker, message)
             elif worker.process.exitcode is not None:
                 yield from self._exited(worker, restart)
-            else:  # exiting (its files close first), or a library in it closed them: see _unwatched
+            elif ready in handles:
                 worker.cut_off_at = time.monotonic()
+            else:
+                worker.sentinel_ended_at = time.monotonic()
         yield from self._unwatched(restart)
 
     def _unwatched(self, restart: bool) -> Iterator[Event]:
         """Exits that no pipe reports, looked for each round (waitpid, not waiting): a worker
-        cut off (see _wait), or one whose pipes a process its pipeline forked holds open (a
-        fork-based pool's). One cut off and alive after SEVERED_WAIT_SECONDS is killed: it can
-        report nothing more, and no timeout would end it."""
+        whose pipe or sentinel ended (see _wait), or one whose pipes a process its pipeline
+        forked holds open (a fork-based pool's). One cut off and alive after
+        SEVERED_WAIT_SECONDS is killed: it can report nothing more, and no timeout would end it."""
         for worker in list(self.workers.values()):
             if self.workers.get(worker.spec.slot) is not worker:
                 continue
@@ -4844,17 +4850,23 @@ class LocalBackend(Backend):
                 self._kill(worker)
 
     def _wait_seconds(self) -> float:
-        """As the base's; while a worker is cut off, EXIT_POLL_SECONDS (its exit is looked for)."""
+        """As the base's; EXIT_POLL_SECONDS while a worker's exit is looked for (see _ending)."""
         seconds = super()._wait_seconds()
-        return min(seconds, EXIT_POLL_SECONDS) if any(w.cut_off_at for w in self.workers.values()) else seconds
+        return min(seconds, EXIT_POLL_SECONDS) if any(map(self._ending, self.workers.values())) else seconds
+
+    @staticmethod
+    def _ending(worker: LocalWorker) -> bool:
+        """Is the worker cut off, or its sentinel ended less than SEVERED_WAIT_SECONDS ago? It
+        may be exiting: not given a batch (its death would be charged to it), its exit looked
+        for often."""
+        ended = worker.sentinel_ended_at
+        return worker.cut_off_at is not None or (ended is not None and time.monotonic() - ended < SEVERED_WAIT_SECONDS)
 
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()
 
     def _idle(self, worker: LocalWorker) -> bool:
-        """Not while cut off: it is exiting, or to be killed (see _unwatched); a batch sent to
-        it would be charged with its death."""
-        return worker.cut_off_at is None and super()._idle(worker)
+        return not self._ending(worker) and super()._idle(worker)
 
     def _has_news(self, worker: LocalWorker) -> bool:
         try:
@@ -4871,13 +4883,8 @@ class LocalBackend(Backend):
             return None
 
     def _exited(self, worker: LocalWorker, restart: bool) -> Iterator[Event]:
-        """A worker process exited: read what it reported before it did, then count it lost.
-        (One cut off while starting is a failed start, whatever it said since: a Ready read now
-        would make it a started worker lost, its slot started again for ever.)"""
-        starting = not worker.ready and worker.cut_off_at is not None
+        """A worker process exited: read what it reported before it did, then count it lost."""
         while worker.conn.poll() and (message := self._read(worker)) is not None:
-            if starting and isinstance(message, Ready):
-                continue
             yield from self._handle(worker, message)
             if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
                 return

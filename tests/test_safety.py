@@ -25,6 +25,7 @@ import infer_mp
 from conftest import (
     FAKE,
     SCRIPT,
+    all_records,
     assert_invariant,
     fake_args,
     latest_records,
@@ -715,13 +716,14 @@ def test_a_worker_past_its_deadline_whose_report_waits_unread_is_not_killed():
 
 
 @pytest.mark.parametrize("word, reason", [("SEVER", "closed its pipe to the coordinator"),
-                                          ("DETACH", "closed its pipe to the coordinator"),
+                                          ("DETACH", "timed out (no result within 3 s"),
                                           ("FORKCRASH", "was killed by SIGKILL"),
                                           ("SEVERFORK", "closed its pipe to the coordinator")])
 def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_path, word, reason):
     """A library in the worker closes the descriptors it inherited, then hangs: SEVER, its pipe
     to the coordinator, which then polled readable for ever (the coordinator spun); DETACH, its
-    sentinel's, which then read as an exit, and the join that followed waited for ever. A process
+    sentinel's, which then read as an exit, and the join that followed waited for ever (it is a
+    hang like any other now: --task_timeout ends it). A process
     the pipeline forked (a fork-based pool's) holds copies of the worker's pipes: FORKCRASH, the
     worker is killed (the OOM killer) and neither pipe tells; SEVERFORK, it closes its pipe and
     hangs, and no sentinel comes after its kill. Each run went on for ever, whatever
@@ -742,11 +744,12 @@ def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_
     assert_invariant(src, out)
 
 
-def test_a_worker_cut_off_while_idle_is_not_given_an_input(dirs, tmp_path):
-    """Worker A reads z.png, then a library in it closes its pipes (its sentinel's among them):
-    it is cut off, to be killed 1 s later. Meanwhile worker B dies holding [a.png, b.png] (a
-    batch: neither is charged, each goes back alone). a.png went to A, idle but cut off, and
-    A's kill was charged to it (failed, under --max_attempts 1)."""
+def test_an_input_handed_back_goes_to_a_live_worker_not_one_killed_for_its_ended_pipes(dirs, tmp_path):
+    """Worker A reads z.png, then a library in it closes its pipes (its sentinel's among them).
+    Meanwhile worker B dies holding [a.png, b.png] (a batch: neither is charged, each goes back
+    alone). A was cut off then, and killed 1 s later: a.png, sent to it, was charged with its
+    kill (failed, under --max_attempts 1). A is not killed now (only an ended message pipe cuts
+    a worker off), and a.png is done."""
     src, out = dirs
     write(src / "a.png", "fine")
     write(src / "b.png", "DOOM")
@@ -759,14 +762,37 @@ def test_a_worker_cut_off_while_idle_is_not_given_an_input(dirs, tmp_path):
     assert_invariant(src, out)
 
 
-def test_a_pipeline_that_closes_its_sentinel_as_it_is_built_is_a_failed_start(dirs):
-    """Its worker is cut off before its Ready is read, and killed 1 s later; the Ready, read
-    then, made it a started worker lost with nothing held: nothing was charged, and its slot
-    started again for ever. It is a failed start: tried START_TRIES times, then exit 3."""
+def test_a_pipeline_that_closes_its_sentinel_as_it_is_built_works_and_its_death_is_seen(dirs):
+    """Its sentinel ends as it starts: it was counted a failed start (a Ready read later made its
+    slot start again for ever, before that). The worker can still report: it does its inputs,
+    and its death is seen by its exit status."""
     src, out = dirs
     make_inputs(src, 1)
-    run = run_fake(src, out, "--pipeline_arg", "close_pipes=1", timeout=60)
-    assert run.code == 3 and "closed its pipe to the coordinator (killed) while starting" in run.stderr, run.stderr
+    write(src / "crash.png", "CRASH")
+    run = run_fake(src, out, "--pipeline_arg", "close_pipes=1", "--max_attempts", "1", timeout=60)
+    assert run.code == 1 and "was killed by SIGKILL" in run.stderr, run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in latest_records(out).values()} == {
+        "p00.png": "done", "crash.png": "failed"}, run.stderr
+    assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("delay", ["0.4", "1.0"])
+def test_what_a_worker_reports_after_its_sentinel_ended_is_read_while_it_lives(dirs, delay):
+    """The library in the worker closes its sentinel 0.6 s into a.png (UNPIPE) and the worker
+    goes on. Its pipe was no longer read, and the worker was killed 1 s later: what it reported
+    meanwhile (a.png at 1 s; or b.png, sent to it after a.png at 0.4 s) was read only after its
+    death, given a `placing` line and a move to a dead process, and the input charged with
+    the kill (failed, under --max_attempts 1)."""
+    src, out = dirs
+    write(src / "a.png", "UNPIPE")
+    write(src / "b.png", "fine")
+    run = run_fake(src, out, "--max_attempts", "1", timeout=60, env={"FAKE_PIPELINE_DELAY": delay})
+    assert run.code == 0, run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in latest_records(out).values()} == {
+        "a.png": "done", "b.png": "done"}, run.stderr
+    placed = [r["input"] for r in all_records(out, placing=True) if r["status"] == "placing"]
+    assert sorted(placed) == [str(src / "a.png"), str(src / "b.png")]  # (a dead worker is told nothing)
+    assert_invariant(src, out)
 
 
 def test_a_batch_reported_during_a_stops_wait_for_renames_is_not_placed():
