@@ -97,6 +97,7 @@ import re
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -4294,7 +4295,9 @@ class LocalWorker(WorkerHandle):
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
 SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe ended: this long for its exit, then it is killed
-EXIT_POLL_SECONDS = 0.01  # ... its exit status looked at this often meanwhile (also after its sentinel ended)
+EXIT_POLL_SECONDS = 0.01  # ... its exit status looked at this often meanwhile
+SENTINEL_HOLD_SECONDS = 0.1  # a worker's sentinel ended: no batch for it this long (it may be exiting)
+RECEIVE_TIMEOUT_SECONDS = 5  # a message begun and not ended this long (its worker died sending it): the pipe's end
 WORKER_PROCESS_NAME = "infer_mp-worker"
 
 
@@ -4315,6 +4318,10 @@ def spawn_worker(pipeline: PipelineRef) -> tuple[multiprocessing.process.BasePro
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     child.close()
+    # A worker killed as it sends a message leaves half of it, and a process its pipeline
+    # forked may hold the pipe open: the rest would be waited for for ever.
+    with socket.socket(fileno=os.dup(parent.fileno())) as view:
+        view.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", RECEIVE_TIMEOUT_SECONDS, 0))
     return process, parent
 
 
@@ -4856,11 +4863,11 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _ending(worker: LocalWorker) -> bool:
-        """Is the worker cut off, or its sentinel ended less than SEVERED_WAIT_SECONDS ago? It
-        may be exiting: not given a batch (its death would be charged to it), its exit looked
-        for often."""
+        """Is the worker cut off, or its sentinel ended less than SENTINEL_HOLD_SECONDS ago (its
+        pipe's end, if it is exiting, is read in that time)? It may be exiting: not given a
+        batch (its death would be charged to it), its exit looked for often."""
         ended = worker.sentinel_ended_at
-        return worker.cut_off_at is not None or (ended is not None and time.monotonic() - ended < SEVERED_WAIT_SECONDS)
+        return worker.cut_off_at is not None or (ended is not None and time.monotonic() - ended < SENTINEL_HOLD_SECONDS)
 
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()

@@ -5,7 +5,8 @@ the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe t
 ``DETACH`` closes the pipes it inherited (the write end of its multiprocessing sentinel among them) then hangs,
 ``FORKCRASH`` forks a helper (see fork_helper) then kills the worker, ``SEVERFORK`` closes its
 pipe to the coordinator, forks a helper (which then holds its sentinel's pipe) and hangs,
-``UNPIPE`` closes the pipes it inherited 0.6 s later (the worker goes on), ``DOOM`` kills the
+``HALFSEND`` forks a helper, then sends the start of a message and kills the worker (as the OOM
+killer may, mid-send), ``UNPIPE`` closes the pipes it inherited 0.6 s later (the worker goes on), ``DOOM`` kills the
 worker 1.2 s into the input (the option ``close_pipes`` closes them as the pipeline is built),
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
@@ -59,6 +60,7 @@ import multiprocessing.resource_tracker
 import os
 import re
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -271,6 +273,13 @@ class FakePipeline:
         when it is to yield no result."""
         if b"FORKCRASH" in text:  # killed (the OOM killer) while a process it forked holds its pipes
             fork_helper()
+        if b"HALFSEND" in text:
+            fork_helper()
+            for fd in map(int, os.listdir("/proc/self/fd")):  # (the pipe to the coordinator: a socket)
+                with contextlib.suppress(OSError):
+                    if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                        os.write(fd, struct.pack("!i", 1000) + b"\x80\x04")  # a length, then 2 bytes of 1000
+            os.kill(os.getpid(), signal.SIGKILL)
         if b"CRASH" in text:
             os.kill(os.getpid(), signal.SIGKILL)
         if b"RAISE" in text or (self.raise_on and self.raise_on in text):

@@ -718,7 +718,8 @@ def test_a_worker_past_its_deadline_whose_report_waits_unread_is_not_killed():
 @pytest.mark.parametrize("word, reason", [("SEVER", "closed its pipe to the coordinator"),
                                           ("DETACH", "timed out (no result within 3 s"),
                                           ("FORKCRASH", "was killed by SIGKILL"),
-                                          ("SEVERFORK", "closed its pipe to the coordinator")])
+                                          ("SEVERFORK", "closed its pipe to the coordinator"),
+                                          ("HALFSEND", "was killed by SIGKILL")])
 def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_path, word, reason):
     """A library in the worker closes the descriptors it inherited, then hangs: SEVER, its pipe
     to the coordinator, which then polled readable for ever (the coordinator spun); DETACH, its
@@ -726,8 +727,10 @@ def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_
     hang like any other now: --task_timeout ends it). A process
     the pipeline forked (a fork-based pool's) holds copies of the worker's pipes: FORKCRASH, the
     worker is killed (the OOM killer) and neither pipe tells; SEVERFORK, it closes its pipe and
-    hangs, and no sentinel comes after its kill. Each run went on for ever, whatever
-    --task_timeout said; now each worker is lost, and its input charged as for a crash."""
+    hangs, and no sentinel comes after its kill; HALFSEND, the worker is killed as it sends a
+    message, whose rest the coordinator waited for (no stop could end that wait). Each run went
+    on for ever, whatever --task_timeout said; now each worker is lost, and its input charged
+    as for a crash."""
     src, out = dirs
     make_inputs(src, 1)
     write(src / "x.png", word)
@@ -773,6 +776,19 @@ def test_a_pipeline_that_closes_its_sentinel_as_it_is_built_works_and_its_death_
     assert run.code == 1 and "was killed by SIGKILL" in run.stderr, run.stderr
     assert {Path(r["input"]).name: r["status"] for r in latest_records(out).values()} == {
         "p00.png": "done", "crash.png": "failed"}, run.stderr
+    assert_invariant(src, out)
+
+
+def test_a_pipeline_that_closes_its_sentinel_as_it_is_built_is_not_held_idle(dirs):
+    """Each new worker's sentinel ends as its pipeline is built, and the worker was given no
+    batch for 1 s after that: with a worker per input, 1 s an input (10 s here, against about
+    2 s without close_pipes). (A bound on seconds, generous: the difference is fivefold.)"""
+    src, out = dirs
+    make_inputs(src, 10)
+    started = time.monotonic()
+    run = run_fake(src, out, "--max_items_per_worker", "1", "--pipeline_arg", "close_pipes=1", timeout=120)
+    assert run.code == 0, run.stderr
+    assert time.monotonic() - started < 8, run.stderr
     assert_invariant(src, out)
 
 
