@@ -4291,6 +4291,7 @@ class LocalWorker(WorkerHandle):
     cut_off_at: float | None = None  # when its pipe ended while it lived (see _unwatched)
     severed: bool = False  # ... and it was killed for it, as it can report nothing more
     sentinel_ended_at: float | None = None  # when its sentinel ended while it lived: not waited on since
+    torn: bool = False  # a message of it was left half-read (see RECEIVE_TIMEOUT_SECONDS): never read again
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
@@ -4883,10 +4884,17 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _read(worker: LocalWorker) -> tuple | None:
-        """The worker's next message, or None once it is gone (its sentinel reports that)."""
+        """The worker's next message, or None once its pipe has ended: at its end, or inside a
+        message whose rest did not come (then for good: what follows would be read from the
+        middle of that message)."""
+        if worker.torn:
+            return None
         try:
             return worker.conn.recv()
-        except (EOFError, OSError):
+        except EOFError:
+            return None
+        except OSError:
+            worker.torn = True
             return None
 
     def _exited(self, worker: LocalWorker, restart: bool) -> Iterator[Event]:

@@ -6,7 +6,8 @@ the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe t
 ``FORKCRASH`` forks a helper (see fork_helper) then kills the worker, ``SEVERFORK`` closes its
 pipe to the coordinator, forks a helper (which then holds its sentinel's pipe) and hangs,
 ``HALFSEND`` forks a helper, then sends the start of a message and kills the worker (as the OOM
-killer may, mid-send), ``UNPIPE`` closes the pipes it inherited 0.6 s later (the worker goes on), ``DOOM`` kills the
+killer may, mid-send), ``HALFSTALL`` sends the start of one, then 5.5 s later what looks like
+another, and hangs, ``UNPIPE`` closes the pipes it inherited 0.6 s later (the worker goes on), ``DOOM`` kills the
 worker 1.2 s into the input (the option ``close_pipes`` closes them as the pipeline is built),
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
@@ -196,6 +197,14 @@ def close_inherited(kind: str) -> None:
                 os.close(fd)
 
 
+def send_raw(data: bytes) -> None:
+    """Write bytes as they are into this worker's pipe to the coordinator (a socket)."""
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        with contextlib.suppress(OSError):
+            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.write(fd, data)
+
+
 def fork_helper() -> None:
     """Fork a process that holds this one's descriptors (as a fork-based pool's worker does),
     but for its standard streams and multiprocessing's resource tracker's pipe (a test's pipes
@@ -275,11 +284,13 @@ class FakePipeline:
             fork_helper()
         if b"HALFSEND" in text:
             fork_helper()
-            for fd in map(int, os.listdir("/proc/self/fd")):  # (the pipe to the coordinator: a socket)
-                with contextlib.suppress(OSError):
-                    if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                        os.write(fd, struct.pack("!i", 1000) + b"\x80\x04")  # a length, then 2 bytes of 1000
+            send_raw(struct.pack("!i", 1000) + b"\x80\x04")  # a length, then 2 bytes of 1000
             os.kill(os.getpid(), signal.SIGKILL)
+        if b"HALFSTALL" in text:
+            send_raw(struct.pack("!i", 1000) + b"\x80\x04")
+            time.sleep(5.5)
+            send_raw(struct.pack("!i", 4) + b"junk")
+            time.sleep(3600)
         if b"CRASH" in text:
             os.kill(os.getpid(), signal.SIGKILL)
         if b"RAISE" in text or (self.raise_on and self.raise_on in text):

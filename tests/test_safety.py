@@ -747,6 +747,21 @@ def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_
     assert_invariant(src, out)
 
 
+def test_a_message_whose_rest_did_not_come_is_the_end_of_its_workers_pipe(dirs):
+    """HALFSTALL: the worker sends the start of a message, and nothing more for 5.5 s: the
+    coordinator's read gives up after RECEIVE_TIMEOUT_SECONDS (5 s), and the worker is cut off.
+    What it sent next was read from the middle of the first message: an UnpicklingError, and
+    the run died with a traceback. The pipe is not read again."""
+    src, out = dirs
+    make_inputs(src, 1)
+    write(src / "x.png", "HALFSTALL")
+    run = run_fake(src, out, "--max_attempts", "1", timeout=60)
+    assert run.code == 1 and "closed its pipe to the coordinator" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert {Path(r["input"]).name: r["status"] for r in run_log(out)} == {"p00.png": "done", "x.png": "failed"}
+    assert_invariant(src, out)
+
+
 def test_an_input_handed_back_goes_to_a_live_worker_not_one_killed_for_its_ended_pipes(dirs, tmp_path):
     """Worker A reads z.png, then a library in it closes its pipes (its sentinel's among them).
     Meanwhile worker B dies holding [a.png, b.png] (a batch: neither is charged, each goes back
