@@ -2,13 +2,13 @@
 
 An input's bytes steer it: a file containing ``RAISE`` makes predict() raise, ``CRASH`` kills
 the worker process, ``HANG`` never returns, ``SEVER`` closes the worker's pipe then hangs,
-``DETACH`` closes the pipes it inherited (the write end of its multiprocessing sentinel among them) then hangs,
-``FORKCRASH`` forks a helper (see fork_helper) then kills the worker, ``SEVERFORK`` closes its
-pipe to the coordinator, forks a helper (which then holds its sentinel's pipe) and hangs,
-``HALFSEND`` forks a helper, then sends the start of a message and kills the worker (as the OOM
-killer may, mid-send), ``HALFSTALL`` sends the start of one, then 5.5 s later what looks like
-another, and hangs, ``UNPIPE`` closes the pipes it inherited 0.6 s later (the worker goes on), ``DOOM`` kills the
-worker 1.2 s into the input (the option ``close_pipes`` closes them as the pipeline is built),
+``DETACH`` closes the pipes it inherited (its multiprocessing sentinel's write end among them)
+then hangs, ``UNPIPE`` closes them 0.6 s later and goes on (the option ``close_pipes`` closes
+them as the pipeline is built), ``FORKCRASH`` forks a helper (see fork_helper) then kills the
+worker, ``SEVERFORK`` closes its pipe to the coordinator, forks a helper (which then holds its
+sentinel's pipe) and hangs, ``HALFSEND`` forks a helper, sends the start of a message and kills
+the worker (as the OOM killer may, mid-send), ``HALFSTALL`` sends the start of one, then 5.5 s
+later what looks like another, and hangs, ``DOOM`` kills the worker 1.2 s into the input,
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
