@@ -4634,8 +4634,11 @@ class Backend:
 
     def _wait_seconds(self) -> float:
         """How long to wait for messages: POLL_SECONDS, or less where a timeout ends sooner
-        (a worker ready just after its --start_timeout is still late)."""
+        (a worker ready just after its --start_timeout is still late), or a stop's wait for
+        renames (see _renaming)."""
         deadlines = [deadline[0] for worker in self.workers.values() if (deadline := self._deadline(worker))]
+        if self.renaming_since is not None:
+            deadlines.append(self.renaming_since + RENAME_WAIT_SECONDS)
         return max(0.0, min([POLL_SECONDS, *(when - time.monotonic() for when in deadlines)]))
 
     def _handle(self, worker: WorkerHandle, message: Any) -> Iterator[Event]:

@@ -840,6 +840,17 @@ def test_a_batch_reported_during_a_stops_wait_for_renames_is_not_placed():
     assert not worker.placing and 0 in worker.held and not theirs.poll()
 
 
+def test_a_stops_wait_for_renames_ends_on_time():
+    """The loop waited for messages up to POLL_SECONDS (1 s) at a time, so a stop's 2 s wait
+    for renames (see Backend._renaming) could end up to 1 s late: it waits only what is left."""
+    backend = infer_mp.LocalBackend.__new__(infer_mp.LocalBackend)
+    backend.workers, backend.task_timeout, backend.start_timeout = {}, None, None
+    backend.renaming_since = time.monotonic() - (infer_mp.RENAME_WAIT_SECONDS - 0.25)
+    assert backend._wait_seconds() <= 0.25
+    backend.renaming_since = time.monotonic() - infer_mp.RENAME_WAIT_SECONDS
+    assert backend._wait_seconds() == 0
+
+
 def test_a_pipeline_whose_import_blocks_does_not_hang_a_run_given_options(dirs, tmp_path):
     """The warm worker checks the options; when its import blocks past --start_timeout, the
     coordinator checked them itself, importing the module, and blocked for good."""
