@@ -724,13 +724,12 @@ def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_
     """A library in the worker closes the descriptors it inherited, then hangs: SEVER, its pipe
     to the coordinator, which then polled readable for ever (the coordinator spun); DETACH, its
     sentinel's, which then read as an exit, and the join that followed waited for ever (it is a
-    hang like any other now: --task_timeout ends it). A process
-    the pipeline forked (a fork-based pool's) holds copies of the worker's pipes: FORKCRASH, the
-    worker is killed (the OOM killer) and neither pipe tells; SEVERFORK, it closes its pipe and
-    hangs, and no sentinel comes after its kill; HALFSEND, the worker is killed as it sends a
-    message, whose rest the coordinator waited for (no stop could end that wait). Each run went
-    on for ever, whatever --task_timeout said; now each worker is lost, and its input charged
-    as for a crash."""
+    hang like any other now: --task_timeout ends it). A process the pipeline forked (a
+    fork-based pool's) holds copies of the worker's pipes: FORKCRASH, the worker is killed (the
+    OOM killer) and neither pipe tells; SEVERFORK, it closes its pipe and hangs, and no sentinel
+    comes after its kill; HALFSEND, the worker is killed as it sends a message, whose rest the
+    coordinator waited for (no stop could end that wait). Each run went on for ever, whatever
+    --task_timeout said; now each worker is lost, and its input charged as for a crash."""
     src, out = dirs
     make_inputs(src, 1)
     write(src / "x.png", word)
