@@ -189,20 +189,25 @@ def wait_for_file(path: str | None) -> None:
         time.sleep(0.02)
 
 
-def close_inherited(kind: str) -> None:
-    """Close this process's descriptors of one kind (`socket:`, `pipe:`), its standard streams aside."""
+def descriptors(kind: str) -> list[int]:
+    """This process's descriptors of one kind (`socket:`, `pipe:`), its standard streams aside."""
+    found = []
     for fd in map(int, os.listdir("/proc/self/fd")):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # (the listing's own descriptor is gone by now)
             if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(kind):
-                os.close(fd)
+                found.append(fd)
+    return found
+
+
+def close_inherited(kind: str) -> None:
+    for fd in descriptors(kind):
+        os.close(fd)
 
 
 def send_raw(data: bytes) -> None:
-    """Write bytes as they are into this worker's pipe to the coordinator (a socket)."""
-    for fd in map(int, os.listdir("/proc/self/fd")):
-        with contextlib.suppress(OSError):
-            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                os.write(fd, data)
+    """Write bytes as they are into this worker's pipe to the coordinator (its one socket)."""
+    for fd in descriptors("socket:"):
+        os.write(fd, data)
 
 
 def fork_helper() -> None:
