@@ -4292,6 +4292,7 @@ class LocalWorker(WorkerHandle):
     severed: bool = False  # ... and it was killed for it, as it can report nothing more
     sentinel_ended_at: float | None = None  # when its sentinel ended while it lived: not waited on since
     torn: bool = False  # a message of it was left half-read (see RECEIVE_TIMEOUT_SECONDS): never read again
+    killed_at: float | None = None  # when the coordinator killed it (see KILL_WAIT_SECONDS)
 
 
 SPAWN = multiprocessing.get_context("spawn")  # Paddle and fork do not mix
@@ -4299,7 +4300,32 @@ SEVERED_WAIT_SECONDS = 1.0  # a worker's pipe ended: this long for its exit, the
 EXIT_POLL_SECONDS = 0.01  # ... its exit status looked at this often meanwhile
 SENTINEL_HOLD_SECONDS = 0.1  # a worker's sentinel ended: no batch for it this long (it may be exiting)
 RECEIVE_TIMEOUT_SECONDS = 5  # a message begun and not ended this long (its worker died sending it): the pipe's end
+KILL_WAIT_SECONDS = 10.0  # a worker killed and not gone after this long is stuck in the kernel: let go of
 WORKER_PROCESS_NAME = "infer_mp-worker"
+let_go: list[multiprocessing.process.BaseProcess] = []  # workers stuck after their SIGKILL: never waited for again
+
+
+def reap(processes: list[multiprocessing.process.BaseProcess]) -> list[multiprocessing.process.BaseProcess]:
+    """Wait for killed worker processes to exit, up to KILL_WAIT_SECONDS for all of them, by
+    their exit status (a process their pipeline forked may hold their sentinels); those still
+    there then are stuck in the kernel (a GPU driver call, a hung network filesystem: SIGKILL
+    acts when that returns) and are let go of, said once: the run must not wait for them, nor
+    Python's exit (see exit_code_now)."""
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while any(process.exitcode is None for process in processes) and time.monotonic() < deadline:
+        time.sleep(EXIT_POLL_SECONDS)
+    for process in processes:
+        if process.exitcode is not None:
+            process.join()  # (at once: it has exited; and multiprocessing forgets it)
+    stuck = [process for process in processes if process.exitcode is None and process not in let_go]
+    let_go.extend(stuck)
+    return stuck
+
+
+def stuck_line(process: multiprocessing.process.BaseProcess, spec: WorkerSpec | None = None) -> str:
+    who = f"worker {spec.slot} ({spec.device}, pid {process.pid})" if spec else f"worker pid {process.pid}"
+    return (f"{who} did not exit within {KILL_WAIT_SECONDS:g} s of its SIGKILL (stuck in the kernel: a GPU "
+            "driver call, a hung network filesystem?); not waited for (it holds its memory until it exits)")
 
 
 def spawn_worker(pipeline: PipelineRef) -> tuple[multiprocessing.process.BaseProcess, Connection]:
@@ -4372,16 +4398,19 @@ class WarmPool:
     def _drop_first(self) -> None:
         process, conn = self.processes.pop(0)
         process.kill()
-        process.join()
+        for stuck in reap([process]):
+            say(stuck_line(stuck))
         conn.close()
 
     def take(self) -> tuple[multiprocessing.process.BaseProcess, Connection] | None:
         return self.processes.pop(0) if self.processes else None
 
     def close(self) -> None:
-        for process, conn in self.processes:
+        for process, _ in self.processes:
             process.kill()
-            process.join()
+        for stuck in reap([process for process, _ in self.processes]):
+            say(stuck_line(stuck))
+        for _, conn in self.processes:
             conn.close()
         self.processes = []
 
@@ -4849,7 +4878,8 @@ class LocalBackend(Backend):
         """Exits that no pipe reports, looked for each round (waitpid, not waiting): a worker
         whose pipe or sentinel ended (see _wait), or one whose pipes a process its pipeline
         forked holds open (a fork-based pool's). One cut off and alive after
-        SEVERED_WAIT_SECONDS is killed: it can report nothing more, and no timeout would end it."""
+        SEVERED_WAIT_SECONDS is killed: it can report nothing more, and no timeout would end it.
+        One killed and still there after KILL_WAIT_SECONDS is let go of (see reap): lost."""
         for worker in list(self.workers.values()):
             if self.workers.get(worker.spec.slot) is not worker:
                 continue
@@ -4859,6 +4889,10 @@ class LocalBackend(Backend):
                   and time.monotonic() - worker.cut_off_at > SEVERED_WAIT_SECONDS):
                 worker.severed = True
                 self._kill(worker)
+            elif worker.killed_at is not None and time.monotonic() - worker.killed_at > KILL_WAIT_SECONDS:
+                let_go.append(worker.process)
+                yield Note(stuck_line(worker.process, worker.spec))
+                yield from self._exited(worker, restart)
 
     def _wait_seconds(self) -> float:
         """As the base's; EXIT_POLL_SECONDS while a worker's exit is looked for (see _ending)."""
@@ -4875,6 +4909,8 @@ class LocalBackend(Backend):
 
     def _kill(self, worker: LocalWorker) -> None:
         worker.process.kill()
+        if worker.killed_at is None:
+            worker.killed_at = time.monotonic()
 
     def _idle(self, worker: LocalWorker) -> bool:
         return not self._ending(worker) and super()._idle(worker)
@@ -4901,24 +4937,33 @@ class LocalBackend(Backend):
             return None
 
     def _exited(self, worker: LocalWorker, restart: bool) -> Iterator[Event]:
-        """A worker process exited: read what it reported before it did, then count it lost."""
+        """A worker process exited, or was let go of (see _unwatched): read what it reported
+        before it did, then count it lost."""
         while worker.conn.poll() and (message := self._read(worker)) is not None:
             yield from self._handle(worker, message)
             if self.workers.get(worker.spec.slot) is not worker:  # it reported an init failure
                 return
-        worker.process.join()  # (it has exited: see _wait)
+        if worker.process.exitcode is not None:
+            worker.process.join()  # (at once: it has exited)
         worker.conn.close()
         reason = exit_reason(worker.process.exitcode)
         if worker.severed:
             reason = "closed its pipe to the coordinator (killed)"
+        elif worker.process.exitcode is None:
+            reason = f"did not exit within {KILL_WAIT_SECONDS:g} s of its SIGKILL"
         yield from self._lost(worker, reason, restart)
 
     def _shutdown(self, workers: list[LocalWorker]) -> None:
+        """(A worker stuck after its kill keeps its staging folder: the next run's start
+        removes it, see clear_staging.)"""
         for worker in workers:
             worker.process.kill()
+        stuck = reap([worker.process for worker in workers])
         for worker in workers:
-            worker.process.join()
-            self._discard_staged(worker)
+            if worker.process in stuck:
+                say(stuck_line(worker.process, worker.spec))
+            else:
+                self._discard_staged(worker)
             worker.conn.close()
 
 
@@ -6786,10 +6831,23 @@ def main(argv: list[str] | None = None) -> int:
 def kill_left_workers() -> None:
     """No worker outlives the run, whatever path it ended by: each ignores SIGTERM, which is
     all that Python's exit sends them before it waits for them."""
-    for process in multiprocessing.active_children():
-        if process.name == WORKER_PROCESS_NAME:
-            process.kill()
-            process.join()
+    left = [process for process in multiprocessing.active_children()
+            if process.name == WORKER_PROCESS_NAME and process not in let_go]
+    for process in left:
+        process.kill()
+    for stuck in reap(left):
+        say(stuck_line(stuck))
+
+
+def exit_code_now(code: int) -> int:
+    """The run's exit code; with a worker let go of (see reap), the process exits here:
+    Python's own exit would wait for it (multiprocessing joins every child it started)."""
+    if let_go:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
 
 
 def stop_listening(as_script: bool) -> None:
@@ -6808,4 +6866,4 @@ def stop_listening(as_script: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code_now(main()))

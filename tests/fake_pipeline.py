@@ -9,6 +9,8 @@ worker, ``SEVERFORK`` closes its pipe to the coordinator, forks a helper (which 
 sentinel's pipe) and hangs, ``HALFSEND`` forks a helper, sends the start of a message and kills
 the worker (as the OOM killer may, mid-send), ``HALFSTALL`` sends the start of one, then 5.5 s
 later what looks like another, and hangs, ``DOOM`` kills the worker 1.2 s into the input,
+``UNKILLABLE`` has the worker held at its exit, once killed, as one stuck in the kernel is (see
+hold_at_exit), then goes on,
 ``GROW`` keeps 100 MB (``FAKE_PIPELINE_GROW_MB``) more resident memory, and
 ``EMPTY`` yields no result (as PaddleX does for a type it cannot read), and ``WAIT`` waits
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
@@ -28,6 +30,7 @@ constructor call take that long;
 the option ``crash_once`` names a file: the first constructor call to create it kills its process;
 ``FAKE_PIPELINE_BARRIER=path:N`` makes N constructors wait for each other (see wait_for_each_other);
 ``FAKE_PIPELINE_IMPORT_LOG`` names a file where every process that imports this module logs its pid;
+``FAKE_PIPELINE_HOLD_AT_IMPORT`` has every process that imports it held at its exit (as UNKILLABLE);
 ``FAKE_PIPELINE_ENOSPC_AFTER=N`` makes each worker's saves fail with ENOSPC after N files.
 ``FAKE_PIPELINE_BUSY_LOG`` names a file where each predict() call logs, as it starts, its pid
 and inputs (a JSON line): a test waits for it to know that a batch is in a worker's hands;
@@ -53,6 +56,7 @@ records which process made it, so the tests can see the work spread over workers
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -229,6 +233,53 @@ def fork_helper() -> None:
         pids.write(f"{pid}\n")
 
 
+PTRACE_CONT, PTRACE_SEIZE, PTRACE_O_TRACEEXIT, PTRACE_EVENT_EXIT = 7, 0x4206, 0x40, 6
+PR_SET_PTRACER, PR_SET_PTRACER_ANY = 0x59616D61, ctypes.c_ulong(-1)  # (Yama: a child may trace its parent)
+WAIT_ALL_THREADS = 0x40000000  # __WALL
+
+
+def hold_at_exit() -> None:
+    """Fork a helper that traces this process (ptrace) and holds it at its exit: a SIGKILL
+    then leaves it there, not yet exited (as a process inside a GPU driver call, or on a hung
+    network filesystem, is when its kill comes) until the helper ends; its pid goes to the file
+    FAKE_PIPELINE_HELPER_PIDS names, for the test to end it. Any other stop it lets go on.
+    Raises RuntimeError where tracing is not permitted."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+    libc.prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0)  # (EINVAL without Yama: nothing to allow)
+    traced, (answer, told) = os.getpid(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        for fd in descriptors("socket:") + descriptors("pipe:"):  # (the worker's pipes are its own to hold)
+            if fd != told:
+                os.close(fd)
+        seized = libc.ptrace(PTRACE_SEIZE, traced, None, PTRACE_O_TRACEEXIT) == 0
+        os.write(told, b"1" if seized else b"0")
+        while seized:
+            _, status = os.waitpid(traced, WAIT_ALL_THREADS)
+            if not os.WIFSTOPPED(status):
+                break
+            if status >> 16 == PTRACE_EVENT_EXIT:
+                time.sleep(600)  # held
+                break
+            libc.ptrace(PTRACE_CONT, traced, None, os.WSTOPSIG(status) if status >> 16 == 0 else 0)
+        os._exit(0)
+    with open(os.environ["FAKE_PIPELINE_HELPER_PIDS"], "a") as pids:
+        pids.write(f"{pid}\n")
+    seized = os.read(answer, 1) == b"1"
+    os.close(answer)
+    os.close(told)
+    if not seized:
+        raise RuntimeError("ptrace not permitted here: UNKILLABLE cannot hold the worker")
+
+
+if os.environ.get("FAKE_PIPELINE_HOLD_AT_IMPORT"):
+    hold_at_exit()
+
+
 class FakePipeline:
     result_type = FakeResult
 
@@ -287,6 +338,8 @@ class FakePipeline:
         when it is to yield no result."""
         if b"FORKCRASH" in text:  # killed (the OOM killer) while a process it forked holds its pipes
             fork_helper()
+        if b"UNKILLABLE" in text:
+            hold_at_exit()
         if b"HALFSEND" in text:
             fork_helper()
             send_raw(struct.pack("!i", 1000) + b"\x80\x04")  # a length, then 2 bytes of 1000

@@ -746,6 +746,57 @@ def test_a_worker_cut_off_from_the_coordinator_is_lost_not_waited_for(dirs, tmp_
     assert_invariant(src, out)
 
 
+def run_held(src: Path, out: Path, tmp_path: Path, *options: str, env: dict | None = None) -> tuple[int, str]:
+    """(exit code, stderr) of a run whose workers the fake pipeline holds at their exit once
+    killed (UNKILLABLE, FAKE_PIPELINE_HOLD_AT_IMPORT): in the background, as a held worker keeps
+    the run's stdout open; the helpers that hold them are ended after. Skipped where a process
+    may not trace its parent."""
+    pids = tmp_path / "helpers"
+    run = start_fake(src, out, *options, env={"FAKE_PIPELINE_HELPER_PIDS": str(pids), **(env or {})})
+    try:
+        exit_code = run.wait(60)
+    finally:
+        for pid in pids.read_text().split() if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    if "ptrace not permitted" in run.stderr_text():
+        pytest.skip("this machine does not let a process trace its parent (the fake's hold needs it)")
+    return exit_code, run.stderr_text()
+
+
+STUCK_LINE = "did not exit within 10 s of its SIGKILL (stuck in the kernel"
+
+
+@pytest.mark.parametrize("word, options, code, done", [
+    ("UNKILLABLE", (), 0, {"p00.png": "done", "x.png": "done"}),
+    ("UNKILLABLE HANG", ("--task_timeout", "2", "--max_attempts", "1"), 1, {"p00.png": "done", "x.png": "failed"}),
+])
+def test_a_worker_stuck_after_its_kill_does_not_hold_the_run(dirs, tmp_path, word, options, code, done):
+    """A worker inside a GPU driver call, or on a hung network filesystem, when its SIGKILL
+    comes does not exit until that call returns, which may be never. UNKILLABLE holds the worker
+    so: killed at the run's end (idle), the run waited for it for ever, and Python's exit too;
+    killed for its --task_timeout (HANG), its input was never handed back, and the run went on for
+    ever. Now it is let go of after KILL_WAIT_SECONDS (10 s), said in one line, and the run ends."""
+    src, out = dirs
+    make_inputs(src, 1)
+    write(src / "x.png", word)
+    started = time.monotonic()
+    exit_code, stderr = run_held(src, out, tmp_path, *options)
+    assert exit_code == code and STUCK_LINE in stderr, stderr
+    assert time.monotonic() - started < 40
+    assert {Path(r["input"]).name: r["status"] for r in run_log(out)} == done
+    assert_invariant(src, out)
+
+
+def test_a_warm_worker_stuck_after_its_kill_does_not_hold_a_refused_run(dirs, tmp_path):
+    """The same for a worker started warm (see WarmPool) and killed as the run is refused (a GPU
+    asked for on a machine without one): the refusal waited for it, and Python's exit too."""
+    src, out = dirs
+    make_inputs(src, 1)
+    exit_code, stderr = run_held(src, out, tmp_path, "--device", "gpu:0", env={"FAKE_PIPELINE_HOLD_AT_IMPORT": "1"})
+    assert exit_code == 2 and STUCK_LINE in stderr, stderr
+
+
 def test_a_message_whose_rest_did_not_come_is_the_end_of_its_workers_pipe(dirs):
     """HALFSTALL: the worker sends the start of a message, and nothing more for 5.5 s: the
     coordinator's read gives up after RECEIVE_TIMEOUT_SECONDS (5 s), and the worker is cut off.
