@@ -3262,9 +3262,15 @@ class RunLog:
             self.handle.close()
 
 
+_clock: list = [None, ""]  # (the second, as text) last formatted: see utc_now
+
+
 def utc_now() -> str:
-    """A record's time: UTC, to the second."""
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    """A record's time: UTC, to the second (formatted once a second: a record per input)."""
+    second = int(time.time())
+    if second != _clock[0]:
+        _clock[:] = second, datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
+    return _clock[1]
 
 
 def real_output_folder(folder: str, root: str) -> None:
@@ -5763,7 +5769,12 @@ class Staging:
             folder = os.path.join(self.folder, str(number))
             os.makedirs(folder)
             return folder, ""
-        os.makedirs(self.folder, exist_ok=True)  # (each time: an `rm -r` of it mid-run is made good)
+        try:  # (each time: an `rm -r` of it mid-run is made good; one mkdir, not makedirs's three calls)
+            os.mkdir(self.folder)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # (the staging folder too)
+            os.makedirs(self.folder, exist_ok=True)
         return self.folder, f"{number}-"
 
 
