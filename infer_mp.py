@@ -742,7 +742,7 @@ def a_run_log(path: Path) -> bool:
         cut = first.rstrip(b"\n")
         return first == b"" or (cut != b"" and (RECORD_START.startswith(cut) or cut.startswith(RECORD_START)))
     return type(line) is dict and "time" in line and (
-        ("input" in line and line.get("status") in STATUSES | {"skipped"})  # (skipped: see read_records)
+        ("input" in line and line.get("status") in (*STATUSES, "skipped"))  # (skipped: see read_records)
         or (line.get("status") == PLACING and type(line.get("placing")) is list)
         or (type(line.get("run")) is dict and "exit_code" in line["run"]))
 
@@ -2394,7 +2394,7 @@ STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here, and re
 LOG_FLUSH_SECONDS = 1.0  # records not followed by a placement reach the run log's file within this
 COMPACT_MIN_LINES = 1000  # a run log shorter than this is never compacted
 COMPACT_RATIO = 3  # ... a longer one is, once it has this many lines per input it describes
-STATUSES = frozenset({DONE, FAILED, PLACING})
+STATUSES = (DONE, FAILED, PLACING)  # (a tuple: a hand-edited status may be a list, which no set takes)
 ONLY_STRINGS = frozenset({str})
 ONLY_INTS = frozenset({int})
 
@@ -2459,18 +2459,21 @@ def well_formed(record: Any) -> bool:
     if not (record.get("status") in STATUSES and type(outputs) is list and type(extras) is list
             and set(map(type, outputs)) <= ONLY_STRINGS and set(map(type, extras)) <= ONLY_STRINGS):
         return False
-    pages, failed = record.get("range"), record.get("failed_pages") or []
+    pages, failed, weak = record.get("range"), record.get("failed_pages") or [], record.get("weak_pages") or []
     return ((pages is None or (type(pages) is list and len(pages) == 2 and set(map(type, pages)) == ONLY_INTS))
-            and type(failed) is list and set(map(type, failed)) <= ONLY_INTS and type(record.get("gen", 0)) is int)
+            and type(failed) is list and set(map(type, failed)) <= ONLY_INTS and type(record.get("gen", 0)) is int
+            and type(weak) is list and set(map(type, weak)) <= ONLY_INTS)
 
 
 def placing_records(line: dict) -> Iterator[dict]:
     """A `placing` line's records, one per input: [input, outputs, extra outputs] each; with the
-    run that wrote it (`shard`: see run_tag; none before 2026-12-03)."""
+    run that wrote it (`shard`: see run_tag; none before 2026-12-03, or where a hand edit left
+    something else: any run's, then)."""
+    shard = line.get("shard")
     for entry in line["placing"]:
         if type(entry) is list and len(entry) == 3:
             yield {"time": line.get("time"), "gen": line.get("gen", 0), "input": entry[0], "status": PLACING,
-                   "outputs": entry[1], "extra_outputs": entry[2], "shard": line.get("shard"),
+                   "outputs": entry[1], "extra_outputs": entry[2], "shard": shard if type(shard) is str else None,
                    "output_dir": line.get("output_dir")}
 
 
@@ -3383,6 +3386,13 @@ def source_identity(path: str) -> tuple[int, int] | None:
     return (status.st_size, status.st_mtime_ns) if status else None
 
 
+def options_of(record: dict, default: str = "") -> str:
+    """The pipeline and options a record was made with (see options_tag); `default` where it
+    does not say (a version before 2026-12-03), or a hand edit left something else there."""
+    options = record.get("options", default)
+    return options if type(options) is str else default
+
+
 def unchanged(task: Task, record: dict) -> bool:
     """Is the input still the file that `record` was made from? Its size and modification
     time, as recorded; a record from before they were recorded: not modified since its time."""
@@ -3506,7 +3516,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
         retried = config.retry_failed and (failed_before or weak_before)  # (a document done within
         if complete and not retried:                                         # --max_page_error_rate, too)
             selection.complete.append((task, done))
-            selection.other_done += done.get("options", ledger.options) != ledger.options
+            selection.other_done += options_of(done, ledger.options) != ledger.options
             continue
         if config.retry_failed:
             if not retried:
@@ -3516,7 +3526,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
               and all(os.path.isfile(os.path.join(root, rel)) for rel in record.get("outputs") or ())):
             if not news:
                 selection.standing.append((task, record))
-                selection.other_failed += record.get("options", ledger.options) != ledger.options
+                selection.other_failed += options_of(record, ledger.options) != ledger.options
                 continue
             if not (task.paged and (record.get("failed_pages") or record.get("weak_pages"))):  # (see page_coverage)
                 selection.again[task.index] = record
@@ -3595,7 +3605,7 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
             coverage.outputs.pop(page, None)  # failed since an earlier record held it (--overwrite): to redo
             if not retry_failed:
                 coverage.failed[page] = failed_reason(record, page)
-                coverage.options.add(record.get("options", ""))
+                coverage.options.add(options_of(record))
                 if "range" not in record and ledger.reported(record):
                     coverage.standing.add(page)
         kept = False
@@ -3621,7 +3631,7 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
         if kept:
             coverage.extras += [path for rel in record.get("extra_outputs") or []
                                 if os.path.isfile(path := os.path.join(root, rel))]
-            coverage.options.add(record.get("options", ""))
+            coverage.options.add(options_of(record))
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
         coverage.standing.discard(page)
@@ -6236,7 +6246,7 @@ class Report:
         self.ledger.write(task, FAILED, outputs=outputs, extras=[os.path.join(root, rel) for rel in
                                                                  record.get("extra_outputs") or ()],
                           error=None if weak else error, quality=record.get("quality"), weak=weak,
-                          options=record.get("options", ""))
+                          options=options_of(record))
         self.failed += 1
         self.failed_pages += 1
         if not weak:  # (as a weak image read in this run: see summary)

@@ -761,6 +761,39 @@ def test_a_malformed_line_that_carries_a_placing_list_is_passed_over(dirs, line)
     assert user.read_text() == "the user's own file"
 
 
+@pytest.mark.parametrize("options", [(), ("--retry_failed",), ("--dry_run",)])
+def test_hand_edited_fields_that_no_set_can_hold_are_passed_over(dirs, options):
+    """Review finding: a record whose `status` is a list (or a `placing` line whose `shard` is)
+    stopped every run with a traceback, --dry_run too; so did `options` or `weak_pages` of
+    the wrong shape once a document's pages were weighed. Each is passed over like any
+    hand-edited field: the record as not one, a shard as unknown, options as unknown."""
+    src, out = dirs
+    src.mkdir()
+    out.mkdir()
+    lines = []
+    for name, field, value in [("a.pdf", "status", [1]), ("b.pdf", "options", [1]), ("c.pdf", "weak_pages", [[1]]),
+                               ("d.png", "options", {})]:
+        path = src / name
+        if name.endswith(".pdf"):
+            path.write_bytes(pdf_bytes([f"{name} p0 SCORES:0.5", f"{name} p1 SCORES:0.99"]))
+            files = [f"{path.stem}_0.json", f"{path.stem}_1.json"]
+            extra = {"page_count": 2, "weak_pages": [0], "page_quality": {"0": {"lines": 1, "score": 0.5, "low": 1.0}}}
+        else:
+            write(path, f"{name} SCORES:0.5")
+            files, extra = [f"{path.stem}.json"], {"weak": True, "quality": {"lines": 1, "score": 0.5, "low": 1.0}}
+        for file in files:
+            write(out / file, "{}")
+        status = path.stat()
+        lines.append({"time": "2026-12-04T00:00:00+00:00", "gen": 1, "input": str(path), "status": "done",
+                      "outputs": files, "extra_outputs": [], "size": status.st_size, "mtime_ns": status.st_mtime_ns,
+                      "options": "x", **extra, field: value})
+    lines.append({"time": "2026-12-04T00:00:00+00:00", "gen": 1, "status": "placing", "shard": [1],
+                  "placing": [[str(src / "a.pdf"), ["a_0.json"], []]]})
+    (out / LOG).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = run_fake(src, out, "--min_page_score", "0.9", *options)
+    assert "Traceback" not in run.stderr and run.code in (0, 1), run.stderr
+
+
 @pytest.mark.parametrize("target", [".", ".infer_mp.staging"])
 def test_a_subfolder_linked_to_another_place_in_the_output_folder_is_not_written_through(dirs, target):
     """Review finding: `out/sub -> .` put sub/a.png's text in a.json, which a.png's record
