@@ -3176,10 +3176,11 @@ class RunLog:
             raise cannot_write(f"the run log {str(path)!r}", error) from None
 
     def write(self, task: Task, status: str, *, generation: int = 0, options: str = "", outputs: Iterable[str] = (),
-              extras: Iterable[str] = (), device: str | None = None, attempts: int = 0, seconds: float = 0.0,
-              error: str | None = None, failed_pages: dict[int, str] | None = None, retry: bool | list[int] = False,
-              quality: dict | None = None, weak: dict[int, str] | None = None) -> dict:
-        """An input's record, as written; for a document also its page count, and the pages that
+              extras: Iterable[str] | dict[str, int | None] = (), device: str | None = None, attempts: int = 0,
+              seconds: float = 0.0, error: str | None = None, failed_pages: dict[int, str] | None = None,
+              retry: bool | list[int] = False, quality: dict | None = None, weak: dict[int, str] | None = None) -> dict:
+        """An input's record, as written; for a document also its page count, the page each of
+        its `extras` is of (where they are given as a dict: see extras_of), and the pages that
         failed (`error` then says why); for a page range of it, the range, as [start, stop).
         `quality`: an image's figure (see page_quality), or a document's {page: figure}; `weak`:
         the pages --min_page_score found weak ({None: why} for an image), whose files are kept;
@@ -3206,6 +3207,8 @@ class RunLog:
             record["page_count"] = task.page_count
         if task.pages is not None:
             record["range"] = list(task.pages)
+        if task.paged and isinstance(extras, dict) and extras:
+            record["extra_pages"] = list(extras.values())
         if retry:  # (see FOLDER_ERRNOS)
             record["retry"] = retry
         if failed_pages:
@@ -3465,7 +3468,7 @@ class Coverage:
     stay, and its pages failed, which stay failed unless --retry_failed (see select_work)."""
 
     outputs: dict[int, str] = field(default_factory=dict)  # page -> its JSON file
-    extras: list[str] = field(default_factory=list)  # --save files of those pages
+    extras: dict[str, int | None] = field(default_factory=dict)  # --save files of those pages -> their page
     failed: dict[int, str] = field(default_factory=dict)  # page -> why
     standing: set[int] = field(default_factory=set)  # ... failed in a finished run's whole record
     quality: dict[int, dict] = field(default_factory=dict)  # page -> figure, of the pages done
@@ -3551,9 +3554,18 @@ def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str
     output = rel and (at_todays_name(task, page, root, rel) or moved_reading(root, rel))
     if not output or type(figure) is not dict:
         return None
-    extras = tuple(found for extra in record.get("extra_outputs") or []
-                   if os.path.isfile(found := os.path.join(root, extra)))
+    extras = tuple(found for extra, of in extras_of(record).items()
+                   if of in (None, page) and os.path.isfile(found := os.path.join(root, extra)))
     return Reading(output, figure_in_file(output, figure), extras)
+
+
+def extras_of(record: dict) -> dict[str, int | None]:
+    """A record's --save files, as recorded, each with the page it is of: None for an image's,
+    or where the record does not say (before 2026-12-05; a hand edit), then the whole record's."""
+    extras, pages = record.get("extra_outputs") or [], record.get("extra_pages")
+    if type(pages) is not list or len(pages) != len(extras) or not all(type(p) in (int, type(None)) for p in pages):
+        pages = [None] * len(extras)
+    return dict(zip(extras, pages))
 
 
 def moved_reading(root: str, rel: str) -> str | None:
@@ -3595,8 +3607,11 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
     """The pages of `task` that its records of the file as it is now hold: done where the
     file is still there, under the page's name today, not placed again since (see
     Ledger.placed_since), and not failed by a later record (its file stays, held by the earlier
-    record, but the page is to redo), else failed (not with --retry_failed). A record's --save
-    files stay with it while any of its pages does."""
+    record, but the page is to redo), else failed (not with --retry_failed). A weak page that
+    this input placed again since (a --retry_failed pass stopped before its record) stays, with
+    its new reading, in a plain run: it reads weak pages again only with --retry_failed. A
+    page's --save files stay with it: those placed with its file (a record from before they
+    were recorded by page: all its --save files, while any of its pages stays)."""
     coverage, root = Coverage(), ledger.root
     for record in held:
         if not unchanged(task, record):
@@ -3608,7 +3623,7 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
                 coverage.options.add(options_of(record))
                 if "range" not in record and ledger.reported(record):
                     coverage.standing.add(page)
-        kept = False
+        kept: dict[int, bool] = {}  # page -> placed again since (see the docstring)
         weak = record.get("weak_pages") if type(record.get("weak_pages")) is list else []
         redo = set(weak) if retry_failed else set()  # (see --min_page_score)
         figures = page_figures(record)
@@ -3617,7 +3632,10 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
                 if reading := weak_reading(task, page, record, root, rel):
                     coverage.weak[page] = reading
                 continue
-            if ledger.placed_since(rel, record) is None and (path := at_todays_name(task, page, root, rel)):
+            placer = ledger.placed_since(rel, record)
+            again = placer == task.path and page in weak and not retry_failed
+            if (placer is None or again) and (path := at_todays_name(task, page, root, rel)):
+                kept[page] = again
                 coverage.outputs[page] = path
                 coverage.weak_kept.discard(page)
                 coverage.weak_standing.discard(page)
@@ -3627,16 +3645,21 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
                         coverage.weak_standing.add(page)
                 if type(figure := figures.get(str(page))) is dict:
                     coverage.quality[page] = figure
-                kept = True
         if kept:
-            coverage.extras += [path for rel in record.get("extra_outputs") or []
-                                if os.path.isfile(path := os.path.join(root, rel))]
+            for path in [path for path, page in coverage.extras.items() if page in kept]:  # (an earlier record's)
+                del coverage.extras[path]
+            for rel, page in extras_of(record).items():
+                again = ledger.placed_since(rel, record) == task.path
+                if page is not None and (page not in kept or again != kept[page]):
+                    continue  # another page's, or another reading's than its page's file holds
+                if os.path.isfile(path := os.path.join(root, rel)):
+                    coverage.extras[path] = page
             coverage.options.add(options_of(record))
     for page in coverage.outputs:
         coverage.failed.pop(page, None)
         coverage.standing.discard(page)
         coverage.weak.pop(page, None)
-    coverage.extras = list(dict.fromkeys(coverage.extras))
+    coverage.extras = {path: page for path, page in coverage.extras.items() if page is None or page in coverage.outputs}
     return coverage
 
 
@@ -4043,7 +4066,7 @@ class Saved:
     folder: str
     prefix: str  # what their names there start with (see save_results)
     outputs: list[str]
-    extras: list[str]
+    extras: dict[str, int | None]  # name -> the page it is of (see save_results)
     seconds: float
     failed_pages: dict[int, str]
     quality: list[dict | None]  # per output, in order (see page_quality)
@@ -4135,7 +4158,7 @@ class TaskDone:
     staged: str  # the folder its worker wrote its files into (see Staged)
     prefix: str  # ... and what their names there start with (see save_results)
     outputs: list[str]  # the page JSONs, as named under task.out_dir
-    extras: list[str]  # --save files
+    extras: dict[str, int | None]  # --save files -> the page each is of (see save_results)
     seconds: float
     attempts: int
     failed_pages: dict[int, str] = field(default_factory=dict)  # pages of a document that failed alone
@@ -4321,21 +4344,26 @@ WORKER_PROCESS_NAME = "infer_mp-worker"
 let_go: list[multiprocessing.process.BaseProcess] = []  # workers stuck after their SIGKILL: never waited for again
 
 
-def reap(processes: list[multiprocessing.process.BaseProcess]) -> list[multiprocessing.process.BaseProcess]:
+def reap(processes: list[multiprocessing.process.BaseProcess], specs: dict | None = None) -> None:
     """Wait for killed worker processes to exit, up to KILL_WAIT_SECONDS for all of them, by
     their exit status (a process their pipeline forked may hold their sentinels); those still
-    there then are stuck in the kernel (a GPU driver call, a hung network filesystem: SIGKILL
-    acts when that returns) and are let go of, said once: the run must not wait for them, nor
-    Python's exit (see exit_code_now)."""
+    there then (or when a signal cuts the wait short) are stuck in the kernel (a GPU driver
+    call, a hung network filesystem: SIGKILL acts when that returns) and are let go of, said
+    once (`specs`: which worker each is): neither the run nor Python's exit waits for them
+    (see exit_code_now)."""
+    processes = [process for process in processes if process not in let_go]  # (waited for once)
     deadline = time.monotonic() + KILL_WAIT_SECONDS
-    while any(process.exitcode is None for process in processes) and time.monotonic() < deadline:
-        time.sleep(EXIT_POLL_SECONDS)
-    for process in processes:
-        if process.exitcode is not None:
-            process.join()  # (at once: it has exited; and multiprocessing forgets it)
-    stuck = [process for process in processes if process.exitcode is None and process not in let_go]
-    let_go.extend(stuck)
-    return stuck
+    try:
+        while any(process.exitcode is None for process in processes) and time.monotonic() < deadline:
+            time.sleep(EXIT_POLL_SECONDS)
+    finally:
+        for process in processes:
+            if process.exitcode is not None:
+                process.join()  # (at once: it has exited; and multiprocessing forgets it)
+            elif process not in let_go:
+                let_go.append(process)
+                with contextlib.suppress(OSError):  # (stderr's reader gone: the run is ending anyway)
+                    say(stuck_line(process, (specs or {}).get(process)))
 
 
 def stuck_line(process: multiprocessing.process.BaseProcess, spec: WorkerSpec | None = None) -> str:
@@ -4414,8 +4442,7 @@ class WarmPool:
     def _drop_first(self) -> None:
         process, conn = self.processes.pop(0)
         process.kill()
-        for stuck in reap([process]):
-            say(stuck_line(stuck))
+        reap([process])
         conn.close()
 
     def take(self) -> tuple[multiprocessing.process.BaseProcess, Connection] | None:
@@ -4424,11 +4451,12 @@ class WarmPool:
     def close(self) -> None:
         for process, _ in self.processes:
             process.kill()
-        for stuck in reap([process for process, _ in self.processes]):
-            say(stuck_line(stuck))
-        for _, conn in self.processes:
-            conn.close()
-        self.processes = []
+        try:
+            reap([process for process, _ in self.processes])
+        finally:
+            for _, conn in self.processes:
+                conn.close()
+            self.processes = []
 
 
 def expected_workers(config: Config) -> int:
@@ -4554,6 +4582,10 @@ class Backend:
         files into place, so there is nothing to wait for (a Paddle teardown costs half a
         second); a busy one is only here after a stop's grace period: remove what it left."""
         raise NotImplementedError
+
+    def _dismiss(self, worker: WorkerHandle) -> None:
+        """Kill a worker that could not start, no longer one of self.workers."""
+        self._shutdown([worker])
 
     def _busy(self) -> bool:
         return any(w.held for w in self.workers.values())
@@ -4700,7 +4732,7 @@ class Backend:
             yield WorkerStarted(worker.spec, time.monotonic() - worker.started_at, message.engine)
         elif isinstance(message, InitFailed):
             del self.workers[worker.spec.slot]
-            self._shutdown([worker])
+            self._dismiss(worker)
             yield from self._failed_start(worker.spec, message.why)
         elif isinstance(message, Reports):  # one message per batch: one report per input, in order
             if self.renaming_since is not None:  # a stop waits only for the renames asked for before
@@ -4851,6 +4883,7 @@ class LocalBackend(Backend):
     def __init__(self, options: WorkerOptions, config: Config, warm: WarmPool):
         super().__init__(options, config)
         self.warm = warm
+        self.dismissed: list[LocalWorker] = []  # killed after a failed start: see _dismiss
 
     def _start(self, spec: WorkerSpec) -> LocalWorker:
         """A warm process if one is left (see WarmPool), else a new one, told its device."""
@@ -4895,7 +4928,19 @@ class LocalBackend(Backend):
         whose pipe or sentinel ended (see _wait), or one whose pipes a process its pipeline
         forked holds open (a fork-based pool's). One cut off and alive after
         SEVERED_WAIT_SECONDS is killed: it can report nothing more, and no timeout would end it.
-        One killed and still there after KILL_WAIT_SECONDS is let go of (see reap): lost."""
+        One killed and still there after KILL_WAIT_SECONDS is let go of (see reap): lost; one
+        dismissed (see _dismiss), only let go of."""
+        for worker in list(self.dismissed):
+            if worker.process.exitcode is not None:
+                worker.process.join()  # (at once: it has exited)
+            elif time.monotonic() - worker.killed_at > KILL_WAIT_SECONDS:
+                let_go.append(worker.process)
+                yield Note(stuck_line(worker.process, worker.spec))
+            else:
+                continue
+            self.dismissed.remove(worker)
+            self._discard_staged(worker)
+            worker.conn.close()
         for worker in list(self.workers.values()):
             if self.workers.get(worker.spec.slot) is not worker:
                 continue
@@ -4970,17 +5015,21 @@ class LocalBackend(Backend):
         yield from self._lost(worker, reason, restart)
 
     def _shutdown(self, workers: list[LocalWorker]) -> None:
-        """(A worker stuck after its kill keeps its staging folder: the next run's start
-        removes it, see clear_staging.)"""
+        workers, self.dismissed = [*workers, *self.dismissed], []
         for worker in workers:
             worker.process.kill()
-        stuck = reap([worker.process for worker in workers])
-        for worker in workers:
-            if worker.process in stuck:
-                say(stuck_line(worker.process, worker.spec))
-            else:
+        try:
+            reap([worker.process for worker in workers], {worker.process: worker.spec for worker in workers})
+        finally:
+            for worker in workers:
                 self._discard_staged(worker)
-            worker.conn.close()
+                worker.conn.close()
+
+    def _dismiss(self, worker: LocalWorker) -> None:
+        """Killed, and its exit looked for each round (see _unwatched), not waited for here: it
+        may be stuck in the kernel, and the run goes on meanwhile."""
+        self._kill(worker)
+        self.dismissed.append(worker)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5789,23 +5838,27 @@ class Staging:
 
 
 def save_results(task: Task, results: list[Any], formats: tuple[str, ...], staging: Staging
-                 ) -> tuple[str, str, list[str], list[str]]:
+                 ) -> tuple[str, str, list[str], dict[str, int | None]]:
     """Every file of an input (its pages' JSON, and --save's, with whatever a writer adds
     beside them, such as markdown's images) staged: (the folder, the prefix of the names there,
-    the JSON names, the other names). Nothing is left there if writing fails."""
+    the JSON names, the other names with the page each is of: None for an image's, and for what
+    a writer adds, which pages may share). Nothing is left there if writing fails."""
     folder, prefix = staging.place_for(formats)
-    pages, extras = [], []
+    pages: list[str] = []
+    extras: dict[str, int | None] = {}
     try:
         for result in results:
+            page = page_index_of(result) if task.paged else None
             name = os.path.basename(task.output_path(page_index_of(result)))
             pages.append(name)
             result.save_to_json(os.path.join(folder, prefix + name))
-            extras += save_extras(folder, prefix, name[: -len(".json")], result, formats)
+            extras.update(dict.fromkeys(save_extras(folder, prefix, name[: -len(".json")], result, formats), page))
         if not prefix:
-            written = set(pages) | set(extras)
+            written = {*pages, *extras}
             for parent, _, names in os.walk(folder):
-                extras += sorted(rel for name in names
-                                 if (rel := os.path.relpath(os.path.join(parent, name), folder)) not in written)
+                extras.update(dict.fromkeys(sorted(
+                    rel for name in names
+                    if (rel := os.path.relpath(os.path.join(parent, name), folder)) not in written)))
     except BaseException:
         if prefix:
             for name in [*pages, *extras]:
@@ -5894,12 +5947,6 @@ def pages_read(done: Any) -> list[int | None] | None:
     """The pages a done task's outputs are of, in order (an image's: [None]); see listed_pages."""
     task = done.task
     return listed_pages(task.page_numbers, done.failed_pages, len(done.outputs)) if task.paged else [None]
-
-
-def new_extras_placed(done: Any, kept: dict) -> bool:
-    """Are a task's new --save files placed? Unless every page it read keeps its earlier
-    reading (whose own --save files then stay): a task that mixes both has the new ones."""
-    return any(page not in kept for page in pages_read(done) or ()) if done.outputs else False
 
 
 def page_index_of(result: Any) -> int | None:
@@ -6014,7 +6061,7 @@ class Document:
     task: Task  # the whole input
     left: int  # pages still to report in this run
     outputs: dict[int, str]  # page -> JSON: kept from earlier runs (see Coverage), then this run's
-    extras: list[str]
+    extras: dict[str, int | None]  # --save file -> its page: the same
     failed: dict[int, str]  # page -> why: failed in an earlier run (not retried), then in this one
     standing: set[int] = field(default_factory=set)  # ... of those, failed in a finished run's whole record
     failed_now: int = 0
@@ -6135,7 +6182,7 @@ class Report:
             kept = self.keep_earlier(done)
             kept_names = {os.path.basename(done.task.output_path(page)) for page in kept}
             names = [name for name in done.outputs if name not in kept_names]
-            extras = done.extras if new_extras_placed(done, kept) else []
+            extras = [name for name, page in done.extras.items() if page not in kept]  # (a kept reading keeps its own)
             discarded = [name for name in [*done.outputs, *done.extras] if name not in names and name not in extras]
             try:
                 folder, renames = self.ledger.prepare(done.task, done.staged, done.prefix, names, extras)
@@ -6189,7 +6236,7 @@ class Report:
         outputs = [task.output_file(name) for name in event.outputs]
         extras = [task.output_file(name) for name in event.extras]
         if task.path in self.documents:
-            self.pages_done(event, outputs, extras)
+            self.pages_done(event, outputs)
         else:
             figure = self.this_pass(task, None, event.quality[0] if event.quality else None)
             kept = self.kept.pop(task.index, {})
@@ -6219,7 +6266,7 @@ class Report:
         pages = list(task.page_numbers) if task.paged else [None]
         if event.spec and any((task.path, page) in self.weak_readings for page in pages):  # their readings stay
             failed = {page: event.error for page in pages}  # (an image's: None, for keep_earlier)
-            done = TaskDone(task, event.spec, "", "", [], [], 0.0, event.attempts, failed)
+            done = TaskDone(task, event.spec, "", "", [], {}, 0.0, event.attempts, failed)
             self.keep_earlier(done)
             self.task_done(done)
         elif event.task.path in self.documents and event.task.page_numbers:
@@ -6261,21 +6308,21 @@ class Report:
                 kind = re.sub(r"\d+", "#", error.replace(task.path, "").replace(os.path.basename(task.path), ""))
                 self.failure_kinds.setdefault(kind, f"{task.path}: {error}")
 
-    def pages_done(self, event: TaskDone, outputs: list[str], extras: list[str]) -> None:
-        """Some pages of a document, done (and perhaps some failed): a record for a range."""
+    def pages_done(self, event: TaskDone, outputs: list[str]) -> None:
+        """Some pages of a document, done (and perhaps some failed): a record for a range. A
+        page whose earlier reading is kept (see keep_earlier) keeps that reading's --save files."""
         task, failed = event.task, dict(event.failed_pages)
         pages = listed_pages(task.page_numbers, failed, len(outputs)) or []
         files = dict(zip(pages, outputs))
         quality = {page: figure for page, figure in zip(pages, event.quality) if figure}
         quality = {page: self.this_pass(task, page, figure) for page, figure in quality.items()}
         kept = self.kept.pop(task.index, {})
-        if kept and not new_extras_placed(event, kept):
-            extras = []
+        extras = {task.output_file(name): page for name, page in event.extras.items() if page not in kept}
         for page, (why, _failed) in kept.items():
             earlier = self.weak_readings[task.path, page]
             failed.pop(page, None)
             files[page], quality[page] = earlier.output, earlier.figure
-            extras = [*extras, *(path for path in earlier.extras if path not in extras)]
+            extras.update(dict.fromkeys(earlier.extras, page))
             self.progress.say(f"{task.path} page {page}: {why}: its earlier reading is kept")
         pages = sorted(files)
         outputs = [files[page] for page in pages]
@@ -6294,7 +6341,9 @@ class Report:
         document.weak.update(weak)
         self.failed_pages += len(weak)
         document.outputs.update(zip(pages, outputs))
-        document.extras += extras
+        for path in [path for path, page in document.extras.items() if page in files]:  # (read again: its files now)
+            del document.extras[path]
+        document.extras.update(extras)
         self.count_pages(document, task, event.spec, event.attempts, event.seconds, failed)
 
     def pages_failed(self, event: TaskFailed) -> None:
@@ -6331,7 +6380,7 @@ class Report:
         count = task.page_count or 0
         good = bool(document.outputs) and len(failed) + len(weak) <= self.max_page_error_rate * count
         outputs = [document.outputs[page] for page in sorted(document.outputs)]
-        self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=list(dict.fromkeys(document.extras)),
+        self.ledger.write(task, DONE if good else FAILED, outputs=outputs, extras=document.extras,
                           device=document.device, attempts=document.attempts, seconds=document.seconds,
                           failed_pages=failed, quality=document.quality, weak=weak, retry=sorted(document.retry),
                           **({"options": options} if options is not None else {}))
@@ -6778,7 +6827,7 @@ def dispatch_logged(config: Config, pipeline: PipelineRef, plan: list[WorkerSpec
             if task.page_count:
                 coverage = work.coverage.get(task.index) or Coverage()
                 report.documents[task.path] = Document(
-                    task, len(pages_to_do(task, coverage)), dict(coverage.outputs), list(coverage.extras),
+                    task, len(pages_to_do(task, coverage)), dict(coverage.outputs), dict(coverage.extras),
                     dict(coverage.failed), coverage.standing | coverage.weak_standing, quality=dict(coverage.quality),
                     weak={page: weak_reason(coverage.quality.get(page), config.min_page_score or 0.0)
                           or "by an earlier run's --min_page_score" for page in coverage.weak_kept},
@@ -6856,8 +6905,7 @@ def kill_left_workers() -> None:
             if process.name == WORKER_PROCESS_NAME and process not in let_go]
     for process in left:
         process.kill()
-    for stuck in reap(left):
-        say(stuck_line(stuck))
+    reap(left)
 
 
 def exit_code_now(code: int) -> int:
@@ -6887,4 +6935,12 @@ def stop_listening(as_script: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_code_now(main()))
+    try:
+        status = main()
+    except BaseException:  # (a bug, or stderr's reader gone: with a worker let go of, Python's exit would hang)
+        if not let_go:
+            raise
+        with contextlib.suppress(BaseException):
+            sys.excepthook(*sys.exc_info())
+        status = 1
+    sys.exit(exit_code_now(status))

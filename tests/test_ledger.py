@@ -713,7 +713,7 @@ def test_a_worker_that_dies_while_renaming_is_charged_to_what_it_was_renaming():
     for attempt in (1, 2):
         worker = infer_mp.WorkerHandle(spec, 0.0, ready=True)
         worker.held = {1: renaming, 2: behind}
-        worker.placing = {1: infer_mp.TaskDone(renaming, spec, "/out/.infer_mp.staging/w", "0-", ["1.json"], [], 0.1,
+        worker.placing = {1: infer_mp.TaskDone(renaming, spec, "/out/.infer_mp.staging/w", "0-", ["1.json"], {}, 0.1,
                                                attempt)}
         backend.handed.update({1: attempt, 2: 1})
         events = list(backend._requeue_or_fail(worker, "timed out", replaced=True))
@@ -937,7 +937,7 @@ def test_a_task_whose_staged_files_vanished_is_done_again_not_failed():
     for handed in (1, 2):
         worker = infer_mp.WorkerHandle(spec, 0.0, ready=True)
         worker.held = {1: task}
-        worker.placing = {1: infer_mp.TaskDone(task, spec, "/out/.infer_mp.staging/w", "0-", ["a.json"], [], 0.1, 1)}
+        worker.placing = {1: infer_mp.TaskDone(task, spec, "/out/.infer_mp.staging/w", "0-", ["a.json"], {}, 0.1, 1)}
         backend.handed[1] = handed
         events = list(backend._handle(worker, infer_mp.Placed([], {1: (errno.ENOENT, "No such file or directory")})))
         if handed == 1:

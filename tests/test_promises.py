@@ -433,6 +433,59 @@ def test_a_reading_placed_by_a_killed_pass_is_recorded_as_a_later_pass(dirs):
     assert_invariant(src, out)
 
 
+def scores_of(path: Path) -> list:
+    """The recognition scores a page's JSON, or its markdown (which the fake writes them into), holds."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())["rec_scores"]
+    return json.loads(path.read_text().split("scores: ")[1].splitlines()[0])
+
+
+def test_a_replaced_weak_reading_takes_its_save_files_with_it(dirs):
+    """Review finding: a document's weak page read better by a --retry_failed pass without
+    --save kept the first reading's markdown in the document's record (a record's --save files
+    stayed while any of its pages did), beside the new reading's JSON. --save files are recorded
+    by page now (`extra_pages`): the replaced reading's go, the other pages' stay."""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.99", "SCORES:0.5"]))
+    gate = ("--min_page_score", "0.9", "--max_page_error_rate", "0.5")
+    assert run_fake(src, out, *gate, "--save", "markdown").code == 1  # (a weak page)
+    assert scores_of(out / "doc_1.md") == [0.5]
+    again = run_fake(src, out, *gate, "--retry_failed", "--pipeline_arg", "score_shift=0.45")
+    assert again.code == 0, again.stderr
+    assert scores_of(out / "doc_1.json") == [0.95] and not (out / "doc_1.md").exists()
+    assert scores_of(out / "doc_0.md") == [0.99]
+    record = latest_records(out)[str(src / "doc.pdf")]
+    assert record["extra_outputs"] == ["doc_0.md"] and record["extra_pages"] == [0], record
+    assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_a_plain_run_keeps_a_better_reading_that_a_stopped_pass_placed(dirs, save):
+    """Review finding: a --retry_failed pass killed after it placed a better reading of a
+    document's weak page, before its record; the next plain run read that page again (its file
+    was placed after its record) and put the weak reading back. A plain run does not read weak
+    pages again: the better reading stays, with the --save files placed with it; those of the
+    reading it replaced go. (The run log is cut back to that instant: the pass's `placing` lines
+    kept, its records not.)"""
+    src, out = dirs
+    write(src / "doc.pdf", pdf_bytes(["SCORES:0.99", "SCORES:0.5"]))
+    gate = ("--min_page_score", "0.9", "--max_page_error_rate", "0.5")
+    assert run_fake(src, out, *gate, "--save", "markdown").code == 1  # (a weak page)
+    log = out / "infer_mp.runlog.jsonl"
+    weak_only = log.read_text()
+    better = run_fake(src, out, *gate, "--retry_failed", "--pipeline_arg", "score_shift=0.45",
+                      *(("--save", "markdown") if save else ()))
+    assert better.code == 0, better.stderr
+    placing = [line for line in log.read_text()[len(weak_only):].splitlines() if '"status": "placing"' in line]
+    log.write_text(weak_only + "".join(line + "\n" for line in placing))
+    plain = run_fake(src, out, *gate)
+    assert plain.code == 0, plain.stderr
+    assert scores_of(out / "doc_1.json") == [0.95], plain.stderr
+    assert (scores_of(out / "doc_1.md") == [0.95]) if save else not (out / "doc_1.md").exists()
+    assert scores_of(out / "doc_0.md") == [0.99]
+    assert_invariant(src, out)
+
+
 def test_on_a_case_insensitive_output_folder_names_differ_by_more_than_case(dirs):
     """`A.png` and `a.png` would write `A.json` and `a.json`, one file on SMB, APFS or NTFS: on
     an output folder that ignores case (probed at start; here made so for every process of the

@@ -797,6 +797,45 @@ def test_a_warm_worker_stuck_after_its_kill_does_not_hold_a_refused_run(dirs, tm
     assert exit_code == 2 and STUCK_LINE in stderr, stderr
 
 
+def test_a_worker_stuck_after_a_failed_start_does_not_hold_the_others(dirs, tmp_path):
+    """Review finding: a worker whose pipeline could not start (a CUDA OOM) was killed and
+    waited for inside the coordinator's loop; stuck, it held every other worker without work
+    for 10 s. It is now let go of while the others go on: no gap of seconds between pages."""
+    src, out = dirs
+    make_inputs(src, 12)
+    pages = tmp_path / "pages"
+    env = {"FAKE_PIPELINE_HOLD_AT_IMPORT": "1", "FAKE_PIPELINE_STARTS": str(tmp_path / "starts"),
+           "FAKE_PIPELINE_FAIL_STARTS": "2", "FAKE_PIPELINE_DELAY": "0.5", "FAKE_PIPELINE_PAGE_LOG": str(pages)}
+    exit_code, stderr = run_held(src, out, tmp_path, "--instances_per_device", "2", env=env)
+    assert exit_code == 0 and "could not start its pipeline" in stderr and STUCK_LINE in stderr, stderr
+    starts = sorted(json.loads(line)["start"] for line in pages.read_text().splitlines())
+    assert len(starts) == 12 and max(b - a for a, b in zip(starts, starts[1:])) < 5, starts
+    assert_invariant(src, out)
+
+
+def test_a_run_whose_stderr_reader_is_gone_ends_though_a_worker_is_stuck(dirs, tmp_path):
+    """Review finding: `| head -n 2` on stderr; the line that says a worker is let go of met a
+    closed pipe, and the exception that followed took the run past its exit, into Python's,
+    which waited for the stuck worker for ever."""
+    src, out = dirs
+    make_inputs(src, 1)
+    write(src / "x.png", "UNKILLABLE HANG")
+    pids = tmp_path / "helpers"
+    env = {**os.environ, "FAKE_PIPELINE_HELPER_PIDS": str(pids)}
+    run = subprocess.Popen([sys.executable, str(SCRIPT), *fake_args(src, out, "--task_timeout", "2",
+                            "--max_attempts", "1")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert b"ready" in run.stderr.readline() + run.stderr.readline()
+        run.stderr.close()  # (as `head -n 2` does)
+        exit_code = run.wait(60)
+    finally:
+        run.kill()
+        for pid in pids.read_text().split() if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    assert exit_code != 0
+
+
 def test_a_message_whose_rest_did_not_come_is_the_end_of_its_workers_pipe(dirs):
     """HALFSTALL: the worker sends the start of a message, and nothing more for 5.5 s: the
     coordinator's read gives up after RECEIVE_TIMEOUT_SECONDS (5 s), and the worker is cut off.
