@@ -511,10 +511,11 @@ def build_parser() -> ArgumentParser:
     options.add_argument(
         "--save",
         type=save_formats,
-        default=(),
+        action="extend",
+        default=None,
         metavar="FORMATS",
         help="Also save, where the results support it: 'markdown', 'img' (visualizations), or "
-        "'markdown,img'. JSON is always saved.",
+        "'markdown,img' (or --save given twice). JSON is always saved.",
     )
     cluster = parser.add_argument_group("backend")
     cluster.add_argument(
@@ -835,7 +836,7 @@ def parse_config(argv: list[str] | None) -> Config:
         raise UsageError("--ray_address is for --backend ray; add --backend ray, or leave --ray_address out")
     if args.max_worker_memory_mb and resident_memory_mb() is None:  # (the default is off without it)
         raise UsageError("--max_worker_memory_mb needs /proc (Linux) or psutil: pip install psutil")
-    if "img" in args.save and offline_font() is None:
+    if "img" in (args.save or ()) and offline_font() is None:
         say(f"note: --save img draws text with a font that PaddleX downloads when it has none (offline, each "
             f"picture's text half stays blank): pip install {FONT_PACKAGE} (in requirements.txt), or set "
             f"{FONT_VARIABLE} to a .ttf/.ttc file")
@@ -856,7 +857,7 @@ def parse_config(argv: list[str] | None) -> Config:
         dry_run=args.dry_run,
         pipeline_kwargs=pipeline_kwargs(args),
         predict_kwargs=dict(args.predict_arg),
-        save=tuple(dict.fromkeys(args.save)),
+        save=tuple(dict.fromkeys(args.save or ())),
         overwrite=args.overwrite,
         retry_failed=args.retry_failed,
         max_attempts=args.max_attempts,

@@ -216,6 +216,15 @@ def test_seed_defaults(tmp_path):
         "output", 1, 1, ("*",))
 
 
+@pytest.mark.parametrize("flags, formats", [((), ()), (("--save", "markdown", "--save", "img"), ("markdown", "img")),
+                                             (("--save", "img,markdown", "--save", "img"), ("img", "markdown"))])
+def test_save_given_twice_adds_up(tmp_path, flags, formats):
+    """Review finding: `--save markdown --save img` kept only the last (no markdown written),
+    though --input_glob_pattern adds up when repeated."""
+    config = infer_mp.parse_config(["--pipeline", "P", "--input_dir", str(tmp_path), "--device", "cpu", *flags])
+    assert config.save == formats
+
+
 # -- device planning, in process --------------------------------------------------------------
 
 
