@@ -3460,7 +3460,7 @@ class Reading:
 
     output: str  # its JSON file
     figure: dict  # its quality figure (see page_quality)
-    extras: tuple[str, ...] = ()  # its record's --save files
+    extras: dict[str, int | None] = field(default_factory=dict)  # its --save files -> their page (see extras_of)
 
 
 @dataclass
@@ -3527,6 +3527,7 @@ def select_work(tasks: list[Task], ledger: Ledger, config: Config) -> WorkSelect
                 selection.not_selected += 1
                 continue
         elif (failed_before and record is not None and not record.get("retry") and unchanged(task, record)
+              and not unfinished  # (a later run began it again, --overwrite say: it goes on from there)
               and all(os.path.isfile(os.path.join(root, rel)) for rel in record.get("outputs") or ())):
             if not news:
                 selection.standing.append((task, record))
@@ -3555,18 +3556,39 @@ def weak_reading(task: Task, page: int | None, record: dict, root: str, rel: str
     output = rel and (at_todays_name(task, page, root, rel) or moved_reading(root, rel))
     if not output or type(figure) is not dict:
         return None
-    extras = tuple(found for extra, of in extras_of(record).items()
-                   if of in (None, page) and os.path.isfile(found := os.path.join(root, extra)))
+    extras = {found: of for extra, of in extras_of(record, task.paged).items()
+              if of in (None, page) and os.path.isfile(found := os.path.join(root, extra))}
     return Reading(output, figure_in_file(output, figure), extras)
 
 
-def extras_of(record: dict) -> dict[str, int | None]:
-    """A record's --save files, as recorded, each with the page it is of: None for an image's,
-    or where the record does not say (before 2026-12-05; a hand edit), then the whole record's."""
-    extras, pages = record.get("extra_outputs") or [], record.get("extra_pages")
-    if type(pages) is not list or len(pages) != len(extras) or not all(type(p) in (int, type(None)) for p in pages):
+def extras_of(record: dict, paged: bool = True) -> dict[str, int | None]:
+    """A document record's --save files, as recorded, each with the page it is of: as the record
+    says (`extra_pages`), else (a record from before 2026-12-05, a hand edit) as its name says
+    (see named_page). None for an image's, and for what a writer added beside them (markdown's
+    images, which pages may share): those go with the whole record, while any page of it stays."""
+    extras = record.get("extra_outputs") or []
+    if not paged:
+        return dict.fromkeys(extras)
+    outputs = record.get("outputs") or []
+    stems = {output[: -len(".json")]: page for page, output in zip(output_pages(record) or (), outputs)}
+    pages = record.get("extra_pages")
+    if type(pages) is not list or len(pages) != len(extras):
         pages = [None] * len(extras)
-    return dict(zip(extras, pages))
+    valid = set(stems.values())
+    return {extra: page if type(page) is int and page in valid else named_page(extra, stems)
+            for extra, page in zip(extras, pages)}
+
+
+def named_page(extra: str, stems: dict[str, int]) -> int | None:
+    """The page of a --save file by the name save_extras gave it, `X_N.md` or `X_N_key.png`
+    beside the page's `X_N.json` (`stems`: X_N -> N, the record's own pages); None for another."""
+    if extra.endswith(".md") and extra[: -len(".md")] in stems:
+        return stems[extra[: -len(".md")]]
+    cut = len(extra)
+    while extra.endswith(".png") and (cut := extra.rfind("_", 0, cut)) > 0:
+        if extra[:cut] in stems:
+            return stems[extra[:cut]]
+    return None
 
 
 def moved_reading(root: str, rel: str) -> str | None:
@@ -6183,7 +6205,7 @@ class Report:
             kept = self.keep_earlier(done)
             kept_names = {os.path.basename(done.task.output_path(page)) for page in kept}
             names = [name for name in done.outputs if name not in kept_names]
-            extras = [name for name, page in done.extras.items() if page not in kept]  # (a kept reading keeps its own)
+            extras = [name for name, page in done.extras.items() if not self.kept_reads(done, kept, name, page)]
             discarded = [name for name in [*done.outputs, *done.extras] if name not in names and name not in extras]
             try:
                 folder, renames = self.ledger.prepare(done.task, done.staged, done.prefix, names, extras)
@@ -6195,6 +6217,17 @@ class Report:
                 self.task_failed(TaskFailed(done.task, done.spec, f"cannot place output: {one_line(error)}",
                                             done.attempts, retry=error.errno in FOLDER_ERRNOS))
         self.ledger.record_placing()
+
+    def kept_reads(self, done: TaskDone, kept: dict, name: str, page: int | None) -> bool:
+        """Is this new --save file a kept earlier reading's to have (see keep_earlier), not placed
+        then: one of a kept page; one of no page (a writer's own) where every page the task read
+        is kept, or where a kept reading has a file of that name."""
+        if page in kept:
+            return True
+        if page is not None or not kept:
+            return False
+        return (all(read in kept for read in pages_read(done) or ())
+                or any(done.task.output_file(name) in self.weak_readings[done.task.path, read].extras for read in kept))
 
     def keep_earlier(self, done: TaskDone) -> dict[int | None, tuple[str, bool]]:
         """--retry_failed: the pages of a task where the earlier, weak reading stays, with why,
@@ -6323,7 +6356,7 @@ class Report:
             earlier = self.weak_readings[task.path, page]
             failed.pop(page, None)
             files[page], quality[page] = earlier.output, earlier.figure
-            extras.update(dict.fromkeys(earlier.extras, page))
+            extras.update(earlier.extras)
             self.progress.say(f"{task.path} page {page}: {why}: its earlier reading is kept")
         pages = sorted(files)
         outputs = [files[page] for page in pages]

@@ -16,9 +16,11 @@ hold_at_exit), then goes on,
 until the file that ``FAKE_PIPELINE_WAIT_FILE`` names exists. ``SCORES:0.5,0.6`` gives the
 result those recognition scores (``rec_scores``, as an OCR pipeline's), ``SCORES:-`` none (no
 text found), and ``BLANK`` a page image of one colour (as the OCR pipelines keep it); the
-option ``score_shift`` adds to every such score (up to 1; with ``shift_only``, only on inputs or pages
-with that word), and ``raise_on`` names one more word that raises, as a second pass with another
-pipeline might read the same files better or fail.
+option ``side_files`` has the markdown writer add ``imgs/logo.png`` and ``imgs/<page>_fig.png``
+beside its file (as PaddleX's adds a page's images); the option ``score_shift`` adds to every
+such score (up to 1; with ``shift_only``, only on inputs or pages with that word), and
+``raise_on`` names one more word that raises, as a second pass with another pipeline might read
+the same files better or fail.
 ``FAKE_PIPELINE_DELAY`` (seconds), or the constructor option ``delay`` (which reaches Ray
 actors on any node, as environment variables may not), makes every input take that long;
 ``FAKE_PIPELINE_INIT_LOG`` or the option ``init_log`` names a file where each instance logs
@@ -100,6 +102,11 @@ class FakeResult(dict):
         scores = (f"scores: {self['rec_scores']}\noptions: {self.get('options')}\n"  # (which reading it is)
                   if "rec_scores" in self else "")
         Path(save_path).write_text(f"# {self['text']}\n{scores}", encoding="utf-8")
+        if (self.get("options") or {}).get("side_files"):  # as PaddleX's writer adds a page's images
+            images = Path(save_path).parent / "imgs"
+            images.mkdir(exist_ok=True)
+            (images / "logo.png").write_text("shared by every page")
+            (images / f"{Path(save_path).stem}_fig.png").write_text(f"# {self['text']}\n{scores}", encoding="utf-8")
 
     @property
     def img(self) -> dict:

@@ -413,3 +413,37 @@ def test_a_pdf_page_past_the_limit_even_at_the_smallest_scale_is_named_as_the_ru
     [failed] = [line for line in run.stderr.splitlines() if "FAILED" in line]
     assert "page 0: 6 x 4 pixels even at PaddleX's smallest PDF scale" in failed, failed
     assert "--max_image_pixels 20" in failed and "Page 1" not in failed and "Traceback" not in run.stderr
+
+
+def test_a_failed_document_begun_again_by_a_stopped_run_goes_on_from_there(dirs):
+    """Torture finding (seed 4002 --wide): doc.pdf failed a page (its pages named doc.pdf_N then,
+    beside a doc.png since deleted); an --overwrite run then did two of its pages again under
+    today's names, doc_N, and was stopped. The next plain run took the document as failed
+    before, not to retry, and left both sets: its records listed pages 0 and 1 twice, and the
+    old names stayed. A document begun again since its failure goes on from there: the pages
+    done stay, the failed one stays failed (not retried), the rest is done, the old names go."""
+    src, out = dirs
+    write(src / "doc.pdf", document(4, {3: "RAISE"}))
+    write(src / "doc_0.png", "an image named like a page")
+    assert run_fake(src, out, "--pages_per_task", "1").code == 1
+    assert (out / "doc.pdf_0.json").exists()
+    (src / "doc_0.png").unlink()
+    log = out / "infer_mp.runlog.jsonl"
+    failed = log.read_text()
+    old_names = {name: (out / name).read_bytes() for name in page_files(out) if name.startswith("doc.pdf_")}
+    assert run_fake(src, out, "--pages_per_task", "1", "--overwrite").code == 1
+    lines = log.read_text()[len(failed):].splitlines(keepends=True)
+    ranges = [line for line in lines if '"range": [0, 1]' in line or '"range": [1, 2]' in line]
+    placing = [line for line in lines if '"status": "placing"' in line][:2]
+    assert len(ranges) == 2
+    log.write_text(failed + "".join(line for line in lines if line in ranges or line in placing))  # (stopped then)
+    (out / "doc_2.json").unlink()
+    for name, content in old_names.items():  # (a stopped run retires nothing)
+        (out / name).write_bytes(content)
+    plain = run_fake(src, out, "--pages_per_task", "1")
+    assert plain.code == 0, plain.stderr
+    assert page_files(out) == ["doc_0.json", "doc_0.png.json", "doc_1.json", "doc_2.json"], page_files(out)
+    record = latest_records(out)[str(src / "doc.pdf")]
+    assert "range" not in record and record["outputs"] == ["doc_0.json", "doc_1.json", "doc_2.json"]
+    assert record["failed_pages"] == [3]
+    assert_invariant(src, out, gone=("doc_0.png",))

@@ -459,6 +459,54 @@ def test_a_replaced_weak_reading_takes_its_save_files_with_it(dirs):
     assert_invariant(src, out)
 
 
+def test_a_kept_reading_keeps_its_writers_files_and_the_others_pages_keep_theirs(dirs):
+    """Review findings: the markdown writer's own files (a page's images, which name no page)
+    of a new pass were placed over a kept reading's; and a kept reading's files of no page were
+    recorded as its page's, so that reading that page better later deleted another page's image."""
+    src, out = dirs
+    write(src / "d.pdf", pdf_bytes(["p0 SCORES:0.99", "p1 SCORES:0.5", "p2 SCORES:0.6 X"]))
+    flags = ("--min_page_score", "0.8", "--max_page_error_rate", "1", "--save", "markdown",
+             "--pipeline_arg", "side_files=1")
+    assert run_fake(src, out, *flags).code == 1
+    first = {name: (out / name).read_text() for name in ["d_0.md", "d_1.md", "imgs/d_0_fig.png", "imgs/d_1_fig.png"]}
+    again = run_fake(src, out, *flags, "--retry_failed", "--pipeline_arg", "score_shift=0.45",
+                     "--pipeline_arg", "shift_only=X")  # page 2 read better, page 1 not
+    assert again.code == 1 and "read it no better" in again.stderr, again.stderr
+    assert {name: (out / name).read_text() for name in first} == first
+    assert "score_shift" in (out / "imgs" / "d_2_fig.png").read_text()
+    third = run_fake(src, out, *flags, "--retry_failed", "--pipeline_arg", "score_shift=0.45")  # page 1 better
+    assert third.code == 0, third.stderr
+    assert (out / "d_0.md").read_text() == first["d_0.md"]
+    assert (out / "imgs" / "d_0_fig.png").read_text() == first["imgs/d_0_fig.png"]
+    assert "score_shift" in (out / "d_1.md").read_text() and "score_shift" in (out / "imgs" / "d_1_fig.png").read_text()
+    assert_invariant(src, out)
+
+
+@pytest.mark.parametrize("edit", ["none", "bogus"])
+def test_a_record_that_does_not_say_its_save_files_pages_is_read_by_their_names(dirs, edit):
+    """Review findings: a record from before `extra_pages` (or one hand-edited to pages it does
+    not have) kept a replaced reading's markdown beside the new JSON, or had a page's markdown
+    deleted while that page stayed. Its --save files' pages are then read from their names."""
+    src, out = dirs
+    write(src / "d.pdf", pdf_bytes(["p0 SCORES:0.99", "p1 SCORES:0.5", "p2 SCORES:0.6"]))
+    gate = ("--min_page_score", "0.8", "--max_page_error_rate", "1")
+    assert run_fake(src, out, *gate, "--save", "markdown", "--pages_per_task", "3").code == 1
+    log = out / "infer_mp.runlog.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        if "extra_pages" in record:
+            if edit == "none":
+                del record["extra_pages"]
+            else:
+                record["extra_pages"] = [99, -1, "1"][: len(record["extra_pages"])]  # (pages it has not)
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    again = run_fake(src, out, *gate, "--retry_failed", "--pipeline_arg", "score_shift=0.45")
+    assert again.code == 0, again.stderr
+    assert scores_of(out / "d_0.md") == [0.99] and scores_of(out / "d_1.json") == [0.95]
+    assert not (out / "d_1.md").exists() and not (out / "d_2.md").exists()
+    assert_invariant(src, out)
+
+
 @pytest.mark.parametrize("save", [True, False])
 def test_a_plain_run_keeps_a_better_reading_that_a_stopped_pass_placed(dirs, save):
     """Review finding: a --retry_failed pass killed after it placed a better reading of a
