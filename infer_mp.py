@@ -6351,7 +6351,8 @@ class Report:
         quality = {page: figure for page, figure in zip(pages, event.quality) if figure}
         quality = {page: self.this_pass(task, page, figure) for page, figure in quality.items()}
         kept = self.kept.pop(task.index, {})
-        extras = {task.output_file(name): page for name, page in event.extras.items() if page not in kept}
+        extras = {task.output_file(name): page for name, page in event.extras.items()
+                  if not self.kept_reads(event, kept, name, page)}  # (as placed: see staged)
         for page, (why, _failed) in kept.items():
             earlier = self.weak_readings[task.path, page]
             failed.pop(page, None)

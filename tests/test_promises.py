@@ -482,6 +482,21 @@ def test_a_kept_reading_keeps_its_writers_files_and_the_others_pages_keep_theirs
     assert_invariant(src, out)
 
 
+def test_a_kept_readings_record_lists_no_file_its_pass_did_not_place(dirs):
+    """Review finding: page 1, read weak without --save, then read no better by a pass with
+    --save markdown: that pass's files were not placed (the earlier reading stays, without
+    any), but its writer's own files (`imgs/...`) were still listed by the records."""
+    src, out = dirs
+    write(src / "d.pdf", pdf_bytes(["p0 SCORES:0.99", "p1 SCORES:0.5"]))
+    assert run_fake(src, out, "--min_page_score", "0.9").code == 1
+    again = run_fake(src, out, "--min_page_score", "0.9", "--retry_failed", "--save", "markdown",
+                     "--pipeline_arg", "side_files=1")
+    assert again.code == 1 and "read it no better" in again.stderr, again.stderr
+    assert not (out / "imgs").exists() and not (out / "d_1.md").exists()
+    assert all(not r.get("extra_outputs") for r in run_log(out)), run_log(out)
+    assert_invariant(src, out)
+
+
 @pytest.mark.parametrize("edit", ["none", "bogus"])
 def test_a_record_that_does_not_say_its_save_files_pages_is_read_by_their_names(dirs, edit):
     """Review findings: a record from before `extra_pages` (or one hand-edited to pages it does
