@@ -3633,8 +3633,8 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
     record, but the page is to redo), else failed (not with --retry_failed). A weak page that
     this input placed again since (a --retry_failed pass stopped before its record) stays, with
     its new reading, in a plain run: it reads weak pages again only with --retry_failed. A
-    page's --save files stay with it: those placed with its file (a record from before they
-    were recorded by page: all its --save files, while any of its pages stays)."""
+    page's --save files stay with it, those placed with its file (see extras_of); a writer's
+    own files, which are of no page, while any page of their record stays."""
     coverage, root = Coverage(), ledger.root
     for record in held:
         if not unchanged(task, record):
