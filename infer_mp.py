@@ -3647,7 +3647,7 @@ def page_coverage(task: Task, held: list[dict], ledger: Ledger, retry_failed: bo
                 if "range" not in record and ledger.reported(record):
                     coverage.standing.add(page)
         kept: dict[int, bool] = {}  # page -> placed again since (see the docstring)
-        weak = record.get("weak_pages") if type(record.get("weak_pages")) is list else []
+        weak = record.get("weak_pages") or []  # (page numbers: see well_formed)
         redo = set(weak) if retry_failed else set()  # (see --min_page_score)
         figures = page_figures(record)
         for page, rel in zip(output_pages(record) or (), record.get("outputs") or ()):
@@ -4384,12 +4384,13 @@ def reap(processes: list[multiprocessing.process.BaseProcess], specs: dict | Non
             if process.exitcode is not None:
                 process.join()  # (at once: it has exited; and multiprocessing forgets it)
             elif process not in let_go:
-                let_go.append(process)
                 with contextlib.suppress(OSError):  # (stderr's reader gone: the run is ending anyway)
-                    say(stuck_line(process, (specs or {}).get(process)))
+                    say(let_go_of(process, (specs or {}).get(process)))
 
 
-def stuck_line(process: multiprocessing.process.BaseProcess, spec: WorkerSpec | None = None) -> str:
+def let_go_of(process: multiprocessing.process.BaseProcess, spec: WorkerSpec | None = None) -> str:
+    """Never wait for this killed process again (see reap); the line that says so."""
+    let_go.append(process)
     who = f"worker {spec.slot} ({spec.device}, pid {process.pid})" if spec else f"worker pid {process.pid}"
     return (f"{who} did not exit within {KILL_WAIT_SECONDS:g} s of its SIGKILL (stuck in the kernel: a GPU "
             "driver call, a hung network filesystem?); not waited for (it holds its memory until it exits)")
@@ -4956,9 +4957,8 @@ class LocalBackend(Backend):
         for worker in list(self.dismissed):
             if worker.process.exitcode is not None:
                 worker.process.join()  # (at once: it has exited)
-            elif time.monotonic() - worker.killed_at > KILL_WAIT_SECONDS:
-                let_go.append(worker.process)
-                yield Note(stuck_line(worker.process, worker.spec))
+            elif self._stuck(worker):
+                yield Note(let_go_of(worker.process, worker.spec))
             else:
                 continue
             self.dismissed.remove(worker)
@@ -4973,10 +4973,14 @@ class LocalBackend(Backend):
                   and time.monotonic() - worker.cut_off_at > SEVERED_WAIT_SECONDS):
                 worker.severed = True
                 self._kill(worker)
-            elif worker.killed_at is not None and time.monotonic() - worker.killed_at > KILL_WAIT_SECONDS:
-                let_go.append(worker.process)
-                yield Note(stuck_line(worker.process, worker.spec))
+            elif self._stuck(worker):
+                yield Note(let_go_of(worker.process, worker.spec))
                 yield from self._exited(worker, restart)
+
+    @staticmethod
+    def _stuck(worker: LocalWorker) -> bool:
+        """Killed, and not gone KILL_WAIT_SECONDS later (its exit status is looked at first)."""
+        return worker.killed_at is not None and time.monotonic() - worker.killed_at > KILL_WAIT_SECONDS
 
     def _wait_seconds(self) -> float:
         """As the base's; EXIT_POLL_SECONDS while a worker's exit is looked for (see _ending)."""
@@ -5871,8 +5875,9 @@ def save_results(task: Task, results: list[Any], formats: tuple[str, ...], stagi
     extras: dict[str, int | None] = {}
     try:
         for result in results:
-            page = page_index_of(result) if task.paged else None
-            name = os.path.basename(task.output_path(page_index_of(result)))
+            index = page_index_of(result)
+            page = index if task.paged else None
+            name = os.path.basename(task.output_path(index))
             pages.append(name)
             result.save_to_json(os.path.join(folder, prefix + name))
             extras.update(dict.fromkeys(save_extras(folder, prefix, name[: -len(".json")], result, formats), page))
