@@ -2541,6 +2541,7 @@ class Ledger:
         self._written = itertools.count()
         self._folders: set[str] = set()  # output folders checked this run (see check_folder, prune)
         self._placing: list[list] = []  # [input, outputs, extras] of a batch's tasks: see prepare
+        self.paths: list[Path] = []  # the logs read (see read), this run's own last
         self.own_index = 0  # this run's log among those read (see read)
         self.options = ""  # this run's pipeline and options, as each of its records says (see options_tag)
         self.finished: dict[tuple[int, int], int] = {}  # (log, generation) -> line: a run that exited 0 or 1
@@ -2572,7 +2573,7 @@ class Ledger:
             for index, path in enumerate(paths):
                 ledger.read_log(path, index, own=path == config.run_log)
             gc.freeze()  # the ledger lives as long as the run: a million records, never garbage
-        ledger.own_index = len(paths) - 1
+        ledger.paths, ledger.own_index = paths, len(paths) - 1
         return ledger
 
     def read_log(self, path: Path, index: int, own: bool, start: tuple[int, int] = (0, 0)) -> None:
@@ -2666,18 +2667,28 @@ class Ledger:
             self.log_folder[index] = folder
 
     def check_output_folder(self, run_log: Path) -> None:
-        """Refuse a run log kept outside the output folder whose last line that names one (a
-        `placing` line, a closing line) names another that is still there: one log for two
-        folders lets each take the other's records for its own (a stale text in one is never
-        redone). A folder moved away (not there any more) is this one, moved; a log inside the
-        folder is the folder's, also in a copy. (Not told apart by device and inode: a freed
-        inode is handed to the next folder made, and a remount changes the device number.)"""
-        folder = self.log_folder.get(self.own_index)
-        if folder is None or folder == self.root or within(str(run_log), self.root) or not os.path.isdir(folder):
-            return
-        raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
-                         f"(each output folder needs its own run log); give this run a --run_log of its own, or "
-                         "leave --run_log out")
+        """Refuse a run log whose last line that names an output folder (a `placing` line, a
+        closing line) names another that is still there: one log for two folders lets each take
+        the other's records for its own (a stale text in one is never redone, a user's file in
+        the other retired). A folder moved away (not there any more), or reached through a link
+        now, is this one. A log inside the folder is that folder's copy where that folder still
+        has it, at the same place (`cp -r out out2`); not one that lies in a subfolder of this
+        one, nor one given to another folder's run with --run_log. (Not told apart by device
+        and inode: a freed inode is handed to the next folder made, and a remount changes the
+        device number.)"""
+        for index, path in enumerate(self.paths):
+            folder = self.log_folder.get(index)
+            if folder is None or not os.path.isdir(folder) or os.path.realpath(folder) == self.root:
+                continue
+            if within(str(path), self.root) and os.path.isfile(os.path.join(folder, os.path.relpath(path, self.root))):
+                continue
+            if path == run_log:
+                raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
+                                 "(each output folder needs its own run log); give this run a --run_log of its own, "
+                                 "or leave --run_log out")
+            raise UsageError(f"the run log {str(path)!r} in --output_dir holds the records of another output folder, "
+                             f"{folder!r} (each output folder needs its own run log); move it into that folder, or "
+                             "out of this one")
 
     def reported(self, record: dict) -> bool:
         """Did the run that recorded this failure report it? One that finished did: with exit 1,

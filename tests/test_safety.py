@@ -1239,6 +1239,49 @@ def test_one_run_log_for_two_output_folders_is_refused_after_a_killed_first_run(
     assert run.code == 2 and "holds the records of another output folder" in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("how", ["a subfolder's", "given by another folder's run"])
+def test_another_folders_run_log_inside_the_output_folder_is_refused(dirs, tmp_path, how):
+    """Review: a run log inside --output_dir was taken for the folder's own, whatever folder its
+    lines named: out/sub's log given to a run into out (or out2's, given inside out with
+    --run_log, which every run into out reads) had its a.jpg -> a.json taken for out's, and
+    out/a.json, the user's own file, was retired once a.png came."""
+    src, out = dirs
+    write(src / "a.jpg", "A")
+    if how == "a subfolder's":
+        log, extra = out / "sub" / "infer_mp.runlog.jsonl", ("--run_log", str(out / "sub" / "infer_mp.runlog.jsonl"))
+        assert run_fake(src, out / "sub").code == 0
+    else:
+        log, extra = out / "infer_mp.v2.runlog.jsonl", ()
+        assert run_fake(src, tmp_path / "out2", "--run_log", str(log)).code == 0
+    user = write(out / "a.json", "the user's own file")
+    write(src / "a.png", "A2")
+    before = log.read_bytes()
+    run = run_fake(src, out, *extra)
+    assert run.code == 2 and "holds the records of another output folder" in run.stderr, run.stderr
+    assert user.read_text() == "the user's own file" and log.read_bytes() == before
+
+
+def test_a_copied_or_moved_and_linked_output_folder_keeps_its_run_log(dirs, tmp_path):
+    """`cp -r out copy` goes on in the copy (its log names out, which has it at the same place).
+    Review: a folder moved and linked from its old place (`mv out disk2/out; ln -s disk2/out
+    out`) was refused for good: its --run_log named the old spelling, compared as text."""
+    src, out = dirs
+    log = tmp_path / "logs" / "run.jsonl"
+    write(src / "a.png", "A")
+    assert run_fake(src, out).code == 0 and run_fake(src, out, "--run_log", str(log)).code == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    write(src / "a.png", "A2")
+    assert run_fake(src, copy).code == 0 and "A2" in (copy / "a.json").read_text()
+    moved = tmp_path / "disk2" / "out"
+    moved.parent.mkdir()
+    out.rename(moved)
+    out.symlink_to(moved)
+    for spelling, said in ((out, "1 done"), (moved, "1 skipped")):  # (a.png changed since the log's run)
+        run = run_fake(src, spelling, "--run_log", str(log))
+        assert run.code == 0 and said in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("shard", [None, "1/2"])
 def test_a_run_log_named_like_the_folders_lock_is_not_refused_as_locked(dirs, shard):
     """--run_log out/infer_mp: its lock, `.infer_mp.lock`, was the folder's own, so every run was
