@@ -3006,7 +3006,7 @@ class Ledger:
                 raise OSError(errno.EEXIST, f"{path!r} is an input or a run log; not overwritten")
         rels = [self.log.relative(path) for path in finals]
         if self.beside:
-            self.check_not_taken(task, rels)
+            self.check_not_taken(task, rels, len(pages))
         self._placing.append([task.path, rels[:len(pages)], rels[len(pages):]])
         renames = [(f"{staged}{os.sep}{prefix}{name}", final) for name, final in zip(names, finals)]
         return (None if prefix else staged), renames
@@ -3031,23 +3031,25 @@ class Ledger:
             raise OutputFailed(f"--output_dir {self.root!r}, or its lock file, was deleted or moved while this run "
                                "used it; placing and deleting nothing more in it")
 
-    def check_not_taken(self, task: Task, rels: list[str]) -> None:
-        """A shard's run: has another shard placed one of these names for another input since
-        this run read the logs? The inputs changed between the two runs' starts (a.png, listed
-        by one, deleted; a.jpg, listed by the other, added), and each named its input a.json:
-        the later rename would put a deleted input's text under a current one's name, and the
-        logs could not say which came last. Checked in the shards' placing turn, held until the
-        placing line is in the file (see record_placing). Without the turn, a name last placed
-        for another input is not taken at all: the shard that holds the turn may be about to
-        retire that file (see retire). Raises OSError (EBUSY: the next run names the input
-        afresh, see FOLDER_ERRNOS)."""
+    def check_not_taken(self, task: Task, rels: list[str], pages: int) -> None:
+        """A shard's run: has another shard placed one of its page JSON names (the first `pages`
+        of `rels`) for another input since this run read the logs? The inputs changed between
+        the two runs' starts (a.png, listed by one, deleted; a.jpg, listed by the other, added),
+        and each named its input a.json: the later rename would put a deleted input's text under
+        a current one's name, and the logs could not say which came last. (Its --save files are
+        named for its pages, so that covers them; what a writer adds beside them, under a name
+        that other inputs' writers use too, is placed for each in turn, as by one run.) Checked
+        in the shards' placing turn, held until the placing line is in the file (see
+        record_placing). Without the turn, no name last placed for another input is taken at
+        all: the shard that holds the turn may be about to retire that file (see retire).
+        Raises OSError (EBUSY: the next run names the input afresh, see FOLDER_ERRNOS)."""
         turn = self.take_turn()
         self.catch_up()
-        for rel in rels:
+        for number, rel in enumerate(rels):
             placement = self.placements.get(rel)
             if placement is None or placement[1] == task.path:
                 continue
-            if rel in self.placed_meanwhile:  # (a set once catch_up has run)
+            if number < pages and rel in self.placed_meanwhile:  # (a set once catch_up has run)
                 raise OSError(errno.EBUSY, f"{os.path.join(self.root, rel)!r}: another shard placed it for "
                               f"{placement[1]!r} since this run listed the inputs (they changed meanwhile); not "
                               "placed: the next run names this input afresh")

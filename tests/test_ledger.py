@@ -1801,3 +1801,25 @@ def test_a_failure_whose_kept_text_was_deleted_by_hand_is_redone(dirs, kind):
     assert kept.is_file() and "1 page(s)" in run.stderr.splitlines()[0], run.stderr
     assert run.code == (1 if kind == "weak image" else 0), run.stderr  # (a weak image is weak again: news)
     assert_invariant(src, out)
+
+
+def test_shards_side_by_side_place_a_file_that_every_inputs_writer_adds(dirs):
+    """Review: a writer that adds a file under one name for every input (PaddleX's markdown
+    images are named by their box; the fake's side_files: imgs/logo.png), shards running side
+    by side, inputs unchanged: the second shard to place it failed its input ("another shard
+    placed it ... since this run listed the inputs"). One run over all inputs places it for
+    each in turn; so do shards now. A page's JSON name is still checked (the test above)."""
+    src, out = dirs
+    names = [f"a{i}.png" for i in range(1, 9)]
+    for name in names:
+        write(src / name, f"img {name}")
+    assert {zlib.crc32(name.encode()) % 2 for name in names} == {0, 1}  # (both shards have some)
+    flags = ("--save", "markdown", "--pipeline_arg", "side_files=1")
+    first = start_fake(src, out, *flags, "--shard", "1/2", env={"FAKE_PIPELINE_DELAY": "0.4"})
+    log = out / "infer_mp.shard-1-of-2.runlog.jsonl"
+    wait_for(lambda: log.exists() and b'"placing"' in log.read_bytes())
+    second = run_fake(src, out, *flags, "--shard", "0/2")
+    first.communicate(timeout=120)
+    assert second.code == 0 and "FAILED" not in second.stderr, second.stderr
+    assert first.returncode == 0
+    assert_invariant(src, out)
