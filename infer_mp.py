@@ -2567,7 +2567,8 @@ class Ledger:
         its passes over them cost more than reading them.)"""
         ledger = cls(config.output_dir)  # (the run log is a real path: see checked_run_log)
         ledger.options = options_tag(config)
-        paths = [*sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log), config.run_log]
+        paths = [*sorted(p for p in config.output_dir.glob(RUN_LOG_PATTERN) if p != config.run_log and p.is_file()),
+                 config.run_log]  # (not an output folder so named: an input subfolder `infer_mp.x.runlog.jsonl/`)
         ledger.protected.update(map(str, paths))
         with collector_paused():
             for index, path in enumerate(paths):

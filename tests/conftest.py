@@ -336,7 +336,7 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_log_paths(folder: Path) -> list[Path]:
     """Every run log in the folder, the default one last (it wins a tie, as infer_mp.py reads)."""
-    return sorted(folder.glob("infer_mp*.runlog.jsonl"),
+    return sorted((log for log in folder.glob("infer_mp*.runlog.jsonl") if log.is_file()),  # (not a folder so named)
                   key=lambda log: (log.name == "infer_mp.runlog.jsonl", log.name))
 
 

@@ -1823,3 +1823,17 @@ def test_shards_side_by_side_place_a_file_that_every_inputs_writer_adds(dirs):
     assert second.code == 0 and "FAILED" not in second.stderr, second.stderr
     assert first.returncode == 0
     assert_invariant(src, out)
+
+
+def test_an_input_subfolder_named_like_a_run_log_is_an_output_folder_not_a_log(dirs):
+    """Review: `--recursive` over `in/infer_mp.x.runlog.jsonl/a.png` made the output folder
+    `out/infer_mp.x.runlog.jsonl/`, which every later run took for a shard's run log: exit 2,
+    `cannot read the run log …: Is a directory`, for good."""
+    src, out = dirs
+    write(src / "infer_mp.x.runlog.jsonl" / "a.png", "A")
+    write(src / "b.png", "B")
+    assert run_fake(src, out, "--recursive").code == 0
+    write(src / "infer_mp.x.runlog.jsonl" / "a.png", "A2")
+    again = run_fake(src, out, "--recursive")
+    assert again.code == 0 and "1 done" in again.stderr, again.stderr
+    assert_invariant(src, out)
