@@ -4931,14 +4931,21 @@ class LocalBackend(Backend):
         return LocalWorker(spec, time.monotonic(), process=process, conn=conn)
 
     def _send(self, worker: LocalWorker, batch: list[Task]) -> None:
-        try:
-            worker.conn.send(Batch(batch))
-        except OSError:
-            pass  # it died; its sentinel fires next and what it held is requeued
+        self._tell(worker, Batch(batch))
 
     def _send_moves(self, worker: LocalWorker, moves: dict[int, Moves]) -> None:
-        with contextlib.suppress(OSError):  # (as in _send)
-            worker.conn.send(Place(moves))
+        self._tell(worker, Place(moves))
+
+    @staticmethod
+    def _tell(worker: LocalWorker, message: Any) -> None:
+        """A message that cannot be written is the end of the worker's pipe: one that died is
+        seen by its sentinel next; one alive is cut off (see _unwatched), as it would wait for
+        the message for ever, and the coordinator for its answer."""
+        try:
+            worker.conn.send(message)
+        except OSError:
+            if worker.cut_off_at is None:
+                worker.cut_off_at = time.monotonic()
 
     def _wait(self, restart: bool) -> Iterator[Event]:
         """A pipe or a sentinel that ends while its worker lives (it is exiting: its files close

@@ -56,6 +56,20 @@ def test_disk_full_stops_promptly_and_a_rerun_finishes(faulty_disk, tmp_path):
     assert Counter(r["status"] for r in run_log(out) if r["status"] != "skipped") == {"done": 60}
 
 
+@pytest.mark.parametrize("capacity", [1100, 1600, 2100])
+def test_a_disk_that_fills_within_a_few_inputs_stops_the_run_not_hangs_it(faulty_disk, tmp_path, capacity):
+    """Review: at these sizes the run hung (at 60% of the sizes tried). The injected disk kept
+    a descriptor it had counted after its file was closed (the case probe's): the worker's pipe
+    took that number, and a message to the worker failed as the disk did. The coordinator
+    passed over a message it could not write to a live worker (see LocalBackend._tell)."""
+    src, out = tmp_path / "in", faulty_disk.path / "out"
+    for i in range(6):
+        write(src / f"f{i}.png", f"v{i}")
+    run = run_fake(src, out, env=faulty_disk.env("ENOSPC", capacity), timeout=60)
+    assert run.code == 74 and "No space left on device" in run.stderr, run.stderr
+    assert_invariant(src, out, killed=True)
+
+
 def test_disk_full_injected(dirs):
     src, out = dirs
     make_inputs(src, 10)

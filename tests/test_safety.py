@@ -929,6 +929,22 @@ def test_a_batch_reported_during_a_stops_wait_for_renames_is_not_placed():
     assert not worker.placing and 0 in worker.held and not theirs.poll()
 
 
+def test_a_worker_that_cannot_be_written_to_is_cut_off_not_waited_for():
+    """Review: a message to a live worker that could not be written was passed over, as for a
+    dead one: the worker waited for its moves, the coordinator for its answer, for ever (an
+    injected full disk's write error on the pipe). It is cut off now (killed after
+    SEVERED_WAIT_SECONDS, what it held requeued); a dead one's sentinel says it as before."""
+    def refuse(message):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    backend = infer_mp.LocalBackend.__new__(infer_mp.LocalBackend)
+    for send, message in ((backend._send, []), (backend._send_moves, {})):
+        worker = infer_mp.LocalWorker(spec=0, started_at=0.0, ready=True, process=None,
+                                      conn=SimpleNamespace(send=refuse))
+        send(worker, message)
+        assert worker.cut_off_at is not None
+
+
 def test_a_stops_wait_for_renames_ends_on_time():
     """The loop waited for messages up to POLL_SECONDS (1 s) at a time, so a stop's 2 s wait
     for renames (see Backend._renaming) could end up to 1 s late: it waits only what is left."""

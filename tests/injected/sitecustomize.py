@@ -141,8 +141,13 @@ def _install() -> None:
             _check_space(fd, len(data))
         return real_write(fd, data)
 
+    def os_close(fd):
+        _full_fds.discard(fd)  # (the number goes to the next file or pipe opened)
+        return real_close(fd)
+
+    real_close = os.close
     builtins.open = io.open = open_
-    os.open, os.write = os_open, os_write
+    os.open, os.write, os.close = os_open, os_write, os_close
     if full:
         return
 
