@@ -5857,6 +5857,11 @@ def save_report(task: Task, results: list[Any], failed: dict[int, str], options:
 # ---------------------------------------------------------------------------------------------
 
 
+LONG_BASE_BYTES = 200  # an output name base longer than this is staged without a number prefix (see
+#                        Staging): with it, its files' names (`_N_layout_det_res.png` added) could pass
+#                        the 255 bytes a file name may have
+
+
 class Staging:
     """A worker's own folder inside the output folder's staging folder (same filesystem, so
     the renames into place are atomic). A worker that dies leaves only this
@@ -5866,13 +5871,14 @@ class Staging:
         self.folder = folder
         self.count = itertools.count()
 
-    def place_for(self, formats: tuple[str, ...]) -> tuple[str, str]:
-        """(folder, prefix) for a task's files: a prefix unique in the worker's folder (one
-        folder made per worker, not per task: 100,000 of them cost the coordinator seconds to
-        remove), or, where a writer may add files of its own beside them (markdown's images),
-        a folder of the task's own, under the final names."""
+    def place_for(self, formats: tuple[str, ...], base: str) -> tuple[str, str]:
+        """(folder, prefix) for a task's files (named from `base`): a prefix unique in the
+        worker's folder (one folder made per worker, not per task: 100,000 of them cost the
+        coordinator seconds to remove), or, where a writer may add files of its own beside them
+        (markdown's images), or the names are long (see LONG_BASE_BYTES), a folder of the task's
+        own, under the final names."""
         number = next(self.count)
-        if "markdown" in formats:
+        if "markdown" in formats or len(os.fsencode(base)) > LONG_BASE_BYTES:
             folder = os.path.join(self.folder, str(number))
             os.makedirs(folder)
             return folder, ""
@@ -5891,7 +5897,7 @@ def save_results(task: Task, results: list[Any], formats: tuple[str, ...], stagi
     beside them, such as markdown's images) staged: (the folder, the prefix of the names there,
     the JSON names, the other names with the page each is of: None for an image's, and for what
     a writer adds, which pages may share). Nothing is left there if writing fails."""
-    folder, prefix = staging.place_for(formats)
+    folder, prefix = staging.place_for(formats, task.out_base)
     pages: list[str] = []
     extras: dict[str, int | None] = {}
     try:

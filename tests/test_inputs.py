@@ -17,6 +17,7 @@ from conftest import (
     FAKE,
     ROOT,
     SCRIPT,
+    assert_invariant,
     fake_args,
     injected,
     outputs,
@@ -360,3 +361,19 @@ def test_a_file_name_with_a_newline_or_an_escape_sequence_is_one_line_that_canno
     assert len(failed) == 3 and "\x1b" not in run.stderr, run.stderr
     assert {line.split(": ")[1].rpartition("/")[2] for line in failed} == {
         "fail\\nme.png", "x\\x1b[2J\\x1b[31mred.png", "byte\\xffname.png"}
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_an_output_name_of_255_bytes_is_placed(dirs, paged):
+    """Review: a 250-byte stem's output, `L…L.json`, is 255 bytes, a name a file may have; the
+    worker staged it as `0-L…L.json` (257 bytes): ENAMETOOLONG, the input failed, and stood."""
+    src, out = dirs
+    stem = "L" * (248 if paged else 250)  # (a document's page: `L…L_0.json`)
+    if paged:
+        write(src / f"{stem}.pdf", pdf_bytes(["page 0"]))
+    else:
+        write(src / f"{stem}.png", "long")
+    run = run_fake("--input_dir", str(src), "--output_dir", str(out))
+    assert run.code == 0, run.stderr
+    assert (out / (f"{stem}_0.json" if paged else f"{stem}.json")).is_file()
+    assert_invariant(src, out)

@@ -909,9 +909,9 @@ def test_the_staging_folder_removed_during_a_run_is_made_again(tmp_path):
     good ("cannot save output: FileNotFoundError"). Each task makes its worker's folder again."""
     import infer_mp
     staging = infer_mp.Staging(str(tmp_path / "out" / ".infer_mp.staging" / "w"))
-    assert staging.place_for(())[0] == staging.folder
+    assert staging.place_for((), "a")[0] == staging.folder
     shutil.rmtree(tmp_path / "out" / ".infer_mp.staging")
-    folder, prefix = staging.place_for(())
+    folder, prefix = staging.place_for((), "a")
     (Path(folder) / f"{prefix}a.json").write_text("{}")
 
 
