@@ -3157,6 +3157,7 @@ class Ledger:
                 writer.writelines(extra)
                 writer.flush()
                 os.fsync(writer.fileno())
+            shutil.copymode(path, temporary)  # (a log kept private stays so)
             os.replace(temporary, path)
             sync_folder(path.parent)
         except OSError as error:
@@ -6701,6 +6702,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     # ... and keep the log short (not while retiring is put off), and its own (a hard-linked
     # backup's copy must not grow)
     if locked and (has_second_name(config.run_log) or (ledger.worth_compacting and not ledger.put_off)):
+        probe_run_log(config.run_log, config.output_dir)  # (a read-only log is refused, not replaced)
         ledger.compact(config.run_log, run_tag(config.shard))
     planned = avoid_claimed_names(planned, ledger, folded)
     tasks = [task for task in planned if in_shard(task, config.shard)]

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import stat
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +19,9 @@ import pytest
 from conftest import (
     OFFLINE_OCR,
     ROOT,
+    SCRIPT,
     assert_invariant,
+    fake_args,
     make_inputs,
     outputs,
     page_files,
@@ -323,3 +329,37 @@ def test_sigterm_leaves_no_process_behind(dirs, tmp_path, twice):
         (src / "hang.png").unlink()
         assert run_fake(src, out).code == 0
         assert_invariant(src, out)
+
+
+def run_unprivileged(*args: str) -> subprocess.CompletedProcess:
+    """infer_mp.py as a user whom file modes bind: root without the capabilities that override
+    them (skipped where they cannot be dropped)."""
+    command = [sys.executable, str(SCRIPT), *args]
+    if os.geteuid() == 0:
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+        if shutil.which("setpriv") is None or subprocess.run([*drop, "true"], capture_output=True).returncode:
+            pytest.skip("running as root, and setpriv cannot drop the capabilities that override file modes")
+        command = [*drop, *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_read_only_run_log_long_enough_to_compact_is_refused_not_replaced(tmp_path):
+    """Review: a run log made read-only (chmod 444) was refused while short (exit 2, as
+    docs/runs.md says); once long enough to compact, it was replaced by a new, writable file
+    and appended to, exit 0. Now refused before anything changes; and a compacted log keeps its
+    file's mode (a log kept private, 0600, does not become readable by all)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    write(src / "a.png", "A")
+    assert run_fake(src, out).code == 0
+    log = out / "infer_mp.runlog.jsonl"
+    closing = log.read_bytes().splitlines(keepends=True)[-1]
+    log.write_bytes(log.read_bytes() + closing * 1100)  # many no-op reruns: the next run compacts it
+    log.chmod(0o444)
+    before = log.read_bytes()
+    write(src / "b.png", "B")
+    run = run_unprivileged(*fake_args(src, out))
+    assert run.returncode == 2 and "cannot write the run log" in run.stderr, run.stderr
+    assert log.read_bytes() == before and not (out / "b.json").exists()
+    log.chmod(0o600)
+    assert run_fake(src, out).code == 0
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600 and len(log.read_bytes().splitlines()) < 10
