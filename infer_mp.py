@@ -3366,16 +3366,17 @@ def run_tag(shard: tuple[int, int] | None) -> str:
 
 def clear_staging(root: Path, shard: tuple[int, int] | None) -> None:
     """Remove what killed workers left in the staging folder: all of it for a run over all
-    inputs (it holds the folder alone, see RunLock); for a shard, its own shard's and a run's
-    over all inputs (none runs beside a shard), not other shards' (they may be writing there
-    right now)."""
+    inputs (it holds the folder alone, see RunLock); for a shard, all but the other shards' of
+    its count (they may be writing there right now; no run of another count, nor one over all
+    inputs, runs beside it)."""
     staging = root / STAGING_DIR
     if shard is None:
         shutil.rmtree(staging, ignore_errors=True)
         return
+    beside = tuple(run_tag((other, shard[1])) + "-" for other in range(shard[1]) if other != shard[0])
     with contextlib.suppress(OSError):
         for entry in os.scandir(staging):
-            if entry.name.startswith((run_tag(shard) + "-", run_tag(None) + "-")):
+            if not entry.name.startswith(beside):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 

@@ -1837,3 +1837,16 @@ def test_an_input_subfolder_named_like_a_run_log_is_an_output_folder_not_a_log(d
     again = run_fake(src, out, "--recursive")
     assert again.code == 0 and "1 done" in again.stderr, again.stderr
     assert_invariant(src, out)
+
+
+def test_a_killed_shards_staged_files_are_cleared_by_a_shard_of_another_count(dirs):
+    """Review: a killed `--shard 0/2` run's staging folder was kept by every run of another
+    count, cleared only by a `0/2` run or one over all inputs: a job that moved to `/3` kept it
+    for good. No run of another count runs beside a shard; only its own count's other shards
+    may be writing there."""
+    src, out = dirs
+    write(src / "a.png", "A")
+    left = write(out / ".infer_mp.staging" / "s0of2-1-0" / "a.json", "a killed shard's")
+    beside = write(out / ".infer_mp.staging" / "s1of3-1-0" / "b.json", "a shard of this count's")
+    assert run_fake(src, out, "--shard", "0/3").code == 0
+    assert not left.parent.exists() and beside.exists()
