@@ -2392,6 +2392,7 @@ RUN_LOG_PROBE_BYTES = 1 << 20  # read of a run log's first line to tell it is on
 RUN_LOG_PATTERN = "infer_mp*.runlog.jsonl"  # every shard's run log in --output_dir, by default name
 BOOKKEEPING_PREFIX = ".infer_mp"  # the lock files, the staging folder: never outputs
 STAGING_DIR = ".infer_mp.staging"  # in --output_dir: workers write here, and rename into place when told
+BOOKKEEPING_SUFFIXES = (".lock", ".compact")  # lock files, a compaction's temporary: never an output
 LOG_FLUSH_SECONDS = 1.0  # records not followed by a placement reach the run log's file within this
 COMPACT_MIN_LINES = 1000  # a run log shorter than this is never compacted
 COMPACT_RATIO = 3  # ... a longer one is, once it has this many lines per input it describes
@@ -2925,11 +2926,13 @@ class Ledger:
 
     def remove(self, rel: str) -> bool:
         """Delete one placed file; True once it is gone. Only a regular file, really inside the
-        root (no link on the way leads out), never bookkeeping, an input or a run log. A file
-        that cannot be deleted stays, and is tried again on the next run. (--dry_run: listed.)"""
+        root (no link on the way leads out), never bookkeeping (a hand-edited record may name a
+        lock file: not by its `.infer_mp` prefix, which an input's outputs may have too), an
+        input or a run log. A file that cannot be deleted stays, and is tried again on the next
+        run. (--dry_run: listed.)"""
         path = os.path.join(self.root, rel)
         folder, name = os.path.split(path)
-        if (name.startswith(BOOKKEEPING_PREFIX) or rel.split(os.sep, 1)[0] == STAGING_DIR
+        if (name.endswith(BOOKKEEPING_SUFFIXES) or rel.split(os.sep, 1)[0] == STAGING_DIR
                 or fnmatch.fnmatch(name, RUN_LOG_PATTERN)):
             return False
         real_folder = os.path.realpath(folder)

@@ -1850,3 +1850,21 @@ def test_a_killed_shards_staged_files_are_cleared_by_a_shard_of_another_count(di
     beside = write(out / ".infer_mp.staging" / "s1of3-1-0" / "b.json", "a shard of this count's")
     assert run_fake(src, out, "--shard", "0/3").code == 0
     assert not left.parent.exists() and beside.exists()
+
+
+def test_pages_a_shorter_version_lacks_are_retired_for_an_input_named_like_bookkeeping(dirs):
+    """Review: `.infer_mp.d.pdf`'s pages are placed as `.infer_mp.d_N.json`, and the ledger
+    never deleted a name starting `.infer_mp` (its lock files' prefix): cut to one page, its
+    old pages 1 and 2 stayed, with the old version's text, listed by no record. A lock file
+    that a hand-edited record names is still never deleted."""
+    src, out = dirs
+    write(src / ".infer_mp.d.pdf", pdf_bytes(["page A", "page B", "page C"]))
+    assert run_fake(src, out).code == 0
+    write(src / ".infer_mp.d.pdf", pdf_bytes(["page X"]))
+    assert run_fake(src, out).code == 0
+    assert sorted(p.name for p in out.glob(".infer_mp.d_*.json")) == [".infer_mp.d_0.json"]
+    assert_invariant(src, out)
+    log = out / LOG
+    record = json.loads(log.read_text().splitlines()[-2])
+    log.write_text(log.read_text() + json.dumps({**record, "outputs": [".infer_mp.lock"], "gen": 99}) + "\n")
+    assert run_fake(src, out).code == 0 and (out / ".infer_mp.lock").exists()
