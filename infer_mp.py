@@ -3738,6 +3738,8 @@ def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False)
     owners = ledger.json_owners({os.path.normpath(task.out_dir) for task in tasks})
     if not owners:
         return tasks
+    if folded:  # (a case-insensitive filesystem: `a.json` is `A.json`)
+        owners = {folder: {stem.casefold(): key for stem, key in stems.items()} for folder, stems in owners.items()}
     heads: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))  # folder -> head -> page stems
     for folder, stems in owners.items():
         for stem in stems:
@@ -3745,7 +3747,7 @@ def avoid_claimed_names(tasks: list[Task], ledger: Ledger, folded: bool = False)
                 heads[folder][page.group(1)].append(stem)
 
     def claimed(task: Task, base: str) -> bool:
-        folder = os.path.normpath(task.out_dir)
+        folder, base = os.path.normpath(task.out_dir), base.casefold() if folded else base
         stems = heads[folder].get(base, ()) if task.paged else (base,)
         return any(owners[folder].get(stem, task.path) != task.path
                    and os.path.lexists(os.path.join(folder, f"{stem}.json")) for stem in stems)

@@ -572,6 +572,28 @@ def test_on_a_case_insensitive_output_folder_names_differ_by_more_than_case(dirs
                                                                            "doc_0.json"]
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_on_a_case_insensitive_output_folder_a_new_input_takes_no_gone_inputs_name(dirs, tmp_path, paged):
+    """Review: `A.png` done as `A.json` and moved away, then `a.png` came: it was named `a.json`,
+    which on SMB, APFS or NTFS is `A.json`, and overwrote the gone input's finished text. A new
+    input takes no name another input placed last and still on disk: compared without case
+    here, it is `a.png.json` (`a.pdf.json` pages after a gone `A.pdf`), as where case counts."""
+    src, out = dirs
+    suffix = ".pdf" if paged else ".png"
+    out.mkdir()
+    env = {**injected(), "CASE_INSENSITIVE": str(out), "FAKE_PIPELINE_PRELOAD": "1"}
+    write(src / f"A{suffix}", pdf_bytes(["upper"]) if paged else "upper")
+    assert run_fake(src, out, env=env).code == 0
+    (src / f"A{suffix}").rename(tmp_path / f"A{suffix}")
+    write(src / f"a{suffix}", pdf_bytes(["lower"]) if paged else "lower")
+    run = run_fake(src, out, env=env)
+    assert run.code == 0, run.stderr
+    first = "A_0.json" if paged else "A.json"
+    assert json.loads((out / first).read_text())["text"] == "upper"
+    assert sorted(page_files(out)) == sorted([first, f"a{suffix}_0.json" if paged else f"a{suffix}.json"])
+    assert_invariant(src, out, gone=(f"A{suffix}",))
+
+
 def has_loaded(pid: int, library: str) -> bool:
     """The process has mapped this shared library (its `import` has begun)."""
     try:
