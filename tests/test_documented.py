@@ -357,3 +357,20 @@ def test_a_refused_run_touches_nothing(dirs, tmp_path, second):
     first.communicate(timeout=60)
     assert first.returncode == 0
     assert_invariant(src, out)
+
+
+def test_a_file_no_run_log_names_at_an_outputs_name_is_overwritten_and_a_gone_inputs_is_not(dirs, tmp_path):
+    """docs/runs.md: a file of the user's own under an output's name, which no run log names, is
+    overwritten by that output (as by the seed's script); a gone input's output there is not:
+    the new input takes its full file name."""
+    src, out = dirs
+    write(out / "a.json", "the user's own")
+    write(src / "a.png", "A")
+    assert run_fake(src, out).code == 0
+    assert json.loads((out / "a.json").read_text())["text"] == "A"
+    (src / "a.png").rename(tmp_path / "a.png")
+    write(src / "a.jpg", "J")
+    assert run_fake(src, out).code == 0
+    assert json.loads((out / "a.json").read_text())["text"] == "A"
+    assert json.loads((out / "a.jpg.json").read_text())["text"] == "J"
+    assert_invariant(src, out, gone=("a.png",))
