@@ -278,6 +278,15 @@ def make_inputs(src: Path, count: int, pdf_pages: int = 0) -> None:
         write(src / "doc.pdf", pdf_bytes([f"page {i}" for i in range(pdf_pages)]))
 
 
+def holds(path: Path, data: bytes) -> bool:
+    """Does the file hold these bytes now? False while it is not there (a first run's check that
+    its run log can be written makes the file, then removes it, before its workers start)."""
+    try:
+        return data in path.read_bytes()
+    except FileNotFoundError:
+        return False
+
+
 def wait_for(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

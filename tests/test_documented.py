@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     all_records,
     assert_invariant,
+    holds,
     injected,
     make_inputs,
     page_files,
@@ -109,7 +110,7 @@ def test_a_document_changed_after_a_kill_mid_way_is_done_again_from_its_first_pa
     doc = write(src / "book.pdf", pdf_bytes(["v1 page 0", "v1 page 1", "v1 page 2 WAIT", "v1 page 3"]))
     env = {"FAKE_PIPELINE_PRELOAD": "1", "FAKE_PIPELINE_WAIT_FILE": str(tmp_path / "never")}
     process = start_fake(src, out, "--pages_per_task", "2", env=env)
-    wait_for(lambda: (out / LOG).exists() and any("range" in r for r in run_log(out)))
+    wait_for(lambda: holds(out / LOG, b'"range"'))
     process.signal_group(signal.SIGKILL)
     process.wait(60)
     doc.write_bytes(pdf_bytes(["v2 page 0", "v2 page 1", "v2 page 2", "v2 page 3"]))

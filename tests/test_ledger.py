@@ -22,6 +22,7 @@ from conftest import (
     assert_invariant,
     bare_backend,
     fake_args,
+    holds,
     latest_records,
     make_config,
     make_inputs,
@@ -1817,7 +1818,7 @@ def test_shards_side_by_side_place_a_file_that_every_inputs_writer_adds(dirs):
     flags = ("--save", "markdown", "--pipeline_arg", "side_files=1")
     first = start_fake(src, out, *flags, "--shard", "1/2", env={"FAKE_PIPELINE_DELAY": "0.4"})
     log = out / "infer_mp.shard-1-of-2.runlog.jsonl"
-    wait_for(lambda: log.exists() and b'"placing"' in log.read_bytes())
+    wait_for(lambda: holds(log, b'"placing"'))
     second = run_fake(src, out, *flags, "--shard", "0/2")
     first.communicate(timeout=120)
     assert second.code == 0 and "FAILED" not in second.stderr, second.stderr

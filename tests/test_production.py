@@ -20,6 +20,7 @@ from conftest import (
     SCRIPT,
     assert_invariant,
     fake_args,
+    holds,
     injected,
     make_inputs,
     outputs,
@@ -430,7 +431,7 @@ def test_a_stop_at_once_waits_for_the_renames_it_has_asked_for(dirs):
     write(src / "doc.pdf", pdf_bytes([f"page {i}" for i in range(8)]))
     process = start_fake(src, out, "--pages_per_task", "1", env={"FAKE_PIPELINE_DELAY": "0.3"})
     log = out / "infer_mp.runlog.jsonl"
-    wait_for(lambda: log.exists() and b'"range"' in log.read_bytes())  # a page done: the next one under way
+    wait_for(lambda: holds(log, b'"range"'))  # a page done: the next one under way
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)  # (not at once: the kernel would merge the two)
     process.send_signal(signal.SIGINT)  # while the page is read (0.3 s): the loop wakes on its report

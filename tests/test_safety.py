@@ -28,6 +28,7 @@ from conftest import (
     all_records,
     assert_invariant,
     fake_args,
+    holds,
     latest_records,
     make_config,
     make_inputs,
@@ -1459,8 +1460,7 @@ def test_a_failure_reported_again_by_a_run_with_other_options_keeps_its_own(dirs
     env = {"FAKE_PIPELINE_WAIT_FILE": str(gate)}
     first = ("--pipeline_arg", "raise_on=NOTHING")
     process = start_fake(src, out, *first, env=env)
-    wait_for(lambda: (out / "infer_mp.runlog.jsonl").exists() and any(r.get("status") == "failed"
-                                                                      for r in run_log(out)))
+    wait_for(lambda: holds(out / "infer_mp.runlog.jsonl", b'"status": "failed"'))
     process.signal_group(signal.SIGKILL)
     process.communicate(timeout=60)
     gate.touch()
