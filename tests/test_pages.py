@@ -361,7 +361,10 @@ def test_dry_run_names_an_image_past_the_pixel_limit_reported_again_as_such(tmp_
     process = start_fake(src, out, "--instances_per_device", "2", env={"FAKE_PIPELINE_WAIT_FILE": str(gate)})
     wait_for(lambda: any(r.get("status") == "failed" for r in all_records(out)))
     process.signal_group(signal.SIGTERM)
+    process.wait_for_stderr("starting no new inputs")
+    gate.touch()  # (z.png, in progress, ends: the stop's grace period is not waited out)
     process.communicate(timeout=60)
+    assert process.returncode == 143, process.stderr_text()
     plan = run_fake(src, out, "--dry_run")
     assert "bomb.png -> reported again (failed in a run that was stopped): " in plan.stdout, plan.stdout
 
