@@ -2556,7 +2556,8 @@ class Ledger:
         self.beside: list[Path] = []  # a shard's run: the logs the other shards of its count write (see catch_up)
         self.legacy: dict[int, int] = {}  # log -> line of its last closing line without a generation
         self.last_closing: dict[int, int] = {}  # log -> the line of its last closing line
-        self.log_folder: dict[int, str] = {}  # log -> the output folder its last line that names one names
+        self.log_folder: dict[int, tuple[str, str | None]] = {}  # log -> (the output folder its last line that
+        #                                                            names one names, where the log was then)
         self.still_ours: Callable[[], bool] = lambda: True  # is the root the folder this run locked? (see RunLock)
 
     # -- reading --------------------------------------------------------------------------
@@ -2664,27 +2665,28 @@ class Ledger:
             self.finished[index, line["gen"]] = number
 
     def note_folder(self, line: dict, index: int) -> None:
-        """The output folder a `placing` line or a closing line names (since 2026-12-04)."""
+        """The output folder a `placing` line or a closing line names (since 2026-12-04), and
+        where the log was as it was written (since 2026-12-05; None before)."""
         if type(folder := line.get("output_dir")) is str:
-            self.log_folder[index] = folder
+            self.log_folder[index] = folder, line.get("run_log") if type(line.get("run_log")) is str else None
 
     def check_output_folder(self, run_log: Path) -> None:
         """Refuse a run log whose last line that names an output folder (a `placing` line, a
         closing line) names another that is still there: one log for two folders lets each take
         the other's records for its own (a stale text in one is never redone, a user's file in
         the other retired). A folder moved away (not there any more), or reached through a link
-        now, is this one. A log inside the folder is that folder's copy where that folder still
-        has it, at the same place (`cp -r out out2`); not one that lies in a subfolder of this
-        one, nor one given to another folder's run with --run_log. (Not told apart by device
-        and inode: a freed inode is handed to the next folder made, and a remount changes the
-        device number.)"""
+        now, is this one. A log inside the folder that was written elsewhere came with its
+        folder (`cp -r out out2`; `mv out out2; mkdir out`), as did one from before 2026-12-05,
+        which does not say; not one written where it is for another folder (given to its run
+        with --run_log), nor a subfolder's own. (Not told apart by device and inode: a freed
+        inode is handed to the next folder made, and a remount changes the device number.)"""
         for index, path in enumerate(self.paths):
-            folder = self.log_folder.get(index)
+            folder, written_at = self.log_folder.get(index, (None, None))
             if folder is None or not os.path.isdir(folder) or os.path.realpath(folder) == self.root:
                 continue
-            if within(str(path), self.root) and os.path.isfile(os.path.join(folder, os.path.relpath(path, self.root))):
+            if within(str(path), self.root) and not within(folder, self.root) and written_at != str(path):
                 continue
-            if path == run_log:
+            if path == run_log and not within(str(path), self.root):
                 raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
                                  "(each output folder needs its own run log); give this run a --run_log of its own, "
                                  "or leave --run_log out")
@@ -3250,13 +3252,14 @@ class RunLog:
         """The files a batch's tasks are about to place: [input, outputs, extra outputs] each,
         relative to the output folder (see Ledger.prepare)."""
         self._append({"time": utc_now(), "gen": generation, "status": PLACING, "shard": self.tag, "placing": entries,
-                      "output_dir": str(self.output_dir)})
+                      "output_dir": str(self.output_dir), "run_log": str(self.path)})
 
     def write_run(self, counts: dict[str, int], exit_code: int, generation: int) -> None:
         """One line per run, whatever it did (a cron tick with nothing to do adds only this):
         what it counted and how it ended; exit 0 or 1 says its failures were reported (see
         Ledger.reported). Resume passes it over: it names no input."""
-        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), "output_dir": str(self.output_dir)}
+        closing = {**counts, "exit_code": exit_code, "pid": os.getpid(), "output_dir": str(self.output_dir),
+                   "run_log": str(self.path)}
         self._append({"time": utc_now(), "gen": generation, "run": closing})
         self.flush()
 

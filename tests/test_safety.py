@@ -1256,20 +1256,25 @@ def test_one_run_log_for_two_output_folders_is_refused_after_a_killed_first_run(
     assert run.code == 2 and "holds the records of another output folder" in run.stderr, run.stderr
 
 
-@pytest.mark.parametrize("how", ["a subfolder's", "given by another folder's run"])
+@pytest.mark.parametrize("how", ["a subfolder's", "given by another folder's run", "default-named, given"])
 def test_another_folders_run_log_inside_the_output_folder_is_refused(dirs, tmp_path, how):
     """Review: a run log inside --output_dir was taken for the folder's own, whatever folder its
     lines named: out/sub's log given to a run into out (or out2's, given inside out with
-    --run_log, which every run into out reads) had its a.jpg -> a.json taken for out's, and
-    out/a.json, the user's own file, was retired once a.png came."""
+    --run_log: under a run log's name every run into out reads it; under the default name, over
+    out's own) had its a.jpg -> a.json taken for out's, and out/a.json, the user's own file, was
+    retired once a.png came. (The third: out2 had a log of that name too, which a first fix took
+    for the sign of a copy.)"""
     src, out = dirs
     write(src / "a.jpg", "A")
+    extra: tuple[str, ...] = ()
     if how == "a subfolder's":
-        log, extra = out / "sub" / "infer_mp.runlog.jsonl", ("--run_log", str(out / "sub" / "infer_mp.runlog.jsonl"))
+        log = out / "sub" / "infer_mp.runlog.jsonl"
+        extra = ("--run_log", str(log))
         assert run_fake(src, out / "sub").code == 0
     else:
-        log, extra = out / "infer_mp.v2.runlog.jsonl", ()
-        assert run_fake(src, tmp_path / "out2", "--run_log", str(log)).code == 0
+        log = out / ("infer_mp.v2.runlog.jsonl" if how == "given by another folder's run" else "infer_mp.runlog.jsonl")
+        assert run_fake(src, tmp_path / "out2").code == 0  # (its own log, by the default name)
+        assert run_fake(src, tmp_path / "out2", "--overwrite", "--run_log", str(log)).code == 0
     user = write(out / "a.json", "the user's own file")
     write(src / "a.png", "A2")
     before = log.read_bytes()
@@ -1278,25 +1283,40 @@ def test_another_folders_run_log_inside_the_output_folder_is_refused(dirs, tmp_p
     assert user.read_text() == "the user's own file" and log.read_bytes() == before
 
 
-def test_a_copied_or_moved_and_linked_output_folder_keeps_its_run_log(dirs, tmp_path):
-    """`cp -r out copy` goes on in the copy (its log names out, which has it at the same place).
-    Review: a folder moved and linked from its old place (`mv out disk2/out; ln -s disk2/out
-    out`) was refused for good: its --run_log named the old spelling, compared as text."""
+@pytest.mark.parametrize("flow", ["cp -r", "cp -r; rm its log", "mv; mkdir", "into a subfolder", "mv; ln -s"])
+def test_an_output_folder_copied_or_moved_keeps_its_run_log(dirs, tmp_path, flow):
+    """A folder copied (`cp -r out copy`, its log with it) or moved goes on in its new place, the
+    old one kept, emptied or made again. Review: a folder moved and linked from its old place
+    (`mv out disk2/out; ln -s disk2/out out`) was refused for good, its --run_log naming the old
+    spelling, compared as text; a first fix refused `mv out out2; mkdir out` and the others, as
+    the old place had no log where the moved one is."""
     src, out = dirs
-    log = tmp_path / "logs" / "run.jsonl"
     write(src / "a.png", "A")
-    assert run_fake(src, out).code == 0 and run_fake(src, out, "--run_log", str(log)).code == 0
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
+    outside = ("--run_log", str(tmp_path / "logs" / "run.jsonl")) if flow == "mv; ln -s" else ()
+    assert run_fake(src, out, *outside).code == 0
+    new = tmp_path / "new"
+    if flow.startswith("cp -r"):
+        shutil.copytree(out, new)
+        if flow.endswith("rm its log"):
+            (out / "infer_mp.runlog.jsonl").unlink()
+    elif flow == "into a subfolder":
+        new = out / "v1"
+        new.mkdir()
+        for item in [*out.glob("*.json"), out / "infer_mp.runlog.jsonl"]:
+            item.rename(new / item.name)
+    else:
+        out.rename(new)
+        if flow == "mv; mkdir":
+            out.mkdir()
+        else:
+            out.symlink_to(new)
     write(src / "a.png", "A2")
-    assert run_fake(src, copy).code == 0 and "A2" in (copy / "a.json").read_text()
-    moved = tmp_path / "disk2" / "out"
-    moved.parent.mkdir()
-    out.rename(moved)
-    out.symlink_to(moved)
-    for spelling, said in ((out, "1 done"), (moved, "1 skipped")):  # (a.png changed since the log's run)
-        run = run_fake(src, spelling, "--run_log", str(log))
-        assert run.code == 0 and said in run.stderr, run.stderr
+    run = run_fake(src, new, *outside)
+    assert run.code == 0 and "1 done" in run.stderr, run.stderr
+    assert json.loads((new / "a.json").read_text())["text"] == "A2"
+    if flow == "mv; ln -s":
+        run = run_fake(src, out, *outside)
+        assert run.code == 0 and "1 skipped" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("shard", [None, "1/2"])
