@@ -2676,15 +2676,17 @@ class Ledger:
         the other's records for its own (a stale text in one is never redone, a user's file in
         the other retired). A folder moved away (not there any more), or reached through a link
         now, is this one. A log inside the folder that was written elsewhere came with its
-        folder (`cp -r out out2`; `mv out out2; mkdir out`), as did one from before 2026-12-05,
-        which does not say; not one written where it is for another folder (given to its run
-        with --run_log), nor a subfolder's own. (Not told apart by device and inode: a freed
+        folder (`cp -r out out2`; `mv out out2; mkdir out`; a subfolder's files moved up), as
+        did one from before 2026-12-05, which does not say, unless it names a subfolder; not one
+        written where it is for another folder (given to its run with --run_log, or a
+        subfolder's own). (Not told apart by device and inode: a freed
         inode is handed to the next folder made, and a remount changes the device number.)"""
         for index, path in enumerate(self.paths):
             folder, written_at = self.log_folder.get(index, (None, None))
             if folder is None or not os.path.isdir(folder) or os.path.realpath(folder) == self.root:
                 continue
-            if within(str(path), self.root) and not within(folder, self.root) and written_at != str(path):
+            came = written_at != str(path) if written_at else not within(folder, self.root)  # (with its folder)
+            if within(str(path), self.root) and came:
                 continue
             if path == run_log and not within(str(path), self.root):
                 raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "

@@ -1283,7 +1283,8 @@ def test_another_folders_run_log_inside_the_output_folder_is_refused(dirs, tmp_p
     assert user.read_text() == "the user's own file" and log.read_bytes() == before
 
 
-@pytest.mark.parametrize("flow", ["cp -r", "cp -r; rm its log", "mv; mkdir", "into a subfolder", "mv; ln -s"])
+@pytest.mark.parametrize("flow", ["cp -r", "cp -r; rm its log", "mv; mkdir", "into a subfolder", "up from a subfolder",
+                                  "mv; ln -s"])
 def test_an_output_folder_copied_or_moved_keeps_its_run_log(dirs, tmp_path, flow):
     """A folder copied (`cp -r out copy`, its log with it) or moved goes on in its new place, the
     old one kept, emptied or made again. Review: a folder moved and linked from its old place
@@ -1299,11 +1300,16 @@ def test_an_output_folder_copied_or_moved_keeps_its_run_log(dirs, tmp_path, flow
         shutil.copytree(out, new)
         if flow.endswith("rm its log"):
             (out / "infer_mp.runlog.jsonl").unlink()
-    elif flow == "into a subfolder":
+    elif flow in ("into a subfolder", "up from a subfolder"):
         new = out / "v1"
         new.mkdir()
         for item in [*out.glob("*.json"), out / "infer_mp.runlog.jsonl"]:
             item.rename(new / item.name)
+        if flow == "up from a subfolder":  # a run there, then its files moved up, the subfolder left empty
+            assert run_fake(src, new).code == 0
+            for item in [*new.glob("*.json"), new / "infer_mp.runlog.jsonl"]:
+                item.rename(out / item.name)
+            new = out
     else:
         out.rename(new)
         if flow == "mv; mkdir":
