@@ -2679,8 +2679,8 @@ class Ledger:
         folder (`cp -r out out2`; `mv out out2; mkdir out`; a subfolder's files moved up), as
         did one from before 2026-12-05, which does not say, unless it names a subfolder; not one
         written where it is for another folder (given to its run with --run_log, or a
-        subfolder's own). (Not told apart by device and inode: a freed
-        inode is handed to the next folder made, and a remount changes the device number.)"""
+        subfolder's own). (Not told apart by device and inode: a freed inode is handed to the
+        next folder made, and a remount changes the device number.)"""
         for index, path in enumerate(self.paths):
             folder, written_at = self.log_folder.get(index, (None, None))
             if folder is None or not os.path.isdir(folder) or os.path.realpath(folder) == self.root:
