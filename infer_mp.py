@@ -2672,29 +2672,34 @@ class Ledger:
 
     def check_output_folder(self, run_log: Path) -> None:
         """Refuse a run log whose last line that names an output folder (a `placing` line, a
-        closing line) names another that is still there: one log for two folders lets each take
-        the other's records for its own (a stale text in one is never redone, a user's file in
-        the other retired). A folder moved away (not there any more), or reached through a link
-        now, is this one. A log inside the folder that was written elsewhere came with its
-        folder (`cp -r out out2`; `mv out out2; mkdir out`; a subfolder's files moved up), as
-        did one from before 2026-12-05, which does not say, unless it names a subfolder; not one
-        written where it is for another folder (given to its run with --run_log, or a
-        subfolder's own). (Not told apart by device and inode: a freed inode is handed to the
-        next folder made, and a remount changes the device number.)"""
+        closing line) names another: one log for two folders lets each take the other's records
+        for its own (a stale text in one is never redone, a user's file in the other taken for
+        an output, or retired). A log inside the folder is its folder's where it kept its place
+        in it as the folder was copied or moved (`cp -r out out2`; `mv out out2; mkdir out`; the
+        files moved into a subfolder, or up from one): where the log was written, relative to
+        the folder it names, is where it is now, relative to this one. One from before
+        2026-12-05 does not say where it was written: it is this folder's unless it names
+        another that is still there and lies inside this one (a subfolder's own). A log outside
+        is refused while the folder it names is there, and is not this one reached through a
+        link. (Not told apart by device and inode: a freed inode is handed to the next folder
+        made, and a remount changes the device number.)"""
         for index, path in enumerate(self.paths):
             folder, written_at = self.log_folder.get(index, (None, None))
-            if folder is None or not os.path.isdir(folder) or os.path.realpath(folder) == self.root:
+            if folder is None or os.path.realpath(folder) == self.root:
                 continue
-            came = written_at != str(path) if written_at else not within(folder, self.root)  # (with its folder)
-            if within(str(path), self.root) and came:
-                continue
-            if path == run_log and not within(str(path), self.root):
+            if within(str(path), self.root):
+                if written_at is not None:
+                    if os.path.relpath(written_at, folder) == os.path.relpath(path, self.root):
+                        continue
+                elif not (within(folder, self.root) and os.path.isdir(folder)):
+                    continue
+                raise UsageError(f"the run log {str(path)!r} in --output_dir holds the records of another output "
+                                 f"folder, {folder!r} (each output folder needs its own run log); move it into that "
+                                 "folder, or out of this one")
+            if os.path.isdir(folder):
                 raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
                                  "(each output folder needs its own run log); give this run a --run_log of its own, "
                                  "or leave --run_log out")
-            raise UsageError(f"the run log {str(path)!r} in --output_dir holds the records of another output folder, "
-                             f"{folder!r} (each output folder needs its own run log); move it into that folder, or "
-                             "out of this one")
 
     def reported(self, record: dict) -> bool:
         """Did the run that recorded this failure report it? One that finished did: with exit 1,

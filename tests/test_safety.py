@@ -1256,14 +1256,16 @@ def test_one_run_log_for_two_output_folders_is_refused_after_a_killed_first_run(
     assert run.code == 2 and "holds the records of another output folder" in run.stderr, run.stderr
 
 
-@pytest.mark.parametrize("how", ["a subfolder's", "given by another folder's run", "default-named, given"])
+@pytest.mark.parametrize("how", ["a subfolder's", "given by another folder's run", "default-named, given",
+                                 "given, then renamed in the folder", "given, its folder gone"])
 def test_another_folders_run_log_inside_the_output_folder_is_refused(dirs, tmp_path, how):
     """Review: a run log inside --output_dir was taken for the folder's own, whatever folder its
     lines named: out/sub's log given to a run into out (or out2's, given inside out with
     --run_log: under a run log's name every run into out reads it; under the default name, over
     out's own) had its a.jpg -> a.json taken for out's, and out/a.json, the user's own file, was
     retired once a.png came. (The third: out2 had a log of that name too, which a first fix took
-    for the sign of a copy.)"""
+    for the sign of a copy; the last two, a second fix took the log for one that came with its
+    folder: renamed, it was not where it was written; and out2 gone, for out2 moved.)"""
     src, out = dirs
     write(src / "a.jpg", "A")
     extra: tuple[str, ...] = ()
@@ -1275,6 +1277,10 @@ def test_another_folders_run_log_inside_the_output_folder_is_refused(dirs, tmp_p
         log = out / ("infer_mp.v2.runlog.jsonl" if how == "given by another folder's run" else "infer_mp.runlog.jsonl")
         assert run_fake(src, tmp_path / "out2").code == 0  # (its own log, by the default name)
         assert run_fake(src, tmp_path / "out2", "--overwrite", "--run_log", str(log)).code == 0
+        if how == "given, then renamed in the folder":
+            log = log.rename(out / "infer_mp.from2.runlog.jsonl")
+        elif how == "given, its folder gone":
+            shutil.rmtree(tmp_path / "out2")
     user = write(out / "a.json", "the user's own file")
     write(src / "a.png", "A2")
     before = log.read_bytes()
