@@ -2670,7 +2670,7 @@ class Ledger:
         if type(folder := line.get("output_dir")) is str:
             self.log_folder[index] = folder, line.get("run_log") if type(line.get("run_log")) is str else None
 
-    def check_output_folder(self, run_log: Path) -> None:
+    def check_output_folder(self) -> None:
         """Refuse a run log whose last line that names an output folder (a `placing` line, a
         closing line) names another: one log for two folders lets each take the other's records
         for its own (a stale text in one is never redone, a user's file in the other taken for
@@ -2681,8 +2681,8 @@ class Ledger:
         2026-12-05 does not say where it was written: it is this folder's unless it names
         another that is still there and lies inside this one (a subfolder's own). A log outside
         is refused while the folder it names is there, and is not this one reached through a
-        link. (Not told apart by device and inode: a freed inode is handed to the next folder
-        made, and a remount changes the device number.)"""
+        link (only this run's own log can be outside). (Not told apart by device and inode: a
+        freed inode is handed to the next folder made, and a remount changes the device number.)"""
         for index, path in enumerate(self.paths):
             folder, written_at = self.log_folder.get(index, (None, None))
             if folder is None or os.path.realpath(folder) == self.root:
@@ -2697,7 +2697,7 @@ class Ledger:
                                  f"folder, {folder!r} (each output folder needs its own run log); move it into that "
                                  "folder, or out of this one")
             if os.path.isdir(folder):
-                raise UsageError(f"--run_log {str(run_log)!r} holds the records of another output folder, {folder!r} "
+                raise UsageError(f"--run_log {str(path)!r} holds the records of another output folder, {folder!r} "
                                  "(each output folder needs its own run log); give this run a --run_log of its own, "
                                  "or leave --run_log out")
 
@@ -6703,7 +6703,7 @@ def choose_work(config: Config, locked: bool) -> tuple[InputSelection, list[Task
     """List and name every input (all shards: names are decided over the whole set), keep
     this shard's, and hold them against the run logs."""
     ledger = Ledger.read(config)
-    ledger.check_output_folder(config.run_log)
+    ledger.check_output_folder()
     selection = find_inputs(config, ledger.recorded)
     folded = locked and case_insensitive(config.output_dir)
     selection = ledger.not_placed(selection)
